@@ -1,0 +1,1 @@
+"""kc: the Knowledge Concentration training layer (taxonomy, data, specialists, teacher cache, student, evaluation)."""

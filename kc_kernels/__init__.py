@@ -1,0 +1,24 @@
+"""kc_kernels: fused large-vocabulary soft-target losses and sampled softmax.
+
+    import kc_kernels
+    loss = kc_kernels.linear_soft_target_loss(x, weight, bias, target_index=idx, target_value=val)
+
+Backends: reference (plain PyTorch), cpu (C++/OpenMP, chunked over classes), triton (GPU), cuda (CUDA C++);
+``kc_kernels.backends()`` tells which can run here and why not.
+"""
+from kc_kernels import reference
+from kc_kernels.dispatch import backends, built_libraries
+from kc_kernels.modules import LinearSoftTargetLoss, SampledSoftmaxLoss
+from kc_kernels.ops import linear_soft_target_loss, sampled_softmax_loss, soft_target_loss
+
+__version__ = "0.1.0"
+__all__ = [
+    "linear_soft_target_loss",
+    "soft_target_loss",
+    "sampled_softmax_loss",
+    "LinearSoftTargetLoss",
+    "SampledSoftmaxLoss",
+    "backends",
+    "built_libraries",
+    "reference",
+]

@@ -1,0 +1,120 @@
+"""Backend registry: which implementations exist, which can run here, and which one an op call uses.
+
+Each backend is a module exposing functions named after the ops it implements (``linear_soft_target_loss``,
+``soft_target_loss``, ``sampled_softmax_loss``), each taking the validated problem built by kc_kernels.ops. Modules
+are imported lazily, so ``import kc_kernels`` never imports triton.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from functools import lru_cache
+from typing import Callable, Dict, Tuple
+
+import torch
+
+BACKEND_MODULES = {
+    "reference": "kc_kernels.ops._reference_backend",
+    "cpu": "kc_kernels.cpu",
+    "triton": "kc_kernels.triton",
+    "cuda": "kc_kernels.cuda",
+}
+BACKENDS = tuple(BACKEND_MODULES) + ("auto",)
+
+
+class Unavailable:
+    """A falsy backend status that carries the reason (prints as ``False (reason)``)."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def __bool__(self):
+        return False
+
+    def __eq__(self, other):
+        return other is False or (isinstance(other, Unavailable) and other.reason == self.reason)
+
+    def __hash__(self):
+        return hash(False)
+
+    def __repr__(self):
+        return f"False ({self.reason})"
+
+
+@lru_cache(maxsize=None)
+def _probe(name: str):
+    if name == "reference":
+        return True
+    if name == "cpu":
+        try:
+            from kc_kernels import _C  # noqa: F401
+        except ImportError as e:
+            return Unavailable(f"compiled CPU extension kc_kernels._C not importable: {e}")
+        return True
+    if name == "triton":
+        try:
+            import triton  # noqa: F401
+        except ImportError as e:
+            return Unavailable(f"triton not installed ({e})")
+        if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+            return True
+        return Unavailable("triton is installed but there is no CUDA device (TRITON_INTERPRET=1 runs it on CPU)")
+    if name == "cuda":
+        try:
+            from kc_kernels import _cuda
+        except ImportError as e:
+            return Unavailable(f"CUDA library kc_kernels._cuda was not built (nvcc absent or KC_CUDA=0): {e}")
+        n = _cuda.device_count()
+        if n <= 0:
+            why = _cuda.error_string(-n) if n < 0 else "no device"
+            return Unavailable(f"kc_kernels._cuda is built but no CUDA device can be used ({why})")
+        return True
+    raise KeyError(name)
+
+
+def backends() -> Dict[str, object]:
+    """{"reference": True, "cpu": True, "triton": ..., "cuda": ...}; a False entry carries its reason."""
+    return {name: _probe(name) for name in BACKEND_MODULES}
+
+
+def built_libraries() -> Dict[str, bool]:
+    """Which compiled libraries exist in this install, whether or not a device can run them."""
+    out = {}
+    for mod in ("_C", "_cuda"):
+        try:
+            importlib.import_module(f"kc_kernels.{mod}")
+            out[mod] = True
+        except ImportError:
+            out[mod] = False
+    return out
+
+
+def _implementation(name: str, op: str):
+    try:
+        module = importlib.import_module(BACKEND_MODULES[name])
+    except ModuleNotFoundError as e:
+        if e.name == BACKEND_MODULES[name]:
+            return None
+        raise
+    return getattr(module, op, None)
+
+
+def resolve(op: str, backend: str, device: torch.device) -> Tuple[str, Callable]:
+    """The (name, function) that runs ``op`` for tensors on ``device``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        status = _probe(backend)
+        if not status:
+            raise RuntimeError(f"backend {backend!r} is not available: {status.reason}")
+        fn = _implementation(backend, op)
+        if fn is None:
+            raise NotImplementedError(f"backend {backend!r} does not implement {op}")
+        return backend, fn
+    order = ("triton", "cuda", "reference") if device.type == "cuda" else ("cpu", "reference")
+    for name in order:
+        if _probe(name) and (device.type == "cuda" or name != "triton"):
+            fn = _implementation(name, op)
+            if fn is not None:
+                return name, fn
+    raise RuntimeError(f"no backend implements {op}")  # unreachable: reference implements every op

@@ -1,0 +1,95 @@
+"""Argument checks shared by the op fronts. Every failure is a ValueError whose message starts with the argument."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+INT_DTYPES = (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)
+
+
+def fail(name: str, msg: str):
+    raise ValueError(f"{name}: {msg}")
+
+
+def tensor(name: str, t, *, dims: Optional[Sequence[int]] = None, floating: bool = False, integer: bool = False):
+    if not isinstance(t, torch.Tensor):
+        fail(name, f"expected a torch.Tensor, got {type(t).__name__}")
+    if dims is not None and t.dim() not in dims:
+        fail(name, f"expected {' or '.join(f'{d}-D' for d in dims)}, got shape {tuple(t.shape)}")
+    if floating and t.dtype not in FLOAT_DTYPES:
+        fail(name, f"expected a float32, float16, bfloat16 or float64 tensor, got {t.dtype}")
+    if integer and t.dtype not in INT_DTYPES:
+        fail(name, f"expected an integer tensor, got {t.dtype}")
+    return t
+
+
+def same_device(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str):
+    if t.device != ref.device:
+        fail(name, f"on {t.device} but {ref_name} is on {ref.device}")
+
+
+def shape(name: str, t: torch.Tensor, expected: Sequence[int], what: str):
+    if tuple(t.shape) != tuple(expected):
+        fail(name, f"expected shape {tuple(expected)} ({what}), got {tuple(t.shape)}")
+
+
+def finite(name: str, t: torch.Tensor):
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        fail(name, "contains NaN or infinite values")
+
+
+def index_range(name: str, t: torch.Tensor, num_classes: int, allow_padding: bool = True):
+    if t.numel() == 0:
+        return
+    lo, hi = int(t.min()), int(t.max())
+    low_ok = -1 if allow_padding else 0
+    if lo < low_ok:
+        fail(name, f"values must be in [{low_ok}, {num_classes}) ({'-1 is padding' if allow_padding else 'no padding'}), "
+                   f"found {lo}")
+    if hi >= num_classes:
+        fail(name, f"values must be < the number of classes {num_classes}, found {hi}")
+
+
+def positive_number(name: str, v) -> float:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        fail(name, f"expected a number, got {v!r}")
+    if not math.isfinite(f) or f <= 0:
+        fail(name, f"must be a finite number > 0, got {v!r}")
+    return f
+
+
+def choice(name: str, v, options: Sequence[str]) -> str:
+    if v not in options:
+        fail(name, f"must be one of {tuple(options)}, got {v!r}")
+    return v
+
+
+def segments(segs, num_classes: int, device) -> Optional[torch.Tensor]:
+    """Validated segment offsets as an int64 tensor on ``device`` (None stays None)."""
+    if segs is None:
+        return None
+    if isinstance(segs, torch.Tensor):
+        if segs.dtype not in INT_DTYPES:
+            fail("segments", f"expected an integer tensor, got {segs.dtype}")
+        if segs.dim() != 1:
+            fail("segments", f"expected a 1-D tensor of class offsets, got shape {tuple(segs.shape)}")
+        bounds = segs.tolist()
+    else:
+        try:
+            bounds = [int(b) for b in segs]
+        except (TypeError, ValueError):
+            fail("segments", "expected a 1-D sequence of integer class offsets")
+    if len(bounds) < 2:
+        fail("segments", f"needs at least two offsets [0, ..., V], got {bounds}")
+    if bounds[0] != 0:
+        fail("segments", f"must start at 0, starts at {bounds[0]}")
+    if any(b <= a for a, b in zip(bounds, bounds[1:])):
+        fail("segments", "offsets must be strictly increasing")
+    if bounds[-1] != num_classes:
+        fail("segments", f"must end at the number of classes {num_classes}, ends at {bounds[-1]}")
+    return torch.tensor(bounds, dtype=torch.long, device=device)

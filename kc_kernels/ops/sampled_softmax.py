@@ -1,0 +1,126 @@
+"""Public front of sampled softmax: checks, candidate sampling, backend dispatch.
+
+Semantics follow TensorFlow's tf.nn.sampled_softmax_loss (see kc_kernels/samplers.py and reference.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from kc_kernels import dispatch as _dispatch_mod
+from kc_kernels import samplers
+from kc_kernels.ops import checks
+from kc_kernels.ops.soft_target import REDUCTIONS
+
+
+@dataclass
+class SampledSoftmaxProblem:
+    x: torch.Tensor  # [B, H]
+    weight: torch.Tensor  # [V, H]
+    bias: Optional[torch.Tensor]  # [V]
+    labels: torch.Tensor  # [B] or [B, T], -1 = padding
+    sampled: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # ids [S] int64, true_expected (labels' shape), [S]
+    remove_accidental_hits: bool
+    subtract_log_q: bool
+    reduction: str
+    sample_weight: Optional[torch.Tensor] = None
+    sparse_grad: bool = False  # weight/bias gradients as sparse COO rows
+
+
+def _check_sampled(sampled, labels: torch.Tensor, num_classes: int, x: torch.Tensor):
+    if not isinstance(sampled, (tuple, list)) or len(sampled) != 3:
+        checks.fail("sampled", "expected a tuple (ids [S], true_expected, sampled_expected [S])")
+    ids, true_expected, sampled_expected = sampled
+    checks.tensor("sampled", ids, dims=(1,), integer=True)
+    checks.tensor("sampled", true_expected, floating=True)
+    checks.tensor("sampled", sampled_expected, dims=(1,), floating=True)
+    for t in sampled:
+        checks.same_device("sampled", t, x, "x")
+    if len(ids) == 0:
+        checks.fail("sampled", "ids is empty")
+    checks.index_range("sampled", ids, num_classes, allow_padding=False)
+    if tuple(true_expected.shape) != tuple(labels.shape):
+        checks.fail("sampled", f"true_expected has shape {tuple(true_expected.shape)}, labels {tuple(labels.shape)}")
+    if tuple(sampled_expected.shape) != tuple(ids.shape):
+        checks.fail("sampled", f"sampled_expected has shape {tuple(sampled_expected.shape)}, ids {tuple(ids.shape)}")
+    valid = labels >= 0
+    if bool((true_expected[valid] <= 0).any()) or bool((sampled_expected <= 0).any()):
+        checks.fail("sampled", "expected counts must be > 0")
+    return ids.long(), true_expected, sampled_expected
+
+
+def sampled_softmax_loss(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
+                         *, num_sampled: Optional[int] = None, sampler: str = "log_uniform",
+                         class_counts: Optional[torch.Tensor] = None, distortion: float = 1.0, unique: bool = True,
+                         remove_accidental_hits: bool = True, subtract_log_q: bool = True,
+                         generator: Optional[torch.Generator] = None, sampled=None,
+                         sample_weight: Optional[torch.Tensor] = None, reduction: str = "mean",
+                         sparse_grad: bool = False, backend: str = "auto") -> torch.Tensor:
+    """Softmax cross-entropy over the true classes and num_sampled shared negatives, as TensorFlow defines it.
+
+    labels [B] or [B, T] (-1 pads; each valid label has target 1/num_true). Negatives come from ``sampler``
+    ("log_uniform", "uniform" or "unigram" over class_counts ** distortion), drawn with ``generator``, or are
+    given as ``sampled=(ids, true_expected, sampled_expected)``. Logits subtract log expected counts when
+    subtract_log_q; sampled ids equal to a row's true label are masked when remove_accidental_hits.
+    """
+    checks.tensor("x", x, dims=(2,), floating=True)
+    checks.tensor("weight", weight, dims=(2,), floating=True)
+    checks.same_device("weight", weight, x, "x")
+    if weight.dtype != x.dtype:
+        checks.fail("weight", f"dtype {weight.dtype} differs from x's {x.dtype}")
+    if weight.shape[1] != x.shape[1]:
+        checks.fail("weight", f"has {weight.shape[1]} input features but x has {x.shape[1]}")
+    V = weight.shape[0]
+    if bias is not None:
+        checks.tensor("bias", bias, dims=(1,), floating=True)
+        checks.same_device("bias", bias, x, "x")
+        checks.shape("bias", bias, (V,), "one per class")
+        if bias.dtype != x.dtype:
+            checks.fail("bias", f"dtype {bias.dtype} differs from x's {x.dtype}")
+    checks.tensor("labels", labels, dims=(1, 2), integer=True)
+    checks.same_device("labels", labels, x, "x")
+    if labels.shape[0] != x.shape[0]:
+        checks.fail("labels", f"has {labels.shape[0]} rows but x has {x.shape[0]}")
+    checks.index_range("labels", labels, V)
+    labels2 = labels if labels.dim() == 2 else labels[:, None]
+    if labels2.numel() and bool(((labels2 >= 0).sum(dim=1) == 0).any()):
+        checks.fail("labels", "every row needs at least one label (a row is all -1 padding)")
+    checks.choice("reduction", reduction, REDUCTIONS)
+    if sample_weight is not None:
+        checks.tensor("sample_weight", sample_weight, dims=(1,), floating=True)
+        checks.same_device("sample_weight", sample_weight, x, "x")
+        checks.shape("sample_weight", sample_weight, (x.shape[0],), "one weight per row")
+    if sampled is not None:
+        sampled = _check_sampled(sampled, labels, V, x)
+        if num_sampled is not None and int(num_sampled) != len(sampled[0]):
+            checks.fail("num_sampled", f"is {num_sampled} but sampled holds {len(sampled[0])} ids")
+    else:
+        if num_sampled is None or isinstance(num_sampled, bool) or int(num_sampled) != num_sampled or num_sampled < 1:
+            checks.fail("num_sampled", f"must be a positive integer, got {num_sampled!r}")
+        num_sampled = int(num_sampled)
+        checks.choice("sampler", sampler, samplers.SAMPLERS)
+        if sampler == "unigram":
+            if class_counts is None:
+                checks.fail("class_counts", "the unigram sampler needs class_counts [V]")
+            checks.tensor("class_counts", class_counts, dims=(1,))
+            checks.shape("class_counts", class_counts, (V,), "one count per class")
+            cc = class_counts.double()
+            if not bool(torch.isfinite(cc).all()) or bool((cc < 0).any()) or float(cc.sum()) <= 0:
+                checks.fail("class_counts", "must be finite, >= 0 and not all zero")
+            checks.positive_number("distortion", distortion)
+        if unique and num_sampled > V:
+            checks.fail("num_sampled", f"{num_sampled} exceeds the {V} classes (unique sampling)")
+        cand = samplers.sample_candidates(sampler, num_sampled, V, unique=unique,
+                                          class_counts=None if class_counts is None else class_counts.cpu(),
+                                          distortion=distortion, generator=generator)
+        ids = cand.ids.to(x.device)
+        sampled = (ids, cand.expected_count(labels, num_sampled, unique).to(x.device),
+                   cand.expected_count(ids, num_sampled, unique))
+    p = SampledSoftmaxProblem(x=x, weight=weight, bias=bias, labels=labels, sampled=sampled,
+                              remove_accidental_hits=bool(remove_accidental_hits),
+                              subtract_log_q=bool(subtract_log_q), reduction=reduction, sample_weight=sample_weight,
+                              sparse_grad=bool(sparse_grad))
+    _, fn = _dispatch_mod.resolve("sampled_softmax_loss", backend, x.device)
+    return fn(p)

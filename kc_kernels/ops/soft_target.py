@@ -1,0 +1,184 @@
+"""Public front of the fused linear + soft-target loss: argument checks once, then backend dispatch.
+
+Semantics: ../shared/DESIGN.md ("The core op") and kc_kernels/reference.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+from kc_kernels import dispatch as _dispatch_mod
+from kc_kernels.ops import checks
+
+MODES = ("sigmoid", "softmax")
+REDUCTIONS = ("none", "sum", "mean")
+
+
+@dataclass
+class SoftTargetProblem:
+    """A validated call of linear_soft_target_loss (x/weight/bias) or soft_target_loss (logits)."""
+
+    batch: int
+    num_classes: int
+    mode: str
+    reduction: str
+    temperature: float
+    x: Optional[torch.Tensor] = None  # [B, H] or grouped [B, G, H]
+    weight: Optional[torch.Tensor] = None  # [V, H]
+    bias: Optional[torch.Tensor] = None  # [V]
+    logits: Optional[torch.Tensor] = None  # [B, V] (soft_target_loss)
+    target_index: Optional[torch.Tensor] = None  # [B, K], -1 = padding
+    target_value: Optional[torch.Tensor] = None  # [B, K]
+    teacher_logits: Optional[torch.Tensor] = None  # [B, V]
+    segments: Optional[torch.Tensor] = None  # [G + 1] int64 on the input's device
+    bounds: Optional[List[int]] = None  # the same offsets on the host ([0, V] when segments is None)
+    scale: Optional[torch.Tensor] = None  # [G] or [V]
+    sample_weight: Optional[torch.Tensor] = None  # [B]
+
+    @property
+    def grouped(self) -> bool:
+        return self.x is not None and self.x.dim() == 3
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.bounds) - 1
+
+    @property
+    def scale_per_class(self) -> bool:
+        return self.scale is not None and self.scale.numel() == self.num_classes and self.num_segments != self.num_classes
+
+    def loss_kwargs(self) -> dict:
+        return dict(target_index=self.target_index, target_value=self.target_value,
+                    teacher_logits=self.teacher_logits, mode=self.mode, segments=self.segments, scale=self.scale,
+                    temperature=self.temperature, sample_weight=self.sample_weight, reduction=self.reduction)
+
+
+def _check_targets(p: SoftTargetProblem, ref: torch.Tensor, ref_name: str, target_index, target_value,
+                   teacher_logits):
+    B, V = p.batch, p.num_classes
+    sparse = target_index is not None or target_value is not None
+    if sparse and teacher_logits is not None:
+        checks.fail("teacher_logits", "give either target_index/target_value or teacher_logits, not both")
+    if not sparse and teacher_logits is None:
+        checks.fail("target_index", "no targets: give target_index and target_value, or teacher_logits")
+    if sparse:
+        if target_index is None:
+            checks.fail("target_index", "target_value was given without target_index")
+        if target_value is None:
+            checks.fail("target_value", "target_index was given without target_value")
+        checks.tensor("target_index", target_index, dims=(2,), integer=True)
+        checks.tensor("target_value", target_value, dims=(2,), floating=True)
+        checks.same_device("target_index", target_index, ref, ref_name)
+        checks.same_device("target_value", target_value, ref, ref_name)
+        if target_index.shape[0] != B:
+            checks.fail("target_index", f"has {target_index.shape[0]} rows but the batch is {B}")
+        if target_value.shape != target_index.shape:
+            checks.fail("target_value", f"shape {tuple(target_value.shape)} differs from target_index "
+                                        f"{tuple(target_index.shape)}")
+        checks.index_range("target_index", target_index, V)
+        if target_value.numel():
+            if bool(torch.isnan(target_value).any()):
+                checks.fail("target_value", "contains NaN")
+            if bool((target_value < 0).any()):
+                checks.fail("target_value", "contains negative values (targets are probabilities or weights >= 0)")
+            checks.finite("target_value", target_value)
+        p.target_index, p.target_value = target_index, target_value
+    else:
+        checks.tensor("teacher_logits", teacher_logits, dims=(2,), floating=True)
+        checks.same_device("teacher_logits", teacher_logits, ref, ref_name)
+        checks.shape("teacher_logits", teacher_logits, (B, V), "batch x classes")
+        if bool(torch.isnan(teacher_logits).any()):
+            checks.fail("teacher_logits", "contains NaN")
+        p.teacher_logits = teacher_logits
+
+
+def _check_common(p: SoftTargetProblem, ref: torch.Tensor, ref_name: str, *, target_index, target_value,
+                  teacher_logits, segments, scale, sample_weight, grouped_groups: Optional[int]):
+    _check_targets(p, ref, ref_name, target_index, target_value, teacher_logits)
+    p.segments = checks.segments(segments, p.num_classes, ref.device)
+    p.bounds = [0, p.num_classes] if p.segments is None else p.segments.tolist()
+    if grouped_groups is not None:
+        if p.segments is None:
+            checks.fail("segments", "grouped x [B, G, H] needs segments (G + 1 class offsets)")
+        if grouped_groups != p.num_segments:
+            checks.fail("x", f"grouped x has G={grouped_groups} groups but segments define {p.num_segments}")
+    if scale is not None:
+        checks.tensor("scale", scale, dims=(1,), floating=True)
+        checks.same_device("scale", scale, ref, ref_name)
+        if scale.numel() not in (p.num_segments, p.num_classes):
+            checks.fail("scale", f"length {scale.numel()} is neither the number of segments {p.num_segments} "
+                                 f"nor the number of classes {p.num_classes}")
+        p.scale = scale
+    if sample_weight is not None:
+        checks.tensor("sample_weight", sample_weight, dims=(1,), floating=True)
+        checks.same_device("sample_weight", sample_weight, ref, ref_name)
+        checks.shape("sample_weight", sample_weight, (p.batch,), "one weight per row")
+        if bool(torch.isnan(sample_weight).any()):
+            checks.fail("sample_weight", "contains NaN")
+        p.sample_weight = sample_weight
+
+
+def _dispatch(op: str, p: SoftTargetProblem, backend: str, device: torch.device) -> torch.Tensor:
+    _, fn = _dispatch_mod.resolve(op, backend, device)
+    return fn(p)
+
+
+def linear_soft_target_loss(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+                            target_index: Optional[torch.Tensor] = None, target_value: Optional[torch.Tensor] = None,
+                            teacher_logits: Optional[torch.Tensor] = None, mode: str = "sigmoid", segments=None,
+                            scale: Optional[torch.Tensor] = None, temperature: float = 1.0,
+                            sample_weight: Optional[torch.Tensor] = None, reduction: str = "mean",
+                            backend: str = "auto") -> torch.Tensor:
+    """Loss of the logits ``x @ weight.T + bias`` against soft targets, without materialising [B, V] logits.
+
+    x [B, H] (or grouped [B, G, H] with segments), weight [V, H], bias [V]. Targets are either sparse
+    (target_index [B, K] with -1 padding, target_value [B, K]; duplicates add up) or dense teacher_logits [B, V].
+    mode "sigmoid": binary cross-entropy summed over classes; "softmax": cross-entropy per segment (times T^2).
+    scale [G] or [V] applies the self-paced L2-normalised scaling per segment. Returns fp32 (fp64 for fp64 input):
+    [B] for reduction="none", else a scalar. See ../shared/DESIGN.md.
+    """
+    checks.tensor("x", x, dims=(2, 3), floating=True)
+    checks.tensor("weight", weight, dims=(2,), floating=True)
+    checks.same_device("weight", weight, x, "x")
+    if weight.dtype != x.dtype:
+        checks.fail("weight", f"dtype {weight.dtype} differs from x's {x.dtype}")
+    H = x.shape[-1]
+    if weight.shape[1] != H:
+        checks.fail("weight", f"has {weight.shape[1]} input features but x has {H}")
+    V = weight.shape[0]
+    if V == 0:
+        checks.fail("weight", "has no classes (0 rows)")
+    if bias is not None:
+        checks.tensor("bias", bias, dims=(1,), floating=True)
+        checks.same_device("bias", bias, x, "x")
+        checks.shape("bias", bias, (V,), "one per class")
+        if bias.dtype != x.dtype:
+            checks.fail("bias", f"dtype {bias.dtype} differs from x's {x.dtype}")
+    p = SoftTargetProblem(batch=x.shape[0], num_classes=V, mode=checks.choice("mode", mode, MODES),
+                          reduction=checks.choice("reduction", reduction, REDUCTIONS),
+                          temperature=checks.positive_number("temperature", temperature), x=x, weight=weight, bias=bias)
+    _check_common(p, x, "x", target_index=target_index, target_value=target_value, teacher_logits=teacher_logits,
+                  segments=segments, scale=scale, sample_weight=sample_weight,
+                  grouped_groups=x.shape[1] if x.dim() == 3 else None)
+    return _dispatch("linear_soft_target_loss", p, backend, x.device)
+
+
+def soft_target_loss(logits: torch.Tensor, *, target_index: Optional[torch.Tensor] = None,
+                     target_value: Optional[torch.Tensor] = None, teacher_logits: Optional[torch.Tensor] = None,
+                     mode: str = "sigmoid", segments=None, scale: Optional[torch.Tensor] = None,
+                     temperature: float = 1.0, sample_weight: Optional[torch.Tensor] = None,
+                     reduction: str = "mean", backend: str = "auto") -> torch.Tensor:
+    """The soft-target loss of given raw logits [B, V]; same keyword arguments as linear_soft_target_loss."""
+    checks.tensor("logits", logits, dims=(2,), floating=True)
+    if logits.shape[1] == 0:
+        checks.fail("logits", "has no classes (0 columns)")
+    p = SoftTargetProblem(batch=logits.shape[0], num_classes=logits.shape[1],
+                          mode=checks.choice("mode", mode, MODES),
+                          reduction=checks.choice("reduction", reduction, REDUCTIONS),
+                          temperature=checks.positive_number("temperature", temperature), logits=logits)
+    _check_common(p, logits, "logits", target_index=target_index, target_value=target_value,
+                  teacher_logits=teacher_logits, segments=segments, scale=scale, sample_weight=sample_weight,
+                  grouped_groups=None)
+    return _dispatch("soft_target_loss", p, backend, logits.device)

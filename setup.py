@@ -1,0 +1,102 @@
+"""Build of kc's compiled kernels.
+
+* ``kc_kernels._C``: C++17 / OpenMP CPU kernels (always built).
+* ``kc_kernels._cuda``: CUDA C++ kernels compiled by nvcc into their own extension (KC_CUDA=0 skips, KC_CUDA=1
+  requires nvcc, default: built whenever nvcc is found; a compile error then fails the install).
+
+csrc uses no torch headers: launchers take raw pointers and a stream, so the build does not depend on the
+installed torch version and never pulls torch into pip's build isolation.
+"""
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext
+from setuptools import setup
+
+ParallelCompile("KC_BUILD_JOBS", default=0).install()
+
+CUDA_ARCHS = ["75", "80", "86", "89", "90"]  # plus PTX of the newest, so later GPUs JIT it
+
+
+def find_nvcc():
+    nvcc = os.environ.get("NVCC") or shutil.which("nvcc")
+    if not nvcc:
+        home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+        candidate = os.path.join(home, "bin", "nvcc")
+        nvcc = candidate if os.path.exists(candidate) else None
+    return os.path.realpath(nvcc) if nvcc else None
+
+
+def cuda_lib_dir(nvcc):
+    # nvcc may be a wrapper script outside the toolkit (e.g. /usr/local/bin/nvcc), so look in several roots
+    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), os.path.dirname(os.path.dirname(nvcc)),
+             "/usr/local/cuda"]
+    subs = ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib"), os.path.join("targets", "sbsa-linux", "lib"))
+    for root in filter(None, roots):
+        for sub in subs:
+            d = os.path.join(root, sub)
+            if os.path.exists(os.path.join(d, "libcudart_static.a")):
+                return d
+    raise RuntimeError(f"libcudart_static.a not found for {nvcc}: set CUDA_HOME to the CUDA toolkit")
+
+
+class KcBuildExt(build_ext):
+    """build_ext that first compiles an extension's ``cuda_sources`` with nvcc into objects it links."""
+
+    def build_extension(self, ext):
+        cuda_sources = getattr(ext, "cuda_sources", [])
+        if cuda_sources:
+            nvcc = ext.nvcc
+            os.makedirs(self.build_temp, exist_ok=True)
+            gencode = []
+            for arch in CUDA_ARCHS:
+                gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+            gencode += ["-gencode", f"arch=compute_{CUDA_ARCHS[-1]},code=compute_{CUDA_ARCHS[-1]}"]
+            for src in cuda_sources:
+                obj = os.path.join(self.build_temp, os.path.basename(src) + ".o")
+                cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "--threads", "0",
+                       "-Xcompiler", "-fPIC", "-Icsrc", "-lineinfo", *gencode]
+                print(" ".join(cmd), flush=True)
+                subprocess.check_call(cmd)
+                ext.extra_objects.append(obj)
+        super().build_extension(ext)
+
+
+def extensions():
+    exts = [
+        Pybind11Extension(
+            "kc_kernels._C",
+            sources=sorted(glob.glob("csrc/cpu/*.cpp")),
+            include_dirs=["csrc"],
+            extra_compile_args=["-O3", "-fopenmp", "-fno-math-errno"],
+            extra_link_args=["-fopenmp"],
+            cxx_std=17,
+        )
+    ]
+    mode = os.environ.get("KC_CUDA", "auto").strip().lower()
+    if mode not in ("0", "1", "auto"):
+        sys.exit(f"KC_CUDA must be 0, 1 or auto, got {mode!r}")
+    nvcc = find_nvcc() if mode != "0" else None
+    if mode == "1" and nvcc is None:
+        sys.exit("KC_CUDA=1 but nvcc was not found (set NVCC or CUDA_HOME)")
+    if nvcc is not None:
+        ext = Pybind11Extension(
+            "kc_kernels._cuda",
+            sources=["csrc/cuda/bindings.cpp"],
+            include_dirs=["csrc"],
+            library_dirs=[cuda_lib_dir(nvcc)],
+            # static cudart: the library loads beside any torch build, with or without a system CUDA runtime
+            libraries=["cudart_static", "rt", "dl", "pthread"],
+            extra_compile_args=["-O3"],
+            cxx_std=17,
+        )
+        ext.cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+        ext.nvcc = nvcc
+        exts.append(ext)
+    return exts
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": KcBuildExt})

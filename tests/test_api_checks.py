@@ -1,0 +1,130 @@
+"""Every bad input of DESIGN.md raises ValueError naming the argument."""
+import pytest
+import torch
+
+import kc_kernels
+from tests.helpers import make_problem
+
+
+def base(gen=None):
+    p = make_problem(4, 6, 10, G=2, gen=gen or torch.Generator().manual_seed(3), dtype=torch.float32)
+    return p
+
+
+BAD = [
+    # (id, mutation of the keyword dict, argument the message must name)
+    ("x-1d", lambda p: {**p, "x": p["x"][0]}, "x"),
+    ("x-int", lambda p: {**p, "x": p["x"].long()}, "x"),
+    ("weight-H", lambda p: {**p, "weight": p["weight"][:, :5]}, "weight"),
+    ("weight-dtype", lambda p: {**p, "weight": p["weight"].double()}, "weight"),
+    ("weight-device", lambda p: {**p, "weight": p["weight"].to("meta")}, "weight"),
+    ("bias-shape", lambda p: {**p, "bias": p["bias"][:9]}, "bias"),
+    ("bias-dtype", lambda p: {**p, "bias": p["bias"].half()}, "bias"),
+    ("index-too-big", lambda p: {**p, "target_index": p["target_index"].clamp(max=9).index_fill(1, torch.tensor([0]), 10)},
+     "target_index"),
+    ("index-below-pad", lambda p: {**p, "target_index": p["target_index"].index_fill(1, torch.tensor([0]), -2)},
+     "target_index"),
+    ("index-float", lambda p: {**p, "target_index": p["target_index"].float()}, "target_index"),
+    ("index-rows", lambda p: {**p, "target_index": p["target_index"][:3], "target_value": p["target_value"][:3]},
+     "target_index"),
+    ("value-shape", lambda p: {**p, "target_value": p["target_value"][:, :2]}, "target_value"),
+    ("value-nan", lambda p: {**p, "target_value": p["target_value"].index_fill(1, torch.tensor([1]), float("nan"))},
+     "target_value"),
+    ("value-negative", lambda p: {**p, "target_value": p["target_value"] - 2.0}, "target_value"),
+    ("value-without-index", lambda p: {**{k: v for k, v in p.items() if k != "target_index"}}, "target_index"),
+    ("index-without-value", lambda p: {**{k: v for k, v in p.items() if k != "target_value"}}, "target_value"),
+    ("both-target-forms", lambda p: {**p, "teacher_logits": torch.randn(4, 10)}, "teacher_logits"),
+    ("no-targets", lambda p: {k: v for k, v in p.items() if k not in ("target_index", "target_value")},
+     "target_index"),
+    ("teacher-shape", lambda p: {**{k: v for k, v in p.items() if k not in ("target_index", "target_value")},
+                                 "teacher_logits": torch.randn(4, 9)}, "teacher_logits"),
+    ("teacher-nan", lambda p: {**{k: v for k, v in p.items() if k not in ("target_index", "target_value")},
+                               "teacher_logits": torch.full((4, 10), float("nan"))}, "teacher_logits"),
+    ("teacher-device", lambda p: {**{k: v for k, v in p.items() if k not in ("target_index", "target_value")},
+                                  "teacher_logits": torch.randn(4, 10, device="meta")}, "teacher_logits"),
+    ("segments-start", lambda p: {**p, "segments": torch.tensor([1, 5, 10])}, "segments"),
+    ("segments-order", lambda p: {**p, "segments": torch.tensor([0, 5, 5, 10])}, "segments"),
+    ("segments-decreasing", lambda p: {**p, "segments": torch.tensor([0, 7, 3, 10])}, "segments"),
+    ("segments-end", lambda p: {**p, "segments": torch.tensor([0, 5, 9])}, "segments"),
+    ("segments-float", lambda p: {**p, "segments": torch.tensor([0.0, 5.0, 10.0])}, "segments"),
+    ("grouped-no-segments", lambda p: {**{k: v for k, v in p.items() if k != "segments"},
+                                       "x": torch.randn(4, 2, 6)}, "segments"),
+    ("grouped-wrong-G", lambda p: {**p, "x": torch.randn(4, 3, 6)}, "x"),
+    ("scale-length", lambda p: {**p, "scale": torch.ones(3)}, "scale"),
+    ("scale-2d", lambda p: {**p, "scale": torch.ones(2, 1)}, "scale"),
+    ("temperature-zero", lambda p: {**p, "temperature": 0.0}, "temperature"),
+    ("temperature-negative", lambda p: {**p, "temperature": -1.0}, "temperature"),
+    ("temperature-nan", lambda p: {**p, "temperature": float("nan")}, "temperature"),
+    ("mode", lambda p: {**p, "mode": "softplus"}, "mode"),
+    ("reduction", lambda p: {**p, "reduction": "avg"}, "reduction"),
+    ("sample-weight-shape", lambda p: {**p, "sample_weight": torch.ones(5)}, "sample_weight"),
+    ("sample-weight-device", lambda p: {**p, "sample_weight": torch.ones(4, device="meta")}, "sample_weight"),
+    ("sample-weight-nan", lambda p: {**p, "sample_weight": torch.full((4,), float("nan"))}, "sample_weight"),
+    ("backend", lambda p: {**p, "backend": "fortran"}, "backend"),
+]
+
+
+@pytest.mark.parametrize("case,mutate,arg", BAD, ids=[b[0] for b in BAD])
+def test_linear_soft_target_loss_rejects(case, mutate, arg):
+    kw = mutate(base())
+    x, w, b = kw.pop("x"), kw.pop("weight"), kw.pop("bias")
+    with pytest.raises(ValueError, match=rf"^{arg}\b"):
+        kc_kernels.linear_soft_target_loss(x, w, b, **kw)
+
+
+def test_soft_target_loss_rejects_bad_logits_and_targets():
+    with pytest.raises(ValueError, match="^logits"):
+        kc_kernels.soft_target_loss(torch.randn(4), teacher_logits=torch.randn(4))
+    with pytest.raises(ValueError, match="^teacher_logits"):
+        kc_kernels.soft_target_loss(torch.randn(4, 5), teacher_logits=torch.randn(4, 6))
+    with pytest.raises(ValueError, match="^target_index"):
+        kc_kernels.soft_target_loss(torch.randn(4, 5), target_index=torch.full((4, 1), 5),
+                                    target_value=torch.ones(4, 1))
+
+
+def test_good_input_passes_every_check():
+    kw = base()
+    x, w, b = kw.pop("x"), kw.pop("weight"), kw.pop("bias")
+    loss = kc_kernels.linear_soft_target_loss(x, w, b, **kw)
+    assert torch.isfinite(loss)
+
+
+# ------------------------------------------------------------------------------------------------ sampled softmax
+
+def ss_base():
+    g = torch.Generator().manual_seed(5)
+    return dict(x=torch.randn(4, 6, generator=g), weight=torch.randn(20, 6, generator=g), bias=torch.zeros(20),
+                labels=torch.randint(0, 20, (4,), generator=g), num_sampled=5, generator=g)
+
+
+SS_BAD = [
+    ("x-3d", lambda p: {**p, "x": torch.randn(4, 2, 6)}, "x"),
+    ("weight-H", lambda p: {**p, "weight": torch.randn(20, 5)}, "weight"),
+    ("bias-shape", lambda p: {**p, "bias": torch.zeros(19)}, "bias"),
+    ("labels-float", lambda p: {**p, "labels": p["labels"].float()}, "labels"),
+    ("labels-range", lambda p: {**p, "labels": torch.tensor([0, 1, 2, 20])}, "labels"),
+    ("labels-rows", lambda p: {**p, "labels": torch.tensor([0, 1, 2])}, "labels"),
+    ("labels-all-padding", lambda p: {**p, "labels": torch.tensor([[0, -1], [-1, -1], [1, 2], [3, -1]])}, "labels"),
+    ("num-sampled-zero", lambda p: {**p, "num_sampled": 0}, "num_sampled"),
+    ("num-sampled-too-many", lambda p: {**p, "num_sampled": 21}, "num_sampled"),
+    ("sampler", lambda p: {**p, "sampler": "zipfian"}, "sampler"),
+    ("unigram-no-counts", lambda p: {**p, "sampler": "unigram"}, "class_counts"),
+    ("unigram-negative-counts", lambda p: {**p, "sampler": "unigram", "class_counts": -torch.ones(20)},
+     "class_counts"),
+    ("unigram-counts-shape", lambda p: {**p, "sampler": "unigram", "class_counts": torch.ones(19)}, "class_counts"),
+    ("sampled-shape", lambda p: {**p, "sampled": (torch.tensor([1, 2]), torch.ones(3), torch.ones(2))}, "sampled"),
+    ("sampled-range", lambda p: {**p, "sampled": (torch.tensor([1, 20]), torch.ones(4), torch.ones(2))}, "sampled"),
+    ("sampled-nonpositive", lambda p: {**p, "sampled": (torch.tensor([1, 2]), torch.ones(4), torch.zeros(2))},
+     "sampled"),
+    ("reduction", lambda p: {**p, "reduction": "avg"}, "reduction"),
+]
+
+
+@pytest.mark.parametrize("case,mutate,arg", SS_BAD, ids=[b[0] for b in SS_BAD])
+def test_sampled_softmax_loss_rejects(case, mutate, arg):
+    kw = mutate(ss_base())
+    x, w, b, labels = kw.pop("x"), kw.pop("weight"), kw.pop("bias"), kw.pop("labels")
+    if "sampled" in kw:
+        kw.pop("num_sampled")
+    with pytest.raises(ValueError, match=rf"^{arg}\b"):
+        kc_kernels.sampled_softmax_loss(x, w, b, labels, **kw)

@@ -1,0 +1,95 @@
+"""The compiled libraries build, load and compute; the backend registry reports what can run."""
+import shutil
+
+import pytest
+import torch
+
+import kc_kernels
+from kc_kernels import rowwise
+from tests.conftest import HAS_CUDA
+from tests.helpers import assert_close
+
+
+def test_backends_report_every_backend_with_reasons():
+    status = kc_kernels.backends()
+    assert set(status) == {"reference", "cpu", "triton", "cuda"}
+    assert status["reference"] is True
+    assert status["cpu"] is True, repr(status["cpu"])
+    for name, ok in status.items():
+        if not ok:
+            assert isinstance(ok.reason, str) and ok.reason, name
+            assert ok == False  # noqa: E712  (a falsy status still compares as False)
+
+
+def test_cpu_extension_is_built_with_openmp():
+    from kc_kernels import _C
+
+    assert _C.openmp
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc absent: the CUDA library is not built here")
+def test_cuda_library_is_built_where_nvcc_exists():
+    assert kc_kernels.built_libraries()["_cuda"]
+    from kc_kernels import _cuda
+
+    assert _cuda.device_count() >= 0 or _cuda.error_string(-_cuda.device_count())
+
+
+@pytest.mark.parametrize("rows,cols", [(1, 1), (3, 1000), (17, 4099), (5, 100_000)])
+def test_cpu_rowwise_kernels(rows, cols, gen):
+    x = torch.randn(rows, cols, generator=gen) * 30
+    x[0, 0] = 80.0  # exp would overflow without the max shift
+    assert_close(rowwise.row_logsumexp(x), torch.logsumexp(x.double(), 1), torch.float32, "logsumexp")
+    assert_close(rowwise.row_softplus_sum(x), torch.nn.functional.softplus(x.double()).sum(1), torch.float32,
+                 "softplus sum")
+
+
+def test_cpu_logsumexp_of_all_minus_inf_row():
+    x = torch.full((2, 5), float("-inf"))
+    x[1, 2] = 0.0
+    out = rowwise.row_logsumexp(x)
+    assert out[0] == float("-inf") and out[1] == 0.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA or not kc_kernels.backends()["cuda"], reason="needs a CUDA device")
+@pytest.mark.parametrize("rows,cols", [(1, 1), (3, 1000), (17, 4099)])
+def test_cuda_rowwise_kernels(rows, cols, gen):
+    x = (torch.randn(rows, cols, generator=gen) * 30).cuda()
+    assert_close(rowwise.row_logsumexp(x).cpu(), torch.logsumexp(x.double(), 1), torch.float32, "logsumexp")
+    assert_close(rowwise.row_softplus_sum(x).cpu(), torch.nn.functional.softplus(x.double()).sum(1), torch.float32,
+                 "softplus sum")
+
+
+def test_auto_dispatch_on_cpu_falls_back_quietly(gen):
+    x = torch.randn(3, 4, generator=gen)
+    w = torch.randn(6, 4, generator=gen)
+    loss = kc_kernels.linear_soft_target_loss(x, w, target_index=torch.tensor([[0], [1], [2]]),
+                                              target_value=torch.ones(3, 1), backend="auto")
+    ref = kc_kernels.linear_soft_target_loss(x, w, target_index=torch.tensor([[0], [1], [2]]),
+                                             target_value=torch.ones(3, 1), backend="reference")
+    assert_close(loss, ref, torch.float32)
+
+
+def test_unavailable_backend_raises_with_reason():
+    status = kc_kernels.backends()
+    missing = [n for n, ok in status.items() if not ok]
+    if not missing:
+        pytest.skip("every backend is available here")
+    x, w = torch.randn(2, 3), torch.randn(4, 3)
+    with pytest.raises(RuntimeError, match=missing[0]):
+        kc_kernels.linear_soft_target_loss(x, w, teacher_logits=torch.randn(2, 4), backend=missing[0])
+
+
+def test_modules_match_functional(gen):
+    x = torch.randn(3, 4, generator=gen)
+    w = torch.randn(8, 4, generator=gen)
+    teacher = torch.randn(3, 8, generator=gen)
+    mod = kc_kernels.LinearSoftTargetLoss(mode="softmax", segments=[0, 3, 8], temperature=2.0)
+    assert_close(mod(x, w, teacher_logits=teacher),
+                 kc_kernels.linear_soft_target_loss(x, w, teacher_logits=teacher, mode="softmax", segments=[0, 3, 8],
+                                                    temperature=2.0), torch.float32)
+    ssm = kc_kernels.SampledSoftmaxLoss(4, seed=0)
+    a = ssm(x, w, None, torch.tensor([1, 2, 3]))
+    b = kc_kernels.SampledSoftmaxLoss(4, seed=0)(x, w, None, torch.tensor([1, 2, 3]))
+    assert torch.isfinite(a) and a == b
