@@ -96,7 +96,10 @@ def _implementation(name: str, op: str):
         if e.name == BACKEND_MODULES[name]:
             return None
         raise
-    return getattr(module, op, None)
+    try:
+        return getattr(module, op)
+    except AttributeError:
+        return None
 
 
 def resolve(op: str, backend: str, device: torch.device) -> Tuple[str, Callable]:
