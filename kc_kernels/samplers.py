@@ -8,7 +8,9 @@ Three distributions over class ids 0..V-1:
 
 With ``unique=True`` (TensorFlow's default) draws are repeated until num_sampled distinct ids are found; the
 expected count of a class with probability p is then 1 - (1 - p) ** num_tries, where num_tries is the number of
-draws made. Without it, the expected count is num_sampled * p. All randomness comes from ``generator``.
+draws made. Without it, or when unique sampling needed no more than num_sampled draws, the expected count is
+num_sampled * p (TensorFlow's ExpectedCountHelper takes that shortcut whenever num_tries == num_sampled). All
+randomness comes from ``generator``.
 """
 from __future__ import annotations
 
@@ -55,7 +57,7 @@ class Candidates:
     def expected_count(self, classes: torch.Tensor, num_sampled: int, unique: bool) -> torch.Tensor:
         """TensorFlow's expected number of times each of ``classes`` (any shape, -1 allowed) is sampled."""
         p = self.probs.to(classes.device)[classes.long().clamp(min=0)]
-        if unique:
+        if unique and self.num_tries != num_sampled:
             return -torch.expm1(self.num_tries * torch.log1p(-p))
         return num_sampled * p
 

@@ -109,3 +109,23 @@ def test_sampling_is_reproducible_through_the_generator():
     a = samplers.sample_candidates("log_uniform", 50, 1000, generator=torch.Generator().manual_seed(7))
     b = samplers.sample_candidates("log_uniform", 50, 1000, generator=torch.Generator().manual_seed(7))
     assert torch.equal(a.ids, b.ids) and a.num_tries == b.num_tries
+
+
+def test_expected_counts_follow_tensorflow():
+    """1 - (1 - p)^num_tries under unique sampling; num_sampled * p without it or when no draw repeated."""
+    probs = samplers.class_probabilities("log_uniform", 100)
+    ids = torch.tensor([0, 5, 99])
+    repeated = samplers.Candidates(ids, num_tries=7, probs=probs)
+    assert_close(repeated.expected_count(ids, 3, unique=True), 1 - (1 - probs[ids]) ** 7, what="unique")
+    assert_close(repeated.expected_count(ids, 3, unique=False), 3 * probs[ids], what="not unique")
+    no_repeat = samplers.Candidates(ids, num_tries=3, probs=probs)
+    assert_close(no_repeat.expected_count(ids, 3, unique=True), 3 * probs[ids], what="no repeat")
+
+
+def test_unigram_label_the_sampler_cannot_draw_is_rejected():
+    counts = torch.ones(20)
+    counts[4] = 0
+    x, w = torch.randn(2, 3), torch.randn(20, 3)
+    with pytest.raises(ValueError, match="labels"):
+        kc_kernels.sampled_softmax_loss(x, w, None, torch.tensor([4, 1]), num_sampled=5, sampler="unigram",
+                                        class_counts=counts, backend="reference")

@@ -116,8 +116,11 @@ def sampled_softmax_loss(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
                                           class_counts=None if class_counts is None else class_counts.cpu(),
                                           distortion=distortion, generator=generator)
         ids = cand.ids.to(x.device)
-        sampled = (ids, cand.expected_count(labels, num_sampled, unique).to(x.device),
-                   cand.expected_count(ids, num_sampled, unique))
+        true_expected = cand.expected_count(labels.cpu(), num_sampled, unique)
+        if subtract_log_q and bool(((true_expected <= 0) & (labels.cpu() >= 0)).any()):
+            # log(0) would make the true logit +inf
+            checks.fail("labels", "hold a class that the unigram sampler can never draw (class_counts 0)")
+        sampled = (ids, true_expected.to(x.device), cand.expected_count(cand.ids, num_sampled, unique).to(x.device))
     p = SampledSoftmaxProblem(x=x, weight=weight, bias=bias, labels=labels, sampled=sampled,
                               remove_accidental_hits=bool(remove_accidental_hits),
                               subtract_log_q=bool(subtract_log_q), reduction=reduction, sample_weight=sample_weight,

@@ -1,0 +1,148 @@
+"""The autograd.Function shared by the sampled-softmax backends, and the row bookkeeping around it.
+
+A backend supplies two steps (see ``SampledSoftmaxImpl``): ``forward`` gives the per-row loss and whatever it keeps
+for the gradients; ``gradients`` turns per-row scales into dx and the gradient of every touched weight row. This
+module applies sample_weight and the reduction, and assembles weight and bias gradients as dense tensors or as
+sparse COO rows.
+
+For reduction "mean"/"sum" the gradients are computed in the forward call (the logits are still hot there) and the
+backward only scales them by the scalar grad_output. For reduction "none" grad_output is a vector whose entries
+mix rows in the weight gradient, so the gradients wait for the backward call.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Protocol, Tuple
+
+import torch
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp64 stays fp64; everything else accumulates in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def labels_2d(p) -> Tuple[torch.Tensor, torch.Tensor]:
+    """labels [B, T] (int64, -1 padding) and true expected counts [B, T]."""
+    labels, true_expected = p.labels, p.sampled[1]
+    if labels.dim() == 1:
+        labels, true_expected = labels[:, None], true_expected.reshape(-1, 1)
+    return labels.long(), true_expected
+
+
+def accidental_hits(labels: torch.Tensor, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(row, sampled position) of every sampled id equal to one of the row's labels, by binary search.
+
+    O(B*T*log S) instead of a [B, T, S] comparison; ids may repeat (sampling without ``unique``), and padding (-1)
+    never matches since ids are >= 0. A pair may appear twice when a row repeats a label.
+    """
+    B, T = labels.shape
+    sorted_ids, order = torch.sort(ids)
+    flat = labels.reshape(-1)
+    lo = torch.searchsorted(sorted_ids, flat)
+    count = torch.searchsorted(sorted_ids, flat, right=True) - lo
+    total = int(count.sum())
+    if total == 0:
+        empty = torch.empty(0, dtype=torch.long, device=labels.device)
+        return empty, empty
+    rows = torch.arange(B, device=labels.device).repeat_interleave(T).repeat_interleave(count)
+    start = (lo - torch.cumsum(count, 0) + count).repeat_interleave(count)  # lo minus the pairs before it
+    cols = order[start + torch.arange(total, device=labels.device)]
+    return rows, cols
+
+
+def row_scale(p, batch: int, dtype: torch.dtype) -> torch.Tensor:
+    """d(reduced loss) / d(per-row loss): sample_weight, divided by B for "mean"."""
+    if p.sample_weight is not None:
+        scale = p.sample_weight.to(dtype)
+    else:
+        scale = torch.ones(batch, dtype=dtype, device=p.x.device)
+    return scale / batch if p.reduction == "mean" else scale
+
+
+class SampledSoftmaxImpl(Protocol):
+    def forward(self, p, need_grad: bool) -> Tuple[torch.Tensor, Any]:
+        """Per-row loss [B] in the compute dtype, and the state ``gradients`` needs (None when not need_grad)."""
+
+    def gradients(self, state, scale: torch.Tensor, need_x: bool) -> "RowGradients":
+        """Gradients of sum_b scale[b] * loss[b] (dx None unless need_x)."""
+
+
+@dataclass
+class RowGradients:
+    dx: Optional[torch.Tensor]  # [B, H], compute dtype
+    rows: torch.Tensor  # [R] class ids of the touched rows, repeats allowed
+    dweight: torch.Tensor  # [R, H] compute dtype; rows that repeat add up
+    dbias: torch.Tensor  # [R]
+
+
+@dataclass
+class _Grads:
+    dx: Optional[torch.Tensor]
+    rows: torch.Tensor  # [U] distinct touched classes
+    dweight: Optional[torch.Tensor]  # [U, H] compute dtype
+    dbias: Optional[torch.Tensor]  # [U]
+
+
+def _coalesce(g: RowGradients, need_w: bool, need_b: bool) -> _Grads:
+    uniq, inverse = torch.unique(g.rows, return_inverse=True)
+    dw = db = None
+    if need_w:
+        dw = torch.zeros(len(uniq), g.dweight.shape[1], dtype=g.dweight.dtype, device=g.dweight.device)
+        dw.index_add_(0, inverse, g.dweight)
+    if need_b:
+        db = torch.zeros(len(uniq), dtype=g.dbias.dtype, device=g.dbias.device).index_add_(0, inverse, g.dbias)
+    return _Grads(g.dx, uniq, dw, db)
+
+
+def _expand(values: torch.Tensor, rows: torch.Tensor, like: torch.Tensor, sparse: bool) -> torch.Tensor:
+    """Touched-row gradient values as a full gradient of ``like``: dense, or a coalesced sparse COO tensor."""
+    values = values.to(like.dtype)
+    if sparse:
+        return torch.sparse_coo_tensor(rows[None], values, like.shape, is_coalesced=True, check_invariants=False)
+    out = torch.zeros_like(like, memory_format=torch.contiguous_format)
+    out.index_copy_(0, rows, values)
+    return out
+
+
+class SampledSoftmaxFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, p, impl: SampledSoftmaxImpl):
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_grad = need_x or need_w or (bias is not None and need_b)
+        per_row, state = impl.forward(p, need_grad)
+        B = x.shape[0]
+        scale = row_scale(p, B, per_row.dtype)
+        ctx.p, ctx.impl, ctx.needs = p, impl, (need_x, need_w, bias is not None and need_b)
+        ctx.grads = ctx.state = None
+        if need_grad:
+            if p.reduction == "none":
+                ctx.state, ctx.scale = state, scale
+            else:
+                ctx.grads = _coalesce(impl.gradients(state, scale, need_x), need_w, ctx.needs[2])
+        if p.reduction == "none":
+            return per_row * scale
+        return (per_row * scale).sum()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        p, (need_x, need_w, need_b) = ctx.p, ctx.needs
+        if ctx.grads is not None:
+            g = ctx.grads
+            ctx.grads = None
+            go = float(grad_out)
+            if go != 1.0:  # the usual loss.backward() passes exactly 1
+                g = _Grads(None if g.dx is None else g.dx * go, g.rows, None if g.dweight is None else g.dweight * go,
+                           None if g.dbias is None else g.dbias * go)
+        else:
+            g = _coalesce(ctx.impl.gradients(ctx.state, ctx.scale * grad_out.to(ctx.scale.dtype), need_x), need_w, need_b)
+            ctx.state = None
+        dx = g.dx.to(p.x.dtype) if need_x else None
+        dw = _expand(g.dweight, g.rows, p.weight, p.sparse_grad) if need_w else None
+        db = _expand(g.dbias, g.rows, p.bias, p.sparse_grad) if need_b else None
+        return dx, dw, db, None, None
+
+
+def apply(p, impl: SampledSoftmaxImpl) -> torch.Tensor:
+    return SampledSoftmaxFunction.apply(p.x, p.weight, p.bias, p, impl)

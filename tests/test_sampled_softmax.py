@@ -1,0 +1,164 @@
+"""Sampled softmax backends against the float64 reference and a brute-force loop; sampler statistics; training."""
+import math
+
+import pytest
+import torch
+
+import kc_kernels
+from kc_kernels import reference, samplers
+from tests.conftest import HAS_CUDA
+from tests.helpers import TOLERANCES, assert_close, grads
+from tests.test_sampled_reference import brute_force_sampled
+
+HAS_TRITON = bool(kc_kernels.backends()["triton"])
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+# (B, H, V, S, T): T None means labels [B]; every table has an odd shape
+SHAPES = [
+    (1, 7, 31, 1, None),  # one row, one sample
+    (5, 16, 64, 9, None),
+    (6, 13, 50, 17, 3),  # padded multi-label rows, duplicate labels
+    (33, 70, 300, 65, 2),  # tails in every tile dimension
+]
+
+
+def make_sampled_problem(B, H, V, S, T, dtype=torch.float64, seed=0, device="cpu", bias=True):
+    """Inputs with padded rows, a repeated label and accidental hits; fixed samples."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, H, generator=g)
+    w = torch.randn(V, H, generator=g) / math.sqrt(H) * 2
+    b = torch.randn(V, generator=g) * 0.5 if bias else None
+    if T is None:
+        labels = torch.randint(0, V, (B,), generator=g)
+        lab2 = labels[:, None]
+    else:
+        labels = torch.randint(0, V, (B, T), generator=g)
+        if B > 1 and T > 1:
+            labels[0, 1:] = -1  # padding
+            labels[1, 1] = labels[1, 0]  # the same label twice: target 2/T
+        lab2 = labels
+    ids = torch.randperm(V, generator=g)[:S]
+    ids[0] = lab2[0, 0]  # accidental hit on row 0
+    if S > 2 and B > 1:
+        ids[2] = lab2[B - 1, 0]
+    true_exp = torch.rand(labels.shape, generator=g, dtype=torch.float64) + 0.05
+    samp_exp = torch.rand(S, generator=g, dtype=torch.float64) + 0.05
+    tensors = [x.to(dtype), w.to(dtype), None if b is None else b.to(dtype)]
+    x, w, b = (None if t is None else t.to(device).requires_grad_() for t in tensors)
+    sampled = (ids.to(device), true_exp.to(device), samp_exp.to(device))
+    return x, w, b, labels.to(device), sampled
+
+
+def _reference_and_backend(backend, dtype, shape, *, remove_hits=True, subtract_log_q=True, reduction="mean",
+                           sparse_grad=False, sample_weight=False, bias=True, seed=0):
+    x, w, b, labels, sampled = make_sampled_problem(*shape, dtype=dtype, seed=seed, device=DEVICE, bias=bias)
+    sw = None
+    if sample_weight:
+        sw = torch.rand(x.shape[0], generator=torch.Generator().manual_seed(5)).to(dtype).to(DEVICE)
+    kw = dict(sampled=sampled, remove_accidental_hits=remove_hits, subtract_log_q=subtract_log_q,
+              reduction=reduction, sample_weight=sw)
+    out = kc_kernels.sampled_softmax_loss(x, w, b, labels, backend=backend, sparse_grad=sparse_grad, **kw)
+    got = [out] + grads(out, [x, w, b])
+    # the oracle: float64 reference on the same (rounded) inputs
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    b64 = None if b is None else b.detach().double().requires_grad_()
+    sw64 = None if sw is None else sw.double()
+    ref = reference.sampled_softmax_loss(x64, w64, b64, labels, **{**kw, "sample_weight": sw64})
+    expected = [ref] + grads(ref, [x64, w64, b64])
+    return got, expected
+
+
+def _check(got, expected, dtype, sparse_grad=False):
+    for name, a, e in zip(("loss", "dx", "dweight", "dbias"), got, expected):
+        if e is None:
+            assert a is None, name
+            continue
+        if name in ("dweight", "dbias"):
+            assert a.is_sparse == sparse_grad, f"{name} layout {a.layout}"
+            if sparse_grad:
+                a = a.to_dense()
+        if name != "loss":
+            assert a.dtype == dtype, f"{name} dtype {a.dtype}"
+        assert_close(a, e, dtype, what=name)
+
+
+# ------------------------------------------------------------------------------------------------------ cpu backend
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("remove_hits,subtract_log_q", [(True, True), (False, False), (True, False)])
+def test_cpu_matches_reference(shape, dtype, remove_hits, subtract_log_q):
+    if DEVICE != "cpu":
+        pytest.skip("the cpu backend takes CPU tensors")
+    got, expected = _reference_and_backend("cpu", dtype, shape, remove_hits=remove_hits,
+                                           subtract_log_q=subtract_log_q)
+    _check(got, expected, dtype)
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("sparse_grad", [False, True])
+@pytest.mark.parametrize("shape", SHAPES[:3])
+def test_cpu_reductions_sample_weight_sparse(shape, reduction, sparse_grad):
+    if DEVICE != "cpu":
+        pytest.skip("the cpu backend takes CPU tensors")
+    got, expected = _reference_and_backend("cpu", torch.float64, shape, reduction=reduction, sparse_grad=sparse_grad,
+                                           sample_weight=True)
+    _check(got, expected, torch.float64, sparse_grad)
+
+
+def test_cpu_without_bias_and_half_inputs():
+    got, expected = _reference_and_backend("cpu", torch.float64, SHAPES[2], bias=False)
+    _check(got, expected, torch.float64)
+    got, expected = _reference_and_backend("cpu", torch.bfloat16, SHAPES[2])
+    assert got[0].dtype == torch.float32  # the loss stays in fp32
+    _check(got, expected, torch.bfloat16)
+
+
+@pytest.mark.parametrize("remove_hits", [False, True])
+def test_cpu_matches_brute_force(remove_hits):
+    x, w, b, labels, (ids, te, se) = make_sampled_problem(6, 5, 23, 8, 3)
+    ids = torch.cat([ids, ids[:2]])  # sampling without ``unique`` repeats ids
+    se = torch.cat([se, se[:2]])
+    out = kc_kernels.sampled_softmax_loss(x, w, b, labels, sampled=(ids, te, se), backend="cpu",
+                                          remove_accidental_hits=remove_hits, reduction="none")
+    bf = brute_force_sampled(x, w, b, labels, ids, te, se, remove_hits, True, "none")
+    assert_close(out, bf, what="loss")
+    for name, a, e in zip(("dx", "dweight", "dbias"), grads(out, [x, w, b]), grads(bf, [x, w, b])):
+        assert_close(a, e, what=name)
+
+
+def test_sparse_grad_holds_only_touched_rows():
+    x, w, b, labels, sampled = make_sampled_problem(6, 13, 50, 17, 3)
+    loss = kc_kernels.sampled_softmax_loss(x, w, b, labels, sampled=sampled, sparse_grad=True, backend="cpu")
+    loss.backward()
+    touched = torch.unique(torch.cat([sampled[0], labels[labels >= 0]]))
+    for g in (w.grad, b.grad):
+        assert g.is_sparse
+        assert torch.equal(g.coalesce().indices()[0], touched)
+    # an optimiser that takes sparse gradients steps only those rows
+    before = w.detach().clone()
+    torch.optim.SGD([w, b], lr=0.1).step()
+    changed = (w.detach() != before).any(dim=1).nonzero().squeeze(1)
+    assert set(changed.tolist()) <= set(touched.tolist())
+
+
+def test_no_grad_call_and_repeated_backward_scale():
+    x, w, b, labels, sampled = make_sampled_problem(5, 16, 64, 9, None)
+    with torch.no_grad():
+        l0 = kc_kernels.sampled_softmax_loss(x, w, b, labels, sampled=sampled, backend="cpu")
+    loss = kc_kernels.sampled_softmax_loss(x, w, b, labels, sampled=sampled, backend="cpu")
+    assert_close(l0, loss, what="loss")
+    (3.0 * loss).backward()  # grad_output != 1 scales the gradients computed in forward
+    ref = reference.sampled_softmax_loss(x, w, b, labels, sampled=sampled)
+    for a, e in zip((x.grad, w.grad, b.grad), grads(3.0 * ref, [x, w, b])):
+        assert_close(a, e, what="grad")
+
+
+def test_drawn_samples_same_for_every_backend():
+    """With a seeded generator the op draws the same candidates, so backends agree."""
+    x, w, b, labels, _ = make_sampled_problem(8, 16, 500, 1, 2)
+    outs = []
+    for backend in ("reference", "cpu"):
+        g = torch.Generator().manual_seed(3)
+        outs.append(kc_kernels.sampled_softmax_loss(x, w, b, labels, num_sampled=40, generator=g, backend=backend))
+    assert_close(outs[1], outs[0], what="loss")
