@@ -36,6 +36,7 @@ class SoftTargetProblem:
     bounds: Optional[List[int]] = None  # the same offsets on the host ([0, V] when segments is None)
     scale: Optional[torch.Tensor] = None  # [G] or [V]
     sample_weight: Optional[torch.Tensor] = None  # [B]
+    memory_budget: Optional[int] = None  # bytes a chunked backend may use for its class chunk (None: its default)
 
     @property
     def grouped(self) -> bool:
@@ -120,6 +121,14 @@ def _check_common(p: SoftTargetProblem, ref: torch.Tensor, ref_name: str, *, tar
         p.sample_weight = sample_weight
 
 
+def _check_budget(memory_budget) -> Optional[int]:
+    if memory_budget is None:
+        return None
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget <= 0:
+        checks.fail("memory_budget", f"must be a positive number of bytes, got {memory_budget!r}")
+    return memory_budget
+
+
 def _dispatch(op: str, p: SoftTargetProblem, backend: str, device: torch.device) -> torch.Tensor:
     _, fn = _dispatch_mod.resolve(op, backend, device)
     return fn(p)
@@ -130,14 +139,15 @@ def linear_soft_target_loss(x: torch.Tensor, weight: torch.Tensor, bias: Optiona
                             teacher_logits: Optional[torch.Tensor] = None, mode: str = "sigmoid", segments=None,
                             scale: Optional[torch.Tensor] = None, temperature: float = 1.0,
                             sample_weight: Optional[torch.Tensor] = None, reduction: str = "mean",
-                            backend: str = "auto") -> torch.Tensor:
+                            backend: str = "auto", memory_budget: Optional[int] = None) -> torch.Tensor:
     """Loss of the logits ``x @ weight.T + bias`` against soft targets, without materialising [B, V] logits.
 
     x [B, H] (or grouped [B, G, H] with segments), weight [V, H], bias [V]. Targets are either sparse
     (target_index [B, K] with -1 padding, target_value [B, K]; duplicates add up) or dense teacher_logits [B, V].
     mode "sigmoid": binary cross-entropy summed over classes; "softmax": cross-entropy per segment (times T^2).
     scale [G] or [V] applies the self-paced L2-normalised scaling per segment. Returns fp32 (fp64 for fp64 input):
-    [B] for reduction="none", else a scalar. See ../shared/DESIGN.md.
+    [B] for reduction="none", else a scalar. memory_budget (bytes) bounds the class chunk of the chunked
+    backends (cpu: default 64 MiB). See ../shared/DESIGN.md.
     """
     checks.tensor("x", x, dims=(2, 3), floating=True)
     checks.tensor("weight", weight, dims=(2,), floating=True)
@@ -162,6 +172,7 @@ def linear_soft_target_loss(x: torch.Tensor, weight: torch.Tensor, bias: Optiona
     _check_common(p, x, "x", target_index=target_index, target_value=target_value, teacher_logits=teacher_logits,
                   segments=segments, scale=scale, sample_weight=sample_weight,
                   grouped_groups=x.shape[1] if x.dim() == 3 else None)
+    p.memory_budget = _check_budget(memory_budget)
     return _dispatch("linear_soft_target_loss", p, backend, x.device)
 
 
@@ -169,7 +180,8 @@ def soft_target_loss(logits: torch.Tensor, *, target_index: Optional[torch.Tenso
                      target_value: Optional[torch.Tensor] = None, teacher_logits: Optional[torch.Tensor] = None,
                      mode: str = "sigmoid", segments=None, scale: Optional[torch.Tensor] = None,
                      temperature: float = 1.0, sample_weight: Optional[torch.Tensor] = None,
-                     reduction: str = "mean", backend: str = "auto") -> torch.Tensor:
+                     reduction: str = "mean", backend: str = "auto",
+                     memory_budget: Optional[int] = None) -> torch.Tensor:
     """The soft-target loss of given raw logits [B, V]; same keyword arguments as linear_soft_target_loss."""
     checks.tensor("logits", logits, dims=(2,), floating=True)
     if logits.shape[1] == 0:
@@ -181,4 +193,5 @@ def soft_target_loss(logits: torch.Tensor, *, target_index: Optional[torch.Tenso
     _check_common(p, logits, "logits", target_index=target_index, target_value=target_value,
                   teacher_logits=teacher_logits, segments=segments, scale=scale, sample_weight=sample_weight,
                   grouped_groups=None)
+    p.memory_budget = _check_budget(memory_budget)
     return _dispatch("soft_target_loss", p, backend, logits.device)

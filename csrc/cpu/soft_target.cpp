@@ -1,0 +1,308 @@
+// Fused epilogue of the chunked linear + soft-target loss (see kc_kernels/cpu/soft_target.py for the driver).
+//
+// The driver computes one chunk of raw logits u = x W_c^T + b_c with a BLAS GEMM; this kernel then makes one pass
+// over it per row (OpenMP over rows, vectorised inner loops) that accumulates the loss statistics and, in the FINAL
+// phase, overwrites u with coef_b * dL/du so the driver's gradient GEMMs (dx += G W_c, dW_c = G^T x) follow.
+//
+// Notation per row b and segment g: y_j = a_j u_j with a_j = s_j / (n T) under the self-paced scale s
+// (n = sqrt(sum_{i in g} u_i^2 + eps)) and a_j = 1 / T without it; q_j = dl/dy_j:
+//   sigmoid: q_j = sigmoid(y_j) - z_j
+//   softmax: q_j = T^2 (m_g softmax_g(y)_j - z_j),  m_g = sum_{j in g} z_j
+//   dl/du_i = a_i q_i - (u_i / n^2) S,  S = sum_{j in g} q_j y_j   (the second term only under the scale)
+//   dl/ds_j = q_j u_j / (n T)  (summed over a segment for a per-segment scale: R = sum_j q_j u_j / (n T))
+// Statistics over a whole segment (n, the softmax log-sum-exp, S, R) live in a [NSTATE, B, G] double array, so a
+// segment longer than a chunk is handled by running the phases over its sub-chunks one after another.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "cpu/kc_cpu.h"
+#include "cpu/vecmath.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace kc_cpu {
+namespace {
+
+constexpr double kNormEps = 1e-12;
+
+struct Target {
+  int64_t col;  // local column in the chunk
+  int64_t piece;
+  float value;
+};
+
+template <int SK>
+inline float scale_at(const SoftTargetChunk& a, int64_t g, int64_t j) {
+  if constexpr (SK == kScaleSegment) return a.scale[g];
+  if constexpr (SK == kScaleClass) return a.scale[a.col0 + j];
+  return 1.0f;
+}
+
+template <int SK, bool SOFTMAX, bool DENSE>
+void run_row(const SoftTargetChunk& a, int64_t b, const std::vector<Target>& targets,
+             const std::vector<int64_t>& piece_first, double* dscale_acc, std::vector<float>& corr) {
+  const int64_t B = a.rows, G = a.num_segments;
+  float* urow = a.u + b * a.ld;
+  const float* trow = DENSE ? a.teacher + b * a.teacher_ld : nullptr;
+  const bool need_stats = SOFTMAX || SK != kScaleNone;
+  const float inv_t = a.inv_t, t2 = a.t2;
+  auto st = [&](int which, int64_t g) -> double& { return a.state[(which * B + b) * G + g]; };
+
+  for (int64_t p = 0; p < a.npieces; ++p) {
+    const int64_t lo = a.piece_lo[p], hi = a.piece_lo[p + 1], g = a.piece_seg[p];
+    const int64_t t_begin = piece_first[p], t_end = piece_first[p + 1];
+
+    if (SOFTMAX && DENSE && (a.phases & kPhaseTeacher)) {
+      float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+      for (int64_t j = lo; j < hi; ++j) m = std::max(m, trow[j] * inv_t);
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t j = lo; j < hi; ++j) s += vexp(trow[j] * inv_t - m);
+      double& M = st(kTeacherMax, g);
+      double& S = st(kTeacherSumExp, g);
+      const double nm = std::max(M, static_cast<double>(m));
+      S = S * std::exp(M - nm) + s * std::exp(m - nm);
+      M = nm;
+    }
+    if (SK != kScaleNone && (a.phases & kPhaseNorm)) {
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t j = lo; j < hi; ++j) s += urow[j] * urow[j];
+      st(kSumSq, g) += s;
+    }
+    if (!(a.phases & (kPhaseStats | kPhaseFinal))) continue;
+
+    const float inv_nt = SK != kScaleNone ? static_cast<float>(inv_t / std::sqrt(st(kSumSq, g) + kNormEps))
+                                          : inv_t;
+    const float tlse = (SOFTMAX && DENSE) ? static_cast<float>(st(kTeacherMax, g) + std::log(st(kTeacherSumExp, g)))
+                                          : 0.f;
+
+    if (need_stats && (a.phases & kPhaseStats)) {
+      float zsum = 0.f, zy = 0.f, zu = 0.f;
+      if constexpr (DENSE) {
+#pragma omp simd reduction(+ : zsum, zy, zu)
+        for (int64_t j = lo; j < hi; ++j) {
+          const float up = inv_nt * urow[j];
+          const float y = scale_at<SK>(a, g, j) * up;
+          const float z = SOFTMAX ? vexp(trow[j] * inv_t - tlse) : vsigmoid(trow[j] * inv_t);
+          zsum += z;
+          zy += z * y;
+          zu += z * up;
+        }
+      } else {
+        for (int64_t t = t_begin; t < t_end; ++t) {
+          const int64_t j = targets[t].col;
+          const float up = inv_nt * urow[j];
+          zsum += targets[t].value;
+          zy += targets[t].value * scale_at<SK>(a, g, j) * up;
+          zu += targets[t].value * up;
+        }
+      }
+      st(kZSum, g) += zsum;
+      st(kZY, g) += zy;
+      st(kZU, g) += zu;
+      if constexpr (SOFTMAX) {
+        float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+        for (int64_t j = lo; j < hi; ++j) m = std::max(m, scale_at<SK>(a, g, j) * inv_nt * urow[j]);
+        float se = 0.f, seu = 0.f, sey = 0.f;
+#pragma omp simd reduction(+ : se, seu, sey)
+        for (int64_t j = lo; j < hi; ++j) {
+          const float up = inv_nt * urow[j];
+          const float y = scale_at<SK>(a, g, j) * up;
+          const float e = vexp(y - m);
+          se += e;
+          seu += e * up;
+          sey += e * y;
+        }
+        double& M = st(kMax, g);
+        const double nm = std::max(M, static_cast<double>(m));
+        const double f_old = std::exp(M - nm), f_new = std::exp(m - nm);
+        st(kSumExp, g) = st(kSumExp, g) * f_old + se * f_new;
+        st(kSumExpU, g) = st(kSumExpU, g) * f_old + seu * f_new;
+        st(kSumExpY, g) = st(kSumExpY, g) * f_old + sey * f_new;
+        M = nm;
+      } else {
+        float squ = 0.f, sqy = 0.f;
+#pragma omp simd reduction(+ : squ, sqy)
+        for (int64_t j = lo; j < hi; ++j) {
+          const float up = inv_nt * urow[j];
+          const float y = scale_at<SK>(a, g, j) * up;
+          const float sg = vsigmoid(y);
+          squ += sg * up;
+          sqy += sg * y;
+        }
+        st(kSumExpU, g) += squ;
+        st(kSumExpY, g) += sqy;
+      }
+    }
+    if (!(a.phases & kPhaseFinal)) continue;
+
+    // ---- FINAL: loss terms that are sums of elementwise functions, and the gradient
+    float lse = 0.f, zmass = 0.f, S = 0.f, inv_n2 = 0.f;
+    if constexpr (SOFTMAX) {
+      lse = static_cast<float>(st(kMax, g) + std::log(st(kSumExp, g)));
+      zmass = static_cast<float>(st(kZSum, g));
+    }
+    if constexpr (SK != kScaleNone) {
+      double R, Sd;
+      if constexpr (SOFTMAX) {
+        R = t2 * (st(kZSum, g) * st(kSumExpU, g) / st(kSumExp, g) - st(kZU, g));
+        Sd = t2 * (st(kZSum, g) * st(kSumExpY, g) / st(kSumExp, g) - st(kZY, g));
+      } else {
+        R = st(kSumExpU, g) - st(kZU, g);
+        Sd = st(kSumExpY, g) - st(kZY, g);
+      }
+      st(kR, g) = R;
+      st(kS, g) = Sd;
+      S = static_cast<float>(Sd);
+      inv_n2 = static_cast<float>(1.0 / (st(kSumSq, g) + kNormEps));
+    }
+    const float qz = SOFTMAX ? t2 : 1.0f;  // dq/dz
+    const float c = a.coef ? a.coef[b] : 0.f;
+
+    // sparse targets: -z y in the loss, and gradient corrections read before u is overwritten
+    if constexpr (!DENSE) {
+      float zy = 0.f;
+      for (int64_t t = t_begin; t < t_end; ++t) {
+        const int64_t j = targets[t].col;
+        const float v = targets[t].value;
+        const float s = scale_at<SK>(a, g, j);
+        const float up = inv_nt * urow[j];
+        zy += v * s * up;
+        corr[t] = -c * qz * v * s * inv_nt;  // -(dq/dz) v a_j, times coef
+        if (SK == kScaleClass && a.coef) dscale_acc[j] -= static_cast<double>(c) * qz * v * up;
+      }
+      if (!need_stats) st(kZY, g) += zy;
+    }
+
+    if (a.coef == nullptr) {
+      if constexpr (!SOFTMAX) {
+        float sp = 0.f, zy = 0.f;
+#pragma omp simd reduction(+ : sp, zy)
+        for (int64_t j = lo; j < hi; ++j) {
+          const float y = scale_at<SK>(a, g, j) * inv_nt * urow[j];
+          float softplus, sig;
+          vsoftplus_sigmoid(y, softplus, sig);
+          sp += softplus;
+          if (DENSE) zy += vsigmoid(trow[j] * inv_t) * y;
+        }
+        a.softplus_sum[b] += sp;
+        if (DENSE && !need_stats) st(kZY, g) += zy;
+      }
+      continue;
+    }
+
+    float sp = 0.f, zy = 0.f;
+    double* ds = dscale_acc;
+#pragma omp simd reduction(+ : sp, zy)
+    for (int64_t j = lo; j < hi; ++j) {
+      const float uj = urow[j];
+      const float s = scale_at<SK>(a, g, j);
+      const float up = inv_nt * uj;
+      const float y = s * up;
+      float q;
+      if constexpr (SOFTMAX) {
+        const float z = DENSE ? vexp(trow[j] * inv_t - tlse) : 0.f;
+        q = t2 * (zmass * vexp(y - lse) - z);
+      } else {
+        float softplus, sig;
+        vsoftplus_sigmoid(y, softplus, sig);
+        sp += softplus;
+        const float z = DENSE ? vsigmoid(trow[j] * inv_t) : 0.f;
+        if (DENSE) zy += z * y;
+        q = sig - z;
+      }
+      float grad;
+      if constexpr (SK != kScaleNone) {
+        grad = c * (s * inv_nt * q - uj * S * inv_n2);
+      } else {
+        grad = c * q * inv_t;
+      }
+      if constexpr (SK == kScaleClass) ds[j] += static_cast<double>(c) * q * up;
+      urow[j] = grad;
+    }
+    if constexpr (!SOFTMAX) {
+      a.softplus_sum[b] += sp;
+      if (DENSE && !need_stats) st(kZY, g) += zy;
+    }
+    if constexpr (!DENSE) {
+      for (int64_t t = t_begin; t < t_end; ++t) urow[targets[t].col] += corr[t];
+    }
+  }
+}
+
+template <int SK, bool SOFTMAX, bool DENSE>
+void run(const SoftTargetChunk& a) {
+  const int64_t ncols = a.ncols;
+  const bool class_grad = SK == kScaleClass && a.coef != nullptr && (a.phases & kPhaseFinal);
+#pragma omp parallel
+  {
+    std::vector<double> dscale_acc(class_grad ? ncols : 0, 0.0);
+    std::vector<Target> targets;
+    std::vector<int64_t> piece_first(a.npieces + 1, 0);
+    std::vector<float> corr;
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < a.rows; ++b) {
+      targets.clear();
+      if (!DENSE && a.k > 0) {
+        // the row's targets that fall in this chunk, grouped by piece (counting sort)
+        const int64_t* idx = a.tidx + b * a.k;
+        const float* val = a.tval + b * a.k;
+        std::fill(piece_first.begin(), piece_first.end(), 0);
+        std::vector<Target> found;
+        for (int64_t t = 0; t < a.k; ++t) {
+          const int64_t j = idx[t] - a.col0;
+          if (idx[t] < 0 || j < 0 || j >= ncols) continue;
+          const int64_t p = std::upper_bound(a.piece_lo, a.piece_lo + a.npieces + 1, j) - a.piece_lo - 1;
+          found.push_back({j, p, val[t]});
+          ++piece_first[p + 1];
+        }
+        for (int64_t p = 0; p < a.npieces; ++p) piece_first[p + 1] += piece_first[p];
+        targets.resize(found.size());
+        std::vector<int64_t> fill(piece_first.begin(), piece_first.end() - 1);
+        for (const Target& t : found) targets[fill[t.piece]++] = t;
+        corr.assign(targets.size(), 0.f);
+      } else {
+        std::fill(piece_first.begin(), piece_first.end(), 0);
+      }
+      run_row<SK, SOFTMAX, DENSE>(a, b, targets, piece_first, dscale_acc.data(), corr);
+    }
+    if (class_grad) {
+#pragma omp critical
+      for (int64_t j = 0; j < ncols; ++j) a.dscale_class[j] += static_cast<float>(dscale_acc[j]);
+    }
+  }
+}
+
+template <int SK>
+void dispatch_mode(const SoftTargetChunk& a) {
+  const bool dense = a.teacher != nullptr;
+  if (a.softmax) {
+    dense ? run<SK, true, true>(a) : run<SK, true, false>(a);
+  } else {
+    dense ? run<SK, false, true>(a) : run<SK, false, false>(a);
+  }
+}
+
+}  // namespace
+
+void soft_target_chunk(const SoftTargetChunk& a) {
+  switch (a.scale_kind) {
+    case kScaleSegment:
+      dispatch_mode<kScaleSegment>(a);
+      break;
+    case kScaleClass:
+      dispatch_mode<kScaleClass>(a);
+      break;
+    default:
+      dispatch_mode<kScaleNone>(a);
+  }
+}
+
+}  // namespace kc_cpu
