@@ -162,3 +162,51 @@ def test_drawn_samples_same_for_every_backend():
         g = torch.Generator().manual_seed(3)
         outs.append(kc_kernels.sampled_softmax_loss(x, w, b, labels, num_sampled=40, generator=g, backend=backend))
     assert_close(outs[1], outs[0], what="loss")
+
+
+# --------------------------------------------------------------------------------------------------- triton backend
+# On CPU this runs under TRITON_INTERPRET=1 (tests/conftest.py): small shapes; bf16 tl.dot is wrong there.
+
+triton_only = pytest.mark.skipif(not HAS_TRITON, reason="triton backend unavailable")
+TRITON_DTYPES = [torch.float32, torch.float16, torch.float64]
+
+
+@triton_only
+@pytest.mark.parametrize("dtype", TRITON_DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_triton_matches_reference(shape, dtype):
+    got, expected = _reference_and_backend("triton", dtype, shape, sample_weight=True)
+    _check(got, expected, dtype)
+
+
+@triton_only
+@pytest.mark.parametrize("remove_hits,subtract_log_q,reduction,sparse_grad,bias", [
+    (False, False, "sum", False, True),
+    (True, False, "none", True, True),
+    (False, True, "none", False, False),
+    (True, True, "mean", True, False),
+])
+def test_triton_flags(remove_hits, subtract_log_q, reduction, sparse_grad, bias):
+    got, expected = _reference_and_backend("triton", torch.float32, SHAPES[2], remove_hits=remove_hits,
+                                           subtract_log_q=subtract_log_q, reduction=reduction,
+                                           sparse_grad=sparse_grad, bias=bias)
+    _check(got, expected, torch.float32, sparse_grad)
+
+
+@triton_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_many_tiles(monkeypatch, dtype):
+    """Small blocks, so every loop runs several tiles and ends on a partial one."""
+    from kc_kernels.triton import sampled_softmax as ts
+
+    monkeypatch.setattr(ts, "BLOCK_CAPS", (16, 16, 16))
+    got, expected = _reference_and_backend("triton", dtype, (37, 41, 200, 53, 2), reduction="none")
+    _check(got, expected, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA or not HAS_TRITON, reason="needs a CUDA device")
+@pytest.mark.parametrize("shape", SHAPES)
+def test_triton_bf16_on_gpu(shape):
+    got, expected = _reference_and_backend("triton", torch.bfloat16, shape)
+    _check(got, expected, torch.bfloat16)
