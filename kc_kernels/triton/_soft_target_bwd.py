@@ -1,0 +1,151 @@
+"""Backward kernel of the soft-target loss: recompute a logits tile, form dL/du in registers, push it to dx and dW.
+
+One program = BLOCK_M rows x one class tile (CCE-style grid over both). Per-(row, segment) coefficients come from
+the forward statistics, so dL/du of the dense part is elementwise:
+    a = alpha * p - beta * z                   p = sigmoid(y) or exp(y - lse);  z = dense teacher target
+    dL/du = a * gamma / (n T) - u * rc         (self-paced scale; without it dL/du = a / T)
+with alpha = c * (1 or T^2 * mass), beta = c * (1 or T^2), rc = c * sum_j (dL/dy_j * y_j) / n^2 and c the row's
+weight. Sparse targets are not seen here: their part of dL/du is a few entries per row, added by the host.
+
+dx += G @ W_tile and dW_tile += G^T @ x are accumulated with fp32 atomics over BLOCK_H slices of the hidden size,
+so no [B, V] gradient ever exists. For soft_target_loss (given logits) the tile of dL/du is simply stored.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from kc_kernels.triton._soft_target_tiles import logits_tile, sigmoid
+
+NCOEF = 6  # alpha, beta, lse, teacher lse, 1 / norm, rc
+
+
+@triton.jit
+def _soft_target_bwd_kernel(
+        x_ptr, w_ptr, bias_ptr, logits_ptr, teacher_ptr, gamma_ptr, coef_ptr,
+        chunk_start_ptr, chunk_end_ptr, chunk_seg_ptr,
+        dx_ptr, dw_ptr, dbias_ptr, dgamma_ptr, dlogits_ptr,
+        B, H, G, plane, stride_xb, stride_xg, stride_lb, stride_tb, inv_temp, skip_below,
+        SOFTMAX: tl.constexpr, DENSE_TEACHER: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+        NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DBIAS: tl.constexpr, GROUPED: tl.constexpr,
+        FROM_LOGITS: tl.constexpr, IEEE: tl.constexpr, SKIP_SMALL: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(B, BLOCK_M)
+    pid_m = pid % num_m
+    c = pid // num_m
+    start = tl.load(chunk_start_ptr + c)
+    end = tl.load(chunk_end_ptr + c)
+    seg = tl.load(chunk_seg_ptr + c)
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < B
+    cptr = coef_ptr + rows * G + seg
+    alpha = tl.load(cptr, mask=row_mask, other=0.0)
+    if DENSE_TEACHER:
+        beta = tl.load(cptr + plane, mask=row_mask, other=0.0)
+    if SOFTMAX:
+        lse = tl.load(cptr + 2 * plane, mask=row_mask, other=0.0)
+        if DENSE_TEACHER:
+            tlse = tl.load(cptr + 3 * plane, mask=row_mask, other=0.0)
+    if HAS_SCALE:
+        inv_n = tl.load(cptr + 4 * plane, mask=row_mask, other=1.0)
+        rc = tl.load(cptr + 5 * plane, mask=row_mask, other=0.0)
+
+    for c0 in range(start, end, BLOCK_N):
+        cols = c0 + tl.arange(0, BLOCK_N)
+        col_mask = cols < end
+        valid = row_mask[:, None] & col_mask[None, :]
+        u = logits_tile(x_ptr, w_ptr, bias_ptr, logits_ptr, rows, cols, row_mask, col_mask, seg, H,
+                        stride_xb, stride_xg, stride_lb, HAS_BIAS, GROUPED, FROM_LOGITS, IEEE,
+                        BLOCK_M, BLOCK_N, BLOCK_K)
+        if HAS_SCALE:
+            gam = tl.load(gamma_ptr + cols, mask=col_mask, other=0.0)
+            y = u * gam[None, :] * (inv_n * inv_temp)[:, None]
+        else:
+            y = u * inv_temp
+        if SOFTMAX:
+            p = tl.exp(tl.minimum(y - lse[:, None], 0.0))  # y <= lse on valid entries; the clamp guards padding
+        else:
+            p = sigmoid(y)
+        a = alpha[:, None] * p
+        if DENSE_TEACHER:
+            t = tl.load(teacher_ptr + rows[:, None] * stride_tb + cols[None, :], mask=valid,
+                        other=0.0).to(tl.float32) * inv_temp
+            if SOFTMAX:
+                z = tl.exp(tl.minimum(t - tlse[:, None], 0.0))
+            else:
+                z = sigmoid(t)
+            a -= beta[:, None] * z
+        a = tl.where(valid, a, 0.0)
+        if HAS_SCALE:
+            g = a * gam[None, :] * (inv_n * inv_temp)[:, None] - u * rc[:, None]
+            g = tl.where(valid, g, 0.0)
+            tl.atomic_add(dgamma_ptr + cols, tl.sum(a * u * (inv_n * inv_temp)[:, None], axis=0), mask=col_mask)
+        else:
+            g = a * inv_temp
+        if FROM_LOGITS:
+            tl.store(dlogits_ptr + rows[:, None] * stride_lb + cols[None, :],
+                     g.to(dlogits_ptr.dtype.element_ty), mask=valid)
+        else:
+            if NEED_DBIAS:
+                tl.atomic_add(dbias_ptr + cols, tl.sum(g, axis=0), mask=col_mask)
+            if SKIP_SMALL:  # opt-in: a tile whose gradient is all below the threshold adds nothing to dx, dW
+                if tl.max(tl.max(tl.abs(g), axis=1), axis=0) >= skip_below:
+                    _accumulate_dx_dw(g, x_ptr, w_ptr, dx_ptr, dw_ptr, rows, cols, row_mask, col_mask, seg, H,
+                                      stride_xb, stride_xg, NEED_DX, NEED_DW, GROUPED, IEEE, BLOCK_H)
+            else:
+                _accumulate_dx_dw(g, x_ptr, w_ptr, dx_ptr, dw_ptr, rows, cols, row_mask, col_mask, seg, H,
+                                  stride_xb, stride_xg, NEED_DX, NEED_DW, GROUPED, IEEE, BLOCK_H)
+
+
+@triton.jit
+def _accumulate_dx_dw(g, x_ptr, w_ptr, dx_ptr, dw_ptr, rows, cols, row_mask, col_mask, seg, H, stride_xb,
+                      stride_xg, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, GROUPED: tl.constexpr,
+                      IEEE: tl.constexpr, BLOCK_H: tl.constexpr):
+    # the tensor-core operands are in the input dtype; products accumulate in fp32 (the dx/dW buffers are fp32)
+    gd = g.to(w_ptr.dtype.element_ty)
+    x_off = rows * stride_xb  # dx has x's (contiguous) layout
+    if GROUPED:
+        x_off += seg * stride_xg
+    w_off = cols * H
+    for h0 in range(0, H, BLOCK_H):
+        hs = h0 + tl.arange(0, BLOCK_H)
+        h_mask = hs < H
+        if NEED_DX:
+            wt = tl.load(w_ptr + w_off[:, None] + hs[None, :], mask=col_mask[:, None] & h_mask[None, :], other=0.0)
+            if IEEE:
+                dx_part = tl.dot(gd, wt, input_precision="ieee")
+            else:
+                dx_part = tl.dot(gd, wt)
+            tl.atomic_add(dx_ptr + x_off[:, None] + hs[None, :], dx_part, mask=row_mask[:, None] & h_mask[None, :])
+        if NEED_DW:
+            xt = tl.load(x_ptr + x_off[:, None] + hs[None, :], mask=row_mask[:, None] & h_mask[None, :], other=0.0)
+            if IEEE:
+                dw_part = tl.dot(tl.trans(gd), xt, input_precision="ieee")
+            else:
+                dw_part = tl.dot(tl.trans(gd), xt)
+            tl.atomic_add(dw_ptr + w_off[:, None] + hs[None, :], dw_part, mask=col_mask[:, None] & h_mask[None, :])
+
+
+def launch_bwd(*, x, w, bias, logits, teacher, gamma, coef, chunks, dx, dw, dbias, dgamma, dlogits, B, H, G,
+               inv_temp, softmax, grouped, skip_below, cfg):
+    start, end, seg = chunks
+    C = start.numel()
+    ref = logits if logits is not None else x
+    grid = (triton.cdiv(B, cfg.block_m) * C,)
+
+    def ptr(t, fallback=ref):
+        return t if t is not None else fallback
+
+    _soft_target_bwd_kernel[grid](
+        ptr(x), ptr(w), ptr(bias), ptr(logits), ptr(teacher), ptr(gamma, coef), coef,
+        start, end, seg,
+        ptr(dx, coef), ptr(dw, coef), ptr(dbias, coef), ptr(dgamma, coef), ptr(dlogits),
+        B, H, G, B * G,
+        x.stride(0) if x is not None else 0, (x.stride(1) if grouped else 0) if x is not None else 0,
+        logits.stride(0) if logits is not None else 0, teacher.stride(0) if teacher is not None else 0,
+        inv_temp, float(skip_below),
+        SOFTMAX=softmax, DENSE_TEACHER=teacher is not None, HAS_SCALE=gamma is not None, HAS_BIAS=bias is not None,
+        NEED_DX=dx is not None, NEED_DW=dw is not None, NEED_DBIAS=dbias is not None, GROUPED=grouped,
+        FROM_LOGITS=logits is not None, IEEE=ref.dtype == torch.float32, SKIP_SMALL=skip_below > 0,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_H=cfg.block_h,
+        num_warps=cfg.bwd_num_warps, num_stages=cfg.num_stages)

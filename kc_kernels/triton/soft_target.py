@@ -1,0 +1,321 @@
+"""Triton backend of linear_soft_target_loss and soft_target_loss (semantics: ../shared/DESIGN.md).
+
+Forward: [a norm pass when the self-paced scale is on, giving the per-(row, segment) L2 norms], then one loss pass
+writing per-(row, chunk) statistics (_soft_target_fwd.py); the host merges the chunks of each segment (online
+logsumexp merge) into per-(row, segment) numbers: [B, G] tensors, never [B, V].
+Backward: one kernel over (row block, class tile) recomputes the logits and accumulates dx, dW, dbias, dscale with
+fp32 atomics (_soft_target_bwd.py).
+
+Sparse targets touch K classes per row, so their terms -z*y are handled apart from the dense kernels: the logits at
+the target indices are gathered (x_b . W[idx] + bias[idx], in row chunks of bounded size), and in the backward their
+part of dL/du is scattered into dx, dW and dbias the same way. The dense kernels then only need softplus/sigmoid or
+the segment logsumexp/softmax, plus dense teacher logits read tile by tile.
+
+Dtypes: fp32, fp16 and bf16 inputs; statistics, loss and gradient accumulators are fp32 and the gradients are cast
+back to the input dtypes. fp32 inputs use IEEE fp32 dots (no tf32), so fp32 results match fp32 references.
+float64 is rejected (Triton's dot has no fast fp64 path; the cpu and reference backends take fp64).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from kc_kernels.reference import NORM_EPS
+from kc_kernels.triton._soft_target_bwd import NCOEF, launch_bwd
+from kc_kernels.triton._soft_target_fwd import NSTAT, launch_fwd
+from kc_kernels.triton._soft_target_tiles import chunk_table
+
+__all__ = ["linear_soft_target_loss", "soft_target_loss"]
+
+_SPARSE_GATHER_ELEMS = 1 << 22  # fp32 elements of gathered weight rows held at once (rows x K x H)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_m: int  # rows per program
+    block_n: int  # classes per tile
+    block_k: int  # hidden slice of the logits dot
+    block_h: int  # hidden slice of the dx / dW dots
+    chunk: int  # classes per forward program (reduced online over its tiles)
+    num_warps: int
+    bwd_num_warps: int
+    num_stages: int
+
+
+def kernel_config(dtype: torch.dtype, interpreted: bool) -> KernelConfig:
+    if interpreted:  # small tiles: tests then cross tile, chunk and row-block edges at small shapes
+        return KernelConfig(16, 32, 16, 32, 64, 4, 4, 1)
+    if dtype == torch.float32:
+        return KernelConfig(64, 64, 32, 64, 1024, 4, 4, 3)
+    return KernelConfig(128, 128, 64, 64, 1024, 8, 8, 3)
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _segment_ids(bounds, device) -> torch.Tensor:
+    b = torch.tensor(bounds, dtype=torch.int64)
+    return torch.repeat_interleave(torch.arange(len(bounds) - 1), b[1:] - b[:-1]).to(device)
+
+
+def _seg_sum(values: torch.Tensor, chunk_seg: torch.Tensor, G: int) -> torch.Tensor:
+    return values.new_zeros(values.shape[0], G).index_add_(1, chunk_seg, values)
+
+
+def _seg_max(values: torch.Tensor, chunk_seg: torch.Tensor, G: int) -> torch.Tensor:
+    out = values.new_full((values.shape[0], G), float("-inf"))
+    return out.scatter_reduce_(1, chunk_seg.expand_as(values), values, reduce="amax")
+
+
+def _row_chunks(B: int, K: int, H: int):
+    step = max(1, _SPARSE_GATHER_ELEMS // max(1, K * H))
+    for r0 in range(0, B, step):
+        yield slice(r0, min(B, r0 + step))
+
+
+def _gathered_inputs(x, grouped, r, seg_k):
+    """x rows of a row chunk, as [r, H] (plain) or the per-target group's row [r, K, H] (grouped)."""
+    xr = x[r].float()
+    if not grouped:
+        return xr
+    return xr[torch.arange(xr.shape[0], device=x.device)[:, None], seg_k[r]]
+
+
+def _sparse_logits(x, w, bias, logits, grouped, idx, seg_k):
+    """Raw logits u[b, idx[b, k]] (fp32 [B, K]); padded entries read class 0 and are zeroed by their value."""
+    if logits is not None:
+        return logits.gather(1, idx).float()
+    B, K = idx.shape
+    H = w.shape[1]
+    out = torch.empty(B, K, dtype=torch.float32, device=idx.device)
+    for r in _row_chunks(B, K, H):
+        wg = w[idx[r]].float()  # [r, K, H]
+        xs = _gathered_inputs(x, grouped, r, seg_k)
+        out[r] = (wg * xs).sum(-1) if grouped else torch.einsum("rkh,rh->rk", wg, xs)
+    if bias is not None:
+        out += bias.float()[idx]
+    return out
+
+
+def _check_dtype(name: str, t: torch.Tensor):
+    if t.dtype == torch.float64:
+        raise ValueError(f"{name}: the triton backend takes float32, float16 or bfloat16, not float64 "
+                         "(use backend='cpu' or 'reference' for float64)")
+
+
+class _SoftTargetFunction(torch.autograd.Function):
+    """Loss of (x, weight, bias) or of given logits; gradients to all of them and to the scale."""
+
+    @staticmethod
+    def forward(ctx, p, skip_below, x, weight, bias, logits, scale):
+        B, V, G = p.batch, p.num_classes, p.num_segments
+        dev = (logits if logits is not None else x).device
+        from_logits = logits is not None
+        grouped = p.grouped
+        softmax = p.mode == "softmax"
+        T = float(p.temperature)
+        inv_temp = 1.0 / T
+        cfg = kernel_config((logits if from_logits else x).dtype, _interpreted())
+        if from_logits:
+            logits = logits.contiguous()
+            H = 0
+        else:
+            x, weight = x.contiguous(), weight.contiguous()
+            bias = bias.contiguous() if bias is not None else None
+            H = x.shape[-1]
+        teacher = p.teacher_logits.contiguous() if p.teacher_logits is not None else None
+        seg_of_class = _segment_ids(p.bounds, dev)
+        gamma = None
+        if scale is not None:
+            gamma = scale.float() if p.scale_per_class else scale.float()[seg_of_class]
+            gamma = gamma.contiguous()
+        chunks = chunk_table(p.bounds, cfg.chunk, dev)
+        cseg = chunks[2]
+        C = cseg.numel()
+        common = dict(x=x, w=weight, bias=bias, logits=logits, B=B, H=H, G=G, inv_temp=inv_temp,
+                      softmax=softmax, grouped=grouped, cfg=cfg)
+
+        inv_n = None
+        if gamma is not None:
+            sq = torch.empty(1, B, C, dtype=torch.float32, device=dev)
+            launch_fwd(teacher=None, gamma=None, inv_norm=None, chunks=chunks, stats=sq, norm_pass=True, **common)
+            inv_n = torch.rsqrt(_seg_sum(sq[0], cseg, G) + NORM_EPS).contiguous()
+
+        nstat = NSTAT if (softmax and teacher is not None) else 3
+        st = torch.empty(nstat, B, C, dtype=torch.float32, device=dev)
+        launch_fwd(teacher=teacher, gamma=gamma, inv_norm=inv_n, chunks=chunks, stats=st, norm_pass=False, **common)
+
+        lse = tlse = None
+        if softmax:
+            m = _seg_max(st[0], cseg, G)
+            w_c = torch.exp(st[0] - m[:, cseg])
+            s = _seg_sum(st[1] * w_c, cseg, G)
+            lse = m + torch.log(s)
+            pred_y = _seg_sum(st[2] * w_c, cseg, G) / s  # sum_j softmax_j * y_j per segment
+            if teacher is not None:
+                tm = _seg_max(st[3], cseg, G)
+                tm = torch.where(tm == float("-inf"), torch.zeros_like(tm), tm)
+                tw_c = torch.exp(st[3] - tm[:, cseg])
+                ts = _seg_sum(st[4] * tw_c, cseg, G)
+                tlse = tm + torch.log(ts)
+                zy = _seg_sum(st[5] * tw_c, cseg, G) / ts
+        else:
+            softplus_sum = _seg_sum(st[0], cseg, G)
+            pred_y = _seg_sum(st[1], cseg, G)  # sum_j sigmoid(y_j) * y_j per segment
+            if teacher is not None:
+                zy = _seg_sum(st[2], cseg, G)
+
+        sparse = None
+        if teacher is None:
+            idx_raw = p.target_index.long()
+            keep = idx_raw >= 0
+            idx = torch.where(keep, idx_raw, torch.zeros_like(idx_raw))
+            val = torch.where(keep, p.target_value.float(), torch.zeros((), device=dev))
+            seg_k = seg_of_class[idx]
+            u_k = _sparse_logits(x, weight, bias, logits, grouped, idx, seg_k)
+            ninv_k = inv_n.gather(1, seg_k) * inv_temp if gamma is not None else None  # 1 / (n T) per target
+            yfac_k = gamma[idx] * ninv_k if gamma is not None else torch.full_like(u_k, inv_temp)  # dy_k / du_k
+            zy = torch.zeros(B, G, dtype=torch.float32, device=dev).scatter_add_(1, seg_k, val * u_k * yfac_k)
+            mass = torch.zeros(B, G, dtype=torch.float32, device=dev).scatter_add_(1, seg_k, val)
+            sparse = (idx, val, seg_k, u_k, yfac_k, ninv_k)
+        else:
+            mass = torch.ones(B, G, dtype=torch.float32, device=dev)
+
+        if softmax:
+            per_row = T * T * (mass * lse - zy).sum(1)
+            r_sum = T * T * (mass * pred_y - zy)  # sum_j dl/dy_j * y_j per segment
+        else:
+            per_row = (softplus_sum - zy).sum(1)
+            r_sum = pred_y - zy
+        sw = p.sample_weight.float() if p.sample_weight is not None else None
+        loss = per_row * sw if sw is not None else per_row
+        if p.reduction == "sum":
+            loss = loss.sum()
+        elif p.reduction == "mean":
+            loss = loss.sum() / B
+
+        ctx.p, ctx.cfg, ctx.skip_below = p, cfg, skip_below
+        ctx.sparse = sparse
+        ctx.save_for_backward(x, weight, bias, logits, scale, teacher, gamma, inv_n, lse, tlse, mass, r_sum, sw)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        p, cfg = ctx.p, ctx.cfg
+        x, weight, bias, logits, scale, teacher, gamma, inv_n, lse, tlse, mass, r_sum, sw = ctx.saved_tensors
+        _, _, need_x, need_w, need_b, need_logits, need_scale = ctx.needs_input_grad
+        B, V, G = p.batch, p.num_classes, p.num_segments
+        from_logits = logits is not None
+        dev = (logits if from_logits else x).device
+        softmax = p.mode == "softmax"
+        T = float(p.temperature)
+        inv_temp = 1.0 / T
+        zf = T * T if softmax else 1.0  # the loss's factor on -z * y
+
+        # row factor c_b; a global factor (1/B of "mean", the upstream scalar) is applied to the fp32 accumulators
+        # afterwards so that dL/du stays far from fp16's underflow when it is cast for the tensor-core dots
+        go = grad_loss.float()
+        c = sw if sw is not None else torch.ones(B, dtype=torch.float32, device=dev)
+        post = None
+        if p.reduction == "none":
+            c = c * go
+        else:
+            post = go / B if p.reduction == "mean" else go
+            if from_logits:
+                c, post = c * post, None
+
+        coef = torch.zeros(NCOEF, B, G, dtype=torch.float32, device=dev)
+        coef[0] = c[:, None] * (zf * mass if softmax else 1.0)
+        if teacher is not None:
+            coef[1] = c[:, None] * zf
+        if softmax:
+            coef[2] = lse
+            if tlse is not None:
+                coef[3] = tlse
+        if gamma is not None:
+            coef[4] = inv_n
+            coef[5] = c[:, None] * r_sum * inv_n * inv_n
+
+        dx = dw = dbias = dlogits = None
+        if from_logits:
+            dlogits = torch.empty_like(logits)
+        else:
+            if need_x:
+                dx = torch.zeros(x.shape, dtype=torch.float32, device=dev)
+            if need_w:
+                dw = torch.zeros(weight.shape, dtype=torch.float32, device=dev)
+            if need_b:
+                dbias = torch.zeros(V, dtype=torch.float32, device=dev)
+        dgamma = torch.zeros(V, dtype=torch.float32, device=dev) if gamma is not None else None
+
+        if from_logits or dx is not None or dw is not None or dbias is not None or need_scale:
+            launch_bwd(x=x, w=weight, bias=bias, logits=logits, teacher=teacher, gamma=gamma, coef=coef,
+                       chunks=chunk_table(p.bounds, cfg.block_n, dev), dx=dx, dw=dw, dbias=dbias, dgamma=dgamma,
+                       dlogits=dlogits, B=B, H=0 if from_logits else x.shape[-1], G=G, inv_temp=inv_temp,
+                       softmax=softmax, grouped=p.grouped, skip_below=ctx.skip_below, cfg=cfg)
+
+        if ctx.sparse is not None:
+            idx, val, seg_k, u_k, yfac_k, ninv_k = ctx.sparse
+            a_k = -zf * val * c[:, None]  # dL/dy at each target (padding has val 0)
+            g_k = a_k * yfac_k  # dL/du at each target
+            if dgamma is not None:
+                dgamma.index_add_(0, idx.flatten(), (a_k * u_k * ninv_k).flatten())
+            if from_logits:
+                dlogits.scatter_add_(1, idx, g_k.to(dlogits.dtype))
+            else:
+                _scatter_sparse_grads(x, weight, p.grouped, idx, seg_k, g_k, dx, dw, dbias)
+
+        def finish(t, like):
+            if t is None:
+                return None
+            if post is not None:
+                t = t * post
+            return t.to(like.dtype)
+
+        dscale = None
+        if need_scale:
+            d = dgamma if p.scale_per_class else torch.zeros(G, dtype=torch.float32, device=dev).index_add_(
+                0, _segment_ids(p.bounds, dev), dgamma)
+            dscale = finish(d, scale)
+        return (None, None, finish(dx, x) if need_x else None, finish(dw, weight) if need_w else None,
+                finish(dbias, bias) if need_b else None, dlogits if need_logits else None, dscale)
+
+
+def _scatter_sparse_grads(x, w, grouped, idx, seg_k, g_k, dx, dw, dbias):
+    """The sparse targets' part of dL/du (a few entries per row) into dx, dW and dbias, in bounded row chunks."""
+    B, K = idx.shape
+    H = w.shape[1]
+    G = x.shape[1] if grouped else 1
+    if dbias is not None:
+        dbias.index_add_(0, idx.flatten(), g_k.flatten())
+    if dx is None and dw is None:
+        return
+    for r in _row_chunks(B, K, H):
+        gr = g_k[r]
+        if dx is not None:
+            wg = w[idx[r]].float()
+            if grouped:
+                rows = torch.arange(r.start, r.stop, device=idx.device)[:, None] * G + seg_k[r]
+                dx.view(-1, H).index_add_(0, rows.flatten(), (gr[..., None] * wg).reshape(-1, H))
+            else:
+                dx[r] += torch.einsum("rk,rkh->rh", gr, wg)
+        if dw is not None:
+            xs = _gathered_inputs(x, grouped, r, seg_k)
+            contrib = gr[..., None] * (xs if grouped else xs[:, None, :])
+            dw.index_add_(0, idx[r].flatten(), contrib.reshape(-1, H))
+
+
+def linear_soft_target_loss(p, *, skip_below: float = 0.0):
+    """Backend entry point. ``skip_below`` > 0 lets the backward skip a tile's dx/dW work when every |dL/du| in it is
+    below that value (before the mean's 1/B and the upstream gradient); 0, the default, computes every tile."""
+    _check_dtype("x", p.x)
+    return _SoftTargetFunction.apply(p, skip_below, p.x, p.weight, p.bias, None, p.scale)
+
+
+def soft_target_loss(p):
+    _check_dtype("logits", p.logits)
+    return _SoftTargetFunction.apply(p, 0.0, None, None, None, p.logits, p.scale)

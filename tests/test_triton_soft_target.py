@@ -1,0 +1,259 @@
+"""Triton backend of the soft-target losses against the float64 reference: loss and every gradient.
+
+On a machine without CUDA the kernels run under TRITON_INTERPRET=1 (set by conftest) with small tiles, so these
+small shapes still cross tile, chunk, segment and row-block edges. bf16 is checked only on a GPU (the interpreter's
+bf16 dot is not trustworthy).
+"""
+import math
+
+import pytest
+import torch
+
+import kc_kernels
+from tests.conftest import HAS_CUDA
+from tests.helpers import assert_close, grads, make_problem
+
+triton = pytest.importorskip("triton")
+if not kc_kernels.backends()["triton"]:
+    pytest.skip("triton backend unavailable here", allow_module_level=True)
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+FLOAT_ARGS = ("x", "weight", "bias", "scale", "teacher_logits", "target_value", "sample_weight")
+GRAD_ARGS = ("x", "weight", "bias", "scale")
+
+
+def _cast(prob, dtype, requires_grad=GRAD_ARGS):
+    out = {}
+    for k, v in prob.items():
+        if isinstance(v, torch.Tensor) and k in FLOAT_ARGS:
+            v = v.to(dtype)
+            if k in requires_grad:
+                v = v.detach().requires_grad_()
+        out[k] = v
+    return out
+
+
+def _linear(prob, backend, **kw):
+    a = dict(prob)
+    return kc_kernels.linear_soft_target_loss(a.pop("x"), a.pop("weight"), a.pop("bias"), backend=backend, **a, **kw)
+
+
+def _check_linear(prob, dtype, requires_grad=GRAD_ARGS, **kw):
+    """Triton in ``dtype`` vs the reference in float64 on the same (dtype-rounded) inputs."""
+    low = _cast(prob, dtype, requires_grad)
+    high = _cast({k: (v.to(dtype) if k in FLOAT_ARGS and isinstance(v, torch.Tensor) else v)
+                  for k, v in prob.items()}, torch.float64, requires_grad)
+    loss = _linear(low, "triton", **kw)
+    ref = _linear(high, "reference", **kw)
+    assert loss.dtype == torch.float32 and loss.shape == ref.shape
+    assert_close(loss, ref, dtype, "loss")
+    names = [n for n in GRAD_ARGS if low.get(n) is not None and n in requires_grad]
+    if not names:
+        return
+    got = grads(loss, [low[n] for n in names])
+    want = grads(ref, [high[n] for n in names])
+    for n, g, w in zip(names, got, want):
+        if w is None:
+            assert g is None, n
+            continue
+        assert g.dtype == low[n].dtype, n
+        assert_close(g, w, dtype, f"d{n}")
+
+
+def _problem(B=20, H=24, V=100, device=DEVICE, **kw):
+    return make_problem(B, H, V, device=device, **kw)
+
+
+# every mode x target form x scale kind x reduction, with three segments and a non-unit temperature
+FULL = [(mode, form, scale, red) for mode in ("sigmoid", "softmax") for form in ("sparse", "dense")
+        for scale in (None, "segment", "class") for red in ("none", "sum", "mean")]
+
+
+@pytest.mark.parametrize("mode,form,scale,reduction", FULL)
+def test_linear_every_mode_fp32(mode, form, scale, reduction):
+    prob = _problem(G=3, K=4, target_form=form, scale_kind=scale, sample_weight=reduction != "mean")
+    _check_linear(prob, torch.float32, mode=mode, reduction=reduction, temperature=1.5 if scale else 1.0)
+
+
+# odd shapes and arguments: V not a multiple of the tile, B=1, segments of one class, grouped x, no bias, large
+# logits, temperature, long K with padding
+ODD = [
+    dict(B=7, V=37, K=5),                                          # V below one chunk, not a tile multiple
+    dict(B=1, V=131, G=4, scale_kind="segment", K=2),              # one row; segments cross chunk edges
+    dict(B=9, V=6, G=6, scale_kind="segment", K=3),                # every segment a single class
+    dict(B=9, V=6, G=6, target_form="dense"),
+    dict(B=18, V=90, G=3, grouped=True, K=6),                      # grouped x: one hidden vector per segment
+    dict(B=18, V=90, G=3, grouped=True, scale_kind="class", target_form="dense"),
+    dict(B=18, V=90, G=3, grouped=True, scale_kind="segment", sample_weight=True),
+    dict(B=17, V=70, bias=False, K=8),
+    dict(B=17, V=70, G=2, logit_scale=25.0, K=3),                  # logits in the hundreds: overflow-safe?
+    dict(B=17, V=70, G=2, logit_scale=25.0, target_form="dense", scale_kind="segment"),
+    dict(B=33, H=40, V=150, G=5, K=12, scale_kind="class"),        # three row blocks, H not a block multiple
+]
+
+
+@pytest.mark.parametrize("case", ODD, ids=[str(i) for i in range(len(ODD))])
+@pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
+def test_linear_odd_cases_fp32(case, mode):
+    case = dict(case)
+    args = {k: case.pop(k) for k in ("B", "H", "V") if k in case}
+    prob = _problem(**args, **case)
+    _check_linear(prob, torch.float32, mode=mode, reduction="none" if case.get("sample_weight") else "mean",
+                  temperature=2.0 if case.get("target_form") == "dense" else 1.0)
+
+
+@pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
+def test_duplicate_indices_and_padding_add_up(mode):
+    prob = _problem(B=12, V=50, G=2, K=6, scale_kind="segment")
+    idx = prob["target_index"].clone()
+    idx[:, 1] = idx[:, 0]  # duplicates, also duplicates of padding
+    idx[:, 2] = 3
+    idx[:, 3] = 3
+    idx[::2, 5] = -1
+    prob["target_index"] = idx
+    _check_linear(prob, torch.float32, mode=mode)
+
+
+@pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
+def test_teacher_logits_with_minus_inf(mode):
+    prob = _problem(B=10, V=60, G=3, target_form="dense", scale_kind="segment")
+    t = prob["teacher_logits"].clone()
+    t[:, ::3] = -math.inf  # masked teacher classes: target 0, never NaN
+    prob["teacher_logits"] = t
+    _check_linear(prob, torch.float32, mode=mode, temperature=2.0)
+
+
+@pytest.mark.parametrize("requires_grad", [("x",), ("weight", "bias"), ("scale",), ()])
+def test_only_requested_gradients(requires_grad):
+    prob = _problem(B=10, V=40, G=2, scale_kind="segment")
+    _check_linear(prob, torch.float32, requires_grad=requires_grad, mode="softmax")
+
+
+HALF = [
+    ("sigmoid", dict(G=3, K=4)),
+    ("softmax", dict(G=3, K=4, scale_kind="segment")),
+    ("sigmoid", dict(G=3, target_form="dense", scale_kind="class")),
+    ("softmax", dict(G=3, target_form="dense", grouped=True)),
+    ("softmax", dict(V=37, B=5, K=3, sample_weight=True)),
+]
+
+
+@pytest.mark.parametrize("mode,case", HALF, ids=[f"{m}-{i}" for i, (m, _) in enumerate(HALF)])
+def test_linear_fp16(mode, case):
+    prob = _problem(**case)
+    _check_linear(prob, torch.float16, mode=mode, reduction="sum" if case.get("sample_weight") else "mean")
+
+
+# ---------------------------------------------------------------------------------------- soft_target_loss
+
+def _check_logits(prob, dtype, **kw):
+    logits = kc_kernels.reference.linear_logits(prob["x"], prob["weight"], prob["bias"], prob.get("segments"))
+    rest = {k: v for k, v in prob.items() if k not in ("x", "weight", "bias")}
+    low = _cast({"logits": logits, **rest}, dtype, ("logits", "scale"))
+    low["logits"] = logits.to(dtype).detach().requires_grad_()
+    high = _cast({k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+                  for k, v in low.items()}, torch.float64, ("scale",))
+    high["logits"] = low["logits"].detach().double().requires_grad_()
+    a, b = dict(low), dict(high)
+    loss = kc_kernels.soft_target_loss(a.pop("logits"), backend="triton", **a, **kw)
+    ref = kc_kernels.soft_target_loss(b.pop("logits"), backend="reference", **b, **kw)
+    assert_close(loss, ref, dtype, "loss")
+    names = ["logits"] + (["scale"] if low.get("scale") is not None else [])
+    for n, g, w in zip(names, grads(loss, [low[n] for n in names]), grads(ref, [high[n] for n in names])):
+        assert g.dtype == low[n].dtype
+        assert_close(g, w, dtype, f"d{n}")
+
+
+LOGITS = [(mode, form, scale) for mode in ("sigmoid", "softmax") for form in ("sparse", "dense")
+          for scale in (None, "segment", "class")]
+
+
+@pytest.mark.parametrize("mode,form,scale", LOGITS)
+def test_soft_target_loss_fp32(mode, form, scale):
+    prob = _problem(B=19, V=77, G=3, K=5, target_form=form, scale_kind=scale, sample_weight=True)
+    _check_logits(prob, torch.float32, mode=mode, reduction="none", temperature=1.5)
+
+
+@pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
+def test_soft_target_loss_fp16(mode):
+    prob = _problem(B=9, V=50, G=2, K=3, scale_kind="segment")
+    _check_logits(prob, torch.float16, mode=mode)
+
+
+# ----------------------------------------------------------------------------------------------- behaviour
+
+def test_float64_is_rejected_with_a_named_argument():
+    prob = _problem(B=3, V=10)
+    with pytest.raises(ValueError, match="x: .*float64"):
+        _linear(prob, "triton")
+
+
+def _captured_problem(monkeypatch, prob, **kw):
+    from kc_kernels.ops import soft_target as front
+
+    seen = {}
+    monkeypatch.setattr(front, "_dispatch", lambda op, p, backend, device: seen.setdefault("p", p))
+    _linear(prob, "triton", **kw)
+    return seen["p"]
+
+
+def test_skipping_negligible_tiles_only_when_asked(monkeypatch):
+    from kc_kernels.triton import soft_target as backend
+
+    prob = _cast(_problem(B=20, V=100, G=2), torch.float32)
+    p = _captured_problem(monkeypatch, prob, mode="softmax")
+    exact = grads(backend.linear_soft_target_loss(p), [prob["x"], prob["weight"]])
+    tiny = grads(backend.linear_soft_target_loss(p, skip_below=1e-30), [prob["x"], prob["weight"]])
+    for a, b in zip(exact, tiny):
+        assert torch.equal(a, b)
+    # a threshold above every gradient leaves only the sparse targets' part
+    dx_all, _ = grads(backend.linear_soft_target_loss(p, skip_below=1e9), [prob["x"], prob["weight"]])
+    assert not torch.allclose(dx_all, exact[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("case", [dict(G=3, K=4, scale_kind="segment"),
+                                  dict(G=3, target_form="dense", grouped=True, scale_kind="class")])
+def test_linear_bf16_gpu(mode, case):
+    prob = _problem(B=300, H=256, V=2000, **case)
+    _check_linear(prob, torch.bfloat16, mode=mode)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_linear_gpu_realistic_shape(dtype):
+    prob = _problem(B=512, H=512, V=20_000, G=7, K=100, scale_kind="segment")
+    _check_linear(prob, dtype, mode="sigmoid")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_auto_picks_triton_for_cuda_tensors():
+    from kc_kernels.dispatch import resolve
+
+    assert resolve("linear_soft_target_loss", "auto", torch.device("cuda"))[0] == "triton"
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_int64_offsets_past_2_pow_31_gpu():
+    """B * V > 2^31: the last rows' losses and dx (rows are independent) against the reference of those rows."""
+    B, H, V = 22_000, 16, 100_000
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, H, generator=g).half().cuda().requires_grad_()
+    w = (torch.randn(V, H, generator=g) / 4).half().cuda()
+    idx = torch.randint(0, V, (B, 4), generator=g).cuda()
+    val = torch.rand(B, 4, generator=g).cuda()
+    loss = kc_kernels.linear_soft_target_loss(x, w, target_index=idx, target_value=val, mode="softmax",
+                                              reduction="none", backend="triton")
+    (dx,) = torch.autograd.grad(loss[-8:].sum(), [x])
+    tail = x[-8:].detach().double().requires_grad_()
+    ref = kc_kernels.linear_soft_target_loss(tail, w.double(), target_index=idx[-8:], target_value=val[-8:].double(),
+                                             mode="softmax", reduction="none", backend="reference")
+    (dref,) = torch.autograd.grad(ref.sum(), [tail])
+    assert_close(loss[-8:], ref, torch.float16, "loss")
+    assert_close(dx[-8:], dref, torch.float16, "dx")
