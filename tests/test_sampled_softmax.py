@@ -210,3 +210,91 @@ def test_triton_many_tiles(monkeypatch, dtype):
 def test_triton_bf16_on_gpu(shape):
     got, expected = _reference_and_backend("triton", torch.bfloat16, shape)
     _check(got, expected, torch.bfloat16)
+
+
+# ------------------------------------------------------------------------------------------------ sampler statistics
+
+def _chi_square_critical(dof: int, z: float = 3.09) -> float:
+    """Upper 0.1% point of chi-square(dof) by the Wilson-Hilferty approximation (no scipy needed)."""
+    a = 2.0 / (9.0 * dof)
+    return dof * (1.0 - a + z * math.sqrt(a)) ** 3
+
+
+@pytest.mark.parametrize("unique", [False, True])
+@pytest.mark.parametrize("sampler", samplers.SAMPLERS)
+def test_expected_counts_match_empirical_frequencies(sampler, unique):
+    """Over many draws, how often each class is drawn matches the summed expected counts (chi-square, fixed seed).
+
+    Under unique sampling each class is drawn at most once per draw (a Bernoulli, variance below its mean), so
+    the Poisson-style statistic is conservative there.
+    """
+    V, S, draws = 200, 20, 2000
+    g = torch.Generator().manual_seed(0)
+    counts = torch.arange(1, V + 1).double()
+    observed = torch.zeros(V, dtype=torch.float64)
+    expected = torch.zeros(V, dtype=torch.float64)
+    every = torch.arange(V)
+    for _ in range(draws):
+        cand = samplers.sample_candidates(sampler, S, V, unique=unique, class_counts=counts, distortion=0.75,
+                                          generator=g)
+        observed += torch.bincount(cand.ids, minlength=V).double()
+        expected += cand.expected_count(every, S, unique)
+    assert expected.min() > 5  # every cell large enough for the chi-square approximation
+    chi2 = ((observed - expected) ** 2 / expected).sum().item()
+    assert chi2 < _chi_square_critical(V - 1), f"chi2 {chi2:.1f} over {V - 1} degrees of freedom"
+
+
+def test_op_draws_tensorflow_expected_counts():
+    """The op passes the sampler's expected counts for labels and samples (checked through subtract_log_q)."""
+    x, w, b, labels, _ = make_sampled_problem(4, 8, 300, 1, None)
+    g1, g2 = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
+    loss = kc_kernels.sampled_softmax_loss(x, w, b, labels, num_sampled=30, sampler="uniform", unique=False,
+                                           generator=g1, reduction="none", backend="cpu")
+    cand = samplers.sample_candidates("uniform", 30, 300, unique=False, generator=g2)
+    exp = torch.full((4,), 30 / 300, dtype=torch.float64)
+    ref = reference.sampled_softmax_loss(x, w, b, labels, sampled=(cand.ids, exp, torch.full((30,), 0.1, dtype=torch.float64)),
+                                         reduction="none")
+    assert_close(loss, ref, what="loss")
+
+
+# ------------------------------------------------------------------------------------------------------- training
+
+def test_sampled_softmax_trains_like_the_full_softmax():
+    """A linear classifier over 10K classes (Zipf-distributed labels, clustered features) trained with sampled
+    softmax (log-uniform sampler, 256 negatives) ends within a few points of the full softmax's accuracy."""
+    V, H, B, steps = 10_000, 32, 128, 200
+    centers = torch.randn(V, H, generator=torch.Generator().manual_seed(0))
+    class_p = samplers.class_probabilities("log_uniform", V).float()
+
+    def batch(n, gen):
+        y = torch.multinomial(class_p, n, replacement=True, generator=gen)
+        return centers[y] + 0.6 * torch.randn(n, H, generator=gen), y
+
+    x_test, y_test = batch(4000, torch.Generator().manual_seed(99))
+
+    def train(sampled: bool) -> float:
+        data_gen, sample_gen = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+        w = torch.zeros(V, H, requires_grad=True)
+        b = torch.zeros(V, requires_grad=True)
+        opt = torch.optim.Adam([w, b], lr=0.02)
+        for _ in range(steps):
+            x, y = batch(B, data_gen)
+            if sampled:
+                loss = kc_kernels.sampled_softmax_loss(x, w, b, y, num_sampled=256, generator=sample_gen,
+                                                       backend="cpu")
+            else:
+                loss = torch.nn.functional.cross_entropy(x @ w.t() + b, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            return ((x_test @ w.t() + b).argmax(dim=1) == y_test).float().mean().item()
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the ops are small: on a busy machine thread barriers cost more than they give
+    try:
+        full, sampled = train(False), train(True)
+    finally:
+        torch.set_num_threads(threads)
+    assert full > 0.6, f"the full-softmax baseline did not learn ({full:.3f})"
+    assert sampled > full - 0.03, f"sampled {sampled:.3f} vs full {full:.3f}"
