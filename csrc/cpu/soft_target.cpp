@@ -42,6 +42,53 @@ inline float scale_at(const SoftTargetChunk& a, int64_t g, int64_t j) {
   return 1.0f;
 }
 
+struct FinalSums {
+  float sp;  // sigmoid mode: sum softplus(y)
+  float zy;  // sigmoid mode: sum z y over dense targets (softmax mode: both unused)
+};
+
+// The FINAL phase over one row piece of n classes: loss sums and, when GRAD, u overwritten by c * dL/du. Kept as a
+// leaf function over restrict pointers so that the compiler vectorises it for every template instance.
+template <int SK, bool SOFTMAX, bool DENSE, bool GRAD>
+FinalSums final_loop(float* __restrict u, const float* __restrict t, const float* __restrict sc, int64_t n,
+                     float s_seg, float inv_nt, float inv_t, float t2, float tlse, float lse, float zmass, float c,
+                     float S, float inv_n2, double* __restrict ds) {
+  float sp = 0.f, zy = 0.f;
+#pragma omp simd reduction(+ : sp, zy)
+  for (int64_t j = 0; j < n; ++j) {
+    const float uj = u[j];
+    const float s = SK == kScaleClass ? sc[j] : s_seg;
+    const float up = inv_nt * uj;
+    const float y = s * up;
+    float q;
+    if constexpr (SOFTMAX) {
+      const float z = DENSE ? vexp(t[j] * inv_t - tlse) : 0.f;
+      q = t2 * (zmass * vexp(y - lse) - z);
+      // every reduction variable is updated in every instance: one that is not makes GCC give up vectorising
+      sp += q;
+      zy += z;
+    } else {
+      // softplus and sigmoid share e = exp(-|y|)
+      const float e = vexp(-std::fabs(y));
+      sp += (y > 0.0f ? y : 0.0f) + vlog1p_unit(e);
+      const float inv = 1.0f / (1.0f + e);
+      const float sig = y >= 0.0f ? inv : e * inv;
+      const float z = DENSE ? vsigmoid(t[j] * inv_t) : 0.f;
+      zy += z * y;
+      q = sig - z;
+    }
+    if constexpr (GRAD) {
+      if constexpr (SK != kScaleNone) {
+        u[j] = c * (s * inv_nt * q - uj * S * inv_n2);
+      } else {
+        u[j] = c * q * inv_t;
+      }
+      if constexpr (SK == kScaleClass) ds[j] += static_cast<double>(c) * q * up;
+    }
+  }
+  return {sp, zy};
+}
+
 template <int SK, bool SOFTMAX, bool DENSE>
 void run_row(const SoftTargetChunk& a, int64_t b, const std::vector<Target>& targets,
              const std::vector<int64_t>& piece_first, double* dscale_acc, std::vector<float>& corr) {
@@ -181,56 +228,23 @@ void run_row(const SoftTargetChunk& a, int64_t b, const std::vector<Target>& tar
       if (!need_stats) st(kZY, g) += zy;
     }
 
+    const float* sc = SK == kScaleClass ? a.scale + a.col0 + lo : nullptr;
+    const float s_seg = SK == kScaleSegment ? a.scale[g] : 1.0f;
+    const float* tp = DENSE ? trow + lo : nullptr;
+    FinalSums sums;
     if (a.coef == nullptr) {
-      if constexpr (!SOFTMAX) {
-        float sp = 0.f, zy = 0.f;
-#pragma omp simd reduction(+ : sp, zy)
-        for (int64_t j = lo; j < hi; ++j) {
-          const float y = scale_at<SK>(a, g, j) * inv_nt * urow[j];
-          float softplus, sig;
-          vsoftplus_sigmoid(y, softplus, sig);
-          sp += softplus;
-          if (DENSE) zy += vsigmoid(trow[j] * inv_t) * y;
-        }
-        a.softplus_sum[b] += sp;
-        if (DENSE && !need_stats) st(kZY, g) += zy;
-      }
-      continue;
-    }
-
-    float sp = 0.f, zy = 0.f;
-    double* ds = dscale_acc;
-#pragma omp simd reduction(+ : sp, zy)
-    for (int64_t j = lo; j < hi; ++j) {
-      const float uj = urow[j];
-      const float s = scale_at<SK>(a, g, j);
-      const float up = inv_nt * uj;
-      const float y = s * up;
-      float q;
-      if constexpr (SOFTMAX) {
-        const float z = DENSE ? vexp(trow[j] * inv_t - tlse) : 0.f;
-        q = t2 * (zmass * vexp(y - lse) - z);
-      } else {
-        float softplus, sig;
-        vsoftplus_sigmoid(y, softplus, sig);
-        sp += softplus;
-        const float z = DENSE ? vsigmoid(trow[j] * inv_t) : 0.f;
-        if (DENSE) zy += z * y;
-        q = sig - z;
-      }
-      float grad;
-      if constexpr (SK != kScaleNone) {
-        grad = c * (s * inv_nt * q - uj * S * inv_n2);
-      } else {
-        grad = c * q * inv_t;
-      }
-      if constexpr (SK == kScaleClass) ds[j] += static_cast<double>(c) * q * up;
-      urow[j] = grad;
+      if constexpr (SOFTMAX) continue;  // the softmax loss comes from the statistics alone
+      sums = final_loop<SK, SOFTMAX, DENSE, false>(urow + lo, tp, sc, hi - lo, s_seg, inv_nt, inv_t, t2, tlse, lse,
+                                                  zmass, 0.f, S, inv_n2, nullptr);
+    } else {
+      sums = final_loop<SK, SOFTMAX, DENSE, true>(urow + lo, tp, sc, hi - lo, s_seg, inv_nt, inv_t, t2, tlse, lse,
+                                                 zmass, c, S, inv_n2, dscale_acc + lo);
     }
     if constexpr (!SOFTMAX) {
-      a.softplus_sum[b] += sp;
-      if (DENSE && !need_stats) st(kZY, g) += zy;
+      a.softplus_sum[b] += sums.sp;
+      if (DENSE && !need_stats) st(kZY, g) += sums.zy;
     }
+    if (a.coef == nullptr) continue;
     if constexpr (!DENSE) {
       for (int64_t t = t_begin; t < t_end; ++t) urow[targets[t].col] += corr[t];
     }

@@ -1,0 +1,163 @@
+"""The cpu backend of (linear_)soft_target_loss against the float64 reference, forward and every gradient."""
+import itertools
+import tracemalloc
+
+import pytest
+import torch
+
+import kc_kernels
+from kc_kernels.cpu import soft_target as cpu_st
+from tests.helpers import assert_close, grads, make_problem
+
+DIFF = ("x", "weight", "bias", "scale")
+
+
+def _run(p, backend, **kw):
+    x, w, b = p["x"], p["weight"], p["bias"]
+    rest = {k: v for k, v in p.items() if k not in ("x", "weight", "bias")}
+    return kc_kernels.linear_soft_target_loss(x, w, b, backend=backend, **rest, **kw)
+
+
+def _check_against_reference(p64, dtype, *, memory_budget=None, **kw):
+    """Run the reference in float64 and the cpu backend in ``dtype`` on the same values; compare all outputs."""
+    pd = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() and k in DIFF + ("sample_weight",)
+              else v) for k, v in p64.items()}
+    for d in (p64, pd):
+        for k in DIFF:
+            if d.get(k) is not None:
+                d[k].requires_grad_(True)
+    ref = _run(p64, "reference", **kw)
+    out = _run(pd, "cpu", memory_budget=memory_budget, **kw)
+    scale = max(1.0, ref.detach().abs().max().item())
+    assert_close(out, ref, dtype, "loss")
+    for name, a, e in zip(DIFF, grads(out, [pd.get(k) for k in DIFF]), grads(ref, [p64.get(k) for k in DIFF])):
+        if e is not None:
+            assert a.dtype == pd[name].dtype, f"d{name} dtype {a.dtype}"
+            assert_close(a, e, dtype, f"d{name}", scale=scale)
+
+
+TABLE = list(itertools.product(("sigmoid", "softmax"), ("sparse", "dense"), ("flat", "segments", "grouped"),
+                               (None, "segment", "class")))
+
+
+@pytest.mark.parametrize("mode,target_form,layout,scale_kind", TABLE)
+@pytest.mark.parametrize("chunked", [False, True], ids=["one-chunk", "split-segments"])
+def test_cpu_matches_reference(mode, target_form, layout, scale_kind, chunked):
+    i = TABLE.index((mode, target_form, layout, scale_kind))
+    gen = torch.Generator().manual_seed(500 + i + 1000 * chunked)
+    B, V = (5, 1, 7)[i % 3], 1000 if chunked else 37
+    p = make_problem(B, 8, V, G=None if layout == "flat" else 3, grouped=layout == "grouped", gen=gen,
+                     scale_kind=scale_kind, target_form=target_form, sample_weight=i % 2 == 0, K=5)
+    # a budget of 300 columns: V=1000 is walked in several chunks and every segment is split across chunks
+    budget = 4 * B * 300 if chunked else None
+    _check_against_reference(p, torch.float32, memory_budget=budget, mode=mode, temperature=(1.0, 1.7, 0.6)[i % 3],
+                             reduction=("mean", "sum", "none")[i % 3])
+
+
+@pytest.mark.parametrize("case", ["V=1", "segments-of-size-1", "many-small-segments", "B=1", "duplicates",
+                                  "all-padding", "zero-target-mass", "huge-logits"])
+@pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
+def test_cpu_odd_cases(case, mode, gen):
+    kw = dict(mode=mode, reduction="sum")
+    if case == "V=1":
+        p = make_problem(4, 6, 1, gen=gen, K=2)
+    elif case == "segments-of-size-1":
+        p = make_problem(3, 5, 6, G=6, gen=gen, scale_kind="segment")
+    elif case == "many-small-segments":
+        p = make_problem(3, 5, 700, G=90, gen=gen, scale_kind="class", K=9)
+        p["segments"] = torch.tensor(sorted(set([0, 700] + torch.randperm(699, generator=gen)[:89].add(1).tolist())))
+        p["scale"] = torch.rand(700, generator=gen, dtype=torch.float64) + 0.5
+        kw["memory_budget"] = 4 * 3 * 256
+    elif case == "B=1":
+        p = make_problem(1, 7, 300, G=2, grouped=True, gen=gen, scale_kind="segment", K=3)
+        kw["memory_budget"] = 4 * 256
+    elif case == "duplicates":
+        p = make_problem(3, 4, 20, gen=gen, K=6)
+        p["target_index"] = torch.tensor([[3, 3, 3, -1, 7, 7], [0, 0, 19, 19, -1, -1], [5, 6, 5, 6, 5, 6]])
+    elif case == "all-padding":
+        p = make_problem(3, 4, 20, G=4, gen=gen, K=3, scale_kind="segment")
+        p["target_index"] = torch.full((3, 3), -1)
+    elif case == "zero-target-mass":
+        p = make_problem(3, 4, 20, G=2, gen=gen, K=3)
+        p["target_value"] = torch.zeros(3, 3, dtype=torch.float64)
+    else:  # logits near +-1e4: softplus, sigmoid and the log-sum-exp must stay finite and exact
+        p = make_problem(4, 6, 50, G=2, gen=gen, K=4, logit_scale=4e3)
+    _check_against_reference(p, torch.float32, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
+def test_cpu_half_inputs_accumulate_in_fp32(dtype, mode, gen):
+    p = make_problem(6, 16, 300, G=3, gen=gen, scale_kind="segment", K=4)
+    # round the inputs to the half dtype first so that both sides see the same values
+    for k in DIFF:
+        if p.get(k) is not None:
+            p[k] = p[k].to(dtype).double()
+    _check_against_reference(p, dtype, mode=mode, memory_budget=4 * 6 * 256)
+
+
+def test_cpu_soft_target_loss_on_given_logits(gen):
+    B, V = 5, 400
+    logits = torch.randn(B, V, generator=gen, dtype=torch.float64) * 3
+    teacher = torch.randn(B, V, generator=gen, dtype=torch.float64)
+    scale = torch.rand(4, generator=gen, dtype=torch.float64) + 1
+    segs = torch.tensor([0, 50, 51, 300, 400])
+    for mode in ("sigmoid", "softmax"):
+        l64 = logits.clone().requires_grad_()
+        l32 = logits.float().requires_grad_()
+        s64, s32 = scale.clone().requires_grad_(), scale.float().requires_grad_()
+        kw = dict(teacher_logits=teacher, mode=mode, segments=segs, temperature=2.0)
+        ref = kc_kernels.soft_target_loss(l64, scale=s64, backend="reference", **kw)
+        out = kc_kernels.soft_target_loss(l32, scale=s32, backend="cpu", memory_budget=4 * B * 256,
+                                          **{**kw, "teacher_logits": teacher.float()})
+        assert_close(out, ref, torch.float32, "loss")
+        for a, e, n in zip(grads(out, [l32, s32]), grads(ref, [l64, s64]), ("dlogits", "dscale")):
+            assert_close(a, e, torch.float32, n)
+
+
+def test_cpu_is_what_auto_picks_on_cpu(gen):
+    from kc_kernels import dispatch
+
+    name, _ = dispatch.resolve("linear_soft_target_loss", "auto", torch.device("cpu"))
+    assert name == "cpu"
+
+
+def test_cpu_loss_only_forward_without_grad(gen):
+    p = make_problem(4, 6, 90, G=3, gen=gen, scale_kind="class", dtype=torch.float32)
+    with torch.no_grad():
+        out = _run(p, "cpu", mode="softmax", memory_budget=4 * 4 * 256)
+    ref = _run({k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in p.items()},
+               "reference", mode="softmax")
+    assert_close(out, ref, torch.float32, "loss")
+
+
+def test_chunk_plan_keeps_segments_whole_or_splits_them():
+    steps = cpu_st.plan_chunks([0, 10, 20, 600, 610], capacity=256, grouped=False)
+    assert [(s[0].lo, s[0].hi, s[0].whole) for s in steps][:1] == [(0, 20, True)]
+    split = steps[1]
+    assert [(c.lo, c.hi) for c in split] == [(20, 276), (276, 532), (532, 600)] and not split[0].whole
+    assert (steps[2][0].lo, steps[2][0].hi) == (600, 610)
+    grouped = cpu_st.plan_chunks([0, 10, 20, 30], capacity=256, grouped=True)
+    assert [(s[0].lo, s[0].hi) for s in grouped] == [(0, 10), (10, 20), (20, 30)]
+
+
+def test_no_batch_by_classes_allocation_at_100k_classes():
+    """At B=256, V=100,000 the op never allocates anything near B*V elements (tracked by torch's CPU profiler)."""
+    B, H, V, K = 256, 32, 100_000, 100
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, H, generator=g, requires_grad=True)
+    w = (torch.randn(V, H, generator=g) * 0.1).requires_grad_()
+    b = torch.zeros(V, requires_grad=True)
+    idx = torch.randint(0, V, (B, K), generator=g)
+    val = torch.rand(B, K, generator=g)
+    budget = 8 << 20
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss = kc_kernels.linear_soft_target_loss(x, w, b, target_index=idx, target_value=val, backend="cpu",
+                                                  memory_budget=budget)
+        loss.backward()
+    largest = max((e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0), default=0)
+    bv_bytes = 4 * B * V
+    # the largest single allocation is the weight gradient (V*H) or the chunk buffer, far below a [B, V] buffer
+    assert largest <= max(4 * V * H, budget) * 1.05, largest
+    assert largest < bv_bytes / 4, (largest, bv_bytes)
+    assert torch.isfinite(loss)
