@@ -1,0 +1,177 @@
+"""kc's benchmark table: `python -m benchmarks [--device cpu|cuda] [--shapes small,paper] [...]`.
+
+Times forward + backward of linear_soft_target_loss on every available backend and of the peers (PyTorch eager,
+torch.compile, Cut Cross-Entropy, Liger-Kernel; each where installed and where it supports the loss), sampled
+softmax, and one student training step, next to the GEMM floor of the same shape in the same run. Prints a table
+and writes benchmarks/results/<device>-<date>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+import kc_kernels
+from benchmarks import common
+from benchmarks.common import LOSSES, SHAPES, Row
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or "cpu"
+    return f"{model} ({os.cpu_count()} cores)"
+
+
+def parse_shapes(spec: str, device: torch.device):
+    out = []
+    for part in spec.split(","):
+        part = part.strip()
+        if part in SHAPES:
+            if part == "llm" and device.type != "cuda":
+                continue
+            out.extend(SHAPES[part])
+        elif re.fullmatch(r"\d+x\d+x\d+", part):
+            out.append(tuple(int(v) for v in part.split("x")))
+        else:
+            raise SystemExit(f"--shapes: unknown shape {part!r} (use {', '.join(SHAPES)} or BxHxV)")
+    return out
+
+
+def kc_backends(device: torch.device):
+    status = kc_kernels.backends()
+    names = ("triton", "cuda", "reference") if device.type == "cuda" else ("cpu", "reference")
+    return [n for n in names if status[n]]
+
+
+def run_soft_target(args, device, dtype, rows):
+    for B, H, V in parse_shapes(args.shapes, device):
+        shape = f"B={B} H={H} V={V}"
+        for loss in args.losses.split(","):
+            p = common.make_problem(loss, B, H, V, device, dtype)
+            floor = common.measure(loss, shape, "gemm-floor", common.floor_fn(p), device, math.nan, args.repeats)
+            floor.floor_ms = floor.ms
+            rows.append(floor)
+            print(common.format_table([floor]).splitlines()[-1], flush=True)
+            impls = [(f"kc-{b}", common.kc_fn(p, b)) for b in kc_backends(device)
+                     if not (b == "reference" and B * V > args.reference_max_elements)]
+            if "eager" in args.peers:
+                impls.append(("torch-eager", common.eager_fn(p)))
+            if "compile" in args.peers:
+                impls.append(("torch-compile", common.eager_fn(p, compiled=True)))
+            if loss == "softmax-ce-hard":
+                if "cce" in args.peers:
+                    impls.append(("cut-cross-entropy", common.cce_fn(p)))
+                if "liger" in args.peers:
+                    impls.append(("liger-flce", common.liger_fn(p)))
+            for name, fn in impls:
+                row = common.measure(loss, shape, name, fn, device, floor.ms, args.repeats)
+                rows.append(row)
+                print(common.format_table([row]).splitlines()[-1], flush=True)
+            del p
+
+
+def run_sampled(args, device, dtype, rows):
+    for B, H, V in parse_shapes(args.shapes, device):
+        S = min(args.num_sampled, V // 2)
+        shape = f"B={B} H={H} V={V} S={S}"
+        p = common.make_problem("softmax-ce-hard", B, H, V, device, dtype)
+        sub = common.Problem(p.x, p.weight[:S].detach(), p.bias[:S].detach())
+        floor = common.measure("sampled-softmax", shape, "gemm-floor(S)", common.floor_fn(sub), device, math.nan,
+                               args.repeats)
+        floor.floor_ms = floor.ms
+        rows.append(floor)
+        gen = torch.Generator().manual_seed(0)
+        status = kc_kernels.backends()
+        names = ("triton", "reference") if device.type == "cuda" else ("cpu", "reference")
+        for backend in [n for n in names if status[n]]:
+            def fn(backend=backend):
+                common.zero_grads(p.x, p.weight, p.bias)
+                kc_kernels.sampled_softmax_loss(p.x, p.weight, p.bias, p.labels, num_sampled=S, generator=gen,
+                                                backend=backend).backward()
+                return p.weight.grad
+
+            try:
+                rows.append(common.measure("sampled-softmax", shape, f"kc-{backend}", fn, device, floor.ms,
+                                           args.repeats))
+            except NotImplementedError:
+                continue
+            print(common.format_table([rows[-1]]).splitlines()[-1], flush=True)
+
+
+def run_student(args, device, dtype, rows):
+    """One optimiser step of a student (MLP backbone, FC-SC head, fused loss) at the paper's head shape."""
+    try:
+        from benchmarks.student_step import make_student_step
+    except ImportError as e:  # the training layer is optional for the kernel benchmarks
+        rows.append(Row("student-step", "-", "kc", note=f"skipped: {e}"))
+        return
+    for B, H, V in parse_shapes(args.shapes, device):
+        shape = f"B={B} H={H} V={V}"
+        step, floor = make_student_step(B, H, V, device, dtype)
+        f = common.measure("student-step", shape, "gemm-floor", floor, device, math.nan, args.repeats)
+        f.floor_ms = f.ms
+        rows.append(f)
+        rows.append(common.measure("student-step", shape, "kc", step, device, f.ms, args.repeats))
+        print(common.format_table([rows[-1]]).splitlines()[-1], flush=True)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
+    ap.add_argument("--shapes", default="small,paper", help="names (small, paper, llm) or BxHxV, comma separated")
+    ap.add_argument("--losses", default=",".join(LOSSES))
+    ap.add_argument("--peers", default="eager,cce,liger", help="eager, compile, cce, liger (comma separated)")
+    ap.add_argument("--parts", default="soft-target,sampled,student")
+    ap.add_argument("--num-sampled", type=int, default=8192)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--reference-max-elements", type=float, default=2.0e9,
+                    help="skip the reference backend above this many B*V logits (it materialises them)")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device>-<date>.json)")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    print(f"device: {device_name(device)}; dtype {dtype}; torch {torch.__version__}; backends {kc_kernels.backends()}")
+    print(common.format_table([]))
+    rows = []
+    parts = args.parts.split(",")
+    if "soft-target" in parts:
+        run_soft_target(args, device, dtype, rows)
+    if "sampled" in parts:
+        run_sampled(args, device, dtype, rows)
+    if "student" in parts:
+        run_student(args, device, dtype, rows)
+    print("\n" + common.format_table(rows))
+    tag = re.sub(r"[^A-Za-z0-9]+", "-", device_name(device)).strip("-").lower()
+    out = Path(args.out) if args.out else RESULTS / f"{tag}-{_dt.date.today().isoformat()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"device": device_name(device), "device_type": device.type, "dtype": str(dtype),
+            "torch": torch.__version__, "date": _dt.datetime.now().isoformat(timespec="seconds"),
+            "python": sys.version.split()[0], "threads": torch.get_num_threads(), "argv": argv or sys.argv[1:]}
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except ImportError:
+        pass
+    out.write_text(json.dumps({"meta": meta, "rows": [r.as_dict() for r in rows]}, indent=1))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

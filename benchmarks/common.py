@@ -1,0 +1,252 @@
+"""Shared pieces of kc's benchmarks: the cases, their inputs, the GEMM floor, timing and peak memory.
+
+Every op row is timed next to its *floor* on the same device in the same run: the three GEMMs that no fused
+implementation can avoid (logits x W^T, dx = G W, dW = G^T x, over all V classes). ``ratio`` = op / floor.
+
+Peak memory is what the timed call adds above what was resident before it:
+- CUDA: torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus memory_allocated() before;
+- CPU: the process's resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs) minus the resident
+  set before the call: every byte the call makes resident (tensors, BLAS scratch, the gradients it returns).
+"""
+from __future__ import annotations
+
+import gc
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+import kc_kernels
+
+SHAPES = {
+    # name: (B, H, V)
+    "small": [(256, 128, 10_000)],
+    "paper": [(256, 512, 100_000), (1024, 512, 100_000), (4096, 512, 100_000)],
+    "llm": [(8192, 4096, 128_256)],  # an LLM vocabulary; GPU only
+}
+LOSSES = ("sigmoid-k100", "softmax-kl-dense", "softmax-ce-hard")
+
+
+@dataclass
+class Row:
+    case: str
+    shape: str
+    impl: str
+    ms: float = math.nan
+    ms_min: float = math.nan
+    peak_mb: float = math.nan
+    floor_ms: float = math.nan
+    note: str = ""
+
+    @property
+    def ratio(self) -> float:
+        return self.ms / self.floor_ms if self.floor_ms == self.floor_ms and self.floor_ms > 0 else math.nan
+
+    def as_dict(self) -> Dict:
+        return {"case": self.case, "shape": self.shape, "impl": self.impl, "median_ms": self.ms,
+                "min_ms": self.ms_min, "peak_mb": self.peak_mb, "floor_ms": self.floor_ms, "ratio": self.ratio,
+                "note": self.note}
+
+
+# ----------------------------------------------------------------------------------------------- measurement
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:
+    """Memory one call of ``fn`` adds at its peak, in MiB (see the module docstring)."""
+    gc.collect()
+    if device.type == "cuda":
+        _sync(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out = fn()
+        _sync(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+        del out
+        return peak / 2 ** 20
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set
+    except OSError:
+        return math.nan
+    base = _status_kb("VmRSS")
+    out = fn()
+    peak = _status_kb("VmHWM") - base
+    del out
+    return peak / 1024
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, repeats: int = 5, warmup: int = 1):
+    """(median, min) wall time of ``fn`` in ms over ``repeats`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), min(times)
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+
+@dataclass
+class Problem:
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+    kwargs: Dict = field(default_factory=dict)
+    labels: Optional[torch.Tensor] = None
+
+
+def make_problem(loss: str, B: int, H: int, V: int, device, dtype=torch.float32, K: int = 100, seed: int = 0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = (torch.randn(B, H, generator=g) / math.sqrt(H)).to(device, dtype).requires_grad_()
+    w = (torch.randn(V, H, generator=g) * 0.05).to(device, dtype).requires_grad_()
+    b = torch.zeros(V, dtype=dtype, device=device).requires_grad_()
+    labels = torch.randint(0, V, (B,), generator=g).to(device)
+    if loss == "sigmoid-k100":
+        idx = torch.randint(0, V, (B, K), generator=g).to(device)
+        val = torch.rand(B, K, generator=g).to(device)
+        kw = dict(mode="sigmoid", target_index=idx, target_value=val)
+    elif loss == "softmax-kl-dense":
+        kw = dict(mode="softmax", teacher_logits=torch.randn(B, V, generator=g).to(device, dtype), temperature=2.0)
+    elif loss == "softmax-ce-hard":
+        kw = dict(mode="softmax", target_index=labels[:, None], target_value=torch.ones(B, 1, device=device))
+    else:
+        raise ValueError(f"unknown loss {loss!r}")
+    return Problem(x, w, b, kw, labels)
+
+
+def zero_grads(*ts):
+    for t in ts:
+        t.grad = None
+
+
+# ----------------------------------------------------------------------------------------------- callables
+
+def floor_fn(p: Problem) -> Callable[[], object]:
+    """The three GEMMs of a fused linear loss, over all classes, on one reused [B, V] buffer."""
+    x, w = p.x.detach(), p.weight.detach()
+    buf = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
+    dx = torch.empty_like(x)
+    dw = torch.empty_like(w)
+
+    def run():
+        torch.mm(x, w.t(), out=buf)
+        torch.mm(buf, w, out=dx)
+        torch.mm(buf.t(), x, out=dw)
+        return None
+
+    return run
+
+
+def kc_fn(p: Problem, backend: str) -> Callable[[], object]:
+    def run():
+        zero_grads(p.x, p.weight, p.bias)
+        loss = kc_kernels.linear_soft_target_loss(p.x, p.weight, p.bias, backend=backend, **p.kwargs)
+        loss.backward()
+        return (p.x.grad, p.weight.grad, p.bias.grad)
+
+    return run
+
+
+def eager_loss(p: Problem):
+    """The same loss in plain PyTorch as users write it: nn.Linear logits, then torch's loss function."""
+    import torch.nn.functional as F
+
+    logits = F.linear(p.x, p.weight, p.bias).float()
+    kw = p.kwargs
+    if kw["mode"] == "sigmoid":
+        z = torch.zeros_like(logits).scatter_add_(1, kw["target_index"], kw["target_value"].float())
+        return F.binary_cross_entropy_with_logits(logits, z, reduction="sum") / logits.shape[0]
+    if "teacher_logits" in kw:
+        T = kw["temperature"]
+        return T * T * F.kl_div(F.log_softmax(logits / T, 1), F.log_softmax(kw["teacher_logits"].float() / T, 1),
+                                reduction="batchmean", log_target=True)
+    return F.cross_entropy(logits, p.labels)
+
+
+def eager_fn(p: Problem, compiled: bool = False) -> Callable[[], object]:
+    f = torch.compile(eager_loss) if compiled else eager_loss
+
+    def run():
+        zero_grads(p.x, p.weight, p.bias)
+        f(p).backward()
+        return (p.x.grad, p.weight.grad, p.bias.grad)
+
+    return run
+
+
+def cce_fn(p: Problem) -> Optional[Callable[[], object]]:
+    """Apple's Cut Cross-Entropy (hard labels only), when installed."""
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except ImportError:
+        return None
+    impl = "cce" if p.x.is_cuda else "torch_compile"
+
+    def run():
+        zero_grads(p.x, p.weight, p.bias)
+        linear_cross_entropy(p.x, p.weight, p.labels, bias=p.bias, impl=impl).backward()
+        return (p.x.grad, p.weight.grad)
+
+    return run
+
+
+def liger_fn(p: Problem) -> Optional[Callable[[], object]]:
+    """Liger-Kernel's fused linear cross-entropy (hard labels, GPU), when installed."""
+    if not p.x.is_cuda:
+        return None
+    try:
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        return None
+    loss_fn = LigerFusedLinearCrossEntropyLoss()
+
+    def run():
+        zero_grads(p.x, p.weight, p.bias)
+        loss_fn(p.weight, p.x, p.labels, p.bias).backward()
+        return (p.x.grad, p.weight.grad)
+
+    return run
+
+
+def measure(case: str, shape: str, impl: str, fn: Optional[Callable], device, floor_ms: float, repeats: int,
+            note: str = "") -> Row:
+    row = Row(case, shape, impl, floor_ms=floor_ms, note=note)
+    if fn is None:
+        row.note = note or "not available"
+        return row
+    try:
+        row.peak_mb = peak_memory_mb(fn, device)
+        row.ms, row.ms_min = time_ms(fn, device, repeats=repeats, warmup=0)
+    except (RuntimeError, NotImplementedError, MemoryError) as e:  # e.g. out of memory at the largest shapes
+        row.note = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+    return row
+
+
+def format_table(rows: List[Row]) -> str:
+    head = f"{'case':<18} {'shape':<20} {'impl':<16} {'median ms':>10} {'min ms':>9} {'peak MB':>9} {'floor ms':>9} " \
+           f"{'ratio':>6}  note"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r.case:<18} {r.shape:<20} {r.impl:<16} {r.ms:>10.1f} {r.ms_min:>9.1f} {r.peak_mb:>9.1f} "
+                     f"{r.floor_ms:>9.1f} {r.ratio:>6.2f}  {r.note}")
+    return "\n".join(lines)

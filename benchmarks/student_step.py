@@ -1,0 +1,36 @@
+"""One student training step at the paper's head shape: MLP backbone, self-paced FC head over 20 verticals, the
+fused sigmoid soft-target loss against K=100 teacher targets plus the hard label, and an SGD update."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+import kc_kernels
+from benchmarks import common
+
+
+def make_student_step(B: int, H: int, V: int, device, dtype, features: int = 256, verticals: int = 20, K: int = 100):
+    g = torch.Generator().manual_seed(0)
+    backbone = nn.Sequential(nn.Linear(features, H), nn.ReLU(), nn.Linear(H, H), nn.ReLU()).to(device, dtype)
+    head = nn.Linear(H, V).to(device, dtype)
+    segments = torch.linspace(0, V, verticals + 1).round().long().to(device)
+    scale = nn.Parameter(torch.diff(segments).float().sqrt().to(device))
+    opt = torch.optim.SGD([*backbone.parameters(), *head.parameters(), scale], lr=0.01)
+    feats = torch.randn(B, features, generator=g).to(device, dtype)
+    idx = torch.cat([torch.randint(0, V, (B, K), generator=g), torch.randint(0, V, (B, 1), generator=g)], 1)
+    val = torch.cat([torch.rand(B, K, generator=g), torch.ones(B, 1)], 1)
+    idx, val = idx.to(device), val.to(device)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = kc_kernels.linear_soft_target_loss(backbone(feats), head.weight, head.bias, target_index=idx,
+                                                  target_value=val, segments=segments, scale=scale)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    p = common.Problem(torch.randn(B, H, device=device, dtype=dtype) / math.sqrt(H), head.weight.detach(),
+                       head.bias.detach())
+    return step, common.floor_fn(p)
