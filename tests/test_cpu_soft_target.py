@@ -161,3 +161,17 @@ def test_no_batch_by_classes_allocation_at_100k_classes():
     assert largest <= max(4 * V * H, budget) * 1.05, largest
     assert largest < bv_bytes / 4, (largest, bv_bytes)
     assert torch.isfinite(loss)
+
+
+def test_cpu_gradients_only_of_inputs_that_need_them(gen):
+    p = make_problem(4, 6, 90, G=3, gen=gen, scale_kind="segment", dtype=torch.float32)
+    x = p["x"].requires_grad_()
+    rest = {k: v for k, v in p.items() if k not in ("x", "weight", "bias")}
+    out = kc_kernels.linear_soft_target_loss(x, p["weight"], p["bias"], backend="cpu", **rest)
+    out.backward()
+    x_ref = p["x"].detach().double().requires_grad_()
+    ref = kc_kernels.linear_soft_target_loss(x_ref, p["weight"].double(), p["bias"].double(), backend="reference",
+                                             **{**rest, "scale": rest["scale"].double()})
+    ref.backward()
+    assert p["weight"].grad is None and p["bias"].grad is None
+    assert_close(x.grad, x_ref.grad, torch.float32, "dx")

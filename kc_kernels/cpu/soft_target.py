@@ -161,24 +161,21 @@ class _Sweep:
             return
         w = p.weight[c.lo:c.hi]
         w = w if w.dtype == torch.float32 else w.float()
-        if p.grouped:
-            s = c.piece_seg[0]
-            self.dx[:, s].addmm_(g, w)
-            x = self.x32[:, s]
-        else:
-            self.dx.addmm_(g, w)
-            x = self.x32
-        if self.dw.dtype == torch.float32:
+        x = self.x32[:, c.piece_seg[0]] if p.grouped else self.x32
+        if self.dx is not None:
+            (self.dx[:, c.piece_seg[0]] if p.grouped else self.dx).addmm_(g, w)
+        if self.dw is not None and self.dw.dtype == torch.float32:
             torch.mm(g.t(), x, out=self.dw[c.lo:c.hi])
-        else:
+        elif self.dw is not None:
             self.dw[c.lo:c.hi].copy_(g.t() @ x)
         if self.db is not None:
             torch.sum(g, dim=0, out=self.db[c.lo:c.hi]) if self.db.dtype == torch.float32 else \
                 self.db[c.lo:c.hi].copy_(g.sum(dim=0))
 
     # ------------------------------------------------------------------ the walk
-    def run(self, coef: Optional[torch.Tensor]):
-        """Per-row loss (float64 [B]); with ``coef`` [B] also the gradients scaled row-wise by it."""
+    def run(self, coef: Optional[torch.Tensor], needs=("x", "weight", "bias", "logits", "scale")):
+        """Per-row loss (float64 [B]); with ``coef`` [B] also the gradients (of the inputs named in ``needs``)
+        scaled row-wise by it. Gradient GEMMs of inputs that need no gradient are skipped."""
         p = self.p
         B = p.batch
         self.state = torch.zeros(12, B, self.G, dtype=torch.float64)
@@ -189,10 +186,10 @@ class _Sweep:
         if grads:
             coef = coef.float().contiguous()
             if self.linear:
-                self.dx = torch.zeros_like(self.x32)
-                self.dw = torch.empty_like(p.weight, dtype=torch.float32 if p.weight.dtype == torch.float64
-                                           else p.weight.dtype)
-                self.db = None if p.bias is None else torch.empty(p.num_classes, dtype=self.dw.dtype)
+                wdt = torch.float32 if p.weight.dtype == torch.float64 else p.weight.dtype
+                self.dx = torch.zeros_like(self.x32) if "x" in needs else None
+                self.dw = torch.empty_like(p.weight, dtype=wdt) if "weight" in needs else None
+                self.db = torch.empty(p.num_classes, dtype=wdt) if p.bias is not None and "bias" in needs else None
             else:
                 self.dlogits = torch.empty(p.logits.shape, dtype=p.logits.dtype if p.logits.dtype != torch.float64
                                            else torch.float32)
@@ -235,8 +232,8 @@ class _Sweep:
             return loss, None
         out = {}
         if self.linear:
-            out["x"] = self.dx.view_as(p.x).to(p.x.dtype)
-            out["weight"] = self.dw.to(p.weight.dtype)
+            out["x"] = None if self.dx is None else self.dx.view_as(p.x).to(p.x.dtype)
+            out["weight"] = None if self.dw is None else self.dw.to(p.weight.dtype)
             out["bias"] = None if self.db is None else self.db.to(p.bias.dtype)
         else:
             out["logits"] = self.dlogits.to(p.logits.dtype)
@@ -278,10 +275,11 @@ class _SoftTargetFunction(torch.autograd.Function):
         ctx.names = names
         ctx.problem, ctx.memory_budget = problem, memory_budget
         wants = any(ctx.needs_input_grad[2:])
+        ctx.needs = tuple(n for n, need in zip(names, ctx.needs_input_grad[2:]) if need)
         out_dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
         ctx.out_dtype = out_dtype
         if wants and problem.reduction != "none":
-            loss_rows, grads = sweep.run(_row_coef(problem))
+            loss_rows, grads = sweep.run(_row_coef(problem), ctx.needs)
             ctx.grads = grads
         else:
             loss_rows, _ = sweep.run(None)
@@ -295,7 +293,7 @@ class _SoftTargetFunction(torch.autograd.Function):
             g = grad_out.double()
             grads = {k: (None if v is None else (v * g).to(v.dtype)) for k, v in ctx.grads.items()}
         else:
-            _, grads = _Sweep(p, ctx.memory_budget).run(_row_coef(p, grad_out.detach()))
+            _, grads = _Sweep(p, ctx.memory_budget).run(_row_coef(p, grad_out.detach()), ctx.needs)
         ctx.grads = None
         result = [None, None]
         for i, name in enumerate(ctx.names):
