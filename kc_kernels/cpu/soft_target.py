@@ -113,6 +113,15 @@ class _Sweep:
                      if self.teacher is not None and self.teacher.dtype != torch.float32 else None)
 
     # ------------------------------------------------------------------ pieces
+    def _weight_chunk(self, c: Chunk) -> torch.Tensor:
+        """fp32 rows of the chunk; half weights are converted once per chunk and reused by the gradient GEMMs."""
+        w = self.p.weight[c.lo:c.hi]
+        if w.dtype == torch.float32:
+            return w
+        if getattr(self, "_w_cached", (None,))[0] != (c.lo, c.hi):
+            self._w_cached = ((c.lo, c.hi), w.float())
+        return self._w_cached[1]
+
     def _logits(self, c: Chunk) -> torch.Tensor:
         p = self.p
         n = c.hi - c.lo
@@ -120,8 +129,7 @@ class _Sweep:
         if not self.linear:
             u.copy_(p.logits[:, c.lo:c.hi])
             return u
-        w = p.weight[c.lo:c.hi]
-        w = w if w.dtype == torch.float32 else w.float()
+        w = self._weight_chunk(c)
         x = self.x32[:, c.piece_seg[0]] if p.grouped else self.x32
         if p.bias is not None:
             torch.addmm(p.bias[c.lo:c.hi].float(), x, w.t(), out=u)
@@ -159,8 +167,7 @@ class _Sweep:
         if not self.linear:
             self.dlogits[:, c.lo:c.hi].copy_(g)
             return
-        w = p.weight[c.lo:c.hi]
-        w = w if w.dtype == torch.float32 else w.float()
+        w = self._weight_chunk(c)
         x = self.x32[:, c.piece_seg[0]] if p.grouped else self.x32
         if self.dx is not None:
             (self.dx[:, c.piece_seg[0]] if p.grouped else self.dx).addmm_(g, w)
