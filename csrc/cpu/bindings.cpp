@@ -33,7 +33,7 @@ PYBIND11_MODULE(_C, m) {
          std::uintptr_t piece_lo, std::uintptr_t piece_seg, int64_t num_segments, int phases, int softmax,
          float inv_t, float t2, std::uintptr_t scale, int scale_kind, std::uintptr_t tidx, std::uintptr_t tval,
          int64_t k, std::uintptr_t teacher, int64_t teacher_ld, std::uintptr_t coef, std::uintptr_t state,
-         std::uintptr_t softplus_sum, std::uintptr_t dscale_class) {
+         std::uintptr_t softplus_sum, std::uintptr_t dscale_class, std::uintptr_t bias, std::uintptr_t dbias) {
         kc_cpu::SoftTargetChunk a{ptr<float>(u),           ld,
                                   rows,                    ncols,
                                   col0,                    npieces,
@@ -45,7 +45,8 @@ PYBIND11_MODULE(_C, m) {
                                   ptr<const float>(tval),  k,
                                   ptr<const float>(teacher), teacher_ld,
                                   ptr<const float>(coef),  ptr<double>(state),
-                                  ptr<double>(softplus_sum), ptr<float>(dscale_class)};
+                                  ptr<double>(softplus_sum), ptr<float>(dscale_class),
+                                  ptr<const float>(bias),  ptr<float>(dbias)};
         py::gil_scoped_release nogil;
         kc_cpu::soft_target_chunk(a);
       },

@@ -54,6 +54,8 @@ struct SoftTargetChunk {
   double* state;             // [kNumStates, rows, num_segments]
   double* softplus_sum;      // [rows] sigmoid mode: accumulated sum of softplus(y)
   float* dscale_class;       // [ncols] per-class scale gradient of this chunk (accumulated), or null
+  const float* bias;         // [V] fp32 bias added to u before anything else (null: u already holds it or none)
+  float* dbias;              // [ncols] bias gradient of this chunk (accumulated in FINAL), or null
 };
 
 void soft_target_chunk(const SoftTargetChunk& args);

@@ -49,10 +49,10 @@ struct FinalSums {
 
 // The FINAL phase over one row piece of n classes: loss sums and, when GRAD, u overwritten by c * dL/du. Kept as a
 // leaf function over restrict pointers so that the compiler vectorises it for every template instance.
-template <int SK, bool SOFTMAX, bool DENSE, bool GRAD>
+template <int SK, bool SOFTMAX, bool DENSE, bool GRAD, bool BIAS_GRAD>
 FinalSums final_loop(float* __restrict u, const float* __restrict t, const float* __restrict sc, int64_t n,
                      float s_seg, float inv_nt, float inv_t, float t2, float tlse, float lse, float zmass, float c,
-                     float S, float inv_n2, double* __restrict ds) {
+                     float S, float inv_n2, double* __restrict ds, double* __restrict db) {
   float sp = 0.f, zy = 0.f;
 #pragma omp simd reduction(+ : sp, zy)
   for (int64_t j = 0; j < n; ++j) {
@@ -78,11 +78,9 @@ FinalSums final_loop(float* __restrict u, const float* __restrict t, const float
       q = sig - z;
     }
     if constexpr (GRAD) {
-      if constexpr (SK != kScaleNone) {
-        u[j] = c * (s * inv_nt * q - uj * S * inv_n2);
-      } else {
-        u[j] = c * q * inv_t;
-      }
+      const float grad = SK != kScaleNone ? c * (s * inv_nt * q - uj * S * inv_n2) : c * q * inv_t;
+      u[j] = grad;
+      if constexpr (BIAS_GRAD) db[j] += grad;  // the bias gradient is the column sum of the logit gradient
       if constexpr (SK == kScaleClass) ds[j] += static_cast<double>(c) * q * up;
     }
   }
@@ -91,7 +89,8 @@ FinalSums final_loop(float* __restrict u, const float* __restrict t, const float
 
 template <int SK, bool SOFTMAX, bool DENSE>
 void run_row(const SoftTargetChunk& a, int64_t b, const std::vector<Target>& targets,
-             const std::vector<int64_t>& piece_first, double* dscale_acc, std::vector<float>& corr) {
+             const std::vector<int64_t>& piece_first, double* dscale_acc, double* dbias_acc,
+             std::vector<float>& corr) {
   const int64_t B = a.rows, G = a.num_segments;
   float* urow = a.u + b * a.ld;
   const float* trow = DENSE ? a.teacher + b * a.teacher_ld : nullptr;
@@ -102,6 +101,11 @@ void run_row(const SoftTargetChunk& a, int64_t b, const std::vector<Target>& tar
   for (int64_t p = 0; p < a.npieces; ++p) {
     const int64_t lo = a.piece_lo[p], hi = a.piece_lo[p + 1], g = a.piece_seg[p];
     const int64_t t_begin = piece_first[p], t_end = piece_first[p + 1];
+    if (a.bias != nullptr) {  // the GEMM left x W^T; adding the bias here saves a pass over the chunk in memory
+      const float* __restrict bias = a.bias + a.col0;
+#pragma omp simd
+      for (int64_t j = lo; j < hi; ++j) urow[j] += bias[j];
+    }
 
     if (SOFTMAX && DENSE && (a.phases & kPhaseTeacher)) {
       float m = -std::numeric_limits<float>::infinity();
@@ -234,11 +238,15 @@ void run_row(const SoftTargetChunk& a, int64_t b, const std::vector<Target>& tar
     FinalSums sums;
     if (a.coef == nullptr) {
       if constexpr (SOFTMAX) continue;  // the softmax loss comes from the statistics alone
-      sums = final_loop<SK, SOFTMAX, DENSE, false>(urow + lo, tp, sc, hi - lo, s_seg, inv_nt, inv_t, t2, tlse, lse,
-                                                  zmass, 0.f, S, inv_n2, nullptr);
+      sums = final_loop<SK, SOFTMAX, DENSE, false, false>(urow + lo, tp, sc, hi - lo, s_seg, inv_nt, inv_t, t2, tlse,
+                                                         lse, zmass, 0.f, S, inv_n2, nullptr, nullptr);
     } else {
-      sums = final_loop<SK, SOFTMAX, DENSE, true>(urow + lo, tp, sc, hi - lo, s_seg, inv_nt, inv_t, t2, tlse, lse,
-                                                 zmass, c, S, inv_n2, dscale_acc + lo);
+      sums = dbias_acc ? final_loop<SK, SOFTMAX, DENSE, true, true>(urow + lo, tp, sc, hi - lo, s_seg, inv_nt, inv_t,
+                                                                    t2, tlse, lse, zmass, c, S, inv_n2,
+                                                                    dscale_acc + lo, dbias_acc + lo)
+                       : final_loop<SK, SOFTMAX, DENSE, true, false>(urow + lo, tp, sc, hi - lo, s_seg, inv_nt, inv_t,
+                                                                     t2, tlse, lse, zmass, c, S, inv_n2,
+                                                                     dscale_acc + lo, nullptr);
     }
     if constexpr (!SOFTMAX) {
       a.softplus_sum[b] += sums.sp;
@@ -246,7 +254,10 @@ void run_row(const SoftTargetChunk& a, int64_t b, const std::vector<Target>& tar
     }
     if (a.coef == nullptr) continue;
     if constexpr (!DENSE) {
-      for (int64_t t = t_begin; t < t_end; ++t) urow[targets[t].col] += corr[t];
+      for (int64_t t = t_begin; t < t_end; ++t) {
+        urow[targets[t].col] += corr[t];
+        if (dbias_acc) dbias_acc[targets[t].col] += corr[t];
+      }
     }
   }
 }
@@ -255,9 +266,11 @@ template <int SK, bool SOFTMAX, bool DENSE>
 void run(const SoftTargetChunk& a) {
   const int64_t ncols = a.ncols;
   const bool class_grad = SK == kScaleClass && a.coef != nullptr && (a.phases & kPhaseFinal);
+  const bool bias_grad = a.dbias != nullptr && a.coef != nullptr && (a.phases & kPhaseFinal);
 #pragma omp parallel
   {
     std::vector<double> dscale_acc(class_grad ? ncols : 0, 0.0);
+    std::vector<double> dbias_acc(bias_grad ? ncols : 0, 0.0);  // per thread: rows are split across threads
     std::vector<Target> targets;
     std::vector<int64_t> piece_first(a.npieces + 1, 0);
     std::vector<float> corr;
@@ -285,11 +298,16 @@ void run(const SoftTargetChunk& a) {
       } else {
         std::fill(piece_first.begin(), piece_first.end(), 0);
       }
-      run_row<SK, SOFTMAX, DENSE>(a, b, targets, piece_first, dscale_acc.data(), corr);
+      run_row<SK, SOFTMAX, DENSE>(a, b, targets, piece_first, dscale_acc.data(), bias_grad ? dbias_acc.data() : nullptr,
+                                  corr);
     }
     if (class_grad) {
 #pragma omp critical
       for (int64_t j = 0; j < ncols; ++j) a.dscale_class[j] += static_cast<float>(dscale_acc[j]);
+    }
+    if (bias_grad) {
+#pragma omp critical
+      for (int64_t j = 0; j < ncols; ++j) a.dbias[j] += static_cast<float>(dbias_acc[j]);
     }
   }
 }

@@ -108,6 +108,8 @@ class _Sweep:
         self.teacher = p.teacher_logits
         if self.teacher is not None and self.teacher.dtype == torch.float32:
             self.teacher = self.teacher.contiguous()
+        self.bias32 = None if p.bias is None else p.bias.detach().float().contiguous()
+        self.db32 = None
         self.buf = torch.empty(B * self.capacity, dtype=torch.float32)
         self.tbuf = (torch.empty(B * self.capacity, dtype=torch.float32)
                      if self.teacher is not None and self.teacher.dtype != torch.float32 else None)
@@ -131,10 +133,7 @@ class _Sweep:
             return u
         w = self._weight_chunk(c)
         x = self.x32[:, c.piece_seg[0]] if p.grouped else self.x32
-        if p.bias is not None:
-            torch.addmm(p.bias[c.lo:c.hi].float(), x, w.t(), out=u)
-        else:
-            torch.mm(x, w.t(), out=u)
+        torch.mm(x, w.t(), out=u)  # the epilogue adds the bias
         return u
 
     def _teacher(self, c: Chunk):
@@ -147,20 +146,24 @@ class _Sweep:
         t.copy_(self.teacher[:, c.lo:c.hi])
         return t.data_ptr(), n
 
-    def _kernel(self, c: Chunk, u: Optional[torch.Tensor], phases: int, coef: Optional[torch.Tensor]):
+    def _kernel(self, c: Chunk, u: Optional[torch.Tensor], phases: int, coef: Optional[torch.Tensor],
+                add_bias: bool = False):
+        """One epilogue call; ``add_bias`` when ``u`` comes fresh from the GEMM (x W^T without the bias)."""
         p = self.p
         lo_t = torch.tensor(c.piece_lo, dtype=torch.long)
         seg_t = torch.tensor(c.piece_seg, dtype=torch.long)
         tptr, tld = self._teacher(c)
-        dsc = 0
+        dsc = dbias = 0
         if coef is not None and self.scale_kind == SCALE_CLASS and phases & PHASE_FINAL:
             dsc = self.dscale.data_ptr() + 4 * c.lo
+        if coef is not None and self.db32 is not None and phases & PHASE_FINAL:
+            dbias = self.db32.data_ptr() + 4 * c.lo
         _C.soft_target_chunk(
             _ptr(u), c.hi - c.lo, p.batch, c.hi - c.lo, c.lo, len(c.piece_seg), lo_t.data_ptr(), seg_t.data_ptr(),
             self.G, phases, int(self.softmax), 1.0 / p.temperature, p.temperature ** 2, _ptr(self.scale32),
             self.scale_kind, _ptr(self.tidx) if self.sparse else 0, _ptr(self.tval) if self.sparse else 0,
             self.tidx.shape[1] if self.sparse else 0, tptr, tld, _ptr(coef), self.state.data_ptr(),
-            self.softplus.data_ptr(), dsc)
+            self.softplus.data_ptr(), dsc, _ptr(self.bias32) if add_bias else 0, dbias)
 
     def _accumulate_grads(self, c: Chunk, g: torch.Tensor):
         p = self.p
@@ -175,9 +178,6 @@ class _Sweep:
             torch.mm(g.t(), x, out=self.dw[c.lo:c.hi])
         elif self.dw is not None:
             self.dw[c.lo:c.hi].copy_(g.t() @ x)
-        if self.db is not None:
-            torch.sum(g, dim=0, out=self.db[c.lo:c.hi]) if self.db.dtype == torch.float32 else \
-                self.db[c.lo:c.hi].copy_(g.sum(dim=0))
 
     # ------------------------------------------------------------------ the walk
     def run(self, coef: Optional[torch.Tensor], needs=("x", "weight", "bias", "logits", "scale")):
@@ -196,7 +196,9 @@ class _Sweep:
                 wdt = torch.float32 if p.weight.dtype == torch.float64 else p.weight.dtype
                 self.dx = torch.zeros_like(self.x32) if "x" in needs else None
                 self.dw = torch.empty_like(p.weight, dtype=wdt) if "weight" in needs else None
-                self.db = torch.empty(p.num_classes, dtype=wdt) if p.bias is not None and "bias" in needs else None
+                # the epilogue accumulates the bias gradient (column sums of the logit gradient) in fp32
+                self.db32 = (torch.zeros(p.num_classes, dtype=torch.float32)
+                             if p.bias is not None and "bias" in needs else None)
             else:
                 self.dlogits = torch.empty(p.logits.shape, dtype=p.logits.dtype if p.logits.dtype != torch.float64
                                            else torch.float32)
@@ -214,7 +216,7 @@ class _Sweep:
             if step[0].whole:
                 c = step[0]
                 u = self._logits(c)
-                self._kernel(c, u, whole_phases, coef)
+                self._kernel(c, u, whole_phases, coef, add_bias=True)
                 if grads:
                     self._accumulate_grads(c, u)
                 continue
@@ -224,7 +226,7 @@ class _Sweep:
                     continue
                 for c in step:
                     u = self._logits(c)
-                    self._kernel(c, u, phase, coef if phase == PHASE_FINAL else None)
+                    self._kernel(c, u, phase, coef if phase == PHASE_FINAL else None, add_bias=True)
                     if phase == PHASE_FINAL and grads:
                         self._accumulate_grads(c, u)
 
@@ -241,7 +243,7 @@ class _Sweep:
         if self.linear:
             out["x"] = None if self.dx is None else self.dx.view_as(p.x).to(p.x.dtype)
             out["weight"] = None if self.dw is None else self.dw.to(p.weight.dtype)
-            out["bias"] = None if self.db is None else self.db.to(p.bias.dtype)
+            out["bias"] = None if self.db32 is None else self.db32.to(p.bias.dtype)
         else:
             out["logits"] = self.dlogits.to(p.logits.dtype)
         if self.scale_kind == SCALE_SEGMENT:
