@@ -1,0 +1,5 @@
+import sys
+
+from kc.cli import main
+
+sys.exit(main())

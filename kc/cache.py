@@ -1,0 +1,136 @@
+"""Teacher cache: each specialist runs once over its vertical's training samples; the top-K probabilities inside
+the vertical are kept as sparse rows (int32 class id, fp16 value; -1 pads) in two memmapped .npy files.
+
+A manifest (JSON) records what the cache was computed from: the teachers' checksums, K, the sizes and the
+training data's fingerprint. Student training streams rows from the memmaps and refuses a cache whose manifest
+does not match what it is about to train with. The cache is filled vertical by vertical and the manifest lists
+the finished ones, so an interrupted build continues where it stopped.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from kc import checkpoint
+from kc.data import SampleSet
+from kc.models import Specialist
+from kc.taxonomy import Taxonomy
+
+FORMAT = 1
+INDEX_FILE, VALUE_FILE, MANIFEST_FILE = "index.npy", "value.npy", "manifest.json"
+IDENTITY_KEYS = ("format", "top_k", "num_samples", "num_classes", "segments", "teachers", "data")
+
+
+class CacheMismatch(RuntimeError):
+    """The cache on disk was computed from other teachers, data or settings than the ones in use."""
+
+
+def expected_manifest(taxonomy: Taxonomy, train: SampleSet, top_k: int, teacher_checksums: List[str],
+                      data_fingerprint: str) -> Dict:
+    return {"format": FORMAT, "top_k": int(top_k), "num_samples": len(train), "num_classes": taxonomy.num_classes,
+            "segments": taxonomy.segments.tolist(), "teachers": list(teacher_checksums), "data": data_fingerprint}
+
+
+def _mismatch(found: Dict, expected: Dict) -> List[str]:
+    out = []
+    for k in IDENTITY_KEYS:
+        if found.get(k) != expected[k]:
+            if k == "teachers":
+                bad = [i for i, (a, b) in enumerate(zip(found.get(k) or [], expected[k])) if a != b]
+                out.append(f"teachers (checksums differ for verticals {bad or 'count'})")
+            elif k == "segments":
+                out.append("segments (another taxonomy)")
+            else:
+                out.append(f"{k} (cache {found.get(k)!r}, expected {expected[k]!r})")
+    return out
+
+
+def build(directory: str, teachers: List[Specialist], taxonomy: Taxonomy, train: SampleSet, expected: Dict,
+          batch_size: int = 1024, device: str = "cpu", progress: Optional[Callable] = None) -> Dict:
+    """Writes (or finishes) the cache in directory; returns the manifest."""
+    os.makedirs(directory, exist_ok=True)
+    mpath = os.path.join(directory, MANIFEST_FILE)
+    K, N = expected["top_k"], len(train)
+    manifest = None
+    if os.path.exists(mpath):
+        found = checkpoint.read_json(mpath)
+        if not _mismatch(found, expected) and os.path.exists(os.path.join(directory, INDEX_FILE)):
+            manifest = found  # same identity: continue it
+    fresh = manifest is None
+    if fresh:
+        manifest = dict(expected, verticals_done=[], complete=False)
+    mode = "w+" if fresh else "r+"
+    index = np.lib.format.open_memmap(os.path.join(directory, INDEX_FILE), mode=mode, dtype=np.int32, shape=(N, K))
+    value = np.lib.format.open_memmap(os.path.join(directory, VALUE_FILE), mode=mode, dtype=np.float16, shape=(N, K))
+    if fresh:
+        checkpoint.write_json(mpath, manifest)  # identity first: a half-built cache is never taken for another
+    verts = train.verticals(taxonomy)
+    todo = [v for v in range(taxonomy.num_verticals) if v not in manifest["verticals_done"]]
+    bar = progress(total=int(np.isin(verts, todo).sum()), desc="teacher cache", unit="sample") if progress else None
+    for v in todo:
+        rows = np.flatnonzero(verts == v)
+        first = int(taxonomy.segments[v])
+        k = min(K, len(taxonomy.classes_of(v)))
+        teacher = teachers[v]
+        with torch.no_grad():
+            for s in range(0, len(rows), batch_size):
+                idx = rows[s:s + batch_size]
+                prob = torch.sigmoid(teacher(train.inputs(idx).to(device)).float())
+                top_v, top_i = prob.topk(k, dim=1)
+                index[idx, :k] = (top_i + first).cpu().numpy().astype(np.int32)
+                value[idx, :k] = top_v.cpu().numpy().astype(np.float16)
+                if k < K:
+                    index[idx, k:] = -1
+                    value[idx, k:] = 0
+                if bar is not None:
+                    bar.update(len(idx))
+        index.flush()
+        value.flush()
+        manifest["verticals_done"] = sorted(manifest["verticals_done"] + [v])
+        checkpoint.write_json(mpath, manifest)
+    if bar is not None:
+        bar.close()
+    manifest["complete"] = True
+    checkpoint.write_json(mpath, manifest)
+    del index, value
+    return manifest
+
+
+class TeacherCache:
+    """Streams cached soft targets by training row: batch(idx) -> (index [B, K] int64, value [B, K] float32)."""
+
+    def __init__(self, directory: str, expected: Optional[Dict] = None):
+        mpath = os.path.join(directory, MANIFEST_FILE)
+        if not os.path.exists(mpath):
+            raise FileNotFoundError(f"{directory}: no teacher cache (manifest.json); run `kc cache` first")
+        self.manifest = checkpoint.read_json(mpath)
+        if not self.manifest.get("complete"):
+            raise CacheMismatch(f"{directory}: the teacher cache is incomplete (verticals done: "
+                                f"{self.manifest.get('verticals_done')}); run `kc cache` to finish it")
+        if expected is not None:
+            bad = _mismatch(self.manifest, expected)
+            if bad:
+                raise CacheMismatch(f"{directory}: the teacher cache does not match this run: " + "; ".join(bad)
+                                    + ". Rebuild it with `kc cache`.")
+        self.index = np.load(os.path.join(directory, INDEX_FILE), mmap_mode="r")
+        self.value = np.load(os.path.join(directory, VALUE_FILE), mmap_mode="r")
+        n, k = self.manifest["num_samples"], self.manifest["top_k"]
+        if self.index.shape != (n, k) or self.value.shape != (n, k):
+            raise CacheMismatch(f"{directory}: arrays of shape {self.index.shape}/{self.value.shape}, manifest "
+                                f"says ({n}, {k})")
+
+    @property
+    def top_k(self) -> int:
+        return self.manifest["top_k"]
+
+    def batch(self, idx: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
+        idx = np.asarray(idx)
+        order = np.argsort(idx)
+        inv = np.empty_like(order)
+        inv[order] = np.arange(len(order))
+        i = np.asarray(self.index[idx[order]])[inv]
+        v = np.asarray(self.value[idx[order]])[inv]
+        return torch.from_numpy(i.astype(np.int64)), torch.from_numpy(v.astype(np.float32))

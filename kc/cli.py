@@ -1,0 +1,78 @@
+"""Command line: `kc run` performs the whole method; `kc data|specialists|cache|student|eval|report` one stage.
+
+    kc run                          # the default preset into ./kc-out
+    kc run --preset eft-100k --out runs/eft
+    kc run --resume --out kc-out    # after an interruption: skips finished stages, keeps finished work
+    kc student --config my.yaml --seed 3 --out kc-out
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from kc import config, pipeline
+from kc.cache import CacheMismatch
+from kc.data import DataError
+from kc.taxonomy import TaxonomyError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kc", description="Knowledge Concentration: specialists distilled into one "
+                                                       "student over many classes.")
+    sub = p.add_subparsers(dest="command", required=True)
+    helps = {"run": "all stages: data, specialists, cache, student, eval, report",
+             "data": "taxonomy and data (synthetic shards, or checks real data)",
+             "specialists": "train one teacher per vertical",
+             "cache": "run each teacher once over its vertical's training samples; keep top-K",
+             "student": "train the student runs (generalist, +D, +D+S per head)",
+             "eval": "per-vertical mAP, top-1/top-5, parameters and time per sample of every model",
+             "report": "markdown table, JSON and plots",
+             "config": "print the resolved config as YAML"}
+    for name, h in helps.items():
+        s = sub.add_parser(name, help=h, description=h)
+        s.add_argument("--preset", default="default", help="default | eft-100k | tiny (default: default)")
+        s.add_argument("--config", default=None, help="YAML file overriding the preset's keys")
+        s.add_argument("--seed", type=int, default=None, help="overrides the config's seed")
+        s.add_argument("--out", default="kc-out", help="output directory (default: kc-out)")
+        s.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+        s.add_argument("--progress", dest="progress", action="store_true", default=None,
+                       help="always show progress bars (default: only on a terminal)")
+        s.add_argument("--no-progress", dest="progress", action="store_false")
+        if name != "config":
+            s.add_argument("--resume", action="store_true",
+                           help="continue an interrupted run: skip finished stages, keep finished work")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        overrides = {}
+        if args.seed is not None:
+            overrides["seed"] = args.seed
+        if args.threads is not None:
+            overrides["threads"] = args.threads
+        cfg = config.load(args.preset, args.config, overrides)
+        if args.command == "config":
+            print(cfg.to_yaml(), end="")
+            return 0
+        pipeline.configure_torch(cfg)
+        ws = pipeline.Workspace(args.out, cfg, pipeline.progress_factory(args.progress))
+        ws.open()
+        if args.command == "run":
+            pipeline.run_all(ws, resume=args.resume)
+        else:
+            pipeline.run_stage(ws, args.command, resume=args.resume)
+        return 0
+    except (config.ConfigError, TaxonomyError, DataError, CacheMismatch, pipeline.StageError,
+            FileNotFoundError) as e:
+        print(f"kc: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kc: interrupted; continue with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

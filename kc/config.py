@@ -1,0 +1,279 @@
+"""Run configuration: dataclasses that read from YAML (unknown keys and bad values are errors) and print back.
+
+A run's whole behaviour is this config plus its seed; it is saved in the output directory so that a resumed run
+can check that it continues the same experiment.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot describe a run; the message names the key."""
+
+
+HEADS = ("fc_fc", "fc_sc", "sc_sc", "fc_sc_shared")
+METHODS = ("generalist", "distilled", "self_paced")
+SCALES = ("none", "vertical", "class")
+DATA_KINDS = ("synthetic", "features", "images")
+BACKBONES = ("mlp", "cnn")
+
+
+@dataclass
+class TaxonomyConfig:
+    file: Optional[str] = None  # CSV or JSON (class, vertical, parent); None = generate
+    num_verticals: int = 8
+    num_classes: int = 400
+    coarse_fraction: float = 0.15  # share of a vertical's classes that are internal (parent) nodes
+    size_spread: float = 0.5  # vertical sizes vary by up to this fraction around the mean
+
+
+@dataclass
+class DataConfig:
+    kind: str = "synthetic"
+    path: Optional[str] = None  # features: dir with train/ and test/ shards; images: root with train/ and test/
+    feature_dim: int = 64
+    train_per_class: int = 24  # samples per leaf class (synthetic)
+    test_per_class: int = 6
+    subspace_dim: int = 12  # dimensions that carry a vertical's fine-grained structure
+    vertical_separation: float = 3.0
+    coarse_spread: float = 1.6
+    sibling_spread: float = 0.9  # small relative to noise: siblings are confusable
+    noise: float = 0.55
+    noise_spread: float = 0.4  # verticals differ in difficulty by up to this fraction of the noise
+    isotropic_noise: float = 0.3
+    label_noise: float = 0.0  # share of training samples labelled as a random sibling
+    shard_size: int = 65536
+    image_size: int = 32
+
+
+@dataclass
+class SpecialistConfig:
+    hidden: List[int] = field(default_factory=lambda: [256, 128])
+    epochs: int = 12
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    background_fraction: float = 0.5  # other verticals' samples, as all-negative rows, per own sample
+
+
+@dataclass
+class CacheConfig:
+    top_k: int = 100
+    batch_size: int = 1024
+
+
+@dataclass
+class StudentConfig:
+    backbone: str = "mlp"
+    backbone_hidden: List[int] = field(default_factory=lambda: [256])
+    sb: int = 128  # backbone output width
+    heads: List[str] = field(default_factory=lambda: ["fc_fc", "fc_sc"])
+    methods: List[str] = field(default_factory=lambda: ["generalist", "distilled", "self_paced"])
+    s1: int = 128  # FC-FC first layer
+    s2: int = 32  # units feeding the output layer (per vertical in SC heads)
+    s1s: int = 128  # shared FC in FC-SC heads
+    s1i: int = 16  # per-vertical first layer in SC-SC
+    s2_fc: int = 32  # FC-FC's second layer
+    shared: int = 4  # FC-SC shared head: units of each block shared across verticals
+    scale: str = "vertical"  # the self-paced scale of the "self_paced" method
+    hard_weight: float = 0.3  # targets = (1 - w) * teacher + w * hard labels
+    epochs: int = 12
+    batch_size: int = 128
+    lr: float = 2e-3
+    scale_lr: float = 2e-2
+    weight_decay: float = 0.0
+
+
+@dataclass
+class EvalConfig:
+    row_chunk: int = 4096
+    class_chunk: int = 1024
+    timing_batch: int = 256
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"
+    seed: int = 0
+    device: str = "cpu"
+    backend: str = "auto"  # kc_kernels backend of the loss
+    threads: int = 0  # torch threads; 0 = torch's default
+    taxonomy: TaxonomyConfig = field(default_factory=TaxonomyConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    specialists: SpecialistConfig = field(default_factory=SpecialistConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def runs(self) -> List[str]:
+        """Student runs: every method with every head, named '<method>-<head>'."""
+        return [f"{m}-{h}" for m in self.student.methods for h in self.student.heads]
+
+
+def _coerce(path: str, typ, value):
+    origin = get_origin(typ)
+    if origin is Union:  # Optional[X]
+        args = [a for a in get_args(typ) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(path, args[0], value)
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return _from_dict(typ, value, path)
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        (inner,) = get_args(typ)
+        return [_coerce(f"{path}[{i}]", inner, v) for i, v in enumerate(value)]
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if typ is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _from_dict(cls, data: Dict[str, Any], path: str = ""):
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = path or "config"
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
+    kwargs = {k: _coerce(f"{path}.{k}" if path else k, hints[k], v) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def from_dict(data: Dict[str, Any]) -> RunConfig:
+    cfg = _from_dict(RunConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def load(preset: str = "default", path: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None) -> RunConfig:
+    """A preset, overlaid by a YAML file's keys, overlaid by overrides (e.g. {"seed": 3})."""
+    from kc.presets import PRESETS
+
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
+    data = copy.deepcopy(PRESETS[preset])
+    if path is not None:
+        try:
+            with open(path) as f:
+                loaded = yaml.safe_load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: the top level must be a mapping, got {type(loaded).__name__}")
+        data = _merge(data, loaded)
+    if overrides:
+        data = _merge(data, overrides)
+    return from_dict(data)
+
+
+def _positive(path: str, value, allow_zero: bool = False):
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{path}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _choice(path: str, value, options):
+    if value not in options:
+        raise ConfigError(f"{path}: must be one of {list(options)}, got {value!r}")
+
+
+def validate(cfg: RunConfig) -> None:
+    t, d, sp, st = cfg.taxonomy, cfg.data, cfg.specialists, cfg.student
+    _positive("taxonomy.num_verticals", t.num_verticals)
+    _positive("taxonomy.num_classes", t.num_classes)
+    if t.file is None and t.num_classes < 2 * t.num_verticals:
+        raise ConfigError(f"taxonomy.num_classes ({t.num_classes}) must be at least 2 per vertical "
+                          f"({2 * t.num_verticals})")
+    if not 0 <= t.coarse_fraction < 0.5:
+        raise ConfigError(f"taxonomy.coarse_fraction: must be in [0, 0.5), got {t.coarse_fraction}")
+    if not 0 <= t.size_spread < 1:
+        raise ConfigError(f"taxonomy.size_spread: must be in [0, 1), got {t.size_spread}")
+    _choice("data.kind", d.kind, DATA_KINDS)
+    if d.kind != "synthetic" and not d.path:
+        raise ConfigError(f"data.path: kind {d.kind!r} reads real data and needs a path")
+    if d.kind != "synthetic" and t.file is None:
+        raise ConfigError(f"taxonomy.file: real data (data.kind={d.kind!r}) needs its taxonomy file")
+    for k in ("feature_dim", "train_per_class", "test_per_class", "subspace_dim", "shard_size", "image_size"):
+        _positive(f"data.{k}", getattr(d, k))
+    for k in ("vertical_separation", "coarse_spread", "sibling_spread", "noise", "isotropic_noise"):
+        _positive(f"data.{k}", getattr(d, k), allow_zero=True)
+    if d.subspace_dim > d.feature_dim:
+        raise ConfigError(f"data.subspace_dim ({d.subspace_dim}) exceeds data.feature_dim ({d.feature_dim})")
+    if not 0 <= d.label_noise < 1 or not 0 <= d.noise_spread < 1:
+        raise ConfigError("data.label_noise and data.noise_spread must be in [0, 1)")
+    for k in ("epochs", "batch_size"):
+        _positive(f"specialists.{k}", getattr(sp, k))
+        _positive(f"student.{k}", getattr(st, k))
+    for path, v in (("specialists.lr", sp.lr), ("student.lr", st.lr), ("student.scale_lr", st.scale_lr)):
+        _positive(path, v)
+    if any(h <= 0 for h in sp.hidden + st.backbone_hidden):
+        raise ConfigError("specialists.hidden and student.backbone_hidden: every width must be > 0")
+    _positive("specialists.background_fraction", sp.background_fraction, allow_zero=True)
+    _positive("cache.top_k", cfg.cache.top_k)
+    _positive("cache.batch_size", cfg.cache.batch_size)
+    _choice("student.backbone", st.backbone, BACKBONES)
+    if (st.backbone == "cnn") != (d.kind == "images"):
+        raise ConfigError(f"student.backbone: {st.backbone!r} does not fit data.kind {d.kind!r} "
+                          "(cnn for images, mlp for features)")
+    if not st.heads:
+        raise ConfigError("student.heads: give at least one head")
+    for i, h in enumerate(st.heads):
+        _choice(f"student.heads[{i}]", h, HEADS)
+    if not st.methods:
+        raise ConfigError("student.methods: give at least one method")
+    for i, m in enumerate(st.methods):
+        _choice(f"student.methods[{i}]", m, METHODS)
+    _choice("student.scale", st.scale, SCALES)
+    for k in ("sb", "s1", "s2", "s1s", "s1i", "s2_fc"):
+        _positive(f"student.{k}", getattr(st, k))
+    if not 0 <= st.shared < st.s2:
+        raise ConfigError(f"student.shared: must be in [0, s2={st.s2}), got {st.shared}")
+    if not 0 <= st.hard_weight <= 1:
+        raise ConfigError(f"student.hard_weight: must be in [0, 1], got {st.hard_weight}")
+    for k in ("row_chunk", "class_chunk", "timing_batch"):
+        _positive(f"eval.{k}", getattr(cfg.eval, k))
+    _choice("backend", cfg.backend, ("auto", "reference", "cpu", "triton", "cuda"))
+    if not (cfg.device == "cpu" or cfg.device.startswith("cuda")):
+        raise ConfigError(f"device: must be 'cpu' or 'cuda[:n]', got {cfg.device!r}")

@@ -1,0 +1,206 @@
+"""Evaluation: average precision per class on the test split, mAP per vertical and overall, top-1 and top-5.
+
+No [N_test, V] score matrix is ever held: AP is computed over column chunks of classes ([N_test, chunk] scores,
+AP per class, discard), and top-k over row chunks. AP follows the usual (scikit-learn) definition
+AP = sum over thresholds of (R_n - R_{n-1}) P_n, i.e. the mean over a class's positives p of
+#positives scoring >= s_p / #samples scoring >= s_p (ties share a threshold). Top-k asks whether a sample's fine
+class is among the k best-scored classes, not counting its ancestors (also correct labels) as competitors.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from kc.data import SampleSet
+from kc.models import Specialist, Student
+from kc.taxonomy import Taxonomy
+
+PAIR_BUDGET = 1 << 24  # compared elements per step of the AP count ([N_test, pairs] booleans)
+
+
+def average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Brute-force AP of one class (the definition the chunked version must match); NaN without positives."""
+    scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
+    if not positive.any():
+        return float("nan")
+    order = np.argsort(-scores, kind="stable")
+    s, p = scores[order], positive[order]
+    ap, tp, prev_recall = 0.0, 0, 0.0
+    n_pos = p.sum()
+    i = 0
+    while i < len(s):
+        j = i
+        while j < len(s) and s[j] == s[i]:
+            j += 1
+        tp += p[i:j].sum()
+        recall = tp / n_pos
+        ap += (recall - prev_recall) * tp / j
+        prev_recall = recall
+        i = j
+    return float(ap)
+
+
+class Scorer:
+    """Scores of a model on the test rows: block(v, c0, c1) -> [N, c1 - c0] (classes in vertical v, all rows),
+    rows(r0, r1) -> [r1 - r0, V] (all classes)."""
+
+    num_classes: int
+
+    def block(self, v: int, c0: int, c1: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def rows(self, r0: int, r1: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _batched(fn, data: SampleSet, row_chunk: int, device) -> torch.Tensor:
+    out = []
+    for r in range(0, len(data), row_chunk):
+        out.append(fn(data.inputs(np.arange(r, min(r + row_chunk, len(data)))).to(device)))
+    return torch.cat(out)
+
+
+class StudentScorer(Scorer):
+    """Holds the student's hidden units of every test row ([N, s2] or [N, M, s2], small) and the per-vertical
+    norms the self-paced scale divides by; logits are computed block by block from them."""
+
+    def __init__(self, model: Student, data: SampleSet, row_chunk: int, device="cpu"):
+        self.model, self.seg = model, model.segments.tolist()
+        self.num_classes = model.num_classes
+        with torch.no_grad():
+            self.h = _batched(model.hidden, data, row_chunk, device)
+            self.norm = None
+            if model.scale is not None:
+                M, N = len(self.seg) - 1, self.h.shape[0]
+                self.norm = torch.empty(N, M, device=self.h.device)
+                for v in range(M):
+                    for r in range(0, N, row_chunk):
+                        u = model.raw_block(self.h[r:r + row_chunk], self.seg[v], self.seg[v + 1], v)
+                        self.norm[r:r + row_chunk, v] = torch.sqrt((u * u).sum(1) + 1e-12)
+
+    @torch.no_grad()
+    def _scaled(self, h, v, c0, c1, norm):
+        u = self.model.raw_block(h, c0, c1, v)
+        g = self.model.gamma(v, c0, c1)
+        return u if g is None else g * u / norm[:, v:v + 1]
+
+    def block(self, v, c0, c1):
+        return self._scaled(self.h, v, c0, c1, self.norm)
+
+    def rows(self, r0, r1):
+        h, norm = self.h[r0:r1], None if self.norm is None else self.norm[r0:r1]
+        return torch.cat([self._scaled(h, v, self.seg[v], self.seg[v + 1], norm)
+                          for v in range(len(self.seg) - 1)], dim=1)
+
+
+class SpecialistScorer(Scorer):
+    """The specialists together: class c is scored by its vertical's teacher (sigmoid logits)."""
+
+    def __init__(self, teachers: List[Specialist], taxonomy: Taxonomy, data: SampleSet, row_chunk: int, device="cpu"):
+        self.teachers, self.data, self.row_chunk, self.device = teachers, data, row_chunk, device
+        self.seg = taxonomy.segments.tolist()
+        self.num_classes = taxonomy.num_classes
+        self._v, self._logits = None, None
+
+    @torch.no_grad()
+    def block(self, v, c0, c1):
+        if self._v != v:  # one vertical's logits at a time: [N, N_v]
+            self._v, self._logits = v, None
+            self._logits = _batched(self.teachers[v], self.data, self.row_chunk, self.device)
+        return self._logits[:, c0 - self.seg[v]:c1 - self.seg[v]]
+
+    @torch.no_grad()
+    def rows(self, r0, r1):
+        x = self.data.inputs(np.arange(r0, r1)).to(self.device)
+        return torch.cat([t(x) for t in self.teachers], dim=1)
+
+
+@torch.no_grad()
+def ap_per_class(scorer: Scorer, taxonomy: Taxonomy, data: SampleSet, class_chunk: int,
+                 progress: Optional[Callable] = None) -> np.ndarray:
+    """AP of every class (NaN where the test split has no positive), in column chunks of classes."""
+    N, V = len(data), taxonomy.num_classes
+    colptr, colrows = data.labels.columns(V)
+    ap = np.full(V, np.nan)
+    seg = taxonomy.segments.tolist()
+    chunks = [(v, c0, min(c0 + class_chunk, seg[v + 1])) for v in range(len(seg) - 1)
+              for c0 in range(seg[v], seg[v + 1], class_chunk)]
+    it = progress(chunks, desc="AP", unit="chunk", leave=False) if progress else chunks
+    for v, c0, c1 in it:
+        npos = np.diff(colptr[c0:c1 + 1])
+        if npos.sum() == 0:
+            continue
+        S = scorer.block(v, c0, c1).float()  # [N, C]
+        col = torch.from_numpy(np.repeat(np.arange(c1 - c0), npos))
+        row = torch.from_numpy(colrows[colptr[c0]:colptr[c1]])
+        Y = torch.zeros(N, c1 - c0, dtype=torch.bool, device=S.device)
+        Y[row, col] = True
+        p = S[row, col]
+        prec = torch.empty(len(p), dtype=torch.float64)
+        step = max(1, PAIR_BUDGET // max(N, 1))
+        for k in range(0, len(p), step):
+            cols = col[k:k + step]
+            ge = S[:, cols] >= p[None, k:k + step]  # [N, pairs]
+            n_all = ge.sum(0)
+            n_pos = (ge & Y[:, cols]).sum(0)
+            prec[k:k + step] = (n_pos.double() / n_all.double()).cpu()
+        sums = torch.zeros(c1 - c0, dtype=torch.float64).index_add_(0, col, prec).numpy()
+        has = npos > 0
+        ap[c0:c1][has] = sums[has] / npos[has]
+    return ap
+
+
+@torch.no_grad()
+def top_k_accuracy(scorer: Scorer, taxonomy: Taxonomy, data: SampleSet, ks=(1, 5)) -> Dict[int, float]:
+    N, V = len(data), taxonomy.num_classes
+    fine = data.labels.fine()
+    rows = max(1, min(N, (1 << 23) // V))  # bound a row chunk's [rows, V] scores to 32 MB
+    hits = {k: 0 for k in ks}
+    kmax = min(max(ks), V)
+    for r0 in range(0, N, rows):
+        r1 = min(N, r0 + rows)
+        S = scorer.rows(r0, r1).float()
+        for i in range(r1 - r0):  # ancestors are correct too: keep them out of the fine class's way
+            anc = taxonomy.ancestors(int(fine[r0 + i]))
+            if anc:
+                S[i, anc] = -float("inf")
+        top = S.topk(kmax, dim=1).indices.cpu().numpy()
+        f = fine[r0:r1, None]
+        for k in ks:
+            hits[k] += int((top[:, :k] == f).any(1).sum())
+    return {k: hits[k] / N for k in ks}
+
+
+def summarize(ap: np.ndarray, taxonomy: Taxonomy) -> Dict:
+    per_vertical = []
+    for v in range(taxonomy.num_verticals):
+        a = ap[taxonomy.classes_of(v).start:taxonomy.classes_of(v).stop]
+        per_vertical.append(float(np.nanmean(a)) if np.isfinite(a).any() else float("nan"))
+    return {"map_per_vertical": per_vertical, "map": float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan"),
+            "classes_evaluated": int(np.isfinite(ap).sum())}
+
+
+@torch.no_grad()
+def time_per_sample(forward: Callable, data: SampleSet, batch: int, device="cpu", repeats: int = 5) -> float:
+    """Median milliseconds per sample of a full forward (all classes) over a batch of test inputs."""
+    x = data.inputs(np.arange(min(batch, len(data)))).to(device)
+    forward(x)  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        forward(x)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)) * 1000.0 / x.shape[0]
+
+
+def evaluate(scorer: Scorer, taxonomy: Taxonomy, data: SampleSet, class_chunk: int,
+             progress: Optional[Callable] = None) -> Dict:
+    ap = ap_per_class(scorer, taxonomy, data, class_chunk, progress)
+    out = summarize(ap, taxonomy)
+    acc = top_k_accuracy(scorer, taxonomy, data)
+    out.update(top1=acc[1], top5=acc[5])
+    out["ap"] = [None if not np.isfinite(a) else float(a) for a in ap]
+    return out

@@ -1,0 +1,298 @@
+"""The stages of a run and the output directory they share.
+
+    out/config.yaml        the run's config (a resumed run must match it)
+    out/state.json         which stages are finished
+    out/taxonomy.csv       the label space
+    out/data/{train,test}  feature shards (synthetic data; real data is read where data.path points)
+    out/specialists/       one teacher checkpoint per vertical
+    out/cache/             the teacher cache (index.npy, value.npy, manifest.json)
+    out/students/          one checkpoint per student run
+    out/eval/              one JSON of metrics per model
+    out/report/            results.md, results.json, loss_curves.png, map_per_vertical.png
+
+Every stage reuses the finished part of an interrupted run of itself when asked to resume: teachers, cache
+verticals, student epochs (and the position inside an epoch), evaluated models.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from typing import Callable, Dict, Optional
+
+import numpy as np
+import torch
+import yaml
+
+from kc import cache as cache_mod
+from kc import checkpoint, config, data, evaluate, models, report, taxonomy, teachers, train
+
+STAGES = ("data", "specialists", "cache", "student", "eval", "report")
+
+
+class StageError(RuntimeError):
+    """A stage cannot run: an earlier stage is missing, or the output directory belongs to another run."""
+
+
+def progress_factory(enabled: Optional[bool] = None) -> Callable:
+    from tqdm.auto import tqdm
+
+    def make(iterable=None, **kw):
+        kw.setdefault("disable", None if enabled is None else not enabled)
+        kw.setdefault("mininterval", 0.5)
+        kw.setdefault("dynamic_ncols", True)
+        return tqdm(iterable, **kw)
+
+    return make
+
+
+def log(msg: str) -> None:
+    print(f"[kc] {msg}", flush=True)
+
+
+class Workspace:
+    def __init__(self, out: str, cfg: config.RunConfig, progress: Optional[Callable] = None):
+        self.out, self.cfg = os.path.abspath(out), cfg
+        self.progress = progress
+        self.data_dir = os.path.join(self.out, "data")
+        self.specialists_dir = os.path.join(self.out, "specialists")
+        self.cache_dir = os.path.join(self.out, "cache")
+        self.students_dir = os.path.join(self.out, "students")
+        self.eval_dir = os.path.join(self.out, "eval")
+        self.report_dir = os.path.join(self.out, "report")
+        self.state_path = os.path.join(self.out, "state.json")
+        self._tax = None
+        self._splits = {}
+
+    # ------------------------------------------------------------------ state
+    def open(self) -> None:
+        """Creates the directory or checks that it holds this same run (same config)."""
+        os.makedirs(self.out, exist_ok=True)
+        cpath = os.path.join(self.out, "config.yaml")
+        if os.path.exists(cpath):
+            with open(cpath) as f:
+                saved = yaml.safe_load(f) or {}
+            mine = self.cfg.to_dict()
+            diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+            if diff:
+                raise StageError(f"{self.out} holds a run with another config (differs in: {', '.join(diff)}); "
+                                 "use another --out, or the same preset/config/seed as that run")
+        else:
+            checkpoint.write_text(cpath, self.cfg.to_yaml())
+
+    def state(self) -> Dict:
+        if os.path.exists(self.state_path):
+            return checkpoint.read_json(self.state_path)
+        return {"stages": {}}
+
+    def done(self, stage: str) -> bool:
+        return bool(self.state()["stages"].get(stage, {}).get("done"))
+
+    def mark(self, stage: str, seconds: float, **info) -> None:
+        st = self.state()
+        st["stages"][stage] = dict(info, done=True, seconds=round(seconds, 2))
+        for later in STAGES[STAGES.index(stage) + 1:]:  # a redone stage makes later results stale
+            if later in st["stages"]:
+                st["stages"][later]["done"] = False
+        checkpoint.write_json(self.state_path, st)
+
+    def require(self, stage: str) -> None:
+        if not self.done(stage):
+            raise StageError(f"stage {stage!r} has not finished in {self.out}; run `kc {stage} --out {self.out}` "
+                             f"(or `kc run --resume --out {self.out}`) first")
+
+    # ------------------------------------------------------------------ shared inputs
+    def taxonomy(self) -> taxonomy.Taxonomy:
+        if self._tax is None:
+            self.require("data")
+            self._tax = taxonomy.load(os.path.join(self.out, "taxonomy.csv"))
+        return self._tax
+
+    def split(self, name: str) -> data.SampleSet:
+        if name not in self._splits:
+            d = self.cfg.data
+            root = self.data_dir if d.kind == "synthetic" else d.path
+            self._splits[name] = data.open_split(d.kind, os.path.join(root, name), self.taxonomy(), d.image_size)
+        return self._splits[name]
+
+    def student_path(self, run: str) -> str:
+        return os.path.join(self.students_dir, f"{run}.pt")
+
+    def expected_cache(self) -> Dict:
+        tax, tr = self.taxonomy(), self.split("train")
+        return cache_mod.expected_manifest(tax, tr, self.cfg.cache.top_k,
+                                           teachers.checksums(self.specialists_dir, tax.num_verticals),
+                                           data.fingerprint(tr))
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+def stage_data(ws: Workspace, resume: bool) -> Dict:
+    cfg = ws.cfg
+    t = cfg.taxonomy
+    if t.file:
+        tax = taxonomy.load(t.file)
+    else:
+        tax = taxonomy.generate(t.num_verticals, t.num_classes, coarse_fraction=t.coarse_fraction,
+                                size_spread=t.size_spread, seed=cfg.seed)
+    tax.save(os.path.join(ws.out, "taxonomy.csv"))
+    ws._tax, ws._splits = tax, {}
+    log(f"taxonomy: {tax.summary()}")
+    if cfg.data.kind == "synthetic":
+        sizes = data.write_synthetic(ws.data_dir, tax, cfg.data, cfg.seed, ws.progress)
+    else:
+        root = cfg.data.path
+        sizes = {}
+        for split in ("train", "test"):
+            sizes[split] = len(data.open_split(cfg.data.kind, os.path.join(root, split), tax, cfg.data.image_size))
+    log(f"data: {sizes['train']} training and {sizes['test']} test samples ({cfg.data.kind})")
+    return {"train": sizes["train"], "test": sizes["test"]}
+
+
+def stage_specialists(ws: Workspace, resume: bool) -> Dict:
+    tax, tr = ws.taxonomy(), ws.split("train")
+    if not resume and os.path.isdir(ws.specialists_dir):
+        shutil.rmtree(ws.specialists_dir)
+    teachers.train_specialists(ws.cfg, tax, tr, ws.specialists_dir, ws.cfg.seed, ws.progress, resume=resume)
+    return {"teachers": tax.num_verticals}
+
+
+def stage_cache(ws: Workspace, resume: bool) -> Dict:
+    ws.require("specialists")
+    tax, tr = ws.taxonomy(), ws.split("train")
+    if not resume and os.path.isdir(ws.cache_dir):
+        shutil.rmtree(ws.cache_dir)
+    ts = teachers.load_specialists(ws.cfg, tax, tr.input_shape, ws.specialists_dir)
+    m = cache_mod.build(ws.cache_dir, ts, tax, tr, ws.expected_cache(), ws.cfg.cache.batch_size, ws.cfg.device,
+                        ws.progress)
+    size = sum(os.path.getsize(os.path.join(ws.cache_dir, f)) for f in (cache_mod.INDEX_FILE, cache_mod.VALUE_FILE))
+    log(f"teacher cache: top-{m['top_k']} of {m['num_samples']} samples, {size / 2**20:.1f} MiB")
+    return {"top_k": m["top_k"], "bytes": size}
+
+
+def stage_student(ws: Workspace, resume: bool) -> Dict:
+    cfg = ws.cfg
+    tax, tr = ws.taxonomy(), ws.split("train")
+    runs = cfg.runs()
+    cache = None
+    if any(train.parse_run(r)[0] != "generalist" for r in runs):
+        ws.require("cache")
+        cache = cache_mod.TeacherCache(ws.cache_dir, ws.expected_cache())
+    os.makedirs(ws.students_dir, exist_ok=True)
+    out = {}
+    for run in runs:
+        path = ws.student_path(run)
+        if not resume and os.path.exists(path):
+            os.remove(path)
+        res = train.train_student(cfg, tax, tr, run, path, cfg.seed, cache, ws.progress)
+        out[run] = {"seconds": round(res["seconds"], 2), "final_loss": res["history"]["epoch_loss"][-1]}
+        log(f"student {run}: final epoch loss {out[run]['final_loss']:.4f} ({res['seconds']:.1f}s)")
+    return out
+
+
+def _eval_student(ws: Workspace, run: str) -> Dict:
+    cfg, tax, te = ws.cfg, ws.taxonomy(), ws.split("test")
+    model, state = train.load_student(cfg, tax, te.input_shape, run, ws.student_path(run))
+    scorer = evaluate.StudentScorer(model, te, cfg.eval.row_chunk, cfg.device)
+    res = evaluate.evaluate(scorer, tax, te, cfg.eval.class_chunk, ws.progress)
+    method, head = train.parse_run(run)
+    st = cfg.student
+    res.update(parameters=models.count_parameters(model),
+               head_weights=models.head_weight_count(head, sb=st.sb, N=tax.num_classes, M=tax.num_verticals,
+                                                     s1=st.s1, s2=st.s2, s1s=st.s1s, s1i=st.s1i, s2_fc=st.s2_fc,
+                                                     shared=st.shared),
+               ms_per_sample=evaluate.time_per_sample(model.scores, te, cfg.eval.timing_batch, cfg.device),
+               train_seconds=state["seconds"], history=state["history"], method=method, head=head,
+               scale=train.run_scale(cfg, method))
+    return res
+
+
+def _eval_specialists(ws: Workspace) -> Dict:
+    cfg, tax, te = ws.cfg, ws.taxonomy(), ws.split("test")
+    ts = teachers.load_specialists(cfg, tax, te.input_shape, ws.specialists_dir)
+    scorer = evaluate.SpecialistScorer(ts, tax, te, cfg.eval.row_chunk, cfg.device)
+    res = evaluate.evaluate(scorer, tax, te, cfg.eval.class_chunk, ws.progress)
+
+    def all_teachers(x):
+        return [t(x) for t in ts]
+
+    res.update(parameters=sum(models.count_parameters(t) for t in ts),
+               ms_per_sample=evaluate.time_per_sample(all_teachers, te, cfg.eval.timing_batch, cfg.device),
+               history={}, method="specialists", head="", scale="none")
+    return res
+
+
+def stage_eval(ws: Workspace, resume: bool) -> Dict:
+    ws.require("student")
+    os.makedirs(ws.eval_dir, exist_ok=True)
+    out = {}
+    for run in ws.cfg.runs() + ["specialists"]:
+        path = os.path.join(ws.eval_dir, f"{run}.json")
+        if resume and os.path.exists(path):
+            res = checkpoint.read_json(path)
+        else:
+            t0 = time.time()
+            res = _eval_specialists(ws) if run == "specialists" else _eval_student(ws, run)
+            res["eval_seconds"] = round(time.time() - t0, 2)
+            checkpoint.write_json(path, res)
+        out[run] = res["map"]
+        log(f"eval {report.label(run)}: mAP {100 * res['map']:.2f}%, top-1 {100 * res['top1']:.2f}%, "
+            f"top-5 {100 * res['top5']:.2f}% ({res['eval_seconds']:.1f}s)")
+    return {"map": out}
+
+
+def stage_report(ws: Workspace, resume: bool) -> Dict:
+    ws.require("eval")
+    cfg, tax = ws.cfg, ws.taxonomy()
+    runs = cfg.runs() + ["specialists"]
+    evals = {r: checkpoint.read_json(os.path.join(ws.eval_dir, f"{r}.json")) for r in runs}
+    histories = {r: evals[r].pop("history", {}) for r in runs}
+    results = {"name": cfg.name, "seed": cfg.seed, "num_classes": tax.num_classes, "verticals": tax.vertical_names,
+               "vertical_sizes": tax.vertical_sizes().tolist(), "num_train": len(ws.split("train")),
+               "num_test": len(ws.split("test")), "scale": cfg.student.scale, "config": cfg.to_dict(),
+               "stage_seconds": {k: v.get("seconds") for k, v in ws.state()["stages"].items()},
+               "models": evals}
+    files = report.write(results, {r: h for r, h in histories.items() if h}, ws.report_dir)
+    print(report.markdown(results))
+    log("report: " + ", ".join(os.path.relpath(p, os.getcwd()) for p in files.values()))
+    return {"files": files}
+
+
+STAGE_FUNCS = {"data": stage_data, "specialists": stage_specialists, "cache": stage_cache,
+               "student": stage_student, "eval": stage_eval, "report": stage_report}
+
+
+def run_stage(ws: Workspace, stage: str, resume: bool = False) -> Dict:
+    if stage != "data":
+        ws.require(STAGES[STAGES.index(stage) - 1])
+    t0 = time.time()
+    log(f"stage {stage} ...")
+    info = STAGE_FUNCS[stage](ws, resume)
+    dt = time.time() - t0
+    ws.mark(stage, dt, **{k: v for k, v in info.items() if k != "files"})
+    log(f"stage {stage} done in {dt:.1f}s")
+    return info
+
+
+def run_all(ws: Workspace, resume: bool = False) -> None:
+    st = ws.state()["stages"]
+    if not resume and any(v.get("done") for v in st.values()):
+        raise StageError(f"{ws.out} already holds (part of) a run; pass --resume to continue it, or use another --out")
+    t0 = time.time()
+    for stage in STAGES:
+        if resume and ws.done(stage):
+            log(f"stage {stage}: already done, skipped")
+            continue
+        run_stage(ws, stage, resume=resume)
+    log(f"all stages done in {time.time() - t0:.1f}s; report in {ws.report_dir}")
+
+
+def configure_torch(cfg: config.RunConfig) -> None:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise config.ConfigError(f"device: {cfg.device!r} requested but no CUDA device is available")
+    np.seterr(invalid="ignore")
+    if sys.version_info < (3, 9):  # pragma: no cover
+        raise RuntimeError("kc needs Python 3.9+")

@@ -1,0 +1,101 @@
+"""Specialists: one teacher per vertical, trained with sigmoid cross-entropy over that vertical's classes.
+
+A teacher sees its vertical's samples (multi-label: fine class and ancestors) plus some samples of other
+verticals as all-negative rows, so its scores mean something on any input (the evaluation scores every test
+sample). Each finished teacher is saved atomically on its own, so an interrupted stage keeps the finished ones.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, List, Optional
+
+import numpy as np
+import torch
+
+import kc_kernels
+from kc import checkpoint
+from kc.data import SampleSet
+from kc.models import Specialist, build_specialist
+from kc.taxonomy import Taxonomy
+
+
+def teacher_path(directory: str, vertical: int) -> str:
+    return os.path.join(directory, f"vertical-{vertical:03d}.pt")
+
+
+def local_targets(labels_padded: np.ndarray, first: int, size: int) -> np.ndarray:
+    """Label ids inside [first, first + size) as local ids; every other entry becomes -1 padding."""
+    local = labels_padded - first
+    return np.where((labels_padded >= 0) & (local >= 0) & (local < size), local, -1)
+
+
+def train_specialist(cfg, taxonomy: Taxonomy, train: SampleSet, vertical: int, seed: int,
+                     progress: Optional[Callable] = None) -> Specialist:
+    sp = cfg.specialists
+    torch.manual_seed(seed * 1000 + vertical)
+    rng = np.random.default_rng([seed, 11, vertical])
+    model = build_specialist(cfg, train.input_shape, taxonomy, vertical).to(cfg.device)
+    opt = torch.optim.Adam(model.parameters(), lr=sp.lr, weight_decay=sp.weight_decay)
+    verts = train.verticals(taxonomy)
+    own = np.flatnonzero(verts == vertical)
+    others = np.flatnonzero(verts != vertical)
+    n_bg = min(len(others), int(round(sp.background_fraction * len(own))))
+    first, size = taxonomy.classes_of(vertical).start, len(taxonomy.classes_of(vertical))
+    steps = -(-(len(own) + n_bg) // sp.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=sp.lr, total_steps=sp.epochs * steps, pct_start=0.2)
+    bar = progress(total=sp.epochs * steps, desc=f"specialist {vertical}", unit="step", leave=False) if progress else None
+    model.train()
+    for _ in range(sp.epochs):
+        rows = np.concatenate([own, rng.choice(others, n_bg, replace=False)]) if n_bg else own
+        rows = rng.permutation(rows)
+        for s in range(steps):
+            idx = np.sort(rows[s * sp.batch_size:(s + 1) * sp.batch_size])
+            x = train.inputs(idx).to(cfg.device)
+            tgt = torch.from_numpy(local_targets(train.labels.padded(idx), first, size)).to(cfg.device)
+            h = model.backbone(x)
+            loss = kc_kernels.linear_soft_target_loss(h, model.out.weight, model.out.bias, target_index=tgt,
+                                                      target_value=(tgt >= 0).float(), backend=cfg.backend)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    if bar is not None:
+        bar.close()
+    model.eval()
+    return model
+
+
+def train_specialists(cfg, taxonomy: Taxonomy, train: SampleSet, directory: str, seed: int,
+                      progress: Optional[Callable] = None, resume: bool = True) -> List[str]:
+    """Trains every missing teacher (all of them when resume is False); returns the checkpoint paths."""
+    os.makedirs(directory, exist_ok=True)
+    paths = []
+    for v in range(taxonomy.num_verticals):
+        path = teacher_path(directory, v)
+        if not (resume and os.path.exists(path)):
+            model = train_specialist(cfg, taxonomy, train, v, seed, progress)
+            checkpoint.save({"vertical": v, "state": model.state_dict(), "num_classes": len(taxonomy.classes_of(v))},
+                            path)
+        paths.append(path)
+    return paths
+
+
+def load_specialist(cfg, taxonomy: Taxonomy, input_shape, path: str) -> Specialist:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such specialist; run `kc specialists` first")
+    ck = checkpoint.load(path)
+    model = build_specialist(cfg, input_shape, taxonomy, ck["vertical"])
+    model.load_state_dict(ck["state"])
+    return model.to(cfg.device).eval()
+
+
+def load_specialists(cfg, taxonomy: Taxonomy, input_shape, directory: str) -> List[Specialist]:
+    return [load_specialist(cfg, taxonomy, input_shape, teacher_path(directory, v))
+            for v in range(taxonomy.num_verticals)]
+
+
+def checksums(directory: str, num_verticals: int) -> List[str]:
+    return [checkpoint.file_sha256(teacher_path(directory, v)) for v in range(num_verticals)]
