@@ -7,6 +7,8 @@ Peak memory is what the timed call adds above what was resident before it:
 - CUDA: torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus memory_allocated() before;
 - CPU: the process's resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs) minus the resident
   set before the call: every byte the call makes resident (tensors, BLAS scratch, the gradients it returns).
+``extra_mb`` is that peak less the gradients the call returns (dx, dW, dbias), which every implementation must
+produce: the working memory of the implementation itself.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ class Row:
     ms: float = math.nan
     ms_min: float = math.nan
     peak_mb: float = math.nan
+    extra_mb: float = math.nan
     floor_ms: float = math.nan
     note: str = ""
 
@@ -47,7 +50,7 @@ class Row:
 
     def as_dict(self) -> Dict:
         return {"case": self.case, "shape": self.shape, "impl": self.impl, "median_ms": self.ms,
-                "min_ms": self.ms_min, "peak_mb": self.peak_mb, "floor_ms": self.floor_ms, "ratio": self.ratio,
+                "min_ms": self.ms_min, "peak_mb": self.peak_mb, "extra_mb": self.extra_mb, "floor_ms": self.floor_ms, "ratio": self.ratio,
                 "note": self.note}
 
 
@@ -66,8 +69,16 @@ def _status_kb(key: str) -> int:
     raise KeyError(key)
 
 
-def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:
-    """Memory one call of ``fn`` adds at its peak, in MiB (see the module docstring)."""
+def _nbytes(out) -> int:
+    if isinstance(out, torch.Tensor):
+        return out.numel() * out.element_size()
+    if isinstance(out, (tuple, list)):
+        return sum(_nbytes(o) for o in out)
+    return 0
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device):
+    """(peak MiB one call of ``fn`` adds, MiB of the tensors it returns); see the module docstring."""
     gc.collect()
     if device.type == "cuda":
         _sync(device)
@@ -76,18 +87,20 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:
         out = fn()
         _sync(device)
         peak = torch.cuda.max_memory_allocated(device) - base
-        del out
-        return peak / 2 ** 20
+        return peak / 2 ** 20, _nbytes(out) / 2 ** 20
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current resident set
     except OSError:
-        return math.nan
+        return math.nan, math.nan
     base = _status_kb("VmRSS")
     out = fn()
     peak = _status_kb("VmHWM") - base
-    del out
-    return peak / 1024
+    return peak / 1024, _nbytes(out) / 2 ** 20
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:
+    return peak_memory(fn, device)[0]
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, repeats: int = 5, warmup: int = 1):
@@ -235,7 +248,8 @@ def measure(case: str, shape: str, impl: str, fn: Optional[Callable], device, fl
         row.note = note or "not available"
         return row
     try:
-        row.peak_mb = peak_memory_mb(fn, device)
+        row.peak_mb, out_mb = peak_memory(fn, device)
+        row.extra_mb = row.peak_mb - out_mb
         row.ms, row.ms_min = time_ms(fn, device, repeats=repeats, warmup=0)
     except (RuntimeError, NotImplementedError, MemoryError) as e:  # e.g. out of memory at the largest shapes
         row.note = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
@@ -243,10 +257,10 @@ def measure(case: str, shape: str, impl: str, fn: Optional[Callable], device, fl
 
 
 def format_table(rows: List[Row]) -> str:
-    head = f"{'case':<18} {'shape':<20} {'impl':<16} {'median ms':>10} {'min ms':>9} {'peak MB':>9} {'floor ms':>9} " \
-           f"{'ratio':>6}  note"
+    head = f"{'case':<18} {'shape':<20} {'impl':<16} {'median ms':>10} {'min ms':>9} {'peak MB':>9} {'extra MB':>9} " \
+           f"{'floor ms':>9} {'ratio':>6}  note"
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r.case:<18} {r.shape:<20} {r.impl:<16} {r.ms:>10.1f} {r.ms_min:>9.1f} {r.peak_mb:>9.1f} "
-                     f"{r.floor_ms:>9.1f} {r.ratio:>6.2f}  {r.note}")
+                     f"{r.extra_mb:>9.1f} {r.floor_ms:>9.1f} {r.ratio:>6.2f}  {r.note}")
     return "\n".join(lines)
