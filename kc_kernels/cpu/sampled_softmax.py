@@ -75,18 +75,17 @@ class _CpuSampledSoftmax:
         return per_row, _State(x, w_sampled, w_true, ids, labels, valid, prob, dlogit_true, p.bias is not None)
 
     def gradients(self, s: _State, scale: torch.Tensor, need_x: bool) -> RowGradients:
-        d_sampled = s.prob_sampled * scale[:, None]  # [B, S]
-        d_true = s.dlogit_true * scale[:, None]  # [B, T]
+        d_sampled = s.prob_sampled.mul_(scale[:, None])  # [B, S]; in place: the state is used once
+        d_true = s.dlogit_true.mul_(scale[:, None])  # [B, T]
         dx = None
         if need_x:
             dx = d_sampled @ s.w_sampled
             dx += torch.bmm(d_true[:, None, :], s.w_true).squeeze(1)
         dw_sampled = d_sampled.t() @ s.x  # [S, H]
         d_true_valid = d_true[s.valid]  # padded entries touch no row
-        dw_true = d_true_valid[:, None] * s.x[:, None, :].expand(-1, s.labels.shape[1], -1)[s.valid]
-        rows = torch.cat([s.ids, s.labels[s.valid]])
-        db = torch.cat([d_sampled.sum(dim=0), d_true_valid])
-        return RowGradients(dx, rows, torch.cat([dw_sampled, dw_true]), db)
+        x_true = s.x[:, None, :].expand(-1, s.labels.shape[1], -1)[s.valid]
+        return RowGradients(dx, [s.ids, s.labels[s.valid]], [dw_sampled, x_true.mul_(d_true_valid[:, None])],
+                            [d_sampled.sum(dim=0), d_true_valid])
 
 
 _IMPL = _CpuSampledSoftmax()

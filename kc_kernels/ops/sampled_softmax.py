@@ -64,6 +64,9 @@ def sampled_softmax_loss(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     ("log_uniform", "uniform" or "unigram" over class_counts ** distortion), drawn with ``generator``, or are
     given as ``sampled=(ids, true_expected, sampled_expected)``. Logits subtract log expected counts when
     subtract_log_q; sampled ids equal to a row's true label are masked when remove_accidental_hits.
+    sample_weight [B] scales each row's loss (a constant: it gets no gradient). With sparse_grad, weight.grad and
+    bias.grad become sparse COO tensors holding only the touched rows (the sampled and true classes) on the cpu
+    and triton backends; the reference backend always returns dense gradients.
     """
     checks.tensor("x", x, dims=(2,), floating=True)
     checks.tensor("weight", weight, dims=(2,), floating=True)

@@ -12,7 +12,7 @@ mix rows in the weight gradient, so the gradients wait for the backward call.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Protocol, Tuple
+from typing import Any, List, Optional, Protocol, Tuple
 
 import torch
 
@@ -70,10 +70,11 @@ class SampledSoftmaxImpl(Protocol):
 
 @dataclass
 class RowGradients:
+    """Gradient pieces; weight rows come in parts (e.g. sampled rows, true rows) so nothing is concatenated."""
     dx: Optional[torch.Tensor]  # [B, H], compute dtype
-    rows: torch.Tensor  # [R] class ids of the touched rows, repeats allowed
-    dweight: torch.Tensor  # [R, H] compute dtype; rows that repeat add up
-    dbias: torch.Tensor  # [R]
+    rows: List[torch.Tensor]  # parts of [R_i] class ids of the touched rows, repeats allowed
+    dweight: List[torch.Tensor]  # parts of [R_i, H] compute dtype; rows that repeat add up
+    dbias: List[torch.Tensor]  # parts of [R_i]
 
 
 @dataclass
@@ -85,13 +86,18 @@ class _Grads:
 
 
 def _coalesce(g: RowGradients, need_w: bool, need_b: bool) -> _Grads:
-    uniq, inverse = torch.unique(g.rows, return_inverse=True)
+    uniq, inverse = torch.unique(torch.cat(g.rows), return_inverse=True)
+    parts = torch.split(inverse, [len(r) for r in g.rows])
     dw = db = None
     if need_w:
-        dw = torch.zeros(len(uniq), g.dweight.shape[1], dtype=g.dweight.dtype, device=g.dweight.device)
-        dw.index_add_(0, inverse, g.dweight)
+        ref = g.dweight[0]
+        dw = torch.zeros(len(uniq), ref.shape[1], dtype=ref.dtype, device=ref.device)
+        for idx, values in zip(parts, g.dweight):
+            dw.index_add_(0, idx, values)
     if need_b:
-        db = torch.zeros(len(uniq), dtype=g.dbias.dtype, device=g.dbias.device).index_add_(0, inverse, g.dbias)
+        db = torch.zeros(len(uniq), dtype=g.dbias[0].dtype, device=uniq.device)
+        for idx, values in zip(parts, g.dbias):
+            db.index_add_(0, idx, values)
     return _Grads(g.dx, uniq, dw, db)
 
 

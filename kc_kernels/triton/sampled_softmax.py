@@ -115,9 +115,8 @@ class _TritonSampledSoftmax:
             dlogits, x, dw_sampled, B, S, H, x.stride(0), **gemm)
         d_true_valid = d_true[s.valid]
         x_rows = x.to(acc_dtype)[:, None, :].expand(-1, T, -1)[s.valid]
-        rows = torch.cat([s.ids, labels[s.valid]])
-        db = torch.cat([dlogits.sum(dim=0), d_true_valid])
-        return RowGradients(dx, rows, torch.cat([dw_sampled, d_true_valid[:, None] * x_rows]), db)
+        return RowGradients(dx, [s.ids, labels[s.valid]], [dw_sampled, x_rows.mul_(d_true_valid[:, None])],
+                            [dlogits.sum(dim=0), d_true_valid])
 
 
 _IMPL = _TritonSampledSoftmax()
