@@ -14,10 +14,24 @@ import torch
 import triton
 import triton.language as tl
 
-from kc_kernels.triton._soft_target_tiles import logits_tile, sigmoid
+from kc_kernels.triton._soft_target_tiles import interpreted, logits_tile, sigmoid
 
 NCOEF = 6  # alpha, beta, lse, teacher lse, 1 / norm, rc
 
+
+def _configs():
+    if interpreted():
+        return [triton.Config(dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, BLOCK_H=32), num_warps=4, num_stages=1)]
+    return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, BLOCK_H=h), num_warps=w, num_stages=s)
+            for m, n, k, h, w, s in ((64, 64, 64, 64, 8, 3), (64, 128, 64, 64, 8, 3), (128, 128, 64, 64, 8, 3),
+                                     (64, 64, 32, 32, 4, 3))]
+
+
+# the gradient buffers are accumulated with atomics, so autotuning must zero them before each trial (and before
+# the final run)
+@triton.autotune(configs=_configs(), key=["H", "SOFTMAX", "DENSE_TEACHER", "HAS_SCALE", "GROUPED", "FROM_LOGITS",
+                                           "NEED_DX", "NEED_DW"],
+                 reset_to_zero=["dx_ptr", "dw_ptr", "dbias_ptr", "dgamma_ptr"])
 
 @triton.jit
 def _soft_target_bwd_kernel(
@@ -107,31 +121,38 @@ def _accumulate_dx_dw(g, x_ptr, w_ptr, dx_ptr, dw_ptr, rows, cols, row_mask, col
     if GROUPED:
         x_off += seg * stride_xg
     w_off = cols * H
-    for h0 in range(0, H, BLOCK_H):
-        hs = h0 + tl.arange(0, BLOCK_H)
-        h_mask = hs < H
-        if NEED_DX:
+    # two loops rather than one: fewer tiles live at once (the fused loop spills registers)
+    if NEED_DX:
+        for h0 in range(0, H, BLOCK_H):
+            hs = h0 + tl.arange(0, BLOCK_H)
+            h_mask = hs < H
             wt = tl.load(w_ptr + w_off[:, None] + hs[None, :], mask=col_mask[:, None] & h_mask[None, :], other=0.0)
             if IEEE:
                 dx_part = tl.dot(gd, wt, input_precision="ieee")
             else:
                 dx_part = tl.dot(gd, wt)
             tl.atomic_add(dx_ptr + x_off[:, None] + hs[None, :], dx_part, mask=row_mask[:, None] & h_mask[None, :])
-        if NEED_DW:
+    if NEED_DW:
+        gt = tl.trans(gd)
+        for h0 in range(0, H, BLOCK_H):
+            hs = h0 + tl.arange(0, BLOCK_H)
+            h_mask = hs < H
             xt = tl.load(x_ptr + x_off[:, None] + hs[None, :], mask=row_mask[:, None] & h_mask[None, :], other=0.0)
             if IEEE:
-                dw_part = tl.dot(tl.trans(gd), xt, input_precision="ieee")
+                dw_part = tl.dot(gt, xt, input_precision="ieee")
             else:
-                dw_part = tl.dot(tl.trans(gd), xt)
+                dw_part = tl.dot(gt, xt)
             tl.atomic_add(dw_ptr + w_off[:, None] + hs[None, :], dw_part, mask=col_mask[:, None] & h_mask[None, :])
 
-
 def launch_bwd(*, x, w, bias, logits, teacher, gamma, coef, chunks, dx, dw, dbias, dgamma, dlogits, B, H, G,
-               inv_temp, softmax, grouped, skip_below, cfg):
+               inv_temp, softmax, grouped, skip_below):
     start, end, seg = chunks
     C = start.numel()
     ref = logits if logits is not None else x
-    grid = (triton.cdiv(B, cfg.block_m) * C,)
+    scratch = torch.zeros(1, dtype=torch.float32, device=coef.device)  # stands in for gradients not asked for
+
+    def grid(meta):
+        return (triton.cdiv(B, meta["BLOCK_M"]) * C,)
 
     def ptr(t, fallback=ref):
         return t if t is not None else fallback
@@ -139,13 +160,11 @@ def launch_bwd(*, x, w, bias, logits, teacher, gamma, coef, chunks, dx, dw, dbia
     _soft_target_bwd_kernel[grid](
         ptr(x), ptr(w), ptr(bias), ptr(logits), ptr(teacher), ptr(gamma, coef), coef,
         start, end, seg,
-        ptr(dx, coef), ptr(dw, coef), ptr(dbias, coef), ptr(dgamma, coef), ptr(dlogits),
+        ptr(dx, scratch), ptr(dw, scratch), ptr(dbias, scratch), ptr(dgamma, scratch), ptr(dlogits),
         B, H, G, B * G,
         x.stride(0) if x is not None else 0, (x.stride(1) if grouped else 0) if x is not None else 0,
         logits.stride(0) if logits is not None else 0, teacher.stride(0) if teacher is not None else 0,
         inv_temp, float(skip_below),
         SOFTMAX=softmax, DENSE_TEACHER=teacher is not None, HAS_SCALE=gamma is not None, HAS_BIAS=bias is not None,
         NEED_DX=dx is not None, NEED_DW=dw is not None, NEED_DBIAS=dbias is not None, GROUPED=grouped,
-        FROM_LOGITS=logits is not None, IEEE=ref.dtype == torch.float32, SKIP_SMALL=skip_below > 0,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_H=cfg.block_h,
-        num_warps=cfg.bwd_num_warps, num_stages=cfg.num_stages)
+        FROM_LOGITS=logits is not None, IEEE=ref.dtype == torch.float32, SKIP_SMALL=skip_below > 0)

@@ -15,10 +15,23 @@ import torch
 import triton
 import triton.language as tl
 
-from kc_kernels.triton._soft_target_tiles import logits_tile, softplus_and_sigmoid, sigmoid
+from kc_kernels.triton._soft_target_tiles import interpreted, logits_tile, softplus_and_sigmoid, sigmoid
 
 NSTAT = 6
 
+
+def _configs():
+    if interpreted():
+        return [triton.Config(dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16), num_warps=4, num_stages=1)]
+    # 128x128 tiles reach the 255-register limit once the softmax/teacher temporaries are live (sm_90 compile),
+    # hence the smaller candidates; configs that do not fit are skipped by the autotuner
+    return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=s)
+            for m, n, k, w, s in ((64, 64, 64, 8, 3), (64, 128, 64, 8, 3), (128, 64, 64, 8, 3),
+                                  (128, 128, 64, 8, 3), (64, 64, 32, 4, 3))]
+
+
+@triton.autotune(configs=_configs(), key=["H", "NORM_PASS", "SOFTMAX", "DENSE_TEACHER", "HAS_SCALE", "GROUPED",
+                                           "FROM_LOGITS"])
 
 @triton.jit
 def _soft_target_fwd_kernel(
@@ -107,12 +120,15 @@ def _soft_target_fwd_kernel(
 
 
 def launch_fwd(*, x, w, bias, logits, teacher, gamma, inv_norm, chunks, stats, B, H, G, inv_temp, norm_pass,
-               softmax, grouped, cfg):
+               softmax, grouped):
     start, end, seg = chunks
     C = start.numel()
     ref = logits if logits is not None else x
     dummy = ref  # unused pointer arguments still need a tensor
-    grid = (triton.cdiv(B, cfg.block_m) * C,)
+
+    def grid(meta):
+        return (triton.cdiv(B, meta["BLOCK_M"]) * C,)
+
     _soft_target_fwd_kernel[grid](
         x if x is not None else dummy, w if w is not None else dummy, bias if bias is not None else dummy,
         logits if logits is not None else dummy, teacher if teacher is not None else dummy,
@@ -123,7 +139,5 @@ def launch_fwd(*, x, w, bias, logits, teacher, gamma, inv_norm, chunks, stats, B
         logits.stride(0) if logits is not None else 0, teacher.stride(0) if teacher is not None else 0,
         inv_temp,
         NORM_PASS=norm_pass, SOFTMAX=softmax, DENSE_TEACHER=teacher is not None, HAS_SCALE=gamma is not None,
-        HAS_BIAS=bias is not None, GROUPED=grouped, FROM_LOGITS=logits is not None, IEEE=ref.dtype == torch.float32,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        HAS_BIAS=bias is not None, GROUPED=grouped, FROM_LOGITS=logits is not None, IEEE=ref.dtype == torch.float32)
 

@@ -6,11 +6,17 @@ on the host from the segment offsets; a segment longer than the chunk length is 
 """
 from __future__ import annotations
 
+import os
 from typing import List, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+
+def interpreted() -> bool:
+    """Kernels run under TRITON_INTERPRET=1 (CPU tests): one small config, since multi-config autotune fails there."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def chunk_table(bounds: List[int], chunk: int, device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -17,8 +17,6 @@ float64 is rejected (Triton's dot has no fast fp64 path; the cpu and reference b
 """
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -26,35 +24,18 @@ import torch
 from kc_kernels.reference import NORM_EPS
 from kc_kernels.triton._soft_target_bwd import NCOEF, launch_bwd
 from kc_kernels.triton._soft_target_fwd import NSTAT, launch_fwd
-from kc_kernels.triton._soft_target_tiles import chunk_table
+from kc_kernels.triton._soft_target_tiles import chunk_table, interpreted
 
 __all__ = ["linear_soft_target_loss", "soft_target_loss"]
 
 _SPARSE_GATHER_ELEMS = 1 << 22  # fp32 elements of gathered weight rows held at once (rows x K x H)
 
 
-@dataclass(frozen=True)
-class KernelConfig:
-    block_m: int  # rows per program
-    block_n: int  # classes per tile
-    block_k: int  # hidden slice of the logits dot
-    block_h: int  # hidden slice of the dx / dW dots
-    chunk: int  # classes per forward program (reduced online over its tiles)
-    num_warps: int
-    bwd_num_warps: int
-    num_stages: int
-
-
-def kernel_config(dtype: torch.dtype, interpreted: bool) -> KernelConfig:
-    if interpreted:  # small tiles: tests then cross tile, chunk and row-block edges at small shapes
-        return KernelConfig(16, 32, 16, 32, 64, 4, 4, 1)
-    if dtype == torch.float32:
-        return KernelConfig(64, 64, 32, 64, 1024, 4, 4, 3)
-    return KernelConfig(128, 128, 64, 64, 1024, 8, 8, 3)
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+def _chunk_lengths():
+    """(forward chunk, backward chunk) in classes. A forward program reduces a whole chunk online, so long chunks
+    mean few statistics to merge; a backward program handles one chunk, so short chunks mean many programs.
+    Tile sizes are the autotuner's; a chunk need not be a multiple of them."""
+    return (64, 32) if interpreted() else (1024, 128)
 
 
 def _segment_ids(bounds, device) -> torch.Tensor:
@@ -119,7 +100,6 @@ class _SoftTargetFunction(torch.autograd.Function):
         softmax = p.mode == "softmax"
         T = float(p.temperature)
         inv_temp = 1.0 / T
-        cfg = kernel_config((logits if from_logits else x).dtype, _interpreted())
         if from_logits:
             logits = logits.contiguous()
             H = 0
@@ -133,11 +113,11 @@ class _SoftTargetFunction(torch.autograd.Function):
         if scale is not None:
             gamma = scale.float() if p.scale_per_class else scale.float()[seg_of_class]
             gamma = gamma.contiguous()
-        chunks = chunk_table(p.bounds, cfg.chunk, dev)
+        chunks = chunk_table(p.bounds, _chunk_lengths()[0], dev)
         cseg = chunks[2]
         C = cseg.numel()
         common = dict(x=x, w=weight, bias=bias, logits=logits, B=B, H=H, G=G, inv_temp=inv_temp,
-                      softmax=softmax, grouped=grouped, cfg=cfg)
+                      softmax=softmax, grouped=grouped)
 
         inv_n = None
         if gamma is not None:
@@ -198,14 +178,14 @@ class _SoftTargetFunction(torch.autograd.Function):
         elif p.reduction == "mean":
             loss = loss.sum() / B
 
-        ctx.p, ctx.cfg, ctx.skip_below = p, cfg, skip_below
+        ctx.p, ctx.skip_below = p, skip_below
         ctx.sparse = sparse
         ctx.save_for_backward(x, weight, bias, logits, scale, teacher, gamma, inv_n, lse, tlse, mass, r_sum, sw)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        p, cfg = ctx.p, ctx.cfg
+        p = ctx.p
         x, weight, bias, logits, scale, teacher, gamma, inv_n, lse, tlse, mass, r_sum, sw = ctx.saved_tensors
         _, _, need_x, need_w, need_b, need_logits, need_scale = ctx.needs_input_grad
         B, V, G = p.batch, p.num_classes, p.num_segments
@@ -254,9 +234,9 @@ class _SoftTargetFunction(torch.autograd.Function):
 
         if from_logits or dx is not None or dw is not None or dbias is not None or need_scale:
             launch_bwd(x=x, w=weight, bias=bias, logits=logits, teacher=teacher, gamma=gamma, coef=coef,
-                       chunks=chunk_table(p.bounds, cfg.block_n, dev), dx=dx, dw=dw, dbias=dbias, dgamma=dgamma,
+                       chunks=chunk_table(p.bounds, _chunk_lengths()[1], dev), dx=dx, dw=dw, dbias=dbias, dgamma=dgamma,
                        dlogits=dlogits, B=B, H=0 if from_logits else x.shape[-1], G=G, inv_temp=inv_temp,
-                       softmax=softmax, grouped=p.grouped, skip_below=ctx.skip_below, cfg=cfg)
+                       softmax=softmax, grouped=p.grouped, skip_below=ctx.skip_below)
 
         if ctx.sparse is not None:
             idx, val, seg_k, u_k, yfac_k, ninv_k = ctx.sparse
