@@ -43,10 +43,12 @@ class DataConfig:
     subspace_dim: int = 12  # dimensions that carry a vertical's fine-grained structure
     vertical_separation: float = 3.0
     coarse_spread: float = 1.6
-    sibling_spread: float = 0.9  # small relative to noise: siblings are confusable
-    noise: float = 0.55
+    sibling_spread: float = 0.6  # small relative to noise: siblings are confusable
+    noise: float = 1.1
     noise_spread: float = 0.4  # verticals differ in difficulty by up to this fraction of the noise
     isotropic_noise: float = 0.3
+    modes: int = 1  # poses per coarse class (multi-modal classes need non-linear capacity)
+    mode_spread: float = 0.0
     label_noise: float = 0.0  # share of training samples labelled as a random sibling
     shard_size: int = 65536
     image_size: int = 32
@@ -55,7 +57,7 @@ class DataConfig:
 @dataclass
 class SpecialistConfig:
     hidden: List[int] = field(default_factory=lambda: [256, 128])
-    epochs: int = 12
+    epochs: int = 30
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 1e-4
@@ -83,10 +85,10 @@ class StudentConfig:
     shared: int = 4  # FC-SC shared head: units of each block shared across verticals
     scale: str = "vertical"  # the self-paced scale of the "self_paced" method
     hard_weight: float = 0.3  # targets = (1 - w) * teacher + w * hard labels
-    epochs: int = 12
+    epochs: int = 24
     batch_size: int = 128
     lr: float = 2e-3
-    scale_lr: float = 2e-2
+    scale_lr: float = 5e-2  # on log(gamma)
     weight_decay: float = 0.0
 
 
@@ -103,7 +105,7 @@ class RunConfig:
     seed: int = 0
     device: str = "cpu"
     backend: str = "auto"  # kc_kernels backend of the loss
-    threads: int = 0  # torch threads; 0 = torch's default
+    threads: int = 1  # torch threads (0 = torch's default); small models gain nothing from more
     taxonomy: TaxonomyConfig = field(default_factory=TaxonomyConfig)
     data: DataConfig = field(default_factory=DataConfig)
     specialists: SpecialistConfig = field(default_factory=SpecialistConfig)
@@ -235,9 +237,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"data.path: kind {d.kind!r} reads real data and needs a path")
     if d.kind != "synthetic" and t.file is None:
         raise ConfigError(f"taxonomy.file: real data (data.kind={d.kind!r}) needs its taxonomy file")
-    for k in ("feature_dim", "train_per_class", "test_per_class", "subspace_dim", "shard_size", "image_size"):
+    for k in ("modes", "feature_dim", "train_per_class", "test_per_class", "subspace_dim", "shard_size", "image_size"):
         _positive(f"data.{k}", getattr(d, k))
-    for k in ("vertical_separation", "coarse_spread", "sibling_spread", "noise", "isotropic_noise"):
+    for k in ("mode_spread", "vertical_separation", "coarse_spread", "sibling_spread", "noise", "isotropic_noise"):
         _positive(f"data.{k}", getattr(d, k), allow_zero=True)
     if d.subspace_dim > d.feature_dim:
         raise ConfigError(f"data.subspace_dim ({d.subspace_dim}) exceeds data.feature_dim ({d.feature_dim})")

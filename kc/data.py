@@ -254,6 +254,11 @@ class SyntheticGenerator:
             else:
                 spread = cfg.sibling_spread * 0.5 ** (level - 1)
                 self.code[cls] = self.code[taxonomy.parent[cls]] + spread * rng.standard_normal((len(cls), d))
+        # each coarse class appears in a few "poses" (shared by its fine classes): classes are multi-modal, so
+        # separating them takes non-linear capacity, not a linear read-out of the features
+        root = np.array([([c] + taxonomy.ancestors(c))[-1] for c in range(taxonomy.num_classes)])
+        self.root = root
+        self.mode_code = (cfg.mode_spread * rng.standard_normal((taxonomy.num_classes, cfg.modes, d))).astype(np.float32)
         self.siblings = {}
 
     def fine_classes(self, split: str) -> np.ndarray:
@@ -275,9 +280,10 @@ class SyntheticGenerator:
         vert = tax.vertical_of[fine]
         x = cfg.isotropic_noise * rng.standard_normal((n, D)).astype(np.float32)
         local = rng.standard_normal((n, d)).astype(np.float32)
+        mode = rng.integers(cfg.modes, size=n)
         for v in np.unique(vert):
             m = vert == v
-            z = self.code[fine[m]] + self.noise[v] * local[m]
+            z = self.code[fine[m]] + self.mode_code[self.root[fine[m]], mode[m]] + self.noise[v] * local[m]
             x[m] += self.center[v] + z @ self.basis[v].T
         labelled = fine.copy()
         if label_noise > 0:

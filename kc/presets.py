@@ -7,6 +7,7 @@ PRESETS = {
     # vertical-level scale, the paper's best) keep it to one machine; add heads/methods to compare more.
     "eft-100k": {
         "name": "eft-100k",
+        "threads": 0,
         "taxonomy": {"num_verticals": 20, "num_classes": 100_000, "coarse_fraction": 0.1},
         "data": {"feature_dim": 64, "train_per_class": 4, "test_per_class": 1, "subspace_dim": 24},
         "specialists": {"hidden": [256], "epochs": 4, "batch_size": 512, "background_fraction": 0.25},

@@ -1,0 +1,140 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kc import checkpoint, cli, models, train
+
+
+def kc(*args):
+    return cli.main(list(args) + ["--no-progress"])
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("run") / "out")
+    assert kc("run", "--preset", "tiny", "--out", out) == 0
+    return out
+
+
+def test_run_writes_report(finished):
+    rep = os.path.join(finished, "report")
+    for f in ("results.md", "results.json", "loss_curves.png", "map_per_vertical.png"):
+        assert os.path.getsize(os.path.join(rep, f)) > 0
+    res = json.load(open(os.path.join(rep, "results.json")))
+    runs = ["generalist-fc_fc", "generalist-fc_sc", "distilled-fc_fc", "distilled-fc_sc", "self_paced-fc_fc",
+            "self_paced-fc_sc", "specialists"]
+    assert list(res["models"]) == runs
+    for r in runs:
+        m = res["models"][r]
+        assert 0 <= m["map"] <= 1 and len(m["map_per_vertical"]) == 3 and m["parameters"] > 0
+        assert m["ms_per_sample"] > 0 and 0 <= m["top1"] <= m["top5"] <= 1
+    md = open(os.path.join(rep, "results.md")).read()
+    assert "+D+S FC-SC" in md and "overall mAP" in md and "Specialists" in md
+
+
+def test_run_refuses_used_directory_without_resume(finished, capsys):
+    assert kc("run", "--preset", "tiny", "--out", finished) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_resume_of_finished_run_skips_everything(finished, capsys):
+    assert kc("run", "--preset", "tiny", "--out", finished, "--resume") == 0
+    assert capsys.readouterr().out.count("already done, skipped") == 6
+
+
+def test_other_config_in_same_directory_is_refused(finished, capsys):
+    assert kc("run", "--preset", "tiny", "--seed", "9", "--out", finished, "--resume") == 2
+    assert "another config" in capsys.readouterr().err
+
+
+def test_stages_one_by_one(tmp_path, capsys):
+    out = str(tmp_path / "o")
+    assert kc("cache", "--preset", "tiny", "--out", out) == 2
+    assert "has not finished" in capsys.readouterr().err
+    for stage in ("data", "specialists", "cache"):
+        assert kc(stage, "--preset", "tiny", "--out", out) == 0
+    # redoing a stage (here: one lost teacher) marks the later stages stale
+    os.remove(os.path.join(out, "specialists", "vertical-001.pt"))
+    assert kc("specialists", "--preset", "tiny", "--out", out, "--resume", "--seed", "0") == 0
+    from kc import config, pipeline
+
+    ws = pipeline.Workspace(out, config.load("tiny"))
+    st = checkpoint.read_json(os.path.join(out, "state.json"))
+    assert st["stages"]["cache"]["done"] is False
+    for stage in ("cache", "student", "eval", "report"):
+        assert kc(stage, "--preset", "tiny", "--out", out) == 0
+    assert os.path.exists(os.path.join(ws.report_dir, "results.md"))
+
+
+def test_resume_after_interrupted_student_stage(tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "o")
+    monkeypatch.setattr(train, "CHECKPOINT_SECONDS", 0.0)  # checkpoint after every step
+    real_loss = models.Student.loss
+    calls = {"n": 0}
+
+    def dying_loss(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 9:  # inside the second student run's first epoch
+            raise KeyboardInterrupt
+        return real_loss(self, *a, **k)
+
+    monkeypatch.setattr(models.Student, "loss", dying_loss)
+    assert kc("run", "--preset", "tiny", "--out", out) == 130
+    st = checkpoint.read_json(os.path.join(out, "state.json"))["stages"]
+    assert st["cache"]["done"] and "student" not in st
+    partial = checkpoint.load(os.path.join(out, "students", "generalist-fc_sc.pt"))["state"]
+    assert not partial["done"] and partial["epoch"] * 3 + partial["step"] > 0
+    teacher = os.path.join(out, "specialists", "vertical-000.pt")
+    first_student = os.path.join(out, "students", "generalist-fc_fc.pt")
+    mtimes = os.path.getmtime(teacher), os.path.getmtime(first_student)
+
+    monkeypatch.setattr(models.Student, "loss", real_loss)
+    calls["n"] = 0
+    capsys.readouterr()
+    assert kc("run", "--preset", "tiny", "--out", out, "--resume") == 0
+    log = capsys.readouterr().out
+    assert "stage specialists: already done" in log and "stage cache: already done" in log
+    assert (os.path.getmtime(teacher), os.path.getmtime(first_student)) == mtimes
+    done = checkpoint.load(os.path.join(out, "students", "generalist-fc_sc.pt"))["state"]
+    assert done["done"] and done["history"]["step"] == sorted(set(done["history"]["step"]))
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("student:\n  heads: [fc_xx]\n", "student.heads[0]"),
+    ("student:\n  lr: -1\n", "student.lr"),
+    ("bogus: 1\n", "unknown key"),
+    ("data:\n  feature_dim: many\n", "data.feature_dim: expected an integer"),
+    ("data:\n  kind: features\n", "data.path"),
+    ("- a list\n", "top level must be a mapping"),
+    ("student: [\n", "not valid YAML"),
+])
+def test_bad_config_is_a_clear_error(tmp_path, capsys, yaml_text, message):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml_text)
+    assert kc("data", "--preset", "tiny", "--config", str(p), "--out", str(tmp_path / "o")) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_preset_and_missing_config(tmp_path, capsys):
+    assert kc("run", "--preset", "huge", "--out", str(tmp_path)) == 2
+    assert "unknown preset" in capsys.readouterr().err
+    assert kc("run", "--config", str(tmp_path / "none.yaml"), "--out", str(tmp_path)) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_bad_real_data_is_a_clear_error(tmp_path, capsys):
+    tax = tmp_path / "tax.csv"
+    tax.write_text("class,vertical,parent\na,v,\nb,v,a\n")
+    cfgp = tmp_path / "c.yaml"
+    cfgp.write_text(f"taxonomy:\n  file: {tax}\ndata:\n  kind: features\n  path: {tmp_path / 'feats'}\n")
+    assert kc("data", "--preset", "tiny", "--config", str(cfgp), "--out", str(tmp_path / "o")) == 2
+    assert "no feature shards" in capsys.readouterr().err
+
+
+def test_module_entry_point_prints_config():
+    r = subprocess.run([sys.executable, "-m", "kc", "config", "--preset", "eft-100k"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "num_classes: 100000" in r.stdout and "num_verticals: 20" in r.stdout

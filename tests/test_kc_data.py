@@ -1,0 +1,132 @@
+import numpy as np
+import pytest
+
+from kc import config, data, taxonomy
+from kc.data import DataError, FeatureShards, ImageFolder, Labels, ShardWriter
+
+
+@pytest.fixture
+def tax():
+    return taxonomy.generate(3, 30, seed=0)
+
+
+def small_cfg(**kw):
+    return config.load("tiny", overrides={"data": kw}).data
+
+
+def test_generator_is_deterministic_and_streams(tax):
+    cfg = small_cfg()
+    a = list(data.SyntheticGenerator(tax, cfg, seed=5).stream("train", 16))
+    b = list(data.SyntheticGenerator(tax, cfg, seed=5).stream("train", 16))
+    c = list(data.SyntheticGenerator(tax, cfg, seed=6).stream("train", 16))
+    assert len(a) > 1 and all(x[0].shape[0] <= 16 for x in a)
+    for (fa, pa, ia), (fb, pb, ib) in zip(a, b):
+        assert np.array_equal(fa, fb) and np.array_equal(pa, pb) and np.array_equal(ia, ib)
+    assert not np.array_equal(a[0][0], c[0][0])
+    n = sum(x[0].shape[0] for x in a)
+    assert n == len(tax.leaves()) * cfg.train_per_class
+
+
+def test_generator_labels_carry_ancestors_and_siblings_are_close(tax):
+    cfg = small_cfg()
+    gen = data.SyntheticGenerator(tax, cfg, seed=0)
+    feats, ptr, ind = next(gen.stream("test", 1000))
+    for r in range(len(ptr) - 1):
+        row = ind[ptr[r]:ptr[r + 1]].tolist()
+        assert row == tax.labels_of(row[0])
+    # siblings share the parent's code: closer to each other than to a class of another vertical
+    leaves = tax.leaves()
+    a = leaves[0]
+    sib = [c for c in leaves if tax.parent[c] == tax.parent[a] and c != a][0]
+    other = [c for c in leaves if tax.vertical_of[c] != tax.vertical_of[a]][0]
+    proto = lambda c: gen.center[tax.vertical_of[c]] + gen.code[c] @ gen.basis[tax.vertical_of[c]].T
+    assert np.linalg.norm(proto(a) - proto(sib)) < np.linalg.norm(proto(a) - proto(other))
+
+
+def test_label_noise_moves_labels_to_siblings(tax):
+    cfg = small_cfg(label_noise=0.5)
+    gen = data.SyntheticGenerator(tax, cfg, seed=0)
+    fine = np.repeat(tax.leaves(), 20)
+    _, ptr, ind = gen.make(fine, np.random.default_rng(0), label_noise=0.5)
+    got = ind[ptr[:-1]]
+    changed = got != fine
+    assert 0.2 < changed.mean() < 0.6
+    assert np.all(tax.parent[got[changed]] == tax.parent[fine[changed]])
+
+
+def test_feature_shards_round_trip(tmp_path, tax):
+    w = ShardWriter(str(tmp_path))
+    rng = np.random.default_rng(0)
+    rows = []
+    for s in range(3):
+        n = 5 + s
+        f = rng.standard_normal((n, 4)).astype(np.float32)
+        lab = [tax.labels_of(int(c)) for c in rng.choice(tax.leaves(), n)]
+        ptr = np.concatenate([[0], np.cumsum([len(x) for x in lab])])
+        w.write(f, ptr, np.concatenate(lab))
+        rows += list(zip(f, lab))
+    w.close({})
+    ds = FeatureShards(str(tmp_path), tax.num_classes)
+    assert len(ds) == len(rows) and ds.input_shape == (4,)
+    idx = np.array([17, 0, 6, 5, 11])
+    x = ds.inputs(idx).numpy()
+    for k, i in enumerate(idx):
+        assert np.array_equal(x[k], rows[i][0])
+    pad = ds.labels.padded(idx)
+    for k, i in enumerate(idx):
+        assert [c for c in pad[k] if c >= 0] == rows[i][1]
+    colptr, colrows = ds.labels.columns(tax.num_classes)
+    c = rows[3][1][0]
+    assert 3 in colrows[colptr[c]:colptr[c + 1]]
+
+
+def test_feature_shards_bad_data(tmp_path, tax):
+    with pytest.raises(DataError, match="no feature shards"):
+        FeatureShards(str(tmp_path), tax.num_classes)
+    w = ShardWriter(str(tmp_path))
+    w.write(np.zeros((2, 3), np.float32), np.array([0, 1, 2]), np.array([0, 999]))
+    with pytest.raises(DataError, match="label ids"):
+        FeatureShards(str(tmp_path), tax.num_classes)
+    w = ShardWriter(str(tmp_path))
+    w.write(np.zeros((2, 3), np.float32), np.array([0, 1]), np.array([0]))
+    with pytest.raises(DataError, match="rows"):
+        FeatureShards(str(tmp_path), tax.num_classes)
+
+
+def test_labels_rows():
+    lab = Labels(np.array([0, 2, 3, 6]), np.array([5, 1, 7, 9, 8, 2], dtype=np.int32))
+    ptr, ind = lab.rows(np.array([2, 0]))
+    assert ptr.tolist() == [0, 3, 5] and ind.tolist() == [9, 8, 2, 5, 1]
+    assert lab.fine().tolist() == [5, 7, 9]
+
+
+def _write_images(root, tax, per_class=2, size=12):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in tax.leaves()[:4]:
+        d = root / tax.names[c]
+        d.mkdir(parents=True)
+        for k in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(d / f"{k}.png")
+
+
+def test_image_folder(tmp_path, tax):
+    _write_images(tmp_path, tax)
+    ds = ImageFolder(str(tmp_path), tax, image_size=8)
+    assert len(ds) == 8 and ds.input_shape == (3, 8, 8)
+    x = ds.inputs(np.arange(3))
+    assert x.shape == (3, 3, 8, 8) and 0 <= float(x.min()) and float(x.max()) <= 1
+    first = int(ds.labels.fine()[0])
+    assert ds.labels.padded(np.array([0]))[0].tolist()[:len(tax.labels_of(first))] == tax.labels_of(first)
+
+
+def test_image_folder_errors(tmp_path, tax):
+    with pytest.raises(DataError, match="does not exist"):
+        ImageFolder(str(tmp_path / "nope"), tax)
+    (tmp_path / "not-a-class").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "not-a-class" / "a.png")
+    with pytest.raises(DataError, match="not a class"):
+        ImageFolder(str(tmp_path), tax)

@@ -1,0 +1,64 @@
+import numpy as np
+import pytest
+import torch
+
+from kc import evaluate, taxonomy
+from kc.data import Labels
+
+
+def test_brute_force_ap_known_values():
+    # ranking: pos, neg, pos -> precisions 1 and 2/3
+    assert evaluate.average_precision([3, 2, 1], [1, 0, 1]) == pytest.approx((1 + 2 / 3) / 2)
+    # a tie between a positive and a negative at the top: one threshold, precision 1/2
+    assert evaluate.average_precision([1, 1, 0], [1, 0, 0]) == pytest.approx(0.5)
+    assert np.isnan(evaluate.average_precision([1, 2], [0, 0]))
+
+
+class DenseSet:
+    def __init__(self, labels):
+        self.labels = labels
+
+    def __len__(self):
+        return len(self.labels)
+
+
+class DenseScorer(evaluate.Scorer):
+    def __init__(self, S):
+        self.S = torch.as_tensor(S)
+
+    def block(self, v, c0, c1):
+        return self.S[:, c0:c1]
+
+    def rows(self, r0, r1):
+        return self.S[r0:r1]
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 100])
+def test_chunked_ap_matches_brute_force(chunk):
+    tax = taxonomy.generate(3, 17, seed=2)
+    rng = np.random.default_rng(0)
+    N = 41
+    fine = rng.choice(tax.leaves(), N)
+    lab = [tax.labels_of(int(c)) for c in fine]
+    labels = Labels(np.concatenate([[0], np.cumsum([len(x) for x in lab])]), np.concatenate(lab).astype(np.int32))
+    S = rng.integers(0, 4, (N, tax.num_classes)).astype(np.float32)  # many ties
+    ap = evaluate.ap_per_class(DenseScorer(S), tax, DenseSet(labels), chunk)
+    for c in range(tax.num_classes):
+        pos = np.array([c in row for row in lab])
+        want = evaluate.average_precision(S[:, c], pos)
+        if np.isnan(want):
+            assert np.isnan(ap[c])
+        else:
+            assert ap[c] == pytest.approx(want, abs=1e-12)
+    s = evaluate.summarize(ap, tax)
+    assert s["map"] == pytest.approx(np.nanmean(ap))
+
+
+def test_top_k_ignores_ancestors():
+    tax = taxonomy.from_rows([{"class": "p", "vertical": "v", "parent": ""},
+                              {"class": "a", "vertical": "v", "parent": "p"},
+                              {"class": "b", "vertical": "v", "parent": "p"}])
+    labels = Labels(np.array([0, 2, 4]), np.array([1, 0, 2, 0], dtype=np.int32))
+    S = np.array([[9.0, 5.0, 1.0], [9.0, 5.0, 1.0]], dtype=np.float32)
+    acc = evaluate.top_k_accuracy(DenseScorer(S), tax, DenseSet(labels), ks=(1, 2))
+    assert acc == {1: 0.5, 2: 1.0}
