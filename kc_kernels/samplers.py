@@ -18,19 +18,28 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 SAMPLERS = ("log_uniform", "uniform", "unigram")
 
 
+def probability(sampler: str, classes: torch.Tensor, num_classes: int,
+                probs: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """P(k) of the given classes (any shape, int), float64. log_uniform and uniform use their closed forms, so
+    no [V] table is built per call; unigram looks up ``probs`` (from class_probabilities)."""
+    if sampler == "log_uniform":
+        return torch.log1p(1.0 / (classes.to(torch.float64) + 1.0)) / math.log(num_classes + 1.0)
+    if sampler == "uniform":
+        return torch.full(classes.shape, 1.0 / num_classes, dtype=torch.float64, device=classes.device)
+    return probs.to(classes.device)[classes.long()]
+
+
 def class_probabilities(sampler: str, num_classes: int, *, class_counts: Optional[torch.Tensor] = None,
                         distortion: float = 1.0, device=None) -> torch.Tensor:
     """P(k) for every class, float64 [V]."""
-    if sampler == "log_uniform":
-        k = torch.arange(num_classes, dtype=torch.float64, device=device)
-        return (torch.log1p(1.0 / (k + 1.0))) / math.log(num_classes + 1.0)
-    if sampler == "uniform":
-        return torch.full((num_classes,), 1.0 / num_classes, dtype=torch.float64, device=device)
+    if sampler in ("log_uniform", "uniform"):
+        return probability(sampler, torch.arange(num_classes, device=device), num_classes)
     if sampler == "unigram":
         w = class_counts.to(device=device, dtype=torch.float64) ** distortion
         return w / w.sum()
@@ -52,11 +61,17 @@ def _draw(sampler: str, n: int, num_classes: int, probs: Optional[torch.Tensor],
 class Candidates:
     ids: torch.Tensor  # [S] int64
     num_tries: int
-    probs: torch.Tensor  # [V] float64, the sampler's distribution
+    probs: Optional[torch.Tensor] = None  # [V] float64 table (unigram); None: the sampler's closed form
+    sampler: str = "unigram"
+    num_classes: int = 0
 
     def expected_count(self, classes: torch.Tensor, num_sampled: int, unique: bool) -> torch.Tensor:
         """TensorFlow's expected number of times each of ``classes`` (any shape, -1 allowed) is sampled."""
-        p = self.probs.to(classes.device)[classes.long().clamp(min=0)]
+        safe = classes.long().clamp(min=0)
+        if self.probs is not None:
+            p = self.probs.to(classes.device)[safe]
+        else:
+            p = probability(self.sampler, safe, self.num_classes)
         if unique and self.num_tries != num_sampled:
             return -torch.expm1(self.num_tries * torch.log1p(-p))
         return num_sampled * p
@@ -66,24 +81,32 @@ def sample_candidates(sampler: str, num_sampled: int, num_classes: int, *, uniqu
                       class_counts: Optional[torch.Tensor] = None, distortion: float = 1.0,
                       generator: Optional[torch.Generator] = None) -> Candidates:
     """Draw num_sampled candidate ids (on CPU; the op moves them)."""
-    probs = class_probabilities(sampler, num_classes, class_counts=class_counts, distortion=distortion)
+    probs = None
+    if sampler == "unigram":
+        probs = class_probabilities(sampler, num_classes, class_counts=class_counts, distortion=distortion)
+    elif sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+
+    def found(ids, tries):
+        return Candidates(ids, tries, probs, sampler, num_classes)
+
     if not unique:
-        return Candidates(_draw(sampler, num_sampled, num_classes, probs, generator), num_sampled, probs)
+        return found(_draw(sampler, num_sampled, num_classes, probs, generator), num_sampled)
     if num_sampled > num_classes:
         raise ValueError(f"num_sampled ({num_sampled}) exceeds the number of classes ({num_classes}) with unique sampling")
     if sampler == "unigram" and int((probs > 0).sum()) < num_sampled:
         raise ValueError("class_counts has fewer non-zero classes than num_sampled")
-    draws = torch.empty(0, dtype=torch.long)
+    # Draw in blocks until num_sampled distinct ids appeared; keep the first num_sampled in draw order, which is
+    # what drawing one at a time and skipping repeats gives. numpy's single-threaded sort does the bookkeeping:
+    # torch's parallel sort is far slower on these small arrays when the cores are shared.
+    draws = np.empty(0, dtype=np.int64)
     block = max(2 * num_sampled, 64)
     while True:
-        draws = torch.cat([draws, _draw(sampler, block, num_classes, probs, generator)])
-        uniq, inverse = torch.unique(draws, return_inverse=True)
+        draws = np.concatenate([draws, _draw(sampler, block, num_classes, probs, generator).numpy()])
+        uniq, first = np.unique(draws, return_index=True)  # first: index of each id's first occurrence
         if len(uniq) >= num_sampled:
             break
         block *= 2
-    # position of each id's first occurrence; keep the first num_sampled distinct ids in draw order
-    first = torch.full((len(uniq),), len(draws), dtype=torch.long)
-    first.scatter_reduce_(0, inverse, torch.arange(len(draws)), reduce="amin")
-    order = torch.argsort(first)[:num_sampled]
+    order = np.argsort(first, kind="stable")[:num_sampled]
     num_tries = int(first[order[-1]]) + 1
-    return Candidates(uniq[order], num_tries, probs)
+    return found(torch.from_numpy(uniq[order]), num_tries)

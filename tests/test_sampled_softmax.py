@@ -194,14 +194,43 @@ def test_triton_flags(remove_hits, subtract_log_q, reduction, sparse_grad, bias)
 
 
 @triton_only
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_triton_many_tiles(monkeypatch, dtype):
-    """Small blocks, so every loop runs several tiles and ends on a partial one."""
+@pytest.mark.parametrize("dtype,splits", [(torch.float32, 1), (torch.float16, 2)])
+def test_triton_many_tiles(monkeypatch, dtype, splits):
+    """Small blocks, so every loop runs several tiles and ends on a partial one; the forward's samples split
+    across programs (5 tiles in 2 splits: 3 + 2, the last one partial)."""
     from kc_kernels.triton import sampled_softmax as ts
 
     monkeypatch.setattr(ts, "BLOCK_CAPS", (16, 16, 16))
-    got, expected = _reference_and_backend("triton", dtype, (37, 41, 200, 53, 2), reduction="none")
+    monkeypatch.setattr(ts, "FWD_SPLITS", splits)
+    got, expected = _reference_and_backend("triton", dtype, (37, 41, 200, 70, 2), reduction="none")
     _check(got, expected, dtype)
+
+
+@triton_only
+def test_triton_matches_brute_force_with_repeated_ids():
+    x, w, b, labels, (ids, te, se) = make_sampled_problem(6, 5, 23, 8, 3, dtype=torch.float32, device=DEVICE)
+    ids, se = torch.cat([ids, ids[:2]]), torch.cat([se, se[:2]])  # sampling without ``unique`` repeats ids
+    out = kc_kernels.sampled_softmax_loss(x, w, b, labels, sampled=(ids, te, se), backend="triton", reduction="none")
+    x64, w64, b64 = (t.detach().cpu().double().requires_grad_() for t in (x, w, b))
+    bf = brute_force_sampled(x64, w64, b64, labels.cpu(), ids.cpu(), te.cpu(), se.cpu(), True, True, "none")
+    assert_close(out, bf, torch.float32, what="loss")
+    for name, a, e in zip(("dx", "dweight", "dbias"), grads(out, [x, w, b]), grads(bf, [x64, w64, b64])):
+        assert_close(a, e, torch.float32, what=name)
+
+
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=triton_only)])
+def test_gradients_only_where_asked(backend):
+    """x without requires_grad and no bias: only weight gets a gradient."""
+    if backend == "cpu" and DEVICE != "cpu":
+        pytest.skip("the cpu backend takes CPU tensors")
+    x, w, _, labels, sampled = make_sampled_problem(5, 16, 64, 9, 2, dtype=torch.float32, device=DEVICE, bias=False)
+    x = x.detach()
+    loss = kc_kernels.sampled_softmax_loss(x, w, None, labels, sampled=sampled, backend=backend)
+    loss.backward()
+    w64 = w.detach().double().requires_grad_()
+    ref = reference.sampled_softmax_loss(x.double(), w64, None, labels, sampled=sampled)
+    assert x.grad is None
+    assert_close(w.grad, torch.autograd.grad(ref, w64)[0], torch.float32, what="dweight")
 
 
 @pytest.mark.gpu

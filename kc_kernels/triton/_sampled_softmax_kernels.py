@@ -1,8 +1,9 @@
 """Triton kernels of sampled softmax.
 
-- ``_sampled_softmax_fwd_kernel``: per block of rows, the true logits (row-wise dots) and the sampled logits tile
-  by tile (tl.dot over H, sampled weight rows read through ``ids``, no gathered copy), with an online logsumexp;
-  writes lse, the per-row loss and the true logits.
+- ``_sampled_softmax_fwd_kernel``: per block of rows and split of the samples, the sampled logits tile by tile
+  (tl.dot over H, sampled weight rows read through ``ids``, no gathered copy) with an online logsumexp; split 0
+  also computes the true logits (row-wise dots). Splitting the samples keeps a GPU busy when B is small; the
+  host combines the [splits, B] partial logsumexps.
 - ``_sampled_softmax_dlogits_kernel``: per (rows, samples) tile, recomputes the logits and writes
   dlogits = scale * softmax (the sampled targets are 0; masked entries give exactly 0).
 - ``_sampled_softmax_dx_kernel`` / ``_sampled_softmax_dw_kernel``: dx = dlogits @ W_S (+ the true rows) and
@@ -52,45 +53,53 @@ def _sampled_logits_tile(x_ptr, w_ptr, bias_ptr, logq_ptr, labels_ptr, rows, row
 
 @triton.jit
 def _sampled_softmax_fwd_kernel(x_ptr, w_ptr, bias_ptr, ids_ptr, logq_s_ptr, labels_ptr, logq_t_ptr,
-                                lse_ptr, loss_ptr, true_logit_ptr, B, S, H, T, stride_x, stride_w,
+                                lse_part_ptr, picked_ptr, true_logit_ptr, B, S, H, T, tiles_per_split,
+                                stride_x, stride_w,
                                 HAS_BIAS: tl.constexpr, SUBTRACT_LOG_Q: tl.constexpr, REMOVE_HITS: tl.constexpr,
                                 IEEE: tl.constexpr, ACC: tl.constexpr,
                                 BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Program (row block, split): the logsumexp of its share of the sampled tiles -> lse_part[split, rows].
+    Split 0 also takes the true logits (stored, and their target-weighted mean -> picked)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
     row_mask = rows < B
     m = tl.full((BLOCK_B,), MAX_FLOOR, dtype=ACC)
     total = tl.zeros((BLOCK_B,), dtype=ACC)
-    picked = tl.zeros((BLOCK_B,), dtype=ACC)  # sum of the valid true logits
-    num_true = tl.zeros((BLOCK_B,), dtype=ACC)
 
-    # true logits: one weight row per (row, label), a row-wise dot
-    for t in range(T):
-        lab = tl.load(labels_ptr + rows * T + t, mask=row_mask, other=-1)
-        valid = lab >= 0
-        lab_safe = tl.where(valid, lab, 0)
-        dot = tl.zeros((BLOCK_B,), dtype=ACC)
-        for h0 in range(0, H, BLOCK_H):
-            hs = h0 + tl.arange(0, BLOCK_H)
-            mask2 = valid[:, None] & (hs < H)[None, :]
-            xt = tl.load(x_ptr + rows[:, None] * stride_x + hs[None, :], mask=mask2, other=0.0).to(ACC)
-            wt = tl.load(w_ptr + lab_safe[:, None] * stride_w + hs[None, :], mask=mask2, other=0.0).to(ACC)
-            dot += tl.sum(xt * wt, axis=1)
-        if HAS_BIAS:
-            dot += tl.load(bias_ptr + lab_safe, mask=valid, other=0.0).to(ACC)
-        if SUBTRACT_LOG_Q:
-            dot -= tl.load(logq_t_ptr + rows * T + t, mask=valid, other=0.0).to(ACC)
-        logit = tl.where(valid, dot, float("-inf"))
-        tl.store(true_logit_ptr + rows * T + t, logit, mask=row_mask)
-        picked += tl.where(valid, dot, 0.0)
-        num_true += valid.to(ACC)
-        m_new = tl.maximum(m, logit)
-        total = total * tl.exp(m - m_new) + tl.exp(logit - m_new)
-        m = m_new
+    if split == 0:
+        picked = tl.zeros((BLOCK_B,), dtype=ACC)  # sum of the valid true logits
+        num_true = tl.zeros((BLOCK_B,), dtype=ACC)
+        # true logits: one weight row per (row, label), a row-wise dot
+        for t in range(T):
+            lab = tl.load(labels_ptr + rows * T + t, mask=row_mask, other=-1)
+            valid = lab >= 0
+            lab_safe = tl.where(valid, lab, 0)
+            dot = tl.zeros((BLOCK_B,), dtype=ACC)
+            for h0 in range(0, H, BLOCK_H):
+                hs = h0 + tl.arange(0, BLOCK_H)
+                mask2 = valid[:, None] & (hs < H)[None, :]
+                xt = tl.load(x_ptr + rows[:, None] * stride_x + hs[None, :], mask=mask2, other=0.0).to(ACC)
+                wt = tl.load(w_ptr + lab_safe[:, None] * stride_w + hs[None, :], mask=mask2, other=0.0).to(ACC)
+                dot += tl.sum(xt * wt, axis=1)
+            if HAS_BIAS:
+                dot += tl.load(bias_ptr + lab_safe, mask=valid, other=0.0).to(ACC)
+            if SUBTRACT_LOG_Q:
+                dot -= tl.load(logq_t_ptr + rows * T + t, mask=valid, other=0.0).to(ACC)
+            logit = tl.where(valid, dot, float("-inf"))
+            tl.store(true_logit_ptr + rows * T + t, logit, mask=row_mask)
+            picked += tl.where(valid, dot, 0.0)
+            num_true += valid.to(ACC)
+            m_new = tl.maximum(m, logit)
+            total = total * tl.exp(m - m_new) + tl.exp(logit - m_new)
+            m = m_new
+        tl.store(picked_ptr + rows, picked / tl.maximum(num_true, 1.0), mask=row_mask)
 
-    # sampled logits, tile by tile, into the same online logsumexp
-    for s0 in range(0, S, BLOCK_S):
+    # this split's sampled tiles, into the same online logsumexp
+    s_begin = split * tiles_per_split * BLOCK_S
+    s_end = tl.minimum(s_begin + tiles_per_split * BLOCK_S, S)
+    for s0 in range(s_begin, s_end, BLOCK_S):
         cols = s0 + tl.arange(0, BLOCK_S).to(tl.int64)
-        s_mask = cols < S
+        s_mask = cols < s_end
         ids = tl.load(ids_ptr + cols, mask=s_mask, other=0)
         logits = _sampled_logits_tile(x_ptr, w_ptr, bias_ptr, logq_s_ptr, labels_ptr, rows, row_mask, cols, ids,
                                       s_mask, H, T, stride_x, stride_w, HAS_BIAS, SUBTRACT_LOG_Q, REMOVE_HITS,
@@ -98,10 +107,7 @@ def _sampled_softmax_fwd_kernel(x_ptr, w_ptr, bias_ptr, ids_ptr, logq_s_ptr, lab
         m_new = tl.maximum(m, tl.max(logits, axis=1))
         total = total * tl.exp(m - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), axis=1)
         m = m_new
-
-    lse = m + tl.log(total)
-    tl.store(lse_ptr + rows, lse, mask=row_mask)
-    tl.store(loss_ptr + rows, lse - picked / tl.maximum(num_true, 1.0), mask=row_mask)
+    tl.store(lse_part_ptr + split * B + rows, m + tl.log(total), mask=row_mask)
 
 
 @triton.jit

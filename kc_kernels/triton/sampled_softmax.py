@@ -38,6 +38,20 @@ def _blocks(B: int, S: int, H: int):
     return fit(B, cap_b), fit(S, cap_s), fit(H, cap_h), 4
 
 
+# splits of the samples in the forward kernel; None: enough programs to fill the GPU (1 under the interpreter)
+FWD_SPLITS = None
+
+
+def _num_splits(row_blocks: int, s_tiles: int, device: torch.device) -> int:
+    if FWD_SPLITS is not None:
+        want = FWD_SPLITS
+    elif _INTERPRET or device.type != "cuda":
+        want = 1
+    else:
+        want = 2 * torch.cuda.get_device_properties(device).multi_processor_count // row_blocks
+    return max(1, min(want, s_tiles))
+
+
 @dataclass
 class _State:
     x: torch.Tensor
@@ -73,16 +87,21 @@ class _TritonSampledSoftmax:
             logq_t = torch.log(true_expected.to(acc_dtype)).contiguous()
         else:
             logq_s = logq_t = torch.empty(1, dtype=acc_dtype, device=dev)
-        lse = torch.empty(B, dtype=acc_dtype, device=dev)
-        per_row = torch.empty(B, dtype=acc_dtype, device=dev)
-        true_logits = torch.empty(B, T, dtype=acc_dtype, device=dev)
         BB, BS, BH, warps = _blocks(B, S, H)
+        row_blocks, s_tiles = triton.cdiv(B, BB), triton.cdiv(S, BS)
+        tiles_per_split = triton.cdiv(s_tiles, _num_splits(row_blocks, s_tiles, dev))
+        splits = triton.cdiv(s_tiles, tiles_per_split)
+        lse_part = torch.empty(splits, B, dtype=acc_dtype, device=dev)
+        picked = torch.empty(B, dtype=acc_dtype, device=dev)
+        true_logits = torch.empty(B, T, dtype=acc_dtype, device=dev)
         consts = dict(HAS_BIAS=has_bias, SUBTRACT_LOG_Q=p.subtract_log_q, REMOVE_HITS=p.remove_accidental_hits,
                       IEEE=x.dtype in (torch.float32, torch.float64), ACC=_ACC.get(x.dtype, tl.float32),
                       BLOCK_B=BB, BLOCK_S=BS, BLOCK_H=BH)
-        _sampled_softmax_fwd_kernel[(triton.cdiv(B, BB),)](
-            x, weight, bias, ids, logq_s, labels, logq_t, lse, per_row, true_logits, B, S, H, T,
-            x.stride(0), weight.stride(0), num_warps=warps, **consts)
+        _sampled_softmax_fwd_kernel[(row_blocks, splits)](
+            x, weight, bias, ids, logq_s, labels, logq_t, lse_part, picked, true_logits, B, S, H, T,
+            tiles_per_split, x.stride(0), weight.stride(0), num_warps=warps, **consts)
+        lse = torch.logsumexp(lse_part, dim=0) if splits > 1 else lse_part[0]
+        per_row = lse - picked
         if not need_grad:
             return per_row, None
         return per_row, _State(x, weight, bias, ids, logq_s, labels, labels >= 0, lse, true_logits,
