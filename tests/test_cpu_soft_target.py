@@ -175,3 +175,15 @@ def test_cpu_gradients_only_of_inputs_that_need_them(gen):
     ref.backward()
     assert p["weight"].grad is None and p["bias"].grad is None
     assert_close(x.grad, x_ref.grad, torch.float32, "dx")
+
+
+def test_cpu_backward_twice_and_scaled_grad_output(gen):
+    p = make_problem(4, 6, 90, G=3, gen=gen, scale_kind="segment", dtype=torch.float32)
+    w = p["weight"].requires_grad_()
+    rest = {k: v for k, v in p.items() if k not in ("x", "weight", "bias")}
+    out = kc_kernels.linear_soft_target_loss(p["x"], w, p["bias"], backend="cpu", **rest)
+    (3.0 * out).backward(retain_graph=True)
+    first = w.grad.clone()
+    w.grad = None
+    (0.5 * out).backward()  # the saved gradients were used up: this one sweeps again
+    assert_close(w.grad * 6.0, first, torch.float32, "dW")

@@ -298,12 +298,19 @@ class _SoftTargetFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         p = ctx.problem
-        if ctx.grads is not None:
-            g = grad_out.double()
-            grads = {k: (None if v is None else (v * g).to(v.dtype)) for k, v in ctx.grads.items()}
+        grads, ctx.grads = ctx.grads, None  # a second backward (retain_graph) sweeps again
+        if grads is not None:
+            # scale in place: a scaled copy would hold a second V x H weight gradient at the peak
+            if float(grad_out) != 1.0:
+                for v in grads.values():
+                    if v is not None:
+                        v.mul_(grad_out.to(v.dtype))
         else:
-            _, grads = _Sweep(p, ctx.memory_budget).run(_row_coef(p, grad_out.detach()), ctx.needs)
-        ctx.grads = None
+            rows = grad_out.detach() if p.reduction == "none" else None
+            coef = _row_coef(p, rows)
+            if rows is None:
+                coef = coef * float(grad_out)
+            _, grads = _Sweep(p, ctx.memory_budget).run(coef, ctx.needs)
         result = [None, None]
         for i, name in enumerate(ctx.names):
             result.append(grads.get(name) if ctx.needs_input_grad[2 + i] else None)
