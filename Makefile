@@ -1,4 +1,5 @@
-# Two commands on a fresh machine:  `make run` (the main job) and `make test` (the test suite).
+# Two commands on a fresh machine:  `make run` (the main job: Knowledge Concentration on the default preset)
+# and `make test` (the test suite).
 # Both create .venv and install on first use.
 PYTHON ?= python3
 VENV ?= .venv
@@ -20,7 +21,7 @@ $(STAMP): setup.py pyproject.toml requirements-dev.txt $(CSRC)
 install: $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m kc_kernels.demo
+	$(PY) -m kc run
 
 test: $(STAMP)
 	$(PY) -m pytest -q
