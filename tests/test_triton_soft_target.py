@@ -89,6 +89,8 @@ ODD = [
     dict(B=17, V=70, G=2, logit_scale=25.0, K=3),                  # logits in the hundreds: overflow-safe?
     dict(B=17, V=70, G=2, logit_scale=25.0, target_form="dense", scale_kind="segment"),
     dict(B=33, H=40, V=150, G=5, K=12, scale_kind="class"),        # three row blocks, H not a block multiple
+    dict(B=6, V=37, G=2, K=40, scale_kind="segment"),              # more targets than classes: many per tile
+    dict(B=5, V=40, K=0),                                          # no targets at all
 ]
 
 
@@ -206,7 +208,7 @@ def test_skipping_negligible_tiles_only_when_asked(monkeypatch):
     tiny = grads(backend.linear_soft_target_loss(p, skip_below=1e-30), [prob["x"], prob["weight"]])
     for a, b in zip(exact, tiny):
         assert torch.equal(a, b)
-    # a threshold above every gradient leaves only the sparse targets' part
+    # a threshold above every gradient skips every tile's dx/dW work
     dx_all, _ = grads(backend.linear_soft_target_loss(p, skip_below=1e9), [prob["x"], prob["weight"]])
     assert not torch.allclose(dx_all, exact[0])
 

@@ -2,10 +2,10 @@
 
 One program = BLOCK_M rows x one class tile (CCE-style grid over both). Per-(row, segment) coefficients come from
 the forward statistics, so dL/du of the dense part is elementwise:
-    a = alpha * p - beta * z                   p = sigmoid(y) or exp(y - lse);  z = dense teacher target
+    a = alpha * p - beta * z                   p = sigmoid(y) or exp(y - lse);  z = the target (dense or sparse)
     dL/du = a * gamma / (n T) - u * rc         (self-paced scale; without it dL/du = a / T)
 with alpha = c * (1 or T^2 * mass), beta = c * (1 or T^2), rc = c * sum_j (dL/dy_j * y_j) / n^2 and c the row's
-weight. Sparse targets are not seen here: their part of dL/du is a few entries per row, added by the host.
+weight.
 
 dx += G @ W_tile and dW_tile += G^T @ x are accumulated with fp32 atomics over BLOCK_H slices of the hidden size,
 so no [B, V] gradient ever exists. For soft_target_loss (given logits) the tile of dL/du is simply stored.
@@ -14,14 +14,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kc_kernels.triton._soft_target_tiles import interpreted, logits_tile, sigmoid
+from kc_kernels.triton._soft_target_tiles import interpreted, logits_tile, sigmoid, sparse_cursor, sparse_tile
 
 NCOEF = 6  # alpha, beta, lse, teacher lse, 1 / norm, rc
 
 
 def _configs():
     if interpreted():
-        return [triton.Config(dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, BLOCK_H=32), num_warps=4, num_stages=1)]
+        return [triton.Config(dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, BLOCK_H=32), num_warps=4, num_stages=1)]
     return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, BLOCK_H=h), num_warps=w, num_stages=s)
             for m, n, k, h, w, s in ((64, 64, 64, 64, 8, 3), (64, 128, 64, 64, 8, 3), (128, 128, 64, 64, 8, 3),
                                      (64, 64, 32, 32, 4, 3))]
@@ -35,11 +35,12 @@ def _configs():
 
 @triton.jit
 def _soft_target_bwd_kernel(
-        x_ptr, w_ptr, bias_ptr, logits_ptr, teacher_ptr, gamma_ptr, coef_ptr,
+        x_ptr, w_ptr, bias_ptr, logits_ptr, teacher_ptr, idx_ptr, val_ptr, gamma_ptr, coef_ptr,
         chunk_start_ptr, chunk_end_ptr, chunk_seg_ptr,
         dx_ptr, dw_ptr, dbias_ptr, dgamma_ptr, dlogits_ptr,
-        B, H, G, plane, stride_xb, stride_xg, stride_lb, stride_tb, inv_temp, skip_below,
-        SOFTMAX: tl.constexpr, DENSE_TEACHER: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+        B, H, G, K, search_steps, plane, stride_xb, stride_xg, stride_lb, stride_tb, inv_temp, skip_below,
+        SOFTMAX: tl.constexpr, DENSE_TEACHER: tl.constexpr, SPARSE: tl.constexpr, HAS_SCALE: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
         NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DBIAS: tl.constexpr, GROUPED: tl.constexpr,
         FROM_LOGITS: tl.constexpr, IEEE: tl.constexpr, SKIP_SMALL: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr):
@@ -54,8 +55,9 @@ def _soft_target_bwd_kernel(
     row_mask = rows < B
     cptr = coef_ptr + rows * G + seg
     alpha = tl.load(cptr, mask=row_mask, other=0.0)
-    if DENSE_TEACHER:
-        beta = tl.load(cptr + plane, mask=row_mask, other=0.0)
+    beta = tl.load(cptr + plane, mask=row_mask, other=0.0)
+    if SPARSE:
+        cursor = sparse_cursor(idx_ptr, rows, row_mask, K, search_steps, start, BLOCK_M)
     if SOFTMAX:
         lse = tl.load(cptr + 2 * plane, mask=row_mask, other=0.0)
         if DENSE_TEACHER:
@@ -88,6 +90,10 @@ def _soft_target_bwd_kernel(
                 z = tl.exp(tl.minimum(t - tlse[:, None], 0.0))
             else:
                 z = sigmoid(t)
+            a -= beta[:, None] * z
+        if SPARSE:
+            z, cursor = sparse_tile(idx_ptr, val_ptr, rows, row_mask, K, cursor, cols,
+                                    tl.minimum(c0 + BLOCK_N, end), BLOCK_M, BLOCK_N)
             a -= beta[:, None] * z
         a = tl.where(valid, a, 0.0)
         if HAS_SCALE:
@@ -144,7 +150,7 @@ def _accumulate_dx_dw(g, x_ptr, w_ptr, dx_ptr, dw_ptr, rows, cols, row_mask, col
                 dw_part = tl.dot(gt, xt)
             tl.atomic_add(dw_ptr + w_off[:, None] + hs[None, :], dw_part, mask=col_mask[:, None] & h_mask[None, :])
 
-def launch_bwd(*, x, w, bias, logits, teacher, gamma, coef, chunks, dx, dw, dbias, dgamma, dlogits, B, H, G,
+def launch_bwd(*, x, w, bias, logits, teacher, sparse, gamma, coef, chunks, dx, dw, dbias, dgamma, dlogits, B, H, G,
                inv_temp, softmax, grouped, skip_below):
     start, end, seg = chunks
     C = start.numel()
@@ -158,13 +164,15 @@ def launch_bwd(*, x, w, bias, logits, teacher, gamma, coef, chunks, dx, dw, dbia
         return t if t is not None else fallback
 
     _soft_target_bwd_kernel[grid](
-        ptr(x), ptr(w), ptr(bias), ptr(logits), ptr(teacher), ptr(gamma, coef), coef,
+        ptr(x), ptr(w), ptr(bias), ptr(logits), ptr(teacher),
+        sparse[0] if sparse is not None else coef, sparse[1] if sparse is not None else coef, ptr(gamma, coef), coef,
         start, end, seg,
         ptr(dx, scratch), ptr(dw, scratch), ptr(dbias, scratch), ptr(dgamma, scratch), ptr(dlogits),
-        B, H, G, B * G,
+        B, H, G, sparse[0].shape[1] if sparse is not None else 0, sparse[2] if sparse is not None else 0, B * G,
         x.stride(0) if x is not None else 0, (x.stride(1) if grouped else 0) if x is not None else 0,
         logits.stride(0) if logits is not None else 0, teacher.stride(0) if teacher is not None else 0,
         inv_temp, float(skip_below),
-        SOFTMAX=softmax, DENSE_TEACHER=teacher is not None, HAS_SCALE=gamma is not None, HAS_BIAS=bias is not None,
+        SOFTMAX=softmax, DENSE_TEACHER=teacher is not None, SPARSE=sparse is not None, HAS_SCALE=gamma is not None,
+        HAS_BIAS=bias is not None,
         NEED_DX=dx is not None, NEED_DW=dw is not None, NEED_DBIAS=dbias is not None, GROUPED=grouped,
         FROM_LOGITS=logits is not None, IEEE=ref.dtype == torch.float32, SKIP_SMALL=skip_below > 0)

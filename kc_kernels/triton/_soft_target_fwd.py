@@ -6,23 +6,25 @@ stats [NSTAT, B, C]; the host merges chunks of the same segment (the same online
 
 Passes:
 - NORM_PASS (self-paced scale only): stats[0] = sum of u^2 (the segment's L2 norm is needed before any y exists).
-- sigmoid: stats = (sum softplus(y), sum sigmoid(y) * y, sum z * y for dense teacher z).
+- sigmoid: stats = (sum softplus(y), sum sigmoid(y) * y, sum z * y).
 - softmax: stats = (max y, sum exp(y - max), sum exp(y - max) * y,
-                    max t, sum exp(t - max t), sum exp(t - max t) * y)   with t = teacher_logits / T.
+                    max t, sum exp(t - max t), sum exp(t - max t) * y)   with t = teacher_logits / T;
+  with sparse targets the last one is sum z * y.
 The "* y" sums feed the scale's gradient (sum_j dL/dy_j * y_j per segment) without another pass.
 """
 import torch
 import triton
 import triton.language as tl
 
-from kc_kernels.triton._soft_target_tiles import interpreted, logits_tile, softplus_and_sigmoid, sigmoid
+from kc_kernels.triton._soft_target_tiles import (interpreted, logits_tile, sigmoid, softplus_and_sigmoid,
+                                                 sparse_cursor, sparse_tile)
 
 NSTAT = 6
 
 
 def _configs():
     if interpreted():
-        return [triton.Config(dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16), num_warps=4, num_stages=1)]
+        return [triton.Config(dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32), num_warps=4, num_stages=1)]
     # 128x128 tiles reach the 255-register limit once the softmax/teacher temporaries are live (sm_90 compile),
     # hence the smaller candidates; configs that do not fit are skipped by the autotuner
     return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=s)
@@ -32,13 +34,13 @@ def _configs():
 
 @triton.autotune(configs=_configs(), key=["H", "NORM_PASS", "SOFTMAX", "DENSE_TEACHER", "HAS_SCALE", "GROUPED",
                                            "FROM_LOGITS"])
-
 @triton.jit
 def _soft_target_fwd_kernel(
-        x_ptr, w_ptr, bias_ptr, logits_ptr, teacher_ptr, gamma_ptr, inv_norm_ptr,
+        x_ptr, w_ptr, bias_ptr, logits_ptr, teacher_ptr, idx_ptr, val_ptr, gamma_ptr, inv_norm_ptr,
         chunk_start_ptr, chunk_end_ptr, chunk_seg_ptr, stats_ptr,
-        B, H, G, C, plane, stride_xb, stride_xg, stride_lb, stride_tb, inv_temp,
-        NORM_PASS: tl.constexpr, SOFTMAX: tl.constexpr, DENSE_TEACHER: tl.constexpr, HAS_SCALE: tl.constexpr,
+        B, H, G, C, K, search_steps, plane, stride_xb, stride_xg, stride_lb, stride_tb, inv_temp,
+        NORM_PASS: tl.constexpr, SOFTMAX: tl.constexpr, DENSE_TEACHER: tl.constexpr, SPARSE: tl.constexpr,
+        HAS_SCALE: tl.constexpr,
         HAS_BIAS: tl.constexpr, GROUPED: tl.constexpr, FROM_LOGITS: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
@@ -63,6 +65,8 @@ def _soft_target_fwd_kernel(
     if SOFTMAX and not NORM_PASS:
         acc0 = tl.full((BLOCK_M,), neg_inf, dtype=tl.float32)  # running max of y
         acc3 = tl.full((BLOCK_M,), neg_inf, dtype=tl.float32)  # running max of t
+    if SPARSE and not NORM_PASS:
+        cursor = sparse_cursor(idx_ptr, rows, row_mask, K, search_steps, start, BLOCK_M)
 
     for c0 in range(start, end, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
@@ -83,6 +87,9 @@ def _soft_target_fwd_kernel(
             if DENSE_TEACHER:
                 t = tl.load(teacher_ptr + rows[:, None] * stride_tb + cols[None, :], mask=valid,
                             other=0.0).to(tl.float32) * inv_temp
+            if SPARSE:
+                z, cursor = sparse_tile(idx_ptr, val_ptr, rows, row_mask, K, cursor, cols,
+                                        tl.minimum(c0 + BLOCK_N, end), BLOCK_M, BLOCK_N)
             if SOFTMAX:
                 ym = tl.where(col_mask[None, :], y, neg_inf)
                 m_new = tl.maximum(acc0, tl.max(ym, axis=1))  # finite: every tile has a valid column
@@ -101,26 +108,31 @@ def _soft_target_fwd_kernel(
                     acc4 = acc4 * trescale + tl.sum(et, axis=1)
                     acc5 = acc5 * trescale + tl.sum(et * y, axis=1)
                     acc3 = tm_new
+                if SPARSE:
+                    acc5 += tl.sum(z * y, axis=1)
             else:
                 sp, sg = softplus_and_sigmoid(y)
                 acc0 += tl.sum(tl.where(valid, sp, 0.0), axis=1)
                 acc1 += tl.sum(sg * y, axis=1)
                 if DENSE_TEACHER:
                     acc2 += tl.sum(tl.where(valid, sigmoid(t), 0.0) * y, axis=1)
+                if SPARSE:
+                    acc2 += tl.sum(z * y, axis=1)
 
     out = stats_ptr + rows * C + c
     tl.store(out, acc0, mask=row_mask)
     if not NORM_PASS:
         tl.store(out + plane, acc1, mask=row_mask)
         tl.store(out + 2 * plane, acc2, mask=row_mask)
-        if SOFTMAX and DENSE_TEACHER:
+        if SOFTMAX:
             tl.store(out + 3 * plane, acc3, mask=row_mask)
             tl.store(out + 4 * plane, acc4, mask=row_mask)
             tl.store(out + 5 * plane, acc5, mask=row_mask)
 
 
-def launch_fwd(*, x, w, bias, logits, teacher, gamma, inv_norm, chunks, stats, B, H, G, inv_temp, norm_pass,
-               softmax, grouped):
+def launch_fwd(*, x, w, bias, logits, teacher, sparse, gamma, inv_norm, chunks, stats, B, H, G, inv_temp,
+               norm_pass, softmax, grouped):
+    """sparse: None or (sorted target classes int32 [B, K], their values fp32 [B, K], binary-search steps)."""
     start, end, seg = chunks
     C = start.numel()
     ref = logits if logits is not None else x
@@ -132,12 +144,15 @@ def launch_fwd(*, x, w, bias, logits, teacher, gamma, inv_norm, chunks, stats, B
     _soft_target_fwd_kernel[grid](
         x if x is not None else dummy, w if w is not None else dummy, bias if bias is not None else dummy,
         logits if logits is not None else dummy, teacher if teacher is not None else dummy,
+        sparse[0] if sparse is not None else stats, sparse[1] if sparse is not None else stats,
         gamma if gamma is not None else stats, inv_norm if inv_norm is not None else stats,
         start, end, seg, stats,
-        B, H, G, C, B * C,  # plane size from the host: an int64 argument once it passes 2^31
+        B, H, G, C, sparse[0].shape[1] if sparse is not None else 0, sparse[2] if sparse is not None else 0,
+        B * C,  # plane size from the host: an int64 argument once it passes 2^31
         x.stride(0) if x is not None else 0, (x.stride(1) if grouped else 0) if x is not None else 0,
         logits.stride(0) if logits is not None else 0, teacher.stride(0) if teacher is not None else 0,
         inv_temp,
-        NORM_PASS=norm_pass, SOFTMAX=softmax, DENSE_TEACHER=teacher is not None, HAS_SCALE=gamma is not None,
+        NORM_PASS=norm_pass, SOFTMAX=softmax, DENSE_TEACHER=teacher is not None,
+        SPARSE=sparse is not None, HAS_SCALE=gamma is not None,
         HAS_BIAS=bias is not None, GROUPED=grouped, FROM_LOGITS=logits is not None, IEEE=ref.dtype == torch.float32)
 

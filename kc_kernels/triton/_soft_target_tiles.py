@@ -77,3 +77,42 @@ def sigmoid(v):
     e = tl.exp(-tl.abs(v))
     inv = 1.0 / (1.0 + e)
     return tl.where(v >= 0, inv, e * inv)
+
+
+# Sparse targets, fused: every row's targets are sorted by class on the host (padding becomes class V, past every
+# tile). A program finds, per row, the first target at or after its first class (a vectorised binary search), then
+# walks the rows' targets tile by tile with that cursor. A 100K-class row with K=100 targets has about one target
+# per thousand classes, so a tile costs one or two masked passes, not K.
+
+@triton.jit
+def sparse_cursor(idx_ptr, rows, row_mask, K, search_steps, first_class, BLOCK_M: tl.constexpr):
+    """Per row, the position in its sorted targets of the first class >= first_class (int32 [BLOCK_M])."""
+    base = idx_ptr + rows * K
+    lo = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    hi = tl.zeros((BLOCK_M,), dtype=tl.int32) + K
+    for _ in range(search_steps):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        v = tl.load(base + mid, mask=row_mask & active, other=0)
+        right = active & (v < first_class)
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(active & (v >= first_class), mid, hi)
+    return lo
+
+
+@triton.jit
+def sparse_tile(idx_ptr, val_ptr, rows, row_mask, K, cursor, cols, end_class,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Dense [BLOCK_M, BLOCK_N] tile of the sparse targets with class < end_class from the cursor on (duplicates add
+    up), and the advanced cursor."""
+    base = idx_ptr + rows * K
+    z = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    nxt = tl.load(base + cursor, mask=row_mask & (cursor < K), other=end_class)
+    more = row_mask & (cursor < K) & (nxt < end_class)
+    while tl.max(more.to(tl.int32), axis=0) > 0:
+        v = tl.load(val_ptr + rows * K + cursor, mask=more, other=0.0)
+        z += tl.where((cols[None, :] == nxt[:, None]) & more[:, None], v[:, None], 0.0)
+        cursor = tl.where(more, cursor + 1, cursor)
+        nxt = tl.load(base + cursor, mask=row_mask & (cursor < K), other=end_class)
+        more = row_mask & (cursor < K) & (nxt < end_class)
+    return z, cursor

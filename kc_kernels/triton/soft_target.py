@@ -6,10 +6,9 @@ logsumexp merge) into per-(row, segment) numbers: [B, G] tensors, never [B, V].
 Backward: one kernel over (row block, class tile) recomputes the logits and accumulates dx, dW, dbias, dscale with
 fp32 atomics (_soft_target_bwd.py).
 
-Sparse targets touch K classes per row, so their terms -z*y are handled apart from the dense kernels: the logits at
-the target indices are gathered (x_b . W[idx] + bias[idx], in row chunks of bounded size), and in the backward their
-part of dL/du is scattered into dx, dW and dbias the same way. The dense kernels then only need softplus/sigmoid or
-the segment logsumexp/softmax, plus dense teacher logits read tile by tile.
+Targets are read inside the kernels: dense teacher logits tile by tile; sparse targets as each row's targets sorted
+by class, walked with a per-row cursor as the tiles advance (_soft_target_tiles.py), so that -z*y and its gradient
+are part of the same tiles and no gather of weight rows is needed.
 
 Dtypes: fp32, fp16 and bf16 inputs; statistics, loss and gradient accumulators are fp32 and the gradients are cast
 back to the input dtypes. fp32 inputs use IEEE fp32 dots (no tf32), so fp32 results match fp32 references.
@@ -28,14 +27,11 @@ from kc_kernels.triton._soft_target_tiles import chunk_table, interpreted
 
 __all__ = ["linear_soft_target_loss", "soft_target_loss"]
 
-_SPARSE_GATHER_ELEMS = 1 << 22  # fp32 elements of gathered weight rows held at once (rows x K x H)
-
-
 def _chunk_lengths():
     """(forward chunk, backward chunk) in classes. A forward program reduces a whole chunk online, so long chunks
     mean few statistics to merge; a backward program handles one chunk, so short chunks mean many programs.
     Tile sizes are the autotuner's; a chunk need not be a multiple of them."""
-    return (64, 32) if interpreted() else (1024, 128)
+    return (128, 64) if interpreted() else (1024, 128)
 
 
 def _segment_ids(bounds, device) -> torch.Tensor:
@@ -52,34 +48,19 @@ def _seg_max(values: torch.Tensor, chunk_seg: torch.Tensor, G: int) -> torch.Ten
     return out.scatter_reduce_(1, chunk_seg.expand_as(values), values, reduce="amax")
 
 
-def _row_chunks(B: int, K: int, H: int):
-    step = max(1, _SPARSE_GATHER_ELEMS // max(1, K * H))
-    for r0 in range(0, B, step):
-        yield slice(r0, min(B, r0 + step))
-
-
-def _gathered_inputs(x, grouped, r, seg_k):
-    """x rows of a row chunk, as [r, H] (plain) or the per-target group's row [r, K, H] (grouped)."""
-    xr = x[r].float()
-    if not grouped:
-        return xr
-    return xr[torch.arange(xr.shape[0], device=x.device)[:, None], seg_k[r]]
-
-
-def _sparse_logits(x, w, bias, logits, grouped, idx, seg_k):
-    """Raw logits u[b, idx[b, k]] (fp32 [B, K]); padded entries read class 0 and are zeroed by their value."""
-    if logits is not None:
-        return logits.gather(1, idx).float()
-    B, K = idx.shape
-    H = w.shape[1]
-    out = torch.empty(B, K, dtype=torch.float32, device=idx.device)
-    for r in _row_chunks(B, K, H):
-        wg = w[idx[r]].float()  # [r, K, H]
-        xs = _gathered_inputs(x, grouped, r, seg_k)
-        out[r] = (wg * xs).sum(-1) if grouped else torch.einsum("rkh,rh->rk", wg, xs)
-    if bias is not None:
-        out += bias.float()[idx]
-    return out
+def _sorted_targets(target_index, target_value, V):
+    """Each row's targets sorted by class (int32, padding -> V, past every tile), their values (fp32, 0 for padding)
+    and the number of binary-search steps over K."""
+    keep = target_index >= 0
+    idx = torch.where(keep, target_index.long(), torch.full_like(target_index.long(), V))
+    val = torch.where(keep, target_value.float(), torch.zeros((), device=idx.device))
+    idx, order = torch.sort(idx, dim=1)
+    val = val.gather(1, order)
+    K = idx.shape[1]
+    if K == 0:  # kernels need real pointers; K=0 keeps every cursor empty
+        idx = torch.full((idx.shape[0], 1), V, dtype=torch.int64, device=idx.device)
+        val = torch.zeros(idx.shape, dtype=torch.float32, device=idx.device)
+    return idx.to(torch.int32).contiguous(), val.contiguous(), K.bit_length() if K else 0
 
 
 def _check_dtype(name: str, t: torch.Tensor):
@@ -118,16 +99,20 @@ class _SoftTargetFunction(torch.autograd.Function):
         C = cseg.numel()
         common = dict(x=x, w=weight, bias=bias, logits=logits, B=B, H=H, G=G, inv_temp=inv_temp,
                       softmax=softmax, grouped=grouped)
+        sparse = None
+        if teacher is None:
+            sparse = _sorted_targets(p.target_index, p.target_value, V)
 
         inv_n = None
         if gamma is not None:
             sq = torch.empty(1, B, C, dtype=torch.float32, device=dev)
-            launch_fwd(teacher=None, gamma=None, inv_norm=None, chunks=chunks, stats=sq, norm_pass=True, **common)
+            launch_fwd(teacher=None, sparse=None, gamma=None, inv_norm=None, chunks=chunks, stats=sq, norm_pass=True,
+                       **common)
             inv_n = torch.rsqrt(_seg_sum(sq[0], cseg, G) + NORM_EPS).contiguous()
 
-        nstat = NSTAT if (softmax and teacher is not None) else 3
-        st = torch.empty(nstat, B, C, dtype=torch.float32, device=dev)
-        launch_fwd(teacher=teacher, gamma=gamma, inv_norm=inv_n, chunks=chunks, stats=st, norm_pass=False, **common)
+        st = torch.empty(NSTAT if softmax else 3, B, C, dtype=torch.float32, device=dev)
+        launch_fwd(teacher=teacher, sparse=sparse, gamma=gamma, inv_norm=inv_n, chunks=chunks, stats=st,
+                   norm_pass=False, **common)
 
         lse = tlse = None
         if softmax:
@@ -143,25 +128,16 @@ class _SoftTargetFunction(torch.autograd.Function):
                 ts = _seg_sum(st[4] * tw_c, cseg, G)
                 tlse = tm + torch.log(ts)
                 zy = _seg_sum(st[5] * tw_c, cseg, G) / ts
+            else:
+                zy = _seg_sum(st[5], cseg, G)
         else:
             softplus_sum = _seg_sum(st[0], cseg, G)
             pred_y = _seg_sum(st[1], cseg, G)  # sum_j sigmoid(y_j) * y_j per segment
-            if teacher is not None:
-                zy = _seg_sum(st[2], cseg, G)
+            zy = _seg_sum(st[2], cseg, G)
 
-        sparse = None
-        if teacher is None:
-            idx_raw = p.target_index.long()
-            keep = idx_raw >= 0
-            idx = torch.where(keep, idx_raw, torch.zeros_like(idx_raw))
-            val = torch.where(keep, p.target_value.float(), torch.zeros((), device=dev))
-            seg_k = seg_of_class[idx]
-            u_k = _sparse_logits(x, weight, bias, logits, grouped, idx, seg_k)
-            ninv_k = inv_n.gather(1, seg_k) * inv_temp if gamma is not None else None  # 1 / (n T) per target
-            yfac_k = gamma[idx] * ninv_k if gamma is not None else torch.full_like(u_k, inv_temp)  # dy_k / du_k
-            zy = torch.zeros(B, G, dtype=torch.float32, device=dev).scatter_add_(1, seg_k, val * u_k * yfac_k)
-            mass = torch.zeros(B, G, dtype=torch.float32, device=dev).scatter_add_(1, seg_k, val)
-            sparse = (idx, val, seg_k, u_k, yfac_k, ninv_k)
+        if sparse is not None:  # target mass per segment (softmax mode)
+            seg_k = seg_of_class[sparse[0].long().clamp_max(V - 1)]
+            mass = torch.zeros(B, G, dtype=torch.float32, device=dev).scatter_add_(1, seg_k, sparse[1])
         else:
             mass = torch.ones(B, G, dtype=torch.float32, device=dev)
 
@@ -179,14 +155,18 @@ class _SoftTargetFunction(torch.autograd.Function):
             loss = loss.sum() / B
 
         ctx.p, ctx.skip_below = p, skip_below
-        ctx.sparse = sparse
-        ctx.save_for_backward(x, weight, bias, logits, scale, teacher, gamma, inv_n, lse, tlse, mass, r_sum, sw)
+        ctx.search_steps = sparse[2] if sparse is not None else 0
+        idx_s, val_s = (sparse[0], sparse[1]) if sparse is not None else (None, None)
+        ctx.save_for_backward(x, weight, bias, logits, scale, teacher, idx_s, val_s, gamma, inv_n, lse, tlse, mass,
+                              r_sum, sw)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         p = ctx.p
-        x, weight, bias, logits, scale, teacher, gamma, inv_n, lse, tlse, mass, r_sum, sw = ctx.saved_tensors
+        (x, weight, bias, logits, scale, teacher, idx_s, val_s, gamma, inv_n, lse, tlse, mass, r_sum,
+         sw) = ctx.saved_tensors
+        sparse = (idx_s, val_s, ctx.search_steps) if idx_s is not None else None
         _, _, need_x, need_w, need_b, need_logits, need_scale = ctx.needs_input_grad
         B, V, G = p.batch, p.num_classes, p.num_segments
         from_logits = logits is not None
@@ -210,8 +190,7 @@ class _SoftTargetFunction(torch.autograd.Function):
 
         coef = torch.zeros(NCOEF, B, G, dtype=torch.float32, device=dev)
         coef[0] = c[:, None] * (zf * mass if softmax else 1.0)
-        if teacher is not None:
-            coef[1] = c[:, None] * zf
+        coef[1] = c[:, None] * zf
         if softmax:
             coef[2] = lse
             if tlse is not None:
@@ -233,21 +212,10 @@ class _SoftTargetFunction(torch.autograd.Function):
         dgamma = torch.zeros(V, dtype=torch.float32, device=dev) if gamma is not None else None
 
         if from_logits or dx is not None or dw is not None or dbias is not None or need_scale:
-            launch_bwd(x=x, w=weight, bias=bias, logits=logits, teacher=teacher, gamma=gamma, coef=coef,
-                       chunks=chunk_table(p.bounds, _chunk_lengths()[1], dev), dx=dx, dw=dw, dbias=dbias, dgamma=dgamma,
-                       dlogits=dlogits, B=B, H=0 if from_logits else x.shape[-1], G=G, inv_temp=inv_temp,
+            launch_bwd(x=x, w=weight, bias=bias, logits=logits, teacher=teacher, sparse=sparse, gamma=gamma,
+                       coef=coef, chunks=chunk_table(p.bounds, _chunk_lengths()[1], dev), dx=dx, dw=dw, dbias=dbias,
+                       dgamma=dgamma, dlogits=dlogits, B=B, H=0 if from_logits else x.shape[-1], G=G, inv_temp=inv_temp,
                        softmax=softmax, grouped=p.grouped, skip_below=ctx.skip_below)
-
-        if ctx.sparse is not None:
-            idx, val, seg_k, u_k, yfac_k, ninv_k = ctx.sparse
-            a_k = -zf * val * c[:, None]  # dL/dy at each target (padding has val 0)
-            g_k = a_k * yfac_k  # dL/du at each target
-            if dgamma is not None:
-                dgamma.index_add_(0, idx.flatten(), (a_k * u_k * ninv_k).flatten())
-            if from_logits:
-                dlogits.scatter_add_(1, idx, g_k.to(dlogits.dtype))
-            else:
-                _scatter_sparse_grads(x, weight, p.grouped, idx, seg_k, g_k, dx, dw, dbias)
 
         def finish(t, like):
             if t is None:
@@ -263,30 +231,6 @@ class _SoftTargetFunction(torch.autograd.Function):
             dscale = finish(d, scale)
         return (None, None, finish(dx, x) if need_x else None, finish(dw, weight) if need_w else None,
                 finish(dbias, bias) if need_b else None, dlogits if need_logits else None, dscale)
-
-
-def _scatter_sparse_grads(x, w, grouped, idx, seg_k, g_k, dx, dw, dbias):
-    """The sparse targets' part of dL/du (a few entries per row) into dx, dW and dbias, in bounded row chunks."""
-    B, K = idx.shape
-    H = w.shape[1]
-    G = x.shape[1] if grouped else 1
-    if dbias is not None:
-        dbias.index_add_(0, idx.flatten(), g_k.flatten())
-    if dx is None and dw is None:
-        return
-    for r in _row_chunks(B, K, H):
-        gr = g_k[r]
-        if dx is not None:
-            wg = w[idx[r]].float()
-            if grouped:
-                rows = torch.arange(r.start, r.stop, device=idx.device)[:, None] * G + seg_k[r]
-                dx.view(-1, H).index_add_(0, rows.flatten(), (gr[..., None] * wg).reshape(-1, H))
-            else:
-                dx[r] += torch.einsum("rk,rkh->rh", gr, wg)
-        if dw is not None:
-            xs = _gathered_inputs(x, grouped, r, seg_k)
-            contrib = gr[..., None] * (xs if grouped else xs[:, None, :])
-            dw.index_add_(0, idx[r].flatten(), contrib.reshape(-1, H))
 
 
 def linear_soft_target_loss(p, *, skip_below: float = 0.0):
