@@ -97,20 +97,23 @@ class StudentScorer(Scorer):
 
 
 class SpecialistScorer(Scorer):
-    """The specialists together: class c is scored by its vertical's teacher (sigmoid logits)."""
+    """The specialists together: class c is scored by its vertical's teacher (sigmoid logits). One teacher's
+    hidden units of all test rows are kept at a time ([N, H]); its logits are computed chunk by chunk."""
 
     def __init__(self, teachers: List[Specialist], taxonomy: Taxonomy, data: SampleSet, row_chunk: int, device="cpu"):
         self.teachers, self.data, self.row_chunk, self.device = teachers, data, row_chunk, device
         self.seg = taxonomy.segments.tolist()
         self.num_classes = taxonomy.num_classes
-        self._v, self._logits = None, None
+        self._v, self._h = None, None
 
     @torch.no_grad()
     def block(self, v, c0, c1):
-        if self._v != v:  # one vertical's logits at a time: [N, N_v]
-            self._v, self._logits = v, None
-            self._logits = _batched(self.teachers[v], self.data, self.row_chunk, self.device)
-        return self._logits[:, c0 - self.seg[v]:c1 - self.seg[v]]
+        t = self.teachers[v]
+        if self._v != v:
+            self._v, self._h = v, None
+            self._h = _batched(t.backbone, self.data, self.row_chunk, self.device)
+        lo, hi = c0 - self.seg[v], c1 - self.seg[v]
+        return self._h @ t.out.weight[lo:hi].t() + t.out.bias[lo:hi]
 
     @torch.no_grad()
     def rows(self, r0, r1):

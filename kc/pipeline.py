@@ -270,8 +270,8 @@ def run_stage(ws: Workspace, stage: str, resume: bool = False) -> Dict:
     log(f"stage {stage} ...")
     info = STAGE_FUNCS[stage](ws, resume)
     dt = time.time() - t0
-    ws.mark(stage, dt, **{k: v for k, v in info.items() if k != "files"})
-    log(f"stage {stage} done in {dt:.1f}s")
+    ws.mark(stage, dt, peak_rss_mib=round(peak_rss_mib()), **{k: v for k, v in info.items() if k != "files"})
+    log(f"stage {stage} done in {dt:.1f}s (peak memory so far {peak_rss_mib():.0f} MiB)")
     return info
 
 
@@ -285,7 +285,16 @@ def run_all(ws: Workspace, resume: bool = False) -> None:
             log(f"stage {stage}: already done, skipped")
             continue
         run_stage(ws, stage, resume=resume)
-    log(f"all stages done in {time.time() - t0:.1f}s; report in {ws.report_dir}")
+    log(f"all stages done in {time.time() - t0:.1f}s (peak memory {peak_rss_mib():.0f} MiB); report in "
+        f"{ws.report_dir}")
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 if sys.platform != "darwin" else peak / 2**20
 
 
 def configure_torch(cfg: config.RunConfig) -> None:
