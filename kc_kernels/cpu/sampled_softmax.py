@@ -1,10 +1,13 @@
 """Sampled softmax on CPU.
 
-One gather of the sampled and true weight rows, one GEMM x @ W_S^T for the [B, S] sampled logits (S << V, so the
-buffer is small), the true logits as row-wise dots, then one in-place pass over the buffer that yields the loss and
-the softmax probabilities, which are dlogits for the sampled columns (their target is 0; masked entries have
-probability 0 and so zero gradient). The gradient GEMMs dx = dlogits @ W_rows and dW_rows = dlogits^T @ x touch
-only the gathered rows. Half inputs are upcast to fp32 after the gather, so only [S + B*T, H] rows are converted.
+The touched classes form one column set: the sampled ids, then the true labels that were not sampled. One gather
+of their weight rows and one GEMM give the logits of every column ([B, S + E] with E <= B*T; S << V, so the
+buffer is small); a row's true logits are picked out of it. One in-place pass over the sampled columns gives the
+loss and the softmax probabilities, which are dlogits there (the sampled targets are 0; masked entries have
+probability 0). The true columns' gradient (softmax minus 1/num_true) is added into the same buffer at each
+label's column, so the gradients are two GEMMs on it: dx = D @ W_cols and dW_cols = D^T @ x. With unique
+sampling the columns are distinct classes, so the weight gradient needs no scatter-add. Half inputs are upcast
+to fp32 after the gather, so only the gathered rows are converted.
 """
 from __future__ import annotations
 
@@ -20,14 +23,28 @@ from kc_kernels.ops.sampled_softmax_autograd import RowGradients
 @dataclass
 class _State:
     x: torch.Tensor  # [B, H] compute dtype
-    w_sampled: torch.Tensor  # [S, H]
-    w_true: torch.Tensor  # [B, T, H]
-    ids: torch.Tensor  # [S]
-    labels: torch.Tensor  # [B, T]
-    valid: torch.Tensor  # [B, T] bool
-    prob_sampled: torch.Tensor  # [B, S] softmax probabilities of the sampled columns
-    dlogit_true: torch.Tensor  # [B, T] softmax minus target of the true columns (0 where padded)
-    has_bias: bool
+    w_cols: torch.Tensor  # [C, H] weight rows of the columns
+    cols: torch.Tensor  # [C] class of each column: ids, then labels that were not sampled
+    distinct: bool  # cols holds no class twice
+    buf: torch.Tensor  # [B, C]: softmax probabilities in the first S columns, 0 in the others
+    flat_pos: torch.Tensor  # [N] offsets into buf of the valid (row, label) pairs
+    dlogit_true: torch.Tensor  # [N] softmax minus target of those pairs
+
+
+def _columns(ids: torch.Tensor, labels: torch.Tensor):
+    """(cols [C], column of every label [B, T] (0 where padded), cols are distinct)."""
+    S = len(ids)
+    sorted_ids, order = torch.sort(ids)
+    distinct = not bool((sorted_ids[1:] == sorted_ids[:-1]).any())
+    flat = labels.reshape(-1)
+    valid = flat >= 0
+    at = torch.searchsorted(sorted_ids, flat).clamp_(max=S - 1)
+    sampled = valid & (sorted_ids[at] == flat)
+    pos = torch.where(sampled, order[at], torch.zeros_like(flat))
+    missing = valid & ~sampled
+    extra, extra_col = torch.unique(flat[missing], return_inverse=True)
+    pos[missing] = S + extra_col
+    return torch.cat([ids, extra]), pos.view(labels.shape), distinct
 
 
 class _CpuSampledSoftmax:
@@ -37,19 +54,17 @@ class _CpuSampledSoftmax:
         ids, _, sampled_expected = p.sampled
         ids = ids.long()
         B, T = labels.shape
-        S, H = len(ids), p.x.shape[1]
+        S = len(ids)
         valid = labels >= 0
-        rows = torch.cat([ids, labels.clamp(min=0).reshape(-1)])
-        w_rows = p.weight.index_select(0, rows).to(dt)
-        w_sampled, w_true = w_rows[:S], w_rows[S:].view(B, T, H)
+        cols, pos, distinct = _columns(ids, labels)
+        w_cols = p.weight.index_select(0, cols).to(dt)
         x = p.x.to(dt)
 
-        logits = x @ w_sampled.t()  # [B, S]
-        true_logits = torch.bmm(w_true, x[:, :, None]).squeeze(2)  # [B, T]
+        buf = x @ w_cols.t()  # [B, C]
         if p.bias is not None:
-            b_rows = p.bias.index_select(0, rows).to(dt)
-            logits += b_rows[:S]
-            true_logits += b_rows[S:].view(B, T)
+            buf += p.bias.index_select(0, cols).to(dt)
+        true_logits = buf.gather(1, pos)  # [B, T]
+        logits = buf[:, :S]  # a view: the work below happens in place in buf
         if p.subtract_log_q:
             logits -= torch.log(sampled_expected.to(dt))
             true_logits -= torch.log(true_expected.to(dt))
@@ -60,32 +75,27 @@ class _CpuSampledSoftmax:
 
         # every row has a valid true label, so the max is finite and the sum >= 1
         m = torch.maximum(logits.amax(dim=1), true_logits.amax(dim=1))
-        prob = logits.sub_(m[:, None]).exp_()  # in place: the logits are not needed again
+        prob = logits.sub_(m[:, None]).exp_()
         prob_true = (true_logits - m[:, None]).exp_()
         total = prob.sum(dim=1) + prob_true.sum(dim=1)
-        num_true = valid.sum(dim=1, keepdim=True).to(dt)
-        target = valid.to(dt) / num_true
+        target = valid.to(dt) / valid.sum(dim=1, keepdim=True).to(dt)
         picked = torch.where(valid, true_logits, torch.zeros((), dtype=dt)) * target
         per_row = m + torch.log(total) - picked.sum(dim=1)
         if not need_grad:
             return per_row, None
         inv_total = total.reciprocal_()[:, None]
         prob.mul_(inv_total)
+        buf[:, S:] = 0.0  # label-only columns: only the true gradient lands there
         dlogit_true = prob_true.mul_(inv_total).sub_(target)
-        return per_row, _State(x, w_sampled, w_true, ids, labels, valid, prob, dlogit_true, p.bias is not None)
+        row_start = torch.arange(B)[:, None] * buf.shape[1]
+        return per_row, _State(x, w_cols, cols, distinct, buf, (row_start + pos)[valid], dlogit_true[valid])
 
     def gradients(self, s: _State, scale: torch.Tensor, need_x: bool) -> RowGradients:
-        d_sampled = s.prob_sampled.mul_(scale[:, None])  # [B, S]; in place: the state is used once
-        d_true = s.dlogit_true.mul_(scale[:, None])  # [B, T]
-        dx = None
-        if need_x:
-            dx = d_sampled @ s.w_sampled
-            dx += torch.bmm(d_true[:, None, :], s.w_true).squeeze(1)
-        dw_sampled = d_sampled.t() @ s.x  # [S, H]
-        d_true_valid = d_true[s.valid]  # padded entries touch no row
-        x_true = s.x[:, None, :].expand(-1, s.labels.shape[1], -1)[s.valid]
-        return RowGradients(dx, [s.ids, s.labels[s.valid]], [dw_sampled, x_true.mul_(d_true_valid[:, None])],
-                            [d_sampled.sum(dim=0), d_true_valid])
+        d = s.buf.mul_(scale[:, None])  # in place: the state is used once
+        row_of_pair = torch.div(s.flat_pos, d.shape[1], rounding_mode="floor")
+        d.view(-1).index_add_(0, s.flat_pos, s.dlogit_true * scale[row_of_pair])
+        dx = d @ s.w_cols if need_x else None
+        return RowGradients(dx, [s.cols], [d.t() @ s.x], [d.sum(dim=0)], distinct=s.distinct)
 
 
 _IMPL = _CpuSampledSoftmax()

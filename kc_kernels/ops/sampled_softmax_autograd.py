@@ -75,17 +75,24 @@ class RowGradients:
     rows: List[torch.Tensor]  # parts of [R_i] class ids of the touched rows, repeats allowed
     dweight: List[torch.Tensor]  # parts of [R_i, H] compute dtype; rows that repeat add up
     dbias: List[torch.Tensor]  # parts of [R_i]
+    distinct: bool = False  # the rows of all parts are already distinct: no summing needed
 
 
 @dataclass
 class _Grads:
     dx: Optional[torch.Tensor]
-    rows: torch.Tensor  # [U] distinct touched classes
+    rows: torch.Tensor  # [U] distinct touched classes (sorted unless from a ``distinct`` RowGradients)
     dweight: Optional[torch.Tensor]  # [U, H] compute dtype
     dbias: Optional[torch.Tensor]  # [U]
 
 
+def _cat(parts: List[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def _coalesce(g: RowGradients, need_w: bool, need_b: bool) -> _Grads:
+    if g.distinct:
+        return _Grads(g.dx, _cat(g.rows), _cat(g.dweight) if need_w else None, _cat(g.dbias) if need_b else None)
     uniq, inverse = torch.unique(torch.cat(g.rows), return_inverse=True)
     parts = torch.split(inverse, [len(r) for r in g.rows])
     dw = db = None
@@ -102,9 +109,13 @@ def _coalesce(g: RowGradients, need_w: bool, need_b: bool) -> _Grads:
 
 
 def _expand(values: torch.Tensor, rows: torch.Tensor, like: torch.Tensor, sparse: bool) -> torch.Tensor:
-    """Touched-row gradient values as a full gradient of ``like``: dense, or a coalesced sparse COO tensor."""
+    """Touched-row gradient values (distinct rows) as a full gradient of ``like``: dense, or a coalesced sparse
+    COO tensor."""
     values = values.to(like.dtype)
     if sparse:
+        if len(rows) > 1 and bool((rows[1:] < rows[:-1]).any()):  # coalesced COO wants sorted indices
+            rows, order = torch.sort(rows)
+            values = values[order]
         return torch.sparse_coo_tensor(rows[None], values, like.shape, is_coalesced=True, check_invariants=False)
     out = torch.zeros_like(like, memory_format=torch.contiguous_format)
     out.index_copy_(0, rows, values)
