@@ -34,6 +34,8 @@ def signature(fn, dtype, constexprs):
             sig[name] = "*" + dtype
         elif name.startswith("chunk_"):
             sig[name] = "*i64"
+        elif name == "idx_ptr":
+            sig[name] = "*i32"
         elif name.endswith("_ptr"):
             sig[name] = "*fp32"
         elif name in FLOAT_SCALARS:
@@ -62,7 +64,7 @@ def variants():
     for softmax, dense, scale, grouped, logits in itertools.product((False, True), repeat=5):
         if grouped and logits:
             continue
-        yield dict(SOFTMAX=softmax, DENSE_TEACHER=dense, HAS_SCALE=scale, HAS_BIAS=not logits, GROUPED=grouped,
+        yield dict(SOFTMAX=softmax, DENSE_TEACHER=dense, SPARSE=not dense, HAS_SCALE=scale, HAS_BIAS=not logits, GROUPED=grouped,
                    FROM_LOGITS=logits)
 
 

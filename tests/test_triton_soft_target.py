@@ -5,6 +5,9 @@ small shapes still cross tile, chunk, segment and row-block edges. bf16 is check
 bf16 dot is not trustworthy).
 """
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -259,3 +262,14 @@ def test_int64_offsets_past_2_pow_31_gpu():
     (dref,) = torch.autograd.grad(ref.sum(), [tail])
     assert_close(loss[-8:], ref, torch.float16, "loss")
     assert_close(dx[-8:], dref, torch.float16, "dx")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("KC_COMPILE_CHECK") != "1",
+                    reason="set KC_COMPILE_CHECK=1 to compile every kernel variant for sm_90 (minutes, no GPU needed)")
+def test_every_kernel_variant_compiles_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(__file__), "compile_soft_target_kernels.py")
+    run = subprocess.run([sys.executable, script, "--dtypes", "bf16", "fp16", "fp32"], env=env, capture_output=True,
+                         text=True)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
