@@ -26,7 +26,8 @@ class _State:
     w_cols: torch.Tensor  # [C, H] weight rows of the columns
     cols: torch.Tensor  # [C] class of each column: ids, then labels that were not sampled
     distinct: bool  # cols holds no class twice
-    buf: torch.Tensor  # [B, C]: softmax probabilities in the first S columns, 0 in the others
+    buf: torch.Tensor  # [B, C]: exp(logit - max) in the first S columns, 0 in the others; used once, in place
+    inv_total: torch.Tensor  # [B] 1 / softmax denominator
     flat_pos: torch.Tensor  # [N] offsets into buf of the valid (row, label) pairs
     dlogit_true: torch.Tensor  # [N] softmax minus target of those pairs
 
@@ -61,13 +62,20 @@ class _CpuSampledSoftmax:
         x = p.x.to(dt)
 
         buf = x @ w_cols.t()  # [B, C]
+        true_logits = buf.gather(1, pos)  # [B, T], before the per-column shift below
+        # bias and -log Q as one per-column shift: a single pass over the buffer
+        shift = None
         if p.bias is not None:
-            buf += p.bias.index_select(0, cols).to(dt)
-        true_logits = buf.gather(1, pos)  # [B, T]
-        logits = buf[:, :S]  # a view: the work below happens in place in buf
+            shift = p.bias.index_select(0, cols).to(dt)
+            true_logits += shift[pos]
         if p.subtract_log_q:
-            logits -= torch.log(sampled_expected.to(dt))
+            if shift is None:
+                shift = torch.zeros(len(cols), dtype=dt)
+            shift[:S] -= torch.log(sampled_expected.to(dt))
             true_logits -= torch.log(true_expected.to(dt))
+        if shift is not None:
+            buf += shift
+        logits = buf[:, :S]  # a view: the work below happens in place in buf
         true_logits.masked_fill_(~valid, -math.inf)
         if p.remove_accidental_hits:
             hit_rows, hit_cols = autograd_.accidental_hits(labels, ids)
@@ -83,15 +91,15 @@ class _CpuSampledSoftmax:
         per_row = m + torch.log(total) - picked.sum(dim=1)
         if not need_grad:
             return per_row, None
-        inv_total = total.reciprocal_()[:, None]
-        prob.mul_(inv_total)
+        inv_total = total.reciprocal_()
         buf[:, S:] = 0.0  # label-only columns: only the true gradient lands there
-        dlogit_true = prob_true.mul_(inv_total).sub_(target)
+        dlogit_true = prob_true.mul_(inv_total[:, None]).sub_(target)
         row_start = torch.arange(B)[:, None] * buf.shape[1]
-        return per_row, _State(x, w_cols, cols, distinct, buf, (row_start + pos)[valid], dlogit_true[valid])
+        return per_row, _State(x, w_cols, cols, distinct, buf, inv_total, (row_start + pos)[valid],
+                               dlogit_true[valid])
 
     def gradients(self, s: _State, scale: torch.Tensor, need_x: bool) -> RowGradients:
-        d = s.buf.mul_(scale[:, None])  # in place: the state is used once
+        d = s.buf.mul_((s.inv_total * scale)[:, None])  # softmax normalisation and row scale in one pass
         row_of_pair = torch.div(s.flat_pos, d.shape[1], rounding_mode="floor")
         d.view(-1).index_add_(0, s.flat_pos, s.dlogit_true * scale[row_of_pair])
         dx = d @ s.w_cols if need_x else None

@@ -61,7 +61,7 @@ def _sampled_softmax_fwd_kernel(x_ptr, w_ptr, bias_ptr, ids_ptr, logq_s_ptr, lab
     """Program (row block, split): the logsumexp of its share of the sampled tiles -> lse_part[split, rows].
     Split 0 also takes the true logits (stored, and their target-weighted mean -> picked)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
-    split = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(1)  # int32 loop bounds below: S < 2^31
     row_mask = rows < B
     m = tl.full((BLOCK_B,), MAX_FLOOR, dtype=ACC)
     total = tl.zeros((BLOCK_B,), dtype=ACC)
@@ -98,7 +98,7 @@ def _sampled_softmax_fwd_kernel(x_ptr, w_ptr, bias_ptr, ids_ptr, logq_s_ptr, lab
     s_begin = split * tiles_per_split * BLOCK_S
     s_end = tl.minimum(s_begin + tiles_per_split * BLOCK_S, S)
     for s0 in range(s_begin, s_end, BLOCK_S):
-        cols = s0 + tl.arange(0, BLOCK_S).to(tl.int64)
+        cols = (s0 + tl.arange(0, BLOCK_S)).to(tl.int64)
         s_mask = cols < s_end
         ids = tl.load(ids_ptr + cols, mask=s_mask, other=0)
         logits = _sampled_logits_tile(x_ptr, w_ptr, bias_ptr, logq_s_ptr, labels_ptr, rows, row_mask, cols, ids,
@@ -107,7 +107,7 @@ def _sampled_softmax_fwd_kernel(x_ptr, w_ptr, bias_ptr, ids_ptr, logq_s_ptr, lab
         m_new = tl.maximum(m, tl.max(logits, axis=1))
         total = total * tl.exp(m - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), axis=1)
         m = m_new
-    tl.store(lse_part_ptr + split * B + rows, m + tl.log(total), mask=row_mask)
+    tl.store(lse_part_ptr + split.to(tl.int64) * B + rows, m + tl.log(total), mask=row_mask)
 
 
 @triton.jit

@@ -7,7 +7,6 @@ gradient rows (B*T of them, row-scaled copies of x) and the bias sums are small 
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
