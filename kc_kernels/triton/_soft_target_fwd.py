@@ -10,7 +10,8 @@ Passes:
 - softmax: stats = (max y, sum exp(y - max), sum exp(y - max) * y,
                     max t, sum exp(t - max t), sum exp(t - max t) * y)   with t = teacher_logits / T;
   with sparse targets the last one is sum z * y.
-The "* y" sums feed the scale's gradient (sum_j dL/dy_j * y_j per segment) without another pass.
+The sigmoid(y) * y and exp(y - max) * y sums (only computed under the scale) feed the scale's gradient, which needs
+sum_j dL/dy_j * y_j per segment, without another pass.
 """
 import torch
 import triton
@@ -96,7 +97,8 @@ def _soft_target_fwd_kernel(
                 rescale = tl.exp(acc0 - m_new)
                 e = tl.exp(ym - m_new[:, None])
                 acc1 = acc1 * rescale + tl.sum(e, axis=1)
-                acc2 = acc2 * rescale + tl.sum(e * y, axis=1)
+                if HAS_SCALE:  # only the scale's gradient needs sum softmax * y
+                    acc2 = acc2 * rescale + tl.sum(e * y, axis=1)
                 acc0 = m_new
                 if DENSE_TEACHER:
                     tm = tl.where(col_mask[None, :], t, neg_inf)
@@ -113,7 +115,8 @@ def _soft_target_fwd_kernel(
             else:
                 sp, sg = softplus_and_sigmoid(y)
                 acc0 += tl.sum(tl.where(valid, sp, 0.0), axis=1)
-                acc1 += tl.sum(sg * y, axis=1)
+                if HAS_SCALE:  # only the scale's gradient needs sum sigmoid * y
+                    acc1 += tl.sum(sg * y, axis=1)
                 if DENSE_TEACHER:
                     acc2 += tl.sum(tl.where(valid, sigmoid(t), 0.0) * y, axis=1)
                 if SPARSE:
