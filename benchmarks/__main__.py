@@ -79,7 +79,8 @@ def run_soft_target(args, device, dtype, rows):
                 if "liger" in args.peers:
                     impls.append(("liger-flce", common.liger_fn(p)))
             for name, fn in impls:
-                row = common.measure(loss, shape, name, fn, device, floor.ms, args.repeats)
+                warm = 1 if name in ("torch-compile", "cut-cross-entropy", "liger-flce") or device.type == "cuda" else 0
+                row = common.measure(loss, shape, name, fn, device, floor.ms, args.repeats, warmup=warm)
                 rows.append(row)
                 print(common.format_table([row]).splitlines()[-1], flush=True)
             del p

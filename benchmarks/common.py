@@ -242,12 +242,16 @@ def liger_fn(p: Problem) -> Optional[Callable[[], object]]:
 
 
 def measure(case: str, shape: str, impl: str, fn: Optional[Callable], device, floor_ms: float, repeats: int,
-            note: str = "") -> Row:
+            note: str = "", warmup: int = 0) -> Row:
+    """Peak memory of one call, then the time of ``repeats`` more. ``warmup`` calls come first (compiled peers:
+    their first call compiles)."""
     row = Row(case, shape, impl, floor_ms=floor_ms, note=note)
     if fn is None:
         row.note = note or "not available"
         return row
     try:
+        for _ in range(warmup):
+            fn()
         row.peak_mb, out_mb = peak_memory(fn, device)
         row.extra_mb = row.peak_mb - out_mb
         row.ms, row.ms_min = time_ms(fn, device, repeats=repeats, warmup=0)
