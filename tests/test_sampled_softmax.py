@@ -1,5 +1,8 @@
 """Sampled softmax backends against the float64 reference and a brute-force loop; sampler statistics; training."""
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -231,6 +234,15 @@ def test_gradients_only_where_asked(backend):
     ref = reference.sampled_softmax_loss(x.double(), w64, None, labels, sampled=sampled)
     assert x.grad is None
     assert_close(w.grad, torch.autograd.grad(ref, w64)[0], torch.float32, what="dweight")
+
+
+@pytest.mark.skipif(os.environ.get("KC_COMPILE_CHECK") != "1" or not HAS_TRITON,
+                    reason="set KC_COMPILE_CHECK=1 to compile the kernels for sm_90 (minutes, no GPU needed)")
+def test_triton_kernels_compile_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(__file__), "compile_sampled_softmax_kernels.py")
+    run = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
 
 
 @pytest.mark.gpu
