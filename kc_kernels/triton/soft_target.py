@@ -2,7 +2,9 @@
 
 Forward: [a norm pass when the self-paced scale is on, giving the per-(row, segment) L2 norms], then one loss pass
 writing per-(row, chunk) statistics (_soft_target_fwd.py); the host merges the chunks of each segment (online
-logsumexp merge) into per-(row, segment) numbers: [B, G] tensors, never [B, V].
+logsumexp merge) into per-(row, segment) numbers. Extra memory: the statistics, [6, B, C] fp32 with C = V / 1024 + G
+chunks (so many tiny segments cost O(B * G)), the fp32 accumulators of dx and dW, and [B, G] per-segment numbers;
+never a [B, V] buffer (except the gradient of given logits, which is the op's output).
 Backward: one kernel over (row block, class tile) recomputes the logits and accumulates dx, dW, dbias, dscale with
 fp32 atomics (_soft_target_bwd.py).
 
@@ -13,10 +15,11 @@ are part of the same tiles and no gather of weight rows is needed.
 Dtypes: fp32, fp16 and bf16 inputs; statistics, loss and gradient accumulators are fp32 and the gradients are cast
 back to the input dtypes. fp32 inputs use IEEE fp32 dots (no tf32), so fp32 results match fp32 references.
 float64 is rejected (Triton's dot has no fast fp64 path; the cpu and reference backends take fp64).
+dL/du is cast to the input dtype for the tensor-core dots of dx and dW; the mean's 1/B and the upstream gradient
+are applied to the fp32 accumulators afterwards, so fp16 does not underflow on them. The atomics make dx and dW sums
+run-order dependent (close, not bitwise reproducible).
 """
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 
@@ -26,6 +29,7 @@ from kc_kernels.triton._soft_target_fwd import NSTAT, launch_fwd
 from kc_kernels.triton._soft_target_tiles import chunk_table, interpreted
 
 __all__ = ["linear_soft_target_loss", "soft_target_loss"]
+
 
 def _chunk_lengths():
     """(forward chunk, backward chunk) in classes. A forward program reduces a whole chunk online, so long chunks
