@@ -30,7 +30,7 @@ class TaxonomyConfig:
     num_verticals: int = 8
     num_classes: int = 400
     coarse_fraction: float = 0.15  # share of a vertical's classes that are internal (parent) nodes
-    size_spread: float = 0.5  # vertical sizes vary by up to this fraction around the mean
+    size_spread: float = 0.85  # vertical sizes vary by up to this fraction around the mean
 
 
 @dataclass
@@ -45,7 +45,7 @@ class DataConfig:
     coarse_spread: float = 1.6
     sibling_spread: float = 0.6  # small relative to noise: siblings are confusable
     noise: float = 1.1
-    noise_spread: float = 0.4  # verticals differ in difficulty by up to this fraction of the noise
+    noise_spread: float = 0.8  # verticals differ in difficulty by up to this fraction of the noise
     isotropic_noise: float = 0.3
     modes: int = 1  # poses per coarse class (multi-modal classes need non-linear capacity)
     mode_spread: float = 0.0

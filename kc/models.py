@@ -111,14 +111,17 @@ class Head(nn.Module):
     def forward(self, f):
         """[B, sb] -> [B, s2] (FC-FC) or grouped [B, M, s2]."""
         relu = torch.relu
+        # the units feeding the output layer stay linear (a bottleneck: no ReLU that would zero part of it)
         if self.kind == "fc_sc_shared":
             h = relu(self.layers[0](f))
-            common = relu(self.layers[1](h))  # [B, x], the part every vertical's block shares
-            own = relu(self.layers[2](h))  # [B, M, s2 - x]
+            common = self.layers[1](h)  # [B, x], the part every vertical's block shares
+            own = self.layers[2](h)  # [B, M, s2 - x]
             return torch.cat([common[:, None, :].expand(-1, self.num_verticals, -1), own], dim=2)
         h = f
-        for layer in self.layers:
-            h = relu(layer(h))
+        for i, layer in enumerate(self.layers):
+            h = layer(h)
+            if i < len(self.layers) - 1:
+                h = relu(h)
         return h
 
 

@@ -9,8 +9,9 @@ PRESETS = {
     "eft-100k": {
         "name": "eft-100k",
         "threads": 0,
-        "taxonomy": {"num_verticals": 20, "num_classes": 100_000, "coarse_fraction": 0.1},
-        "data": {"feature_dim": 64, "train_per_class": 2, "test_per_class": 1, "subspace_dim": 24},
+        "taxonomy": {"num_verticals": 20, "num_classes": 100_000, "coarse_fraction": 0.1, "size_spread": 0.5},
+        "data": {"feature_dim": 64, "train_per_class": 2, "test_per_class": 1, "subspace_dim": 24,
+                 "noise_spread": 0.4},
         "specialists": {"hidden": [256], "epochs": 3, "batch_size": 512, "background_fraction": 0.25},
         "cache": {"top_k": 100, "batch_size": 2048},
         "student": {"heads": ["fc_sc"], "methods": ["self_paced"], "epochs": 1, "batch_size": 512, "s2": 32,
