@@ -74,7 +74,8 @@ class Workspace:
             with open(cpath) as f:
                 saved = yaml.safe_load(f) or {}
             mine = self.cfg.to_dict()
-            diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+            # the thread count changes speed, not results: a run may resume with another
+            diff = sorted(k for k in set(saved) | set(mine) if k != "threads" and saved.get(k) != mine.get(k))
             if diff:
                 raise StageError(f"{self.out} holds a run with another config (differs in: {', '.join(diff)}); "
                                  "use another --out, or the same preset/config/seed as that run")

@@ -138,3 +138,63 @@ def test_module_entry_point_prints_config():
     r = subprocess.run([sys.executable, "-m", "kc", "config", "--preset", "eft-100k"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0 and "num_classes: 100000" in r.stdout and "num_verticals: 20" in r.stdout
+
+
+def _real_taxonomy(tmp_path):
+    p = tmp_path / "tax.json"
+    rows = []
+    for v in ("birds", "cars"):
+        rows.append({"class": f"{v}", "vertical": v, "parent": ""})
+        rows += [{"class": f"{v}/k{i}", "vertical": v, "parent": v} for i in range(3)]
+    p.write_text(json.dumps(rows))
+    return p, [r["class"] for r in rows if r["parent"]]
+
+
+def test_pipeline_on_image_folders(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    tax, leaves = _real_taxonomy(tmp_path)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("test", 2)):
+        for k, name in enumerate(leaves):
+            d = tmp_path / "images" / split / name
+            d.mkdir(parents=True)
+            for i in range(n):
+                img = np.full((10, 10, 3), 40 * k, dtype=np.uint8) + rng.integers(0, 30, (10, 10, 3), dtype=np.uint8)
+                Image.fromarray(img).save(d / f"{i}.png")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"taxonomy: {{file: {tax}}}\ndata: {{kind: images, path: {tmp_path / 'images'}, image_size: 8}}\n"
+                   "student: {backbone: cnn, backbone_hidden: [4], epochs: 1, heads: [fc_sc], "
+                   "methods: [generalist, self_paced]}\nspecialists: {hidden: [4], epochs: 1}\n")
+    out = tmp_path / "o"
+    assert kc("run", "--preset", "tiny", "--config", str(cfg), "--out", str(out)) == 0
+    res = json.load(open(out / "report" / "results.json"))
+    assert res["num_train"] == 24 and res["num_test"] == 12 and res["verticals"] == ["birds", "cars"]
+
+
+def test_pipeline_on_feature_shards(tmp_path):
+    import numpy as np
+
+    from kc import taxonomy
+    from kc.data import ShardWriter
+
+    tax_path, _ = _real_taxonomy(tmp_path)
+    tax = taxonomy.load(str(tax_path))
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 40), ("test", 16)):
+        w = ShardWriter(str(tmp_path / "feats" / split))
+        for _ in range(2):
+            fine = rng.choice(tax.leaves(), n // 2)
+            lab = [tax.labels_of(int(c)) for c in fine]
+            feats = rng.standard_normal((len(fine), 6)).astype(np.float32) + fine[:, None]
+            w.write(feats, np.concatenate([[0], np.cumsum([len(x) for x in lab])]), np.concatenate(lab))
+        w.close({})
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"taxonomy: {{file: {tax_path}}}\ndata: {{kind: features, path: {tmp_path / 'feats'}}}\n"
+                   "student: {epochs: 1, heads: [sc_sc, fc_sc_shared], methods: [distilled]}\n")
+    out = tmp_path / "o"
+    assert kc("run", "--preset", "tiny", "--config", str(cfg), "--out", str(out)) == 0
+    res = json.load(open(out / "report" / "results.json"))
+    assert list(res["models"]) == ["distilled-sc_sc", "distilled-fc_sc_shared", "specialists"]
+    assert res["num_train"] == 40
