@@ -339,3 +339,13 @@ def test_sampled_softmax_trains_like_the_full_softmax():
         torch.set_num_threads(threads)
     assert full > 0.6, f"the full-softmax baseline did not learn ({full:.3f})"
     assert sampled > full - 0.03, f"sampled {sampled:.3f} vs full {full:.3f}"
+
+
+def test_benchmark_file_runs_at_a_tiny_shape():
+    """The benchmark (pytest-benchmark, untimed here) still runs; a broken benchmark is noticed early."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, KC_BENCH_SAMPLED="16,8,300,32")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
+                          os.path.join(root, "benchmarks", "bench_sampled_softmax.py")],
+                         cwd=root, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
