@@ -61,9 +61,10 @@ def sampled_softmax_loss(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     """Softmax cross-entropy over the true classes and num_sampled shared negatives, as TensorFlow defines it.
 
     labels [B] or [B, T] (-1 pads; each valid label has target 1/num_true). Negatives come from ``sampler``
-    ("log_uniform", "uniform" or "unigram" over class_counts ** distortion), drawn with ``generator``, or are
-    given as ``sampled=(ids, true_expected, sampled_expected)``. Logits subtract log expected counts when
-    subtract_log_q; sampled ids equal to a row's true label are masked when remove_accidental_hits.
+    ("log_uniform", "uniform" or "unigram" over class_counts ** distortion), drawn on the CPU with ``generator``
+    (a CPU torch.Generator; the ids then move to x's device), or are given as
+    ``sampled=(ids, true_expected, sampled_expected)``. Logits subtract log expected counts when subtract_log_q;
+    sampled ids equal to a row's true label are masked when remove_accidental_hits.
     sample_weight [B] scales each row's loss (a constant: it gets no gradient). With sparse_grad, weight.grad and
     bias.grad become sparse COO tensors holding only the touched rows (the sampled and true classes) on the cpu
     and triton backends; the reference backend always returns dense gradients.
