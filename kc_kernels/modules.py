@@ -39,11 +39,11 @@ class SampledSoftmaxLoss(nn.Module):
     def __init__(self, num_sampled: int, sampler: str = "log_uniform", class_counts: Optional[torch.Tensor] = None,
                  distortion: float = 1.0, unique: bool = True, remove_accidental_hits: bool = True,
                  subtract_log_q: bool = True, reduction: str = "mean", seed: Optional[int] = None,
-                 backend: str = "auto"):
+                 sparse_grad: bool = False, backend: str = "auto"):
         super().__init__()
         self.num_sampled, self.sampler, self.distortion, self.unique = num_sampled, sampler, distortion, unique
         self.remove_accidental_hits, self.subtract_log_q = remove_accidental_hits, subtract_log_q
-        self.reduction, self.backend = reduction, backend
+        self.reduction, self.backend, self.sparse_grad = reduction, backend, sparse_grad
         self.class_counts = class_counts
         self.generator = torch.Generator()
         if seed is not None:
@@ -56,7 +56,8 @@ class SampledSoftmaxLoss(nn.Module):
                                     class_counts=self.class_counts, distortion=self.distortion, unique=self.unique,
                                     remove_accidental_hits=self.remove_accidental_hits,
                                     subtract_log_q=self.subtract_log_q, generator=self.generator,
-                                    sample_weight=sample_weight, reduction=self.reduction, backend=self.backend)
+                                    sample_weight=sample_weight, reduction=self.reduction,
+                                    sparse_grad=self.sparse_grad, backend=self.backend)
 
     def extra_repr(self):
         return f"num_sampled={self.num_sampled}, sampler={self.sampler}, unique={self.unique}"

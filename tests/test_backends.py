@@ -93,3 +93,12 @@ def test_modules_match_functional(gen):
     a = ssm(x, w, None, torch.tensor([1, 2, 3]))
     b = kc_kernels.SampledSoftmaxLoss(4, seed=0)(x, w, None, torch.tensor([1, 2, 3]))
     assert torch.isfinite(a) and a == b
+
+
+def test_sampled_softmax_module_passes_sparse_grad(gen):
+    x = torch.randn(3, 4, generator=gen)
+    w = torch.randn(50, 4, generator=gen, requires_grad=True)
+    b = torch.zeros(50, requires_grad=True)
+    kc_kernels.SampledSoftmaxLoss(5, seed=0, sparse_grad=True)(x, w, b, torch.tensor([1, 2, 3])).backward()
+    assert w.grad.is_sparse
+    assert set(w.grad.coalesce().indices()[0].tolist()) <= set(range(50))
