@@ -94,6 +94,8 @@ ODD = [
     dict(B=33, H=40, V=150, G=5, K=12, scale_kind="class"),        # three row blocks, H not a block multiple
     dict(B=6, V=37, G=2, K=40, scale_kind="segment"),              # more targets than classes: many per tile
     dict(B=5, V=40, K=0),                                          # no targets at all
+    dict(B=10, V=300, G=2, K=8, scale_kind="segment"),             # segments of several chunks: merged statistics
+    dict(B=10, V=300, target_form="dense", scale_kind="class"),
 ]
 
 
