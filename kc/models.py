@@ -8,7 +8,7 @@ head's hidden units are grouped [B, M, s2]: vertical g's classes read block g, w
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import numpy as np
 import torch
@@ -242,8 +242,3 @@ def build_specialist(cfg, input_shape, taxonomy, vertical: int) -> Specialist:
     backbone = make_backbone(kind, input_shape, hidden[:-1] if kind == "mlp" else hidden, out_dim)
     rng = taxonomy.classes_of(vertical)
     return Specialist(backbone, len(rng), vertical, rng.start)
-
-
-def set_threads(n: Optional[int]) -> None:
-    if n:
-        torch.set_num_threads(n)
