@@ -39,16 +39,22 @@ def _soft_target_bwd_kernel(
         x_ptr, w_ptr, bias_ptr, logits_ptr, teacher_ptr, idx_ptr, val_ptr, gamma_ptr, coef_ptr,
         chunk_start_ptr, chunk_end_ptr, chunk_seg_ptr,
         dx_ptr, dw_ptr, dbias_ptr, dgamma_ptr, dlogits_ptr,
-        B, H, G, K, search_steps, plane, stride_xb, stride_xg, stride_lb, stride_tb, inv_temp, skip_below,
+        B, H, G, K, search_steps, plane, num_chunks, stride_xb, stride_xg, stride_lb, stride_tb, inv_temp, skip_below,
         SOFTMAX: tl.constexpr, DENSE_TEACHER: tl.constexpr, SPARSE: tl.constexpr, HAS_SCALE: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DBIAS: tl.constexpr, GROUPED: tl.constexpr,
         FROM_LOGITS: tl.constexpr, IEEE: tl.constexpr, SKIP_SMALL: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
+        GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
+    # GROUP_M row blocks x every class tile, row block fastest: the programs in flight at once then spread their
+    # atomics over a few dx row blocks and a few dW tiles instead of piling onto one (and share x, W tiles in L2)
     num_m = tl.cdiv(B, BLOCK_M)
-    pid_m = pid % num_m
-    c = pid // num_m
+    in_group = GROUP_M * num_chunks
+    first_m = (pid // in_group) * GROUP_M
+    group_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_m
+    c = (pid % in_group) // group_m
     start = tl.load(chunk_start_ptr + c)
     end = tl.load(chunk_end_ptr + c)
     seg = tl.load(chunk_seg_ptr + c)
@@ -100,7 +106,8 @@ def _soft_target_bwd_kernel(
         if HAS_SCALE:
             g = a * gam[None, :] * (inv_n * inv_temp)[:, None] - u * rc[:, None]
             g = tl.where(valid, g, 0.0)
-            tl.atomic_add(dgamma_ptr + cols, tl.sum(a * u * (inv_n * inv_temp)[:, None], axis=0), mask=col_mask)
+            tl.atomic_add(dgamma_ptr + cols, tl.sum(a * u * (inv_n * inv_temp)[:, None], axis=0), mask=col_mask,
+                          sem="relaxed")
         else:
             g = a * inv_temp
         if FROM_LOGITS:
@@ -108,7 +115,7 @@ def _soft_target_bwd_kernel(
                      g.to(dlogits_ptr.dtype.element_ty), mask=valid)
         else:
             if NEED_DBIAS:
-                tl.atomic_add(dbias_ptr + cols, tl.sum(g, axis=0), mask=col_mask)
+                tl.atomic_add(dbias_ptr + cols, tl.sum(g, axis=0), mask=col_mask, sem="relaxed")
             if SKIP_SMALL:  # opt-in: a tile whose gradient is all below the threshold adds nothing to dx, dW
                 if tl.max(tl.max(tl.abs(g), axis=1), axis=0) >= skip_below:
                     _accumulate_dx_dw(g, x_ptr, w_ptr, dx_ptr, dw_ptr, rows, cols, row_mask, col_mask, seg, H,
@@ -138,7 +145,8 @@ def _accumulate_dx_dw(g, x_ptr, w_ptr, dx_ptr, dw_ptr, rows, cols, row_mask, col
                 dx_part = tl.dot(gd, wt, input_precision="ieee")
             else:
                 dx_part = tl.dot(gd, wt)
-            tl.atomic_add(dx_ptr + x_off[:, None] + hs[None, :], dx_part, mask=row_mask[:, None] & h_mask[None, :])
+            tl.atomic_add(dx_ptr + x_off[:, None] + hs[None, :], dx_part, mask=row_mask[:, None] & h_mask[None, :],
+                          sem="relaxed")  # plain accumulation: no ordering needed
     if NEED_DW:
         gt = tl.trans(gd)
         for h0 in range(0, H, BLOCK_H):
@@ -149,7 +157,8 @@ def _accumulate_dx_dw(g, x_ptr, w_ptr, dx_ptr, dw_ptr, rows, cols, row_mask, col
                 dw_part = tl.dot(gt, xt, input_precision="ieee")
             else:
                 dw_part = tl.dot(gt, xt)
-            tl.atomic_add(dw_ptr + w_off[:, None] + hs[None, :], dw_part, mask=col_mask[:, None] & h_mask[None, :])
+            tl.atomic_add(dw_ptr + w_off[:, None] + hs[None, :], dw_part, mask=col_mask[:, None] & h_mask[None, :],
+                          sem="relaxed")
 
 def launch_bwd(*, x, w, bias, logits, teacher, sparse, gamma, coef, chunks, dx, dw, dbias, dgamma, dlogits, B, H, G,
                inv_temp, softmax, grouped, skip_below):
@@ -169,11 +178,12 @@ def launch_bwd(*, x, w, bias, logits, teacher, sparse, gamma, coef, chunks, dx, 
         sparse[0] if sparse is not None else coef, sparse[1] if sparse is not None else coef, ptr(gamma, coef), coef,
         start, end, seg,
         ptr(dx, scratch), ptr(dw, scratch), ptr(dbias, scratch), ptr(dgamma, scratch), ptr(dlogits),
-        B, H, G, sparse[0].shape[1] if sparse is not None else 0, sparse[2] if sparse is not None else 0, B * G,
+        B, H, G, sparse[0].shape[1] if sparse is not None else 0, sparse[2] if sparse is not None else 0, B * G, C,
         x.stride(0) if x is not None else 0, (x.stride(1) if grouped else 0) if x is not None else 0,
         logits.stride(0) if logits is not None else 0, teacher.stride(0) if teacher is not None else 0,
         inv_temp, float(skip_below),
         SOFTMAX=softmax, DENSE_TEACHER=teacher is not None, SPARSE=sparse is not None, HAS_SCALE=gamma is not None,
         HAS_BIAS=bias is not None,
         NEED_DX=dx is not None, NEED_DW=dw is not None, NEED_DBIAS=dbias is not None, GROUPED=grouped,
-        FROM_LOGITS=logits is not None, IEEE=ref.dtype == torch.float32, SKIP_SMALL=skip_below > 0)
+        FROM_LOGITS=logits is not None, IEEE=ref.dtype == torch.float32, SKIP_SMALL=skip_below > 0,
+        GROUP_M=2 if interpreted() else 8)
