@@ -157,13 +157,15 @@ def ap_per_class(scorer: Scorer, taxonomy: Taxonomy, data: SampleSet, class_chun
 
 
 @torch.no_grad()
-def top_k_accuracy(scorer: Scorer, taxonomy: Taxonomy, data: SampleSet, ks=(1, 5)) -> Dict[int, float]:
+def top_k_accuracy(scorer: Scorer, taxonomy: Taxonomy, data: SampleSet, ks=(1, 5),
+                   progress: Optional[Callable] = None) -> Dict[int, float]:
     N, V = len(data), taxonomy.num_classes
     fine = data.labels.fine()
     rows = max(1, min(N, (1 << 23) // V))  # bound a row chunk's [rows, V] scores to 32 MB
     hits = {k: 0 for k in ks}
     kmax = min(max(ks), V)
-    for r0 in range(0, N, rows):
+    starts = range(0, N, rows)
+    for r0 in (progress(starts, desc="top-k", unit="chunk", leave=False) if progress else starts):
         r1 = min(N, r0 + rows)
         S = scorer.rows(r0, r1).float()
         for i in range(r1 - r0):  # ancestors are correct too: keep them out of the fine class's way
@@ -204,7 +206,7 @@ def evaluate(scorer: Scorer, taxonomy: Taxonomy, data: SampleSet, class_chunk: i
              progress: Optional[Callable] = None) -> Dict:
     ap = ap_per_class(scorer, taxonomy, data, class_chunk, progress)
     out = summarize(ap, taxonomy)
-    acc = top_k_accuracy(scorer, taxonomy, data)
+    acc = top_k_accuracy(scorer, taxonomy, data, progress=progress)
     out.update(top1=acc[1], top5=acc[5])
     out["ap"] = [None if not np.isfinite(a) else float(a) for a in ap]
     return out
