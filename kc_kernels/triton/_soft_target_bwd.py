@@ -39,7 +39,7 @@ def _soft_target_bwd_kernel(
         x_ptr, w_ptr, bias_ptr, logits_ptr, teacher_ptr, idx_ptr, val_ptr, gamma_ptr, coef_ptr,
         chunk_start_ptr, chunk_end_ptr, chunk_seg_ptr,
         dx_ptr, dw_ptr, dbias_ptr, dgamma_ptr, dlogits_ptr,
-        B, H, G, K, search_steps, plane, num_chunks, stride_xb, stride_xg, stride_lb, stride_tb, inv_temp, skip_below,
+        B, H, G, K, plane, num_chunks, stride_xb, stride_xg, stride_lb, stride_tb, inv_temp, skip_below,
         SOFTMAX: tl.constexpr, DENSE_TEACHER: tl.constexpr, SPARSE: tl.constexpr, HAS_SCALE: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DBIAS: tl.constexpr, GROUPED: tl.constexpr,
@@ -64,7 +64,7 @@ def _soft_target_bwd_kernel(
     alpha = tl.load(cptr, mask=row_mask, other=0.0)
     beta = tl.load(cptr + plane, mask=row_mask, other=0.0)
     if SPARSE:
-        cursor = sparse_cursor(idx_ptr, rows, row_mask, K, search_steps, start, BLOCK_M)
+        cursor = sparse_cursor(idx_ptr, rows, row_mask, K, start, BLOCK_M)
     if SOFTMAX:
         lse = tl.load(cptr + 2 * plane, mask=row_mask, other=0.0)
         if DENSE_TEACHER:
@@ -178,7 +178,7 @@ def launch_bwd(*, x, w, bias, logits, teacher, sparse, gamma, coef, chunks, dx, 
         sparse[0] if sparse is not None else coef, sparse[1] if sparse is not None else coef, ptr(gamma, coef), coef,
         start, end, seg,
         ptr(dx, scratch), ptr(dw, scratch), ptr(dbias, scratch), ptr(dgamma, scratch), ptr(dlogits),
-        B, H, G, sparse[0].shape[1] if sparse is not None else 0, sparse[2] if sparse is not None else 0, B * G, C,
+        B, H, G, sparse[0].shape[1] if sparse is not None else 0, B * G, C,
         x.stride(0) if x is not None else 0, (x.stride(1) if grouped else 0) if x is not None else 0,
         logits.stride(0) if logits is not None else 0, teacher.stride(0) if teacher is not None else 0,
         inv_temp, float(skip_below),

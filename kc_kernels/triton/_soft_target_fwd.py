@@ -39,7 +39,7 @@ def _configs():
 def _soft_target_fwd_kernel(
         x_ptr, w_ptr, bias_ptr, logits_ptr, teacher_ptr, idx_ptr, val_ptr, gamma_ptr, inv_norm_ptr,
         chunk_start_ptr, chunk_end_ptr, chunk_seg_ptr, stats_ptr,
-        B, H, G, C, K, search_steps, plane, stride_xb, stride_xg, stride_lb, stride_tb, inv_temp,
+        B, H, G, C, K, plane, stride_xb, stride_xg, stride_lb, stride_tb, inv_temp,
         NORM_PASS: tl.constexpr, SOFTMAX: tl.constexpr, DENSE_TEACHER: tl.constexpr, SPARSE: tl.constexpr,
         HAS_SCALE: tl.constexpr,
         HAS_BIAS: tl.constexpr, GROUPED: tl.constexpr, FROM_LOGITS: tl.constexpr, IEEE: tl.constexpr,
@@ -67,7 +67,7 @@ def _soft_target_fwd_kernel(
         acc0 = tl.full((BLOCK_M,), neg_inf, dtype=tl.float32)  # running max of y
         acc3 = tl.full((BLOCK_M,), neg_inf, dtype=tl.float32)  # running max of t
     if SPARSE and not NORM_PASS:
-        cursor = sparse_cursor(idx_ptr, rows, row_mask, K, search_steps, start, BLOCK_M)
+        cursor = sparse_cursor(idx_ptr, rows, row_mask, K, start, BLOCK_M)
 
     for c0 in range(start, end, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
@@ -135,7 +135,7 @@ def _soft_target_fwd_kernel(
 
 def launch_fwd(*, x, w, bias, logits, teacher, sparse, gamma, inv_norm, chunks, stats, B, H, G, inv_temp,
                norm_pass, softmax, grouped):
-    """sparse: None or (sorted target classes int32 [B, K], their values fp32 [B, K], binary-search steps)."""
+    """sparse: None or (sorted target classes int32 [B, K], their values fp32 [B, K])."""
     start, end, seg = chunks
     C = start.numel()
     ref = logits if logits is not None else x
@@ -150,7 +150,7 @@ def launch_fwd(*, x, w, bias, logits, teacher, sparse, gamma, inv_norm, chunks, 
         sparse[0] if sparse is not None else stats, sparse[1] if sparse is not None else stats,
         gamma if gamma is not None else stats, inv_norm if inv_norm is not None else stats,
         start, end, seg, stats,
-        B, H, G, C, sparse[0].shape[1] if sparse is not None else 0, sparse[2] if sparse is not None else 0,
+        B, H, G, C, sparse[0].shape[1] if sparse is not None else 0,
         B * C,  # plane size from the host: an int64 argument once it passes 2^31
         x.stride(0) if x is not None else 0, (x.stride(1) if grouped else 0) if x is not None else 0,
         logits.stride(0) if logits is not None else 0, teacher.stride(0) if teacher is not None else 0,

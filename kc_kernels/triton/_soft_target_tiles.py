@@ -85,18 +85,18 @@ def sigmoid(v):
 # per thousand classes, so a tile costs one or two masked passes, not K.
 
 @triton.jit
-def sparse_cursor(idx_ptr, rows, row_mask, K, search_steps, first_class, BLOCK_M: tl.constexpr):
+def sparse_cursor(idx_ptr, rows, row_mask, K, first_class, BLOCK_M: tl.constexpr):
     """Per row, the position in its sorted targets of the first class >= first_class (int32 [BLOCK_M])."""
     base = idx_ptr + rows * K
     lo = tl.zeros((BLOCK_M,), dtype=tl.int32)
-    hi = tl.zeros((BLOCK_M,), dtype=tl.int32) + K
-    for _ in range(search_steps):
-        active = lo < hi
+    hi = tl.where(row_mask, tl.zeros((BLOCK_M,), dtype=tl.int32) + K, 0)
+    active = lo < hi
+    while tl.max(active.to(tl.int32), axis=0) > 0:  # about log2(K) rounds
         mid = (lo + hi) // 2
-        v = tl.load(base + mid, mask=row_mask & active, other=0)
-        right = active & (v < first_class)
-        lo = tl.where(right, mid + 1, lo)
+        v = tl.load(base + mid, mask=active, other=0)
+        lo = tl.where(active & (v < first_class), mid + 1, lo)
         hi = tl.where(active & (v >= first_class), mid, hi)
+        active = lo < hi
     return lo
 
 

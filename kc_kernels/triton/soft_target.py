@@ -53,8 +53,8 @@ def _seg_max(values: torch.Tensor, chunk_seg: torch.Tensor, G: int) -> torch.Ten
 
 
 def _sorted_targets(target_index, target_value, V):
-    """Each row's targets sorted by class (int32, padding -> V, past every tile), their values (fp32, 0 for padding)
-    and the number of binary-search steps over K."""
+    """Each row's targets sorted by class (int32, padding -> V, past every tile) and their values (fp32, 0 for
+    padding)."""
     keep = target_index >= 0
     idx = torch.where(keep, target_index.long(), torch.full_like(target_index.long(), V))
     val = torch.where(keep, target_value.float(), torch.zeros((), device=idx.device))
@@ -64,7 +64,7 @@ def _sorted_targets(target_index, target_value, V):
     if K == 0:  # kernels need real pointers; K=0 keeps every cursor empty
         idx = torch.full((idx.shape[0], 1), V, dtype=torch.int64, device=idx.device)
         val = torch.zeros(idx.shape, dtype=torch.float32, device=idx.device)
-    return idx.to(torch.int32).contiguous(), val.contiguous(), K.bit_length() if K else 0
+    return idx.to(torch.int32).contiguous(), val.contiguous()
 
 
 def _check_dtype(name: str, t: torch.Tensor):
@@ -159,7 +159,6 @@ class _SoftTargetFunction(torch.autograd.Function):
             loss = loss.sum() / B
 
         ctx.p, ctx.skip_below = p, skip_below
-        ctx.search_steps = sparse[2] if sparse is not None else 0
         idx_s, val_s = (sparse[0], sparse[1]) if sparse is not None else (None, None)
         ctx.save_for_backward(x, weight, bias, logits, scale, teacher, idx_s, val_s, gamma, inv_n, lse, tlse, mass,
                               r_sum, sw)
@@ -170,7 +169,7 @@ class _SoftTargetFunction(torch.autograd.Function):
         p = ctx.p
         (x, weight, bias, logits, scale, teacher, idx_s, val_s, gamma, inv_n, lse, tlse, mass, r_sum,
          sw) = ctx.saved_tensors
-        sparse = (idx_s, val_s, ctx.search_steps) if idx_s is not None else None
+        sparse = (idx_s, val_s) if idx_s is not None else None
         _, _, need_x, need_w, need_b, need_logits, need_scale = ctx.needs_input_grad
         B, V, G = p.batch, p.num_classes, p.num_segments
         from_logits = logits is not None
