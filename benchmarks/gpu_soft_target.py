@@ -134,7 +134,9 @@ def run(shapes, dtype) -> List[Dict]:
                  ("sigmoid K=100 G=16 +scale", dict(mode="sigmoid", K=100, G=16, use_scale=True)),
                  ("softmax hard label", dict(mode="softmax", K=1, G=1, use_scale=False))]
         for name, kw in cases:  # inputs are made per case so that only one set is alive at a time
-            rows.append(_measure(B, H, V, "kc triton", name, _fused_case(B, H, V, dtype, gen, **kw), floor_ms))
+            row = _measure(B, H, V, "kc triton", name, _fused_case(B, H, V, dtype, gen, **kw), floor_ms)
+            row.update(_tuned_configs())
+            rows.append(row)
         for backend, make in (("liger FLCE", _liger), ("cut cross-entropy", _cce)):
             step = None
             try:
@@ -144,6 +146,19 @@ def run(shapes, dtype) -> List[Dict]:
             if step is not None:
                 rows.append(_measure(B, H, V, backend, "softmax hard label", step, floor_ms))
     return rows
+
+
+def _tuned_configs() -> Dict:
+    """The autotuner's choices for the last call (for tuning the candidate lists later)."""
+    from kc_kernels.triton import _soft_target_bwd, _soft_target_fwd
+
+    out = {}
+    for name, kernel in (("fwd_config", _soft_target_fwd._soft_target_fwd_kernel),
+                         ("bwd_config", _soft_target_bwd._soft_target_bwd_kernel)):
+        best = getattr(kernel, "best_config", None)
+        if best is not None:
+            out[name] = str(best)
+    return out
 
 
 def _measure(B, H, V, backend, case, step, floor_ms) -> Dict:
