@@ -247,23 +247,31 @@ def test_auto_picks_triton_for_cuda_tensors():
 @pytest.mark.gpu
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-def test_int64_offsets_past_2_pow_31_gpu():
-    """B * V > 2^31: the last rows' losses and dx (rows are independent) against the reference of those rows."""
+@pytest.mark.parametrize("given_logits", [False, True])
+def test_int64_offsets_past_2_pow_31_gpu(given_logits):
+    """B * V > 2^31 elements of teacher logits (and of given logits): the last rows, which sit past 2^31, against the
+    reference of those rows alone (rows are independent)."""
     B, H, V = 22_000, 16, 100_000
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(B, H, generator=g).half().cuda().requires_grad_()
-    w = (torch.randn(V, H, generator=g) / 4).half().cuda()
-    idx = torch.randint(0, V, (B, 4), generator=g).cuda()
-    val = torch.rand(B, 4, generator=g).cuda()
-    loss = kc_kernels.linear_soft_target_loss(x, w, target_index=idx, target_value=val, mode="softmax",
-                                              reduction="none", backend="triton")
-    (dx,) = torch.autograd.grad(loss[-8:].sum(), [x])
-    tail = x[-8:].detach().double().requires_grad_()
-    ref = kc_kernels.linear_soft_target_loss(tail, w.double(), target_index=idx[-8:], target_value=val[-8:].double(),
-                                             mode="softmax", reduction="none", backend="reference")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(B, H, generator=g, device="cuda").half()
+    w = (torch.randn(V, H, generator=g, device="cuda") / 4).half()
+    teacher = torch.randn(B, V, generator=g, device="cuda", dtype=torch.float16)
+    kw = dict(mode="softmax", reduction="none")
+    if given_logits:
+        inp = (x @ w.t()).requires_grad_()
+        loss = kc_kernels.soft_target_loss(inp, teacher_logits=teacher, backend="triton", **kw)
+        tail = inp[-8:].detach().double().requires_grad_()
+        ref = kc_kernels.soft_target_loss(tail, teacher_logits=teacher[-8:].double(), backend="reference", **kw)
+    else:
+        inp = x.requires_grad_()
+        loss = kc_kernels.linear_soft_target_loss(inp, w, teacher_logits=teacher, backend="triton", **kw)
+        tail = inp[-8:].detach().double().requires_grad_()
+        ref = kc_kernels.linear_soft_target_loss(tail, w.double(), teacher_logits=teacher[-8:].double(),
+                                                 backend="reference", **kw)
+    (d,) = torch.autograd.grad(loss[-8:].sum(), [inp])
     (dref,) = torch.autograd.grad(ref.sum(), [tail])
     assert_close(loss[-8:], ref, torch.float16, "loss")
-    assert_close(dx[-8:], dref, torch.float16, "dx")
+    assert_close(d[-8:], dref, torch.float16, "gradient")
 
 
 @pytest.mark.slow
