@@ -15,7 +15,6 @@ allocations. Gradients are set to None before every step (untimed), so each step
 """
 from __future__ import annotations
 
-import gc
 import json
 import os
 import platform
@@ -26,6 +25,7 @@ import pytest
 import torch
 
 import kc_kernels
+from benchmarks.common import peak_memory_mb
 from kc_kernels import dispatch
 
 SHAPE = tuple(int(v) for v in os.environ.get("KC_BENCH_SAMPLED", "1024,512,100000,8192").split(","))
@@ -34,26 +34,10 @@ RESULTS_FILE = Path(__file__).parent / "results" / "sampled_softmax_cpu.json"
 _rows = {}
 
 
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
 def peak_step_mb(step, clear) -> float:
     """Resident memory the step adds at its peak, MB (see the module docstring)."""
     clear()  # gradients of an earlier step would otherwise sit in the baseline and be freed during the step
-    gc.collect()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current resident set
-    except OSError:
-        return float("nan")
-    before = _status_kb("VmRSS")
-    step()
-    return (_status_kb("VmHWM") - before) / 1024.0
+    return peak_memory_mb(step, torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")

@@ -89,6 +89,32 @@ def built_libraries() -> Dict[str, bool]:
     return out
 
 
+OP_MODULES = {
+    "linear_soft_target_loss": "soft_target",
+    "soft_target_loss": "soft_target",
+    "sampled_softmax_loss": "sampled_softmax",
+}
+
+
+def lazy_ops(package: str):
+    """A module ``__getattr__`` for a backend package: op ``name`` is looked up in ``package.<its module>``, and an
+    op whose module does not exist (yet) is simply absent."""
+
+    def __getattr__(name):
+        module = OP_MODULES.get(name)
+        if module is None:
+            raise AttributeError(name)
+        try:
+            mod = importlib.import_module(f"{package}.{module}")
+        except ModuleNotFoundError as e:
+            if e.name == f"{package}.{module}":
+                raise AttributeError(name) from None
+            raise
+        return getattr(mod, name)
+
+    return __getattr__
+
+
 def _implementation(name: str, op: str):
     try:
         module = importlib.import_module(BACKEND_MODULES[name])
