@@ -128,8 +128,9 @@ def _implementation(name: str, op: str):
         return None
 
 
-def resolve(op: str, backend: str, device: torch.device) -> Tuple[str, Callable]:
-    """The (name, function) that runs ``op`` for tensors on ``device``."""
+def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype = None) -> Tuple[str, Callable]:
+    """The (name, function) that runs ``op`` for tensors on ``device``. With ``auto``, an implementation that
+    declares the ``dtypes`` it supports (a function attribute) is passed over for any other dtype."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
@@ -144,6 +145,6 @@ def resolve(op: str, backend: str, device: torch.device) -> Tuple[str, Callable]
     for name in order:
         if _probe(name) and (device.type == "cuda" or name != "triton"):
             fn = _implementation(name, op)
-            if fn is not None:
+            if fn is not None and (dtype is None or dtype in getattr(fn, "dtypes", (dtype,))):
                 return name, fn
     raise RuntimeError(f"no backend implements {op}")  # unreachable: reference implements every op

@@ -102,3 +102,15 @@ def test_sampled_softmax_module_passes_sparse_grad(gen):
     kc_kernels.SampledSoftmaxLoss(5, seed=0, sparse_grad=True)(x, w, b, torch.tensor([1, 2, 3])).backward()
     assert w.grad.is_sparse
     assert set(w.grad.coalesce().indices()[0].tolist()) <= set(range(50))
+
+
+def test_auto_passes_over_an_implementation_that_lacks_the_dtype(monkeypatch):
+    from kc_kernels import dispatch
+
+    fn = dispatch._implementation("triton", "linear_soft_target_loss")
+    assert torch.float64 not in fn.dtypes
+    monkeypatch.setattr(dispatch, "_probe", lambda name: True)
+    name, _ = dispatch.resolve("linear_soft_target_loss", "auto", torch.device("cuda"), torch.float64)
+    assert name != "triton"
+    name, _ = dispatch.resolve("linear_soft_target_loss", "auto", torch.device("cuda"), torch.bfloat16)
+    assert name == "triton"

@@ -130,7 +130,7 @@ def _check_budget(memory_budget) -> Optional[int]:
 
 
 def _dispatch(op: str, p: SoftTargetProblem, backend: str, device: torch.device) -> torch.Tensor:
-    _, fn = _dispatch_mod.resolve(op, backend, device)
+    _, fn = _dispatch_mod.resolve(op, backend, device, (p.x if p.x is not None else p.logits).dtype)
     return fn(p)
 
 

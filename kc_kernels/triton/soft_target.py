@@ -246,3 +246,7 @@ def linear_soft_target_loss(p, *, skip_below: float = 0.0):
 def soft_target_loss(p):
     _check_dtype("logits", p.logits)
     return _SoftTargetFunction.apply(p, 0.0, None, None, None, p.logits, p.scale)
+
+
+# what `auto` may send here (float64 goes to another backend)
+linear_soft_target_loss.dtypes = soft_target_loss.dtypes = (torch.float32, torch.float16, torch.bfloat16)
