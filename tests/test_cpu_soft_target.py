@@ -187,3 +187,22 @@ def test_cpu_backward_twice_and_scaled_grad_output(gen):
     w.grad = None
     (0.5 * out).backward()  # the saved gradients were used up: this one sweeps again
     assert_close(w.grad * 6.0, first, torch.float32, "dW")
+
+
+def test_default_budget_grows_a_chunk_to_a_whole_segment(monkeypatch, gen):
+    B = 4
+    p = make_problem(B, 6, 1000, G=2, gen=gen, dtype=torch.float32, K=3)
+    p["segments"] = torch.tensor([0, 900, 1000])
+    monkeypatch.setattr(cpu_st, "DEFAULT_MEMORY_BUDGET", 4 * B * 300)
+    from kc_kernels.ops.soft_target import SoftTargetProblem
+
+    def steps(budget, explicit):
+        prob = SoftTargetProblem(batch=B, num_classes=1000, mode="softmax", reduction="mean", temperature=1.0,
+                                 x=p["x"], weight=p["weight"], bounds=[0, 900, 1000],
+                                 memory_budget=budget if explicit else None)
+        return cpu_st._Sweep(prob, budget).steps
+
+    assert all(s[0].whole for s in steps(4 * B * 300, explicit=False))  # 900 columns: within 4x the budget
+    assert not all(s[0].whole for s in steps(4 * B * 300, explicit=True))  # an explicit budget is a hard bound
+    _check_against_reference({k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                              for k, v in p.items()}, torch.float32, mode="softmax")
