@@ -206,3 +206,22 @@ def test_default_budget_grows_a_chunk_to_a_whole_segment(monkeypatch, gen):
     assert not all(s[0].whole for s in steps(4 * B * 300, explicit=True))  # an explicit budget is a hard bound
     _check_against_reference({k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
                               for k, v in p.items()}, torch.float32, mode="softmax")
+
+
+@pytest.mark.parametrize("mode,target_form,layout,scale_kind,reduction", [
+    ("softmax", "sparse", "flat", None, "mean"),
+    ("softmax", "dense", "segments", "class", "none"),
+    ("sigmoid", "dense", "grouped", "segment", "sum"),
+    ("sigmoid", "sparse", "segments", "class", "none"),
+])
+def test_cpu_long_segments_walked_in_row_blocks(mode, target_form, layout, scale_kind, reduction, gen):
+    """B=70 rows and segments several times the chunk: each long segment is walked in blocks of 32 rows."""
+    B = 70
+    p = make_problem(B, 8, 1000, G=None if layout == "flat" else 2, grouped=layout == "grouped", gen=gen,
+                     scale_kind=scale_kind, target_form=target_form, sample_weight=True, K=5)
+    if target_form == "dense":
+        p["teacher_logits"] = p["teacher_logits"].float()  # read in place
+        if layout == "grouped":
+            p["teacher_logits"] = p["teacher_logits"].half()  # converted per row block
+    _check_against_reference(p, torch.float32, memory_budget=4 * B * 256, mode=mode, temperature=1.3,
+                             reduction=reduction)

@@ -142,34 +142,77 @@ class _Sweep:
         torch.mm(x, w.t(), out=u)  # the epilogue adds the bias
         return u
 
-    def _teacher(self, c: Chunk):
+    def _teacher(self, c: Chunk, r0: int = 0, r1: Optional[int] = None):
+        """(address, row stride) of the teacher logits of the chunk's classes, from row r0 on, as fp32."""
         if self.teacher is None:
             return 0, 0
+        r1 = self.p.batch if r1 is None else r1
         if self.tbuf is None:  # fp32 teacher: read in place
-            return self.teacher.data_ptr() + 4 * c.lo, self.teacher.shape[1]
+            return self.teacher.data_ptr() + 4 * (c.lo + r0 * self.teacher.shape[1]), self.teacher.shape[1]
         n = c.hi - c.lo
-        t = self.tbuf[: self.p.batch * n].view(self.p.batch, n)
-        t.copy_(self.teacher[:, c.lo:c.hi])
+        rows = r1 - r0
+        t = (self.tbuf[: rows * n] if rows * n <= self.tbuf.numel() else torch.empty(rows * n)).view(rows, n)
+        t.copy_(self.teacher[r0:r1, c.lo:c.hi])
+        self._tkeep = t  # alive until the kernel has read it
         return t.data_ptr(), n
 
     def _kernel(self, c: Chunk, u: Optional[torch.Tensor], phases: int, coef: Optional[torch.Tensor],
-                add_bias: bool = False):
-        """One epilogue call; ``add_bias`` when ``u`` comes fresh from the GEMM (x W^T without the bias)."""
+                add_bias: bool = False, rows: Optional[tuple] = None):
+        """One epilogue call; ``add_bias`` when ``u`` comes fresh from the GEMM (x W^T without the bias).
+        ``rows`` = (r0, r1): ``u`` holds only those rows (the row-block walk of a long segment)."""
         p = self.p
+        r0, r1 = rows if rows is not None else (0, p.batch)
+        state = self.state if rows is None else self.state[:, r0:r1].contiguous()
         lo_t = torch.tensor(c.piece_lo, dtype=torch.long)
         seg_t = torch.tensor(c.piece_seg, dtype=torch.long)
-        tptr, tld = self._teacher(c)
+        tptr, tld = self._teacher(c, r0, r1)
         dsc = dbias = 0
         if coef is not None and self.scale_kind == SCALE_CLASS and phases & PHASE_FINAL:
             dsc = self.dscale.data_ptr() + 4 * c.lo
         if coef is not None and self.db32 is not None and phases & PHASE_FINAL:
             dbias = self.db32.data_ptr() + 4 * c.lo
+        K = self.tidx.shape[1] if self.sparse else 0
         _C.soft_target_chunk(
-            _ptr(u), c.hi - c.lo, p.batch, c.hi - c.lo, c.lo, len(c.piece_seg), lo_t.data_ptr(), seg_t.data_ptr(),
+            _ptr(u), c.hi - c.lo, r1 - r0, c.hi - c.lo, c.lo, len(c.piece_seg), lo_t.data_ptr(), seg_t.data_ptr(),
             self.G, phases, int(self.softmax), 1.0 / p.temperature, p.temperature ** 2, _ptr(self.scale32),
-            self.scale_kind, _ptr(self.tidx) if self.sparse else 0, _ptr(self.tval) if self.sparse else 0,
-            self.tidx.shape[1] if self.sparse else 0, tptr, tld, _ptr(coef), self.state.data_ptr(),
-            self.softplus.data_ptr(), dsc, _ptr(self.bias32) if add_bias else 0, dbias)
+            self.scale_kind, _ptr(self.tidx) + 8 * K * r0 if self.sparse else 0,
+            _ptr(self.tval) + 4 * K * r0 if self.sparse else 0, K, tptr, tld,
+            _ptr(coef) + 4 * r0 if coef is not None else 0, state.data_ptr(), self.softplus.data_ptr() + 8 * r0, dsc,
+            _ptr(self.bias32) if add_bias else 0, dbias)
+        if rows is not None:
+            self.state[:, r0:r1] = state
+
+    def _row_blocks(self, step: List[Chunk], phases: int, coef: Optional[torch.Tensor]):
+        """A segment longer than a chunk, walked in blocks of rows that each hold the whole segment: every phase
+        runs in one pass, so the logits GEMM runs once (instead of once per phase) and dW_seg accumulates over
+        the row blocks."""
+        p = self.p
+        lo, hi, g = step[0].lo, step[-1].hi, step[0].piece_seg[0]
+        n = hi - lo
+        c = Chunk(lo, hi, [0, n], [g], True)
+        w = self._weight_chunk(c)
+        block = min(p.batch, max(32, self.capacity * p.batch // n))
+        dw = None
+        if coef is not None and self.dw is not None:
+            dw = self.dw[lo:hi] if self.dw.dtype == torch.float32 else torch.empty(n, w.shape[1])
+        for r0 in range(0, p.batch, block):
+            r1 = min(p.batch, r0 + block)
+            x = self.x32[r0:r1, g] if p.grouped else self.x32[r0:r1]
+            u = torch.empty(0).set_(self.buf.untyped_storage(), 0, (r1 - r0, n)) if (r1 - r0) * n <= self.buf.numel() \
+                else torch.empty(r1 - r0, n)
+            torch.mm(x, w.t(), out=u)
+            self._kernel(c, u, phases, coef, add_bias=True, rows=(r0, r1))
+            if coef is None:
+                continue
+            if self.dx is not None:
+                (self.dx[r0:r1, g] if p.grouped else self.dx[r0:r1]).addmm_(u, w)
+            if dw is not None:
+                if r0 == 0:
+                    torch.mm(u.t(), x, out=dw)
+                else:
+                    dw.addmm_(u.t(), x)
+        if dw is not None and self.dw.dtype != torch.float32:
+            self.dw[lo:hi].copy_(dw)
 
     def _accumulate_grads(self, c: Chunk, g: torch.Tensor):
         p = self.p
@@ -225,6 +268,9 @@ class _Sweep:
                 self._kernel(c, u, whole_phases, coef, add_bias=True)
                 if grads:
                     self._accumulate_grads(c, u)
+                continue
+            if self.linear and (need_norm or need_stats):
+                self._row_blocks(step, whole_phases, coef if grads else None)
                 continue
             # a segment longer than a chunk: one walk per phase, recomputing its logits
             for phase, needed in ((PHASE_NORM, need_norm), (PHASE_STATS, need_stats), (final, final != 0)):
