@@ -22,7 +22,7 @@ import torch
 from kc_kernels import _C
 from kc_kernels.ops.soft_target import SoftTargetProblem
 
-DEFAULT_MEMORY_BUDGET = 64 << 20  # bytes for the chunk of logits (and of teacher logits); see _Sweep
+DEFAULT_MEMORY_BUDGET = 64 << 20  # bytes for the chunk of logits (and of teacher logits)
 MIN_CHUNK = 256
 
 # phases and state rows of csrc/cpu/kc_cpu.h
@@ -93,12 +93,6 @@ class _Sweep:
         if self.linear and p.weight.dtype != torch.float32:
             per_col += 8 * self.H
         self.capacity = int(min(V, max(MIN_CHUNK, memory_budget // max(per_col, 1))))
-        if p.memory_budget is None:
-            # with the default budget, let a chunk grow to the longest segment when that costs at most 4x the
-            # budget: a split segment is walked up to three times (norm, statistics, final), one GEMM each
-            longest = max(b - a for a, b in zip(p.bounds, p.bounds[1:]))
-            if longest * per_col <= 4 * memory_budget:
-                self.capacity = max(self.capacity, longest)
         self.steps = plan_chunks(p.bounds, self.capacity, p.grouped)
         self.softmax = p.mode == "softmax"
         self.scale_kind = SCALE_NONE

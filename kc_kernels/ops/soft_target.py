@@ -147,7 +147,7 @@ def linear_soft_target_loss(x: torch.Tensor, weight: torch.Tensor, bias: Optiona
     mode "sigmoid": binary cross-entropy summed over classes; "softmax": cross-entropy per segment (times T^2).
     scale [G] or [V] applies the self-paced L2-normalised scaling per segment. Returns fp32 (fp64 for fp64 input):
     [B] for reduction="none", else a scalar. memory_budget (bytes) bounds the class chunk of the chunked
-    backends (cpu: by default 64 MiB, up to 4x that to keep a whole segment in one chunk). See ../shared/DESIGN.md.
+    backends (cpu: default 64 MiB). See ../shared/DESIGN.md.
     """
     checks.tensor("x", x, dims=(2, 3), floating=True)
     checks.tensor("weight", weight, dims=(2,), floating=True)
