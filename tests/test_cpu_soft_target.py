@@ -208,3 +208,11 @@ def test_cpu_long_segments_walked_in_row_blocks(mode, target_form, layout, scale
             p["teacher_logits"] = p["teacher_logits"].half()  # converted per row block
     _check_against_reference(p, torch.float32, memory_budget=4 * B * 256, mode=mode, temperature=1.3,
                              reduction=reduction)
+
+
+def test_cpu_half_weights_with_long_segments_in_row_blocks(gen):
+    p = make_problem(70, 8, 1000, gen=gen, K=4, sample_weight=True)
+    for k in DIFF:
+        if p.get(k) is not None:
+            p[k] = p[k].to(torch.bfloat16).double()
+    _check_against_reference(p, torch.bfloat16, mode="softmax", memory_budget=4 * 70 * 256)

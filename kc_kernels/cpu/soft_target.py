@@ -76,6 +76,12 @@ def _ptr(t: Optional[torch.Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+def _scratch(buf: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """A [rows, cols] fp32 view of ``buf`` when it fits, else a fresh tensor."""
+    n = rows * cols
+    return (buf[:n] if n <= buf.numel() else torch.empty(n, dtype=buf.dtype)).view(rows, cols)
+
+
 class _Sweep:
     """One walk over the classes: loss statistics and, when ``coef`` is given, the gradients."""
 
@@ -110,6 +116,7 @@ class _Sweep:
             self.teacher = self.teacher.contiguous()
         self.bias32 = None if p.bias is None else p.bias.detach().float().contiguous()
         self.db32 = None
+        self._w_cached = (None, None)
         self.buf = torch.empty(B * self.capacity, dtype=torch.float32)
         self.tbuf = (torch.empty(B * self.capacity, dtype=torch.float32)
                      if self.teacher is not None and self.teacher.dtype != torch.float32 else None)
@@ -120,35 +127,35 @@ class _Sweep:
         w = self.p.weight[c.lo:c.hi]
         if w.dtype == torch.float32:
             return w
-        if getattr(self, "_w_cached", (None,))[0] != (c.lo, c.hi):
+        if self._w_cached[0] != (c.lo, c.hi):
             self._w_cached = ((c.lo, c.hi), w.float())
         return self._w_cached[1]
 
-    def _logits(self, c: Chunk) -> torch.Tensor:
+    def _rows_of(self, t: torch.Tensor, c: Chunk) -> torch.Tensor:
+        """x (or dx) as the chunk's classes read it: [B, H], or segment g's slice of grouped [B, G, H]."""
+        return t[:, c.piece_seg[0]] if self.p.grouped else t
+
+    def _logits(self, c: Chunk, r0: int = 0, r1: Optional[int] = None) -> torch.Tensor:
+        """Rows [r0, r1) of the chunk's logits, without the bias (the epilogue adds it)."""
         p = self.p
-        n = c.hi - c.lo
-        u = self.buf[: p.batch * n].view(p.batch, n)
+        r1 = p.batch if r1 is None else r1
+        u = _scratch(self.buf, r1 - r0, c.hi - c.lo)
         if not self.linear:
-            u.copy_(p.logits[:, c.lo:c.hi])
+            u.copy_(p.logits[r0:r1, c.lo:c.hi])
             return u
-        w = self._weight_chunk(c)
-        x = self.x32[:, c.piece_seg[0]] if p.grouped else self.x32
-        torch.mm(x, w.t(), out=u)  # the epilogue adds the bias
+        torch.mm(self._rows_of(self.x32, c)[r0:r1], self._weight_chunk(c).t(), out=u)
         return u
 
-    def _teacher(self, c: Chunk, r0: int = 0, r1: Optional[int] = None):
-        """(address, row stride) of the teacher logits of the chunk's classes, from row r0 on, as fp32."""
+    def _teacher(self, c: Chunk, r0: int, r1: int):
+        """(address, row stride, converted copy or None) of the teacher logits of the chunk's classes from row r0
+        on, as fp32; the caller keeps the copy alive until the kernel has read it."""
         if self.teacher is None:
-            return 0, 0
-        r1 = self.p.batch if r1 is None else r1
+            return 0, 0, None
         if self.tbuf is None:  # fp32 teacher: read in place
-            return self.teacher.data_ptr() + 4 * (c.lo + r0 * self.teacher.shape[1]), self.teacher.shape[1]
-        n = c.hi - c.lo
-        rows = r1 - r0
-        t = (self.tbuf[: rows * n] if rows * n <= self.tbuf.numel() else torch.empty(rows * n)).view(rows, n)
+            return self.teacher.data_ptr() + 4 * (c.lo + r0 * self.teacher.shape[1]), self.teacher.shape[1], None
+        t = _scratch(self.tbuf, r1 - r0, c.hi - c.lo)
         t.copy_(self.teacher[r0:r1, c.lo:c.hi])
-        self._tkeep = t  # alive until the kernel has read it
-        return t.data_ptr(), n
+        return t.data_ptr(), t.shape[1], t
 
     def _kernel(self, c: Chunk, u: Optional[torch.Tensor], phases: int, coef: Optional[torch.Tensor],
                 add_bias: bool = False, rows: Optional[tuple] = None):
@@ -159,7 +166,7 @@ class _Sweep:
         state = self.state if rows is None else self.state[:, r0:r1].contiguous()
         lo_t = torch.tensor(c.piece_lo, dtype=torch.long)
         seg_t = torch.tensor(c.piece_seg, dtype=torch.long)
-        tptr, tld = self._teacher(c, r0, r1)
+        tptr, tld, _teacher_copy = self._teacher(c, r0, r1)
         dsc = dbias = 0
         if coef is not None and self.scale_kind == SCALE_CLASS and phases & PHASE_FINAL:
             dsc = self.dscale.data_ptr() + 4 * c.lo
@@ -184,43 +191,41 @@ class _Sweep:
         lo, hi, g = step[0].lo, step[-1].hi, step[0].piece_seg[0]
         n = hi - lo
         c = Chunk(lo, hi, [0, n], [g], True)
-        w = self._weight_chunk(c)
         block = min(p.batch, max(32, self.capacity * p.batch // n))
-        dw = None
+        dw = None  # fp32 rows of dW accumulated over the row blocks
         if coef is not None and self.dw is not None:
-            dw = self.dw[lo:hi] if self.dw.dtype == torch.float32 else torch.empty(n, w.shape[1])
+            dw = self.dw[lo:hi] if self.dw.dtype == torch.float32 else torch.empty(n, self.H)
         for r0 in range(0, p.batch, block):
             r1 = min(p.batch, r0 + block)
-            x = self.x32[r0:r1, g] if p.grouped else self.x32[r0:r1]
-            u = torch.empty(0).set_(self.buf.untyped_storage(), 0, (r1 - r0, n)) if (r1 - r0) * n <= self.buf.numel() \
-                else torch.empty(r1 - r0, n)
-            torch.mm(x, w.t(), out=u)
+            u = self._logits(c, r0, r1)
             self._kernel(c, u, phases, coef, add_bias=True, rows=(r0, r1))
-            if coef is None:
-                continue
-            if self.dx is not None:
-                (self.dx[r0:r1, g] if p.grouped else self.dx[r0:r1]).addmm_(u, w)
-            if dw is not None:
-                if r0 == 0:
-                    torch.mm(u.t(), x, out=dw)
-                else:
-                    dw.addmm_(u.t(), x)
+            if coef is not None:
+                self._accumulate_grads(c, u, r0, r1, dw=dw, add=r0 > 0)
         if dw is not None and self.dw.dtype != torch.float32:
             self.dw[lo:hi].copy_(dw)
 
-    def _accumulate_grads(self, c: Chunk, g: torch.Tensor):
+    def _accumulate_grads(self, c: Chunk, g: torch.Tensor, r0: int = 0, r1: Optional[int] = None,
+                          dw: Optional[torch.Tensor] = None, add: bool = False):
+        """Gradient GEMMs of the logit gradient ``g`` (rows [r0, r1) of the chunk): dx += g W_c and dW_c = g^T x
+        into ``dw`` (default: the chunk's rows of dW), added to it when ``add``."""
         p = self.p
+        r1 = p.batch if r1 is None else r1
         if not self.linear:
-            self.dlogits[:, c.lo:c.hi].copy_(g)
+            self.dlogits[r0:r1, c.lo:c.hi].copy_(g)
             return
         w = self._weight_chunk(c)
-        x = self.x32[:, c.piece_seg[0]] if p.grouped else self.x32
+        x = self._rows_of(self.x32, c)[r0:r1]
         if self.dx is not None:
-            (self.dx[:, c.piece_seg[0]] if p.grouped else self.dx).addmm_(g, w)
-        if self.dw is not None and self.dw.dtype == torch.float32:
-            torch.mm(g.t(), x, out=self.dw[c.lo:c.hi])
-        elif self.dw is not None:
-            self.dw[c.lo:c.hi].copy_(g.t() @ x)
+            self._rows_of(self.dx, c)[r0:r1].addmm_(g, w)
+        if self.dw is None:
+            return
+        dw = self.dw[c.lo:c.hi] if dw is None else dw
+        if add:
+            dw.addmm_(g.t(), x)
+        elif dw.dtype == torch.float32:
+            torch.mm(g.t(), x, out=dw)
+        else:
+            dw.copy_(g.t() @ x)
 
     # ------------------------------------------------------------------ the walk
     def run(self, coef: Optional[torch.Tensor], needs=("x", "weight", "bias", "logits", "scale")):
