@@ -84,8 +84,7 @@ class StudentScorer(Scorer):
     @torch.no_grad()
     def _scaled(self, h, v, c0, c1, norm):
         u = self.model.raw_block(h, c0, c1, v)
-        g = self.model.gamma(v, c0, c1)
-        return u if g is None else g * u / norm[:, v:v + 1]
+        return self.model.logits_of(u, None if norm is None else norm[:, v:v + 1], v, c0, c1)
 
     def block(self, v, c0, c1):
         return self._scaled(self.h, v, c0, c1, self.norm)

@@ -187,9 +187,17 @@ class Student(nn.Module):
             backend=self.backend)
 
     def raw_block(self, h, c0: int, c1: int, vertical: int):
-        """Raw logits u of classes [c0, c1) (inside one vertical) for hidden rows h."""
+        """Raw scores u = h.w of classes [c0, c1) (inside one vertical) for hidden rows h, without the bias (the
+        bias is added after the self-paced scale, see ``logits_of``)."""
         hv = h[:, vertical] if h.dim() == 3 else h
-        return hv @ self.head.weight[c0:c1].t() + self.head.bias[c0:c1]
+        return hv @ self.head.weight[c0:c1].t()
+
+    def logits_of(self, u, norm, vertical: int, c0: int, c1: int):
+        """Logits y of raw scores u of classes [c0, c1): gamma u / ||u||_vertical + bias under the self-paced
+        scale (``norm`` [B, 1] is the vertical's L2 norm of u), u + bias without it."""
+        g = self.gamma(vertical, c0, c1)
+        y = u if g is None else g * u / norm
+        return y + self.head.bias[c0:c1]
 
     def gamma(self, vertical: int, c0: int, c1: int):
         if self.scale is None:
@@ -204,8 +212,8 @@ class Student(nn.Module):
         out = []
         for v in range(len(seg) - 1):
             u = self.raw_block(h, seg[v], seg[v + 1], v)
-            g = self.gamma(v, seg[v], seg[v + 1])
-            out.append(u if g is None else g * u / torch.sqrt((u * u).sum(1, keepdim=True) + 1e-12))
+            norm = torch.sqrt((u * u).sum(1, keepdim=True) + 1e-12)
+            out.append(self.logits_of(u, norm, v, seg[v], seg[v + 1]))
         return torch.cat(out, dim=1)
 
 

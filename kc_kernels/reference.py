@@ -3,7 +3,7 @@
 Everything here materialises the full [B, V] logits and favours clarity over speed. Inputs in fp16/bf16 are
 upcast to fp32 for the math (fp64 inputs stay fp64, which is how tests get a float64 oracle); autograd carries
 gradients back to the input dtypes. No argument checking happens here: kc_kernels.ops validates once, in front of
-every backend (see ../shared/DESIGN.md for the exact semantics).
+every backend (docs/ops.md states the semantics in prose).
 """
 from __future__ import annotations
 
@@ -90,8 +90,12 @@ def reduce_loss(per_row: torch.Tensor, sample_weight: Optional[torch.Tensor], re
 
 def soft_target_loss(logits: torch.Tensor, *, target_index=None, target_value=None, teacher_logits=None,
                      mode: str = "sigmoid", segments=None, scale=None, temperature: float = 1.0,
-                     sample_weight=None, reduction: str = "mean") -> torch.Tensor:
-    """Soft-target loss of given raw logits u [B, V] (DESIGN.md, "The core op")."""
+                     sample_weight=None, reduction: str = "mean", bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Soft-target loss of given raw scores u [B, V] (docs/ops.md).
+
+    ``bias`` [V] is the class prior, added after the self-paced scale: y = gamma u / ||u||_seg + bias (then / T).
+    The public soft_target_loss has no bias; linear_soft_target_loss passes its own here.
+    """
     dt = _compute_dtype(logits)
     u = logits.to(dt)
     B, V = u.shape
@@ -105,6 +109,8 @@ def soft_target_loss(logits: torch.Tensor, *, target_index=None, target_value=No
         y = gamma * u / norm
     else:
         y = u
+    if bias is not None:
+        y = y + bias.to(dt)  # a class prior: never normalised together with x.w
     y = y / temperature
     z = dense_targets(V, batch=B, target_index=target_index, target_value=target_value,
                       teacher_logits=teacher_logits, mode=mode, segments=segments, temperature=temperature,
@@ -124,10 +130,10 @@ def linear_soft_target_loss(x: torch.Tensor, weight: torch.Tensor, bias: Optiona
                             segments=None, scale=None, temperature: float = 1.0, sample_weight=None,
                             reduction: str = "mean") -> torch.Tensor:
     """Fused linear + soft-target loss, defined by materialising the logits."""
-    u = linear_logits(x, weight, bias, segments)
+    u = linear_logits(x, weight, None, segments)
     return soft_target_loss(u, target_index=target_index, target_value=target_value, teacher_logits=teacher_logits,
                             mode=mode, segments=segments, scale=scale, temperature=temperature,
-                            sample_weight=sample_weight, reduction=reduction)
+                            sample_weight=sample_weight, reduction=reduction, bias=bias)
 
 
 # ----------------------------------------------------------------------------------------------- sampled softmax

@@ -68,7 +68,7 @@ def make_problem(B, H, V, *, G=None, K=3, grouped=False, dtype=torch.float64, ge
 def brute_force_soft_target(x, weight, bias=None, *, target_index=None, target_value=None, teacher_logits=None,
                             mode="sigmoid", segments=None, scale=None, temperature=1.0, sample_weight=None,
                             reduction="mean"):
-    """DESIGN.md's definition, written as scalar loops (tiny sizes only); differentiable through torch ops."""
+    """The op's definition (docs/ops.md), written as scalar loops (tiny sizes only); differentiable through torch ops."""
     B, V = x.shape[0], weight.shape[0]
     H = x.shape[-1]
     bounds: Sequence[int] = [0, V] if segments is None else [int(s) for s in segments]
@@ -81,7 +81,7 @@ def brute_force_soft_target(x, weight, bias=None, *, target_index=None, target_v
         for j in range(V):
             xv = x[r, seg_of[j]] if x.dim() == 3 else x[r]
             acc = sum(xv[h] * weight[j, h] for h in range(H))
-            u.append(acc + (bias[j] if bias is not None else 0.0))
+            u.append(acc)
         y = []
         for j in range(V):
             if scale is None:
@@ -91,6 +91,8 @@ def brute_force_soft_target(x, weight, bias=None, *, target_index=None, target_v
                 nrm = torch.sqrt(sum(u[i] ** 2 for i in range(bounds[g], bounds[g + 1])) + 1e-12)
                 gam = scale[g] if scale.numel() == G else scale[j]
                 yj = gam * u[j] / nrm
+            if bias is not None:
+                yj = yj + bias[j]  # the class prior sits outside the normalisation
             y.append(yj / T)
         z = [0.0] * V
         if target_index is not None:

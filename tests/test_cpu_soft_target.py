@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kc_kernels
-from kc_kernels.cpu import soft_target as cpu_st
+from kc_kernels import chunked
 from tests.helpers import assert_close, grads, make_problem
 
 DIFF = ("x", "weight", "bias", "scale")
@@ -132,12 +132,12 @@ def test_cpu_loss_only_forward_without_grad(gen):
 
 
 def test_chunk_plan_keeps_segments_whole_or_splits_them():
-    steps = cpu_st.plan_chunks([0, 10, 20, 600, 610], capacity=256, grouped=False)
+    steps = chunked.plan_chunks([0, 10, 20, 600, 610], capacity=256, grouped=False)
     assert [(s[0].lo, s[0].hi, s[0].whole) for s in steps][:1] == [(0, 20, True)]
     split = steps[1]
     assert [(c.lo, c.hi) for c in split] == [(20, 276), (276, 532), (532, 600)] and not split[0].whole
     assert (steps[2][0].lo, steps[2][0].hi) == (600, 610)
-    grouped = cpu_st.plan_chunks([0, 10, 20, 30], capacity=256, grouped=True)
+    grouped = chunked.plan_chunks([0, 10, 20, 30], capacity=256, grouped=True)
     assert [(s[0].lo, s[0].hi) for s in grouped] == [(0, 10), (10, 20), (20, 30)]
 
 

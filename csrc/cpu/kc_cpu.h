@@ -21,14 +21,15 @@ enum State {
   kMax,             // softmax: running max of y        | sigmoid: unused
   kSumExp,          // softmax: sum exp(y - max)        | sigmoid: unused
   kSumExpU,         // softmax: sum exp(y - max) u/(nT) | sigmoid: sum sigmoid(y) u/(nT)
-  kSumExpY,         // softmax: sum exp(y - max) y      | sigmoid: sum sigmoid(y) y
+  kSumExpY,         // softmax: sum exp(y - max) s u/(nT) | sigmoid: sum sigmoid(y) s u/(nT)
   kZSum,            // target mass m = sum z
   kZY,              // sum z y
   kZU,              // sum z u/(nT)
+  kZYScaled,        // sum z s u/(nT): the scaled part of y, without the bias (feeds S)
   kTeacherMax,      // dense softmax targets: running max of t/T
   kTeacherSumExp,   // and sum exp(t/T - max)
   kR,               // sum q u/(nT): a per-segment scale's gradient per row
-  kS,               // sum q y
+  kS,               // sum q s u/(nT): the norm's gradient term per row
   kNumStates
 };
 
@@ -54,7 +55,7 @@ struct SoftTargetChunk {
   double* state;             // [kNumStates, rows, num_segments]
   double* softplus_sum;      // [rows] sigmoid mode: accumulated sum of softplus(y)
   float* dscale_class;       // [ncols] per-class scale gradient of this chunk (accumulated), or null
-  const float* bias;         // [V] fp32 bias added to u before anything else (null: u already holds it or none)
+  const float* bias;         // [V] fp32 class bias, added after the scale: y = s u / (n T) + b / T (null: none)
   float* dbias;              // [ncols] bias gradient of this chunk (accumulated in FINAL), or null
 };
 

@@ -1,14 +1,16 @@
-// Fused epilogue of the chunked linear + soft-target loss (see kc_kernels/cpu/soft_target.py for the driver).
+// Fused epilogue of the chunked linear + soft-target loss (see kc_kernels/chunked.py for the driver).
 //
-// The driver computes one chunk of raw logits u = x W_c^T + b_c with a BLAS GEMM; this kernel then makes one pass
-// over it per row (OpenMP over rows, vectorised inner loops) that accumulates the loss statistics and, in the FINAL
-// phase, overwrites u with coef_b * dL/du so the driver's gradient GEMMs (dx += G W_c, dW_c = G^T x) follow.
+// The driver computes one chunk of raw scores u = x W_c^T with a BLAS GEMM; this kernel then makes one pass over it
+// per row (OpenMP over rows, vectorised inner loops) that accumulates the loss statistics and, in the FINAL phase,
+// overwrites u with coef_b * dL/du so the driver's gradient GEMMs (dx += G W_c, dW_c = G^T x) follow.
 //
-// Notation per row b and segment g: y_j = a_j u_j with a_j = s_j / (n T) under the self-paced scale s
-// (n = sqrt(sum_{i in g} u_i^2 + eps)) and a_j = 1 / T without it; q_j = dl/dy_j:
+// Notation per row b and segment g: y_j = a_j u_j + b_j / T, with a_j = s_j / (n T) under the self-paced scale s
+// (n = sqrt(sum_{i in g} u_i^2 + eps)) and a_j = 1 / T without it; the bias is a class prior outside the
+// normalisation. yh_j = a_j u_j is the scaled part of y. q_j = dl/dy_j:
 //   sigmoid: q_j = sigmoid(y_j) - z_j
 //   softmax: q_j = T^2 (m_g softmax_g(y)_j - z_j),  m_g = sum_{j in g} z_j
-//   dl/du_i = a_i q_i - (u_i / n^2) S,  S = sum_{j in g} q_j y_j   (the second term only under the scale)
+//   dl/du_i = a_i q_i - (u_i / n^2) S,  S = sum_{j in g} q_j yh_j   (the second term only under the scale)
+//   dl/db_j = q_j / T
 //   dl/ds_j = q_j u_j / (n T)  (summed over a segment for a per-segment scale: R = sum_j q_j u_j / (n T))
 // Statistics over a whole segment (n, the softmax log-sum-exp, S, R) live in a [NSTATE, B, G] double array, so a
 // segment longer than a chunk is handled by running the phases over its sub-chunks one after another.
@@ -50,16 +52,17 @@ struct FinalSums {
 // The FINAL phase over one row piece of n classes: loss sums and, when GRAD, u overwritten by c * dL/du. Kept as a
 // leaf function over restrict pointers so that the compiler vectorises it for every template instance.
 template <int SK, bool SOFTMAX, bool DENSE, bool GRAD, bool BIAS_GRAD>
-FinalSums final_loop(float* __restrict u, const float* __restrict t, const float* __restrict sc, int64_t n,
-                     float s_seg, float inv_nt, float inv_t, float t2, float tlse, float lse, float zmass, float c,
-                     float S, float inv_n2, double* __restrict ds, double* __restrict db) {
+FinalSums final_loop(float* __restrict u, const float* __restrict t, const float* __restrict sc,
+                     const float* __restrict bias, int64_t n, float s_seg, float inv_nt, float inv_t, float t2,
+                     float tlse, float lse, float zmass, float c, float S, float inv_n2, double* __restrict ds,
+                     double* __restrict db) {
   float sp = 0.f, zy = 0.f;
 #pragma omp simd reduction(+ : sp, zy)
   for (int64_t j = 0; j < n; ++j) {
     const float uj = u[j];
     const float s = SK == kScaleClass ? sc[j] : s_seg;
     const float up = inv_nt * uj;
-    const float y = s * up;
+    const float y = std::fma(s, up, bias[j] * inv_t);
     float q;
     if constexpr (SOFTMAX) {
       const float z = DENSE ? vexp(t[j] * inv_t - tlse) : 0.f;
@@ -80,7 +83,7 @@ FinalSums final_loop(float* __restrict u, const float* __restrict t, const float
     if constexpr (GRAD) {
       const float grad = SK != kScaleNone ? c * (s * inv_nt * q - uj * S * inv_n2) : c * q * inv_t;
       u[j] = grad;
-      if constexpr (BIAS_GRAD) db[j] += grad;  // the bias gradient is the column sum of the logit gradient
+      if constexpr (BIAS_GRAD) db[j] += SK != kScaleNone ? c * q * inv_t : grad;
       if constexpr (SK == kScaleClass) ds[j] += static_cast<double>(c) * q * up;
     }
   }
@@ -89,7 +92,7 @@ FinalSums final_loop(float* __restrict u, const float* __restrict t, const float
 
 template <int SK, bool SOFTMAX, bool DENSE>
 void run_row(const SoftTargetChunk& a, int64_t b, const std::vector<Target>& targets,
-             const std::vector<int64_t>& piece_first, double* dscale_acc, double* dbias_acc,
+             const std::vector<int64_t>& piece_first, const float* bias, double* dscale_acc, double* dbias_acc,
              std::vector<float>& corr) {
   const int64_t B = a.rows, G = a.num_segments;
   float* urow = a.u + b * a.ld;
@@ -101,11 +104,6 @@ void run_row(const SoftTargetChunk& a, int64_t b, const std::vector<Target>& tar
   for (int64_t p = 0; p < a.npieces; ++p) {
     const int64_t lo = a.piece_lo[p], hi = a.piece_lo[p + 1], g = a.piece_seg[p];
     const int64_t t_begin = piece_first[p], t_end = piece_first[p + 1];
-    if (a.bias != nullptr) {  // the GEMM left x W^T; adding the bias here saves a pass over the chunk in memory
-      const float* __restrict bias = a.bias + a.col0;
-#pragma omp simd
-      for (int64_t j = lo; j < hi; ++j) urow[j] += bias[j];
-    }
 
     if (SOFTMAX && DENSE && (a.phases & kPhaseTeacher)) {
       float m = -std::numeric_limits<float>::infinity();
@@ -132,44 +130,50 @@ void run_row(const SoftTargetChunk& a, int64_t b, const std::vector<Target>& tar
                                           : inv_t;
     const float tlse = (SOFTMAX && DENSE) ? static_cast<float>(st(kTeacherMax, g) + std::log(st(kTeacherSumExp, g)))
                                           : 0.f;
+    const float* __restrict bp = bias;  // bias of the chunk's columns (zeros when the op has none)
 
     if (need_stats && (a.phases & kPhaseStats)) {
-      float zsum = 0.f, zy = 0.f, zu = 0.f;
+      float zsum = 0.f, zy = 0.f, zu = 0.f, zyh = 0.f;
       if constexpr (DENSE) {
-#pragma omp simd reduction(+ : zsum, zy, zu)
+#pragma omp simd reduction(+ : zsum, zy, zu, zyh)
         for (int64_t j = lo; j < hi; ++j) {
           const float up = inv_nt * urow[j];
-          const float y = scale_at<SK>(a, g, j) * up;
+          const float yh = scale_at<SK>(a, g, j) * up;
           const float z = SOFTMAX ? vexp(trow[j] * inv_t - tlse) : vsigmoid(trow[j] * inv_t);
           zsum += z;
-          zy += z * y;
+          zy += z * (yh + bp[j] * inv_t);
           zu += z * up;
+          zyh += z * yh;
         }
       } else {
         for (int64_t t = t_begin; t < t_end; ++t) {
           const int64_t j = targets[t].col;
+          const float v = targets[t].value;
           const float up = inv_nt * urow[j];
-          zsum += targets[t].value;
-          zy += targets[t].value * scale_at<SK>(a, g, j) * up;
-          zu += targets[t].value * up;
+          const float yh = scale_at<SK>(a, g, j) * up;
+          zsum += v;
+          zy += v * (yh + bp[j] * inv_t);
+          zu += v * up;
+          zyh += v * yh;
         }
       }
       st(kZSum, g) += zsum;
       st(kZY, g) += zy;
       st(kZU, g) += zu;
+      st(kZYScaled, g) += zyh;
       if constexpr (SOFTMAX) {
         float m = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : m)
-        for (int64_t j = lo; j < hi; ++j) m = std::max(m, scale_at<SK>(a, g, j) * inv_nt * urow[j]);
+        for (int64_t j = lo; j < hi; ++j) m = std::max(m, std::fma(scale_at<SK>(a, g, j) * inv_nt, urow[j], bp[j] * inv_t));
         float se = 0.f, seu = 0.f, sey = 0.f;
 #pragma omp simd reduction(+ : se, seu, sey)
         for (int64_t j = lo; j < hi; ++j) {
           const float up = inv_nt * urow[j];
-          const float y = scale_at<SK>(a, g, j) * up;
-          const float e = vexp(y - m);
+          const float yh = scale_at<SK>(a, g, j) * up;
+          const float e = vexp(yh + bp[j] * inv_t - m);
           se += e;
           seu += e * up;
-          sey += e * y;
+          sey += e * yh;
         }
         double& M = st(kMax, g);
         const double nm = std::max(M, static_cast<double>(m));
@@ -183,10 +187,10 @@ void run_row(const SoftTargetChunk& a, int64_t b, const std::vector<Target>& tar
 #pragma omp simd reduction(+ : squ, sqy)
         for (int64_t j = lo; j < hi; ++j) {
           const float up = inv_nt * urow[j];
-          const float y = scale_at<SK>(a, g, j) * up;
-          const float sg = vsigmoid(y);
+          const float yh = scale_at<SK>(a, g, j) * up;
+          const float sg = vsigmoid(yh + bp[j] * inv_t);
           squ += sg * up;
-          sqy += sg * y;
+          sqy += sg * yh;
         }
         st(kSumExpU, g) += squ;
         st(kSumExpY, g) += sqy;
@@ -204,10 +208,10 @@ void run_row(const SoftTargetChunk& a, int64_t b, const std::vector<Target>& tar
       double R, Sd;
       if constexpr (SOFTMAX) {
         R = t2 * (st(kZSum, g) * st(kSumExpU, g) / st(kSumExp, g) - st(kZU, g));
-        Sd = t2 * (st(kZSum, g) * st(kSumExpY, g) / st(kSumExp, g) - st(kZY, g));
+        Sd = t2 * (st(kZSum, g) * st(kSumExpY, g) / st(kSumExp, g) - st(kZYScaled, g));
       } else {
         R = st(kSumExpU, g) - st(kZU, g);
-        Sd = st(kSumExpY, g) - st(kZY, g);
+        Sd = st(kSumExpY, g) - st(kZYScaled, g);
       }
       st(kR, g) = R;
       st(kS, g) = Sd;
@@ -225,7 +229,7 @@ void run_row(const SoftTargetChunk& a, int64_t b, const std::vector<Target>& tar
         const float v = targets[t].value;
         const float s = scale_at<SK>(a, g, j);
         const float up = inv_nt * urow[j];
-        zy += v * s * up;
+        zy += v * (s * up + bp[j] * inv_t);
         corr[t] = -c * qz * v * s * inv_nt;  // -(dq/dz) v a_j, times coef
         if (SK == kScaleClass && a.coef) dscale_acc[j] -= static_cast<double>(c) * qz * v * up;
       }
@@ -238,14 +242,14 @@ void run_row(const SoftTargetChunk& a, int64_t b, const std::vector<Target>& tar
     FinalSums sums;
     if (a.coef == nullptr) {
       if constexpr (SOFTMAX) continue;  // the softmax loss comes from the statistics alone
-      sums = final_loop<SK, SOFTMAX, DENSE, false, false>(urow + lo, tp, sc, hi - lo, s_seg, inv_nt, inv_t, t2, tlse,
-                                                         lse, zmass, 0.f, S, inv_n2, nullptr, nullptr);
+      sums = final_loop<SK, SOFTMAX, DENSE, false, false>(urow + lo, tp, sc, bp + lo, hi - lo, s_seg, inv_nt, inv_t,
+                                                         t2, tlse, lse, zmass, 0.f, S, inv_n2, nullptr, nullptr);
     } else {
-      sums = dbias_acc ? final_loop<SK, SOFTMAX, DENSE, true, true>(urow + lo, tp, sc, hi - lo, s_seg, inv_nt, inv_t,
-                                                                    t2, tlse, lse, zmass, c, S, inv_n2,
+      sums = dbias_acc ? final_loop<SK, SOFTMAX, DENSE, true, true>(urow + lo, tp, sc, bp + lo, hi - lo, s_seg, inv_nt,
+                                                                    inv_t, t2, tlse, lse, zmass, c, S, inv_n2,
                                                                     dscale_acc + lo, dbias_acc + lo)
-                       : final_loop<SK, SOFTMAX, DENSE, true, false>(urow + lo, tp, sc, hi - lo, s_seg, inv_nt, inv_t,
-                                                                     t2, tlse, lse, zmass, c, S, inv_n2,
+                       : final_loop<SK, SOFTMAX, DENSE, true, false>(urow + lo, tp, sc, bp + lo, hi - lo, s_seg,
+                                                                     inv_nt, inv_t, t2, tlse, lse, zmass, c, S, inv_n2,
                                                                      dscale_acc + lo, nullptr);
     }
     if constexpr (!SOFTMAX) {
@@ -256,7 +260,8 @@ void run_row(const SoftTargetChunk& a, int64_t b, const std::vector<Target>& tar
     if constexpr (!DENSE) {
       for (int64_t t = t_begin; t < t_end; ++t) {
         urow[targets[t].col] += corr[t];
-        if (dbias_acc) dbias_acc[targets[t].col] += corr[t];
+        // the bias gradient's correction is -(dq/dz) v / T, which differs from the logit's under the scale
+        if (dbias_acc) dbias_acc[targets[t].col] += SK != kScaleNone ? -c * qz * targets[t].value * inv_t : corr[t];
       }
     }
   }
@@ -267,6 +272,9 @@ void run(const SoftTargetChunk& a) {
   const int64_t ncols = a.ncols;
   const bool class_grad = SK == kScaleClass && a.coef != nullptr && (a.phases & kPhaseFinal);
   const bool bias_grad = a.dbias != nullptr && a.coef != nullptr && (a.phases & kPhaseFinal);
+  // the bias of the chunk's columns; zeros when the op has none, so that the vector loops have no branch on it
+  std::vector<float> zero_bias(a.bias == nullptr ? ncols : 0, 0.f);
+  const float* bias = a.bias != nullptr ? a.bias + a.col0 : zero_bias.data();
 #pragma omp parallel
   {
     std::vector<double> dscale_acc(class_grad ? ncols : 0, 0.0);
@@ -298,8 +306,8 @@ void run(const SoftTargetChunk& a) {
       } else {
         std::fill(piece_first.begin(), piece_first.end(), 0);
       }
-      run_row<SK, SOFTMAX, DENSE>(a, b, targets, piece_first, dscale_acc.data(), bias_grad ? dbias_acc.data() : nullptr,
-                                  corr);
+      run_row<SK, SOFTMAX, DENSE>(a, b, targets, piece_first, bias, dscale_acc.data(),
+                                  bias_grad ? dbias_acc.data() : nullptr, corr);
     }
     if (class_grad) {
 #pragma omp critical

@@ -1,0 +1,415 @@
+"""The chunked driver of the (linear +) soft-target loss, shared by every fast backend (docs/epilogue.md).
+
+Per chunk of classes: the logits GEMM S = x W_c^T (torch: MKL/oneDNN on CPU, cuBLAS on GPU), the backend's epilogue
+(loss statistics, then S overwritten in place by coef_b * dL/du), then the gradient GEMMs dx += S W_c and
+dW_c = S^T x, each chunk's dW rows written once. The gradients are produced in the forward pass (3 GEMMs), so the
+backward only scales them; nothing is accumulated with atomics, and the same inputs give the same bits.
+
+Chunks hold whole segments whenever a segment fits, so statistics over a segment (softmax log-sum-exp, the
+self-paced L2 norm and its gradient term) are complete inside one epilogue call. A segment longer than a chunk is
+walked in blocks of rows that each hold the whole segment (one GEMM per block, dW_seg accumulated over the blocks);
+for given logits (soft_target_loss) it is walked once per phase instead.
+
+One autograd Function serves every backend; a backend supplies an ``Epilogue`` (kc_kernels/cpu/soft_target.py,
+kc_kernels/gpu_epilogue.py). With reduction="none" the per-row weights of the gradient are only known in backward,
+so the forward computes the loss alone and the backward walks again.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Dict, Optional, Tuple
+
+import torch
+
+# phases of an epilogue call (bitmask), state rows and per-(row, segment) constants: docs/epilogue.md
+PHASE_TEACHER, PHASE_NORM, PHASE_STATS, PHASE_FINAL = 1, 2, 4, 8
+(S_SUMSQ, S_MAX, S_SUMEXP, S_SUMEXP_U, S_SUMEXP_Y, S_ZSUM, S_ZY, S_ZU, S_ZYH, S_TMAX, S_TSUMEXP, S_R,
+ S_S) = range(13)
+NUM_STATES = 13
+C_INV_NT, C_LSE, C_MASS, C_TLSE, C_S_N2 = range(5)
+NUM_CONSTS = 5
+SCALE_NONE, SCALE_SEGMENT, SCALE_CLASS = 0, 1, 2
+NORM_EPS = 1e-12
+MIN_CHUNK = 256
+
+
+@dataclass(frozen=True)
+class Chunk:
+    lo: int  # global classes [lo, hi)
+    hi: int
+    piece_lo: Tuple[int, ...]  # local bounds of the segment pieces inside the chunk
+    piece_seg: Tuple[int, ...]
+    whole: bool  # every piece is a whole segment: all phases run in one pass
+
+
+class Plan:
+    """The chunks of one segment layout and capacity, with their piece tables on each device they were asked for.
+
+    ``steps`` is a list whose items are either [one chunk of whole segments] or the list of sub-chunks of one
+    segment longer than the capacity. With grouped x, a chunk never spans two segments (each reads its own x).
+    Plans are cached per layout, so the tables are built and copied to the device once, not in every call."""
+
+    def __init__(self, bounds: Tuple[int, ...], capacity: int, grouped: bool):
+        self.bounds = bounds
+        self.steps = _plan_steps(list(bounds), capacity, grouped)
+        self._tables: Dict[Tuple[Chunk, str, torch.dtype], Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._seg_of_class: Dict[str, torch.Tensor] = {}
+
+    def tables(self, c: Chunk, device: torch.device, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        key = (c, str(device), dtype)
+        if key not in self._tables:
+            self._tables[key] = (torch.tensor(c.piece_lo, dtype=dtype).to(device),
+                                 torch.tensor(c.piece_seg, dtype=dtype).to(device))
+        return self._tables[key]
+
+    def seg_of_class(self, device: torch.device) -> torch.Tensor:
+        """int32 [V]: the segment of every class."""
+        key = str(device)
+        if key not in self._seg_of_class:
+            b = torch.tensor(self.bounds, dtype=torch.int64)
+            seg = torch.repeat_interleave(torch.arange(len(b) - 1, dtype=torch.int32), b[1:] - b[:-1])
+            self._seg_of_class[key] = seg.to(device)
+        return self._seg_of_class[key]
+
+
+def _plan_steps(bounds, capacity: int, grouped: bool):
+    steps = []
+    cur_lo, pieces, segs = None, [], []
+
+    def flush(end):
+        nonlocal cur_lo, pieces, segs
+        if cur_lo is not None:
+            steps.append([Chunk(cur_lo, end, tuple(p - cur_lo for p in pieces) + (end - cur_lo,), tuple(segs), True)])
+        cur_lo, pieces, segs = None, [], []
+
+    for g in range(len(bounds) - 1):
+        lo, hi = bounds[g], bounds[g + 1]
+        if hi - lo > capacity:
+            flush(lo)
+            steps.append([Chunk(a, min(a + capacity, hi), (0, min(a + capacity, hi) - a), (g,), False)
+                          for a in range(lo, hi, capacity)])
+            continue
+        if cur_lo is not None and (grouped or hi - cur_lo > capacity):
+            flush(lo)
+        if cur_lo is None:
+            cur_lo = lo
+        pieces.append(lo)
+        segs.append(g)
+    flush(bounds[-1])
+    return steps
+
+
+@lru_cache(maxsize=64)
+def plan(bounds: Tuple[int, ...], capacity: int, grouped: bool) -> Plan:
+    return Plan(bounds, capacity, grouped)
+
+
+def plan_chunks(bounds, capacity: int, grouped: bool):
+    """The steps of a layout (see Plan); kept as a function for tests and tools."""
+    return plan(tuple(bounds), capacity, grouped).steps
+
+
+@dataclass
+class EpilogueArgs:
+    """One epilogue call of a GPU backend: one chunk, one block of rows (docs/epilogue.md, "GPU epilogue")."""
+
+    S: torch.Tensor
+    col0: int
+    rows: int
+    ncols: int
+    pieces: int
+    piece_lo: torch.Tensor
+    piece_seg: torch.Tensor
+    num_segments: int
+    seg_of_class: torch.Tensor
+    bias: Optional[torch.Tensor]
+    scale: Optional[torch.Tensor]
+    teacher: Optional[torch.Tensor]
+    tidx: Optional[torch.Tensor]
+    tval: Optional[torch.Tensor]
+    states: torch.Tensor
+    consts: Optional[torch.Tensor]
+    coef: Optional[torch.Tensor]
+    softmax: bool
+    inv_t: float
+    t2: float
+    row_part: Optional[torch.Tensor]
+    col_part: Optional[torch.Tensor]
+    want_dbias: bool
+    want_dscale: bool
+
+
+class Sweep:
+    """One walk over the classes of a validated problem: the loss statistics and, when ``coef`` is given, the
+    gradients. ``epilogue`` is the backend's (see kc_kernels/cpu/soft_target.py for the interface)."""
+
+    def __init__(self, p, epilogue, memory_budget: int):
+        self.p, self.ep = p, epilogue
+        self.G = p.num_segments
+        self.linear = p.logits is None
+        self.device = (p.x if self.linear else p.logits).device
+        inp = p.x if self.linear else p.logits
+        self.work_dtype = epilogue.work_dtype(inp.dtype)
+        self.state_dtype = epilogue.state_dtype
+        if self.linear:
+            self.H = p.x.shape[-1]
+            self.xw = p.x.to(self.work_dtype)
+            if self.xw.dim() == 3 or not self.xw.is_contiguous():
+                self.xw = self.xw.contiguous()
+        per_col = epilogue.bytes_per_class(self)
+        self.capacity = int(min(p.num_classes, max(MIN_CHUNK, memory_budget // max(per_col, 1))))
+        self.plan = plan(tuple(p.bounds), self.capacity, p.grouped)
+        self.softmax = p.mode == "softmax"
+        self.scale_kind = SCALE_NONE
+        self.scale32 = None
+        if p.scale is not None:
+            self.scale_kind = SCALE_SEGMENT if (p.scale.numel() == self.G and not p.scale_per_class) else SCALE_CLASS
+            self.scale32 = p.scale.detach().float().contiguous()
+        self.bias32 = None if p.bias is None else p.bias.detach().float().contiguous()
+        self.buf = torch.empty(p.batch * self.capacity, dtype=self.work_dtype, device=self.device)
+        self._w_cached = (None, None)
+        epilogue.prepare(self)
+
+    # ------------------------------------------------------------------ GEMM pieces
+    def scratch(self, rows: int, cols: int) -> torch.Tensor:
+        n = rows * cols
+        buf = self.buf if n <= self.buf.numel() else torch.empty(n, dtype=self.work_dtype, device=self.device)
+        return buf[:n].view(rows, cols)
+
+    def weight_chunk(self, c: Chunk) -> torch.Tensor:
+        """The chunk's weight rows in the work dtype; converted once per chunk and reused by the gradient GEMMs."""
+        w = self.p.weight[c.lo:c.hi]
+        if w.dtype == self.work_dtype:
+            return w
+        if self._w_cached[0] != (c.lo, c.hi):
+            self._w_cached = ((c.lo, c.hi), w.to(self.work_dtype))
+        return self._w_cached[1]
+
+    def rows_of(self, t: torch.Tensor, c: Chunk) -> torch.Tensor:
+        """x (or dx) as the chunk's classes read it: [B, H], or segment g's slice of grouped [B, G, H]."""
+        return t[:, c.piece_seg[0]] if self.p.grouped else t
+
+    def logits(self, c: Chunk, r0: int = 0, r1: Optional[int] = None) -> torch.Tensor:
+        """Rows [r0, r1) of the chunk's raw scores (x W^T, no bias: the epilogue adds it after the scale)."""
+        p = self.p
+        r1 = p.batch if r1 is None else r1
+        if not self.linear:
+            if self.dlogits is not None and self.dlogits.dtype == self.work_dtype:
+                # the gradient of given logits is an output of the op anyway: work in place there
+                u = self.dlogits[r0:r1, c.lo:c.hi]
+            else:
+                u = self.scratch(r1 - r0, c.hi - c.lo)
+            u.copy_(p.logits[r0:r1, c.lo:c.hi])
+            return u
+        u = self.scratch(r1 - r0, c.hi - c.lo)
+        torch.mm(self.rows_of(self.xw, c)[r0:r1], self.weight_chunk(c).t(), out=u)
+        return u
+
+    def accumulate_grads(self, c: Chunk, g: torch.Tensor, r0: int = 0, r1: Optional[int] = None,
+                         dw: Optional[torch.Tensor] = None, add: bool = False):
+        """Gradient GEMMs of the logit gradient ``g`` (rows [r0, r1) of the chunk): dx += g W_c and dW_c = g^T x
+        into ``dw`` (default: the chunk's rows of dW), added to it when ``add``."""
+        p = self.p
+        r1 = p.batch if r1 is None else r1
+        if not self.linear:
+            target = self.dlogits[r0:r1, c.lo:c.hi]
+            if target.data_ptr() != g.data_ptr():
+                target.copy_(g)
+            return
+        w = self.weight_chunk(c)
+        x = self.rows_of(self.xw, c)[r0:r1]
+        if self.dx is not None:
+            dx = self.rows_of(self.dx, c)[r0:r1]
+            if self.dx.dtype == g.dtype:
+                dx.addmm_(g, w)
+            else:  # half GEMM, fp32 accumulation over the chunks
+                dx.add_(g @ w)
+        if self.dw is None:
+            return
+        dw = self.dw[c.lo:c.hi] if dw is None else dw
+        if add:
+            if dw.dtype == g.dtype:
+                dw.addmm_(g.t(), x)
+            else:
+                dw.add_(g.t() @ x)
+        elif dw.dtype == g.dtype:
+            torch.mm(g.t(), x, out=dw)
+        else:
+            dw.copy_(g.t() @ x)
+
+    # ------------------------------------------------------------------ walks
+    def _row_blocks(self, step, phases: int, coef: Optional[torch.Tensor]):
+        """A segment longer than a chunk, walked in blocks of rows that each hold the whole segment: every phase
+        runs in one pass, so the logits GEMM runs once per block and dW_seg accumulates over the blocks."""
+        p = self.p
+        lo, hi, g = step[0].lo, step[-1].hi, step[0].piece_seg[0]
+        n = hi - lo
+        c = Chunk(lo, hi, (0, n), (g,), True)
+        block = min(p.batch, max(32, self.capacity * p.batch // n))
+        dw = None  # rows of dW accumulated over the row blocks, in fp32 when dW is not
+        if coef is not None and self.dw is not None:
+            dw = self.dw[lo:hi] if self.dw.dtype == torch.float32 else torch.empty(
+                n, self.H, dtype=torch.float32, device=self.device)
+        for r0 in range(0, p.batch, block):
+            r1 = min(p.batch, r0 + block)
+            u = self.logits(c, r0, r1)
+            self.ep.run(self, c, u, phases, coef, (r0, r1))
+            if coef is not None:
+                self.accumulate_grads(c, u, r0, r1, dw=dw, add=r0 > 0)
+        if dw is not None and self.dw.dtype != torch.float32:
+            self.dw[lo:hi].copy_(dw)
+
+    def run(self, coef: Optional[torch.Tensor], needs=("x", "weight", "bias", "logits", "scale")):
+        """Per-row loss [B] (state dtype); with ``coef`` [B] also the gradients (of the inputs named in ``needs``)
+        scaled row-wise by it. Gradient GEMMs of inputs that need no gradient are skipped."""
+        p = self.p
+        B, dev = p.batch, self.device
+        self.state = torch.zeros(NUM_STATES, B, self.G, dtype=self.state_dtype, device=dev)
+        self.state[S_MAX] = -math.inf
+        self.state[S_TMAX] = -math.inf
+        self.softplus = torch.zeros(B, dtype=self.state_dtype, device=dev)
+        grads = coef is not None
+        self.dx = self.dw = self.db32 = self.dscale = self.dlogits = None
+        if grads:
+            coef = coef.float().contiguous()
+            if self.linear:
+                # dx accumulates over chunks: fp32 unless the GEMMs themselves are fp32
+                self.dx = torch.zeros(self.xw.shape, dtype=torch.float32, device=dev) if "x" in needs else None
+                wdt = torch.float32 if p.weight.dtype == torch.float64 else p.weight.dtype
+                self.dw = torch.empty(p.weight.shape, dtype=wdt, device=dev) if "weight" in needs else None
+                self.db32 = (torch.zeros(p.num_classes, dtype=torch.float32, device=dev)
+                             if p.bias is not None and "bias" in needs else None)
+            else:
+                ldt = torch.float32 if p.logits.dtype == torch.float64 else p.logits.dtype
+                self.dlogits = torch.empty(p.logits.shape, dtype=ldt, device=dev)
+            self.dscale = (torch.zeros(p.num_classes, dtype=torch.float32, device=dev)
+                           if self.scale_kind == SCALE_CLASS and "scale" in needs else None)
+        need_norm = self.scale_kind != SCALE_NONE
+        need_stats = self.softmax or need_norm
+        final = PHASE_FINAL if (grads or not self.softmax) else 0
+
+        steps = self.plan.steps
+        if self.softmax and p.teacher_logits is not None:
+            for step in steps:
+                for c in step:
+                    self.ep.run(self, c, None, PHASE_TEACHER, None, None)
+        whole_phases = (PHASE_NORM if need_norm else 0) | (PHASE_STATS if need_stats else 0) | final
+        for step in steps:
+            if step[0].whole:
+                c = step[0]
+                u = self.logits(c)
+                self.ep.run(self, c, u, whole_phases, coef, None)
+                if grads:
+                    self.accumulate_grads(c, u)
+                continue
+            if self.linear and (need_norm or need_stats):
+                self._row_blocks(step, whole_phases, coef if grads else None)
+                continue
+            # a segment longer than a chunk: one walk per phase, recomputing (or re-reading) its logits
+            for phase, needed in ((PHASE_NORM, need_norm), (PHASE_STATS, need_stats), (final, final != 0)):
+                if not needed:
+                    continue
+                for c in step:
+                    u = self.logits(c)
+                    self.ep.run(self, c, u, phase, coef if phase == PHASE_FINAL else None, None)
+                    if phase == PHASE_FINAL and grads:
+                        self.accumulate_grads(c, u)
+
+        st = self.state
+        if self.softmax:
+            lse = st[S_MAX] + torch.log(st[S_SUMEXP])
+            zl = torch.where(st[S_ZSUM] != 0, st[S_ZSUM] * lse, torch.zeros_like(lse))
+            loss = p.temperature ** 2 * (zl - st[S_ZY]).sum(dim=1)
+        else:
+            loss = self.softplus - st[S_ZY].sum(dim=1)
+        if not grads:
+            return loss, None
+        out = {}
+        if self.linear:
+            out["x"] = None if self.dx is None else self.dx.view_as(p.x).to(p.x.dtype)
+            out["weight"] = None if self.dw is None else self.dw.to(p.weight.dtype)
+            out["bias"] = None if self.db32 is None else self.db32.to(p.bias.dtype)
+        else:
+            out["logits"] = self.dlogits.to(p.logits.dtype)
+        if self.scale_kind == SCALE_SEGMENT:
+            out["scale"] = (coef.to(st.dtype)[:, None] * st[S_R]).sum(dim=0).to(p.scale.dtype)
+        elif self.scale_kind == SCALE_CLASS and self.dscale is not None:
+            out["scale"] = self.dscale.to(p.scale.dtype)
+        return loss, out
+
+
+def row_coef(p, device, dtype, grad_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Weight of each row's gradient: sample weight x reduction factor (x the incoming gradient for "none")."""
+    coef = torch.ones(p.batch, dtype=dtype, device=device)
+    if p.sample_weight is not None:
+        coef = coef * p.sample_weight.detach().to(dtype)
+    if p.reduction == "mean":
+        coef = coef / p.batch
+    if grad_rows is not None:
+        coef = coef * grad_rows.to(dtype)
+    return coef
+
+
+def reduce_rows(loss_rows: torch.Tensor, p) -> torch.Tensor:
+    if p.sample_weight is not None:
+        loss_rows = loss_rows * p.sample_weight.detach().to(loss_rows.dtype)
+    if p.reduction == "none":
+        return loss_rows
+    s = loss_rows.sum()
+    return s / p.batch if p.reduction == "mean" else s
+
+
+class SoftTargetFunction(torch.autograd.Function):
+    """Inputs: the differentiable tensors (x, weight, bias, scale) or (logits, scale); the problem, the epilogue
+    and the chunk budget ride along."""
+
+    @staticmethod
+    def forward(ctx, problem, epilogue, memory_budget, *tensors):
+        sweep = Sweep(problem, epilogue, memory_budget)
+        names = ("x", "weight", "bias", "scale") if sweep.linear else ("logits", "scale")
+        ctx.names = names
+        ctx.problem, ctx.epilogue, ctx.memory_budget = problem, epilogue, memory_budget
+        wants = any(ctx.needs_input_grad[3:])
+        ctx.needs = tuple(n for n, need in zip(names, ctx.needs_input_grad[3:]) if need)
+        out_dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+        if wants and problem.reduction != "none":
+            loss_rows, grads = sweep.run(row_coef(problem, sweep.device, sweep.state_dtype), ctx.needs)
+            ctx.grads = grads
+        else:
+            loss_rows, _ = sweep.run(None)
+            ctx.grads = None
+        return reduce_rows(loss_rows, problem).to(out_dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        p = ctx.problem
+        grads, ctx.grads = ctx.grads, None  # a second backward (retain_graph) walks again
+        if grads is not None:
+            # scaled in place: a scaled copy would hold a second V x H weight gradient at the peak. On the CPU the
+            # usual grad_out of exactly 1 is skipped; on a GPU reading it would synchronise, so it is applied
+            if grad_out.device.type != "cpu" or float(grad_out) != 1.0:
+                for v in grads.values():
+                    if v is not None:
+                        v.mul_(grad_out.to(v.dtype))
+        else:
+            sweep = Sweep(p, ctx.epilogue, ctx.memory_budget)
+            rows = grad_out.detach() if p.reduction == "none" else None
+            coef = row_coef(p, sweep.device, sweep.state_dtype, rows)
+            if rows is None:
+                coef = coef * grad_out.detach().to(coef.dtype)
+            _, grads = sweep.run(coef, ctx.needs)
+        result = [None, None, None]
+        for i, name in enumerate(ctx.names):
+            result.append(grads.get(name) if ctx.needs_input_grad[3 + i] else None)
+        return tuple(result)
+
+
+def linear_soft_target_loss(p, epilogue, memory_budget: int) -> torch.Tensor:
+    return SoftTargetFunction.apply(p, epilogue, memory_budget, p.x, p.weight, p.bias, p.scale)
+
+
+def soft_target_loss(p, epilogue, memory_budget: int) -> torch.Tensor:
+    return SoftTargetFunction.apply(p, epilogue, memory_budget, p.logits, p.scale)

@@ -1,0 +1,133 @@
+"""The epilogue of the chunked driver on a GPU, shared by the triton and cuda backends (docs/epilogue.md).
+
+A backend supplies two kernels (``row_stats`` and ``final``, see kc_kernels/triton/epilogue.py and
+kc_kernels/cuda/epilogue.py); this module prepares their inputs once per walk (targets sorted per row, the scale
+expanded to classes, the segment of every class), derives the per-(row, segment) constants of the final kernel from
+the statistics with a few device ops, and sums the kernels' partial results in a fixed order. Nothing here reads a
+device value on the host: no synchronisation in the hot path.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from kc_kernels.chunked import (C_INV_NT, C_LSE, C_MASS, C_S_N2, C_TLSE, NORM_EPS, NUM_CONSTS, PHASE_FINAL,
+                                PHASE_NORM, PHASE_STATS, PHASE_TEACHER, S_MAX, S_R, S_S, S_SUMEXP, S_SUMEXP_U,
+                                S_SUMEXP_Y, S_SUMSQ, S_TMAX, S_TSUMEXP, S_ZSUM, S_ZU, S_ZYH, SCALE_NONE,
+                                SCALE_SEGMENT, Chunk, EpilogueArgs)
+
+WORK_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def sorted_targets(target_index: torch.Tensor, target_value: torch.Tensor, num_classes: int):
+    """Each row's targets sorted by class as int32, with padding and any index outside [0, V) mapped to V (past
+    every class, value 0): the kernels never read or write out of bounds, validated or not."""
+    idx = target_index.long()
+    keep = (idx >= 0) & (idx < num_classes)
+    idx = torch.where(keep, idx, torch.full_like(idx, num_classes))
+    val = torch.where(keep, target_value.float(), torch.zeros((), dtype=torch.float32, device=idx.device))
+    idx, order = torch.sort(idx, dim=1, stable=True)
+    return idx.to(torch.int32).contiguous(), val.gather(1, order).contiguous()
+
+
+class DeviceEpilogue:
+    """The driver's epilogue interface over a backend's two kernels."""
+
+    state_dtype = torch.float32
+
+    def __init__(self, kernels):
+        self.k = kernels
+
+    @staticmethod
+    def work_dtype(dtype: torch.dtype) -> torch.dtype:
+        # half inputs keep their dtype: the GEMMs run on tensor cores, the epilogue computes in fp32
+        return dtype if dtype in WORK_DTYPES else torch.float32
+
+    def bytes_per_class(self, sw) -> int:
+        rows_tile = self.k.TILE[0]
+        partial = 8 * -(-sw.p.batch // rows_tile)  # the column partial sums of the final kernel
+        return sw.p.batch * torch.empty((), dtype=sw.work_dtype).element_size() + partial
+
+    def prepare(self, sw):
+        p = sw.p
+        sw.tidx = sw.tval = None
+        if p.target_index is not None:
+            sw.tidx, sw.tval = sorted_targets(p.target_index, p.target_value, p.num_classes)
+        sw.teacher = None
+        if p.teacher_logits is not None:
+            t = p.teacher_logits
+            sw.teacher = t if t.stride(1) == 1 else t.contiguous()
+        sw.seg_of_class = sw.plan.seg_of_class(sw.device)
+        sw.scale_cls = None
+        if sw.scale_kind != SCALE_NONE:
+            sw.scale_cls = (sw.scale32[sw.seg_of_class.long()] if sw.scale_kind == SCALE_SEGMENT
+                            else sw.scale32).contiguous()
+        sw.consts = torch.zeros(NUM_CONSTS, p.batch, sw.G, dtype=torch.float32, device=sw.device)
+
+    def _consts(self, sw, r0: int, r1: int, g0: int, g1: int):
+        """Constants of the final kernel for rows [r0, r1) and segments [g0, g1) from the finished statistics;
+        also stores R and S (the scale's gradient terms) in the states."""
+        st = sw.state[:, r0:r1, g0:g1]
+        cs = sw.consts[:, r0:r1, g0:g1]
+        inv_t = 1.0 / sw.p.temperature
+        t2 = sw.p.temperature ** 2
+        scaled = sw.scale_kind != SCALE_NONE
+        if scaled:
+            sq = st[S_SUMSQ] + NORM_EPS
+            cs[C_INV_NT] = torch.rsqrt(sq) * inv_t
+        else:
+            cs[C_INV_NT] = inv_t
+        if sw.softmax:
+            cs[C_LSE] = st[S_MAX] + torch.log(st[S_SUMEXP])
+            cs[C_MASS] = st[S_ZSUM]
+            if sw.teacher is not None:
+                cs[C_TLSE] = st[S_TMAX] + torch.log(st[S_TSUMEXP])
+        if scaled:
+            if sw.softmax:
+                R = t2 * (st[S_ZSUM] * st[S_SUMEXP_U] / st[S_SUMEXP] - st[S_ZU])
+                S = t2 * (st[S_ZSUM] * st[S_SUMEXP_Y] / st[S_SUMEXP] - st[S_ZYH])
+            else:
+                R = st[S_SUMEXP_U] - st[S_ZU]
+                S = st[S_SUMEXP_Y] - st[S_ZYH]
+            sw.state[S_R, r0:r1, g0:g1] = R
+            sw.state[S_S, r0:r1, g0:g1] = S
+            cs[C_S_N2] = S / sq
+
+    def run(self, sw, c: Chunk, u: Optional[torch.Tensor], phases: int, coef: Optional[torch.Tensor],
+            rows: Optional[Tuple[int, int]]):
+        p = sw.p
+        r0, r1 = rows if rows is not None else (0, p.batch)
+        n = r1 - r0
+        piece_lo, piece_seg = sw.plan.tables(c, sw.device, torch.int32)
+        want_dbias = coef is not None and sw.db32 is not None
+        want_dscale = coef is not None and sw.dscale is not None
+        a = EpilogueArgs(
+            S=u, col0=c.lo, rows=n, ncols=c.hi - c.lo, pieces=len(c.piece_seg), piece_lo=piece_lo,
+            piece_seg=piece_seg, num_segments=sw.G, seg_of_class=sw.seg_of_class, bias=sw.bias32,
+            scale=sw.scale_cls, teacher=None if sw.teacher is None else sw.teacher[r0:r1],
+            tidx=None if sw.tidx is None else sw.tidx[r0:r1], tval=None if sw.tval is None else sw.tval[r0:r1],
+            states=sw.state[:, r0:r1], consts=None, coef=None if coef is None else coef[r0:r1],
+            softmax=sw.softmax, inv_t=1.0 / p.temperature, t2=p.temperature ** 2, row_part=None, col_part=None,
+            want_dbias=want_dbias, want_dscale=want_dscale)
+        stat_phases = phases & (PHASE_TEACHER | PHASE_NORM | PHASE_STATS)
+        if stat_phases:
+            self.k.row_stats(a, stat_phases)
+        if not phases & PHASE_FINAL:
+            return
+        g0, g1 = c.piece_seg[0], c.piece_seg[-1] + 1
+        self._consts(sw, r0, r1, g0, g1)
+        a.consts = sw.consts[:, r0:r1].contiguous() if rows is not None else sw.consts
+        br, bc = self.k.TILE
+        a.row_part = torch.empty(2, -(-a.ncols // bc), n, dtype=torch.float32, device=sw.device)
+        if want_dbias or want_dscale:
+            a.col_part = torch.empty(2, -(-n // br), a.ncols, dtype=torch.float32, device=sw.device)
+        self.k.final(a)
+        if not sw.softmax:
+            # sigmoid: the final kernel's row sums are the loss; z y comes from it unless STATS counted it already
+            rp = a.row_part.sum(dim=1)
+            sw.softplus[r0:r1] += rp[0] if sw.scale_kind != SCALE_NONE else rp[0] - rp[1]
+        if want_dbias:
+            sw.db32[c.lo:c.hi] += a.col_part[0].sum(dim=0)
+        if want_dscale:
+            sw.dscale[c.lo:c.hi] += a.col_part[1].sum(dim=0)
