@@ -126,7 +126,7 @@ class Head(nn.Module):
 
 
 def head_weight_count(kind: str, *, sb, N, M, s1=128, s2=32, s1s=128, s1i=16, s2_fc=32, shared=4) -> int:
-    """DESIGN.md's parameter counts of a head (weights, without biases), output layer included."""
+    """The parameter counts of a head (docs/method.md) (weights, without biases), output layer included."""
     if kind == "fc_fc":
         return sb * s1 + s1 * s2_fc + s2_fc * N
     if kind == "fc_sc":

@@ -62,7 +62,7 @@ def linear_logits(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 def dense_targets(num_classes: int, *, batch: int, target_index=None, target_value=None, teacher_logits=None,
                   mode: str = "sigmoid", segments=None, temperature: float = 1.0, dtype=torch.float32,
                   device=None) -> torch.Tensor:
-    """The dense soft targets z [B, V] that DESIGN.md defines from either target form."""
+    """The dense soft targets z [B, V] defined from either target form (docs/ops.md)."""
     if teacher_logits is not None:
         t = teacher_logits.to(dtype) / temperature
         if mode == "sigmoid":

@@ -1,4 +1,4 @@
-"""Every bad input of DESIGN.md raises ValueError naming the argument."""
+"""Every bad input of the op (docs/ops.md) raises ValueError naming the argument."""
 import pytest
 import torch
 

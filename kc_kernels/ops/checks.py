@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -69,16 +70,56 @@ def choice(name: str, v, options: Sequence[str]) -> str:
     return v
 
 
+def values_enabled(device: torch.device) -> bool:
+    """Whether the checks that read tensor values (NaN, index range, negative targets) run.
+
+    They need the data on the host, which on a GPU is a synchronisation per check, so by default they run for CPU
+    tensors only. KC_CHECK_VALUES=1 turns them on everywhere, KC_CHECK_VALUES=0 off everywhere. They are always off
+    while torch.compile traces (a data-dependent branch would break the graph). Invalid indices are never read or
+    written by any backend, checked or not: they are ignored."""
+    if torch.compiler.is_compiling():
+        return False
+    flag = os.environ.get("KC_CHECK_VALUES", "").strip()
+    if flag in ("0", "1"):
+        return flag == "1"
+    return torch.device(device).type == "cpu"
+
+
+# offsets of segment tensors that live on a GPU, by (address, version, length, device): reading them is a
+# synchronisation, so it happens once per tensor rather than once per call
+_DEVICE_SEGMENTS: Dict[Tuple, Tuple[List[int], torch.Tensor]] = {}
+
+
+def _device_segments(segs: torch.Tensor) -> Tuple[List[int], torch.Tensor]:
+    key = (segs.data_ptr(), segs._version, segs.numel(), segs.dtype, str(segs.device))
+    hit = _DEVICE_SEGMENTS.get(key)
+    if hit is None:
+        if len(_DEVICE_SEGMENTS) > 64:
+            _DEVICE_SEGMENTS.clear()
+        hit = (segs.tolist(), segs.long())
+        _DEVICE_SEGMENTS[key] = hit
+    return hit
+
+
 def segments(segs, num_classes: int, device) -> Optional[torch.Tensor]:
     """Validated segment offsets as an int64 tensor on ``device`` (None stays None)."""
+    return segment_layout(segs, num_classes, device)[1]
+
+
+def segment_layout(segs, num_classes: int, device) -> Tuple[Optional[List[int]], Optional[torch.Tensor]]:
+    """(offsets as a host list, int64 tensor on ``device``) of validated segments; (None, None) for None."""
     if segs is None:
-        return None
+        return None, None
+    cached = None
     if isinstance(segs, torch.Tensor):
         if segs.dtype not in INT_DTYPES:
             fail("segments", f"expected an integer tensor, got {segs.dtype}")
         if segs.dim() != 1:
             fail("segments", f"expected a 1-D tensor of class offsets, got shape {tuple(segs.shape)}")
-        bounds = segs.tolist()
+        if segs.device.type != "cpu" and segs.device == torch.device(device):
+            bounds, cached = _device_segments(segs)
+        else:
+            bounds = segs.tolist()
     else:
         try:
             bounds = [int(b) for b in segs]
@@ -92,4 +133,21 @@ def segments(segs, num_classes: int, device) -> Optional[torch.Tensor]:
         fail("segments", "offsets must be strictly increasing")
     if bounds[-1] != num_classes:
         fail("segments", f"must end at the number of classes {num_classes}, ends at {bounds[-1]}")
-    return torch.tensor(bounds, dtype=torch.long, device=device)
+    if cached is not None:
+        return bounds, cached
+    return bounds, _host_segments(tuple(bounds), str(device))
+
+
+_HOST_SEGMENTS: Dict[Tuple, torch.Tensor] = {}
+
+
+def _host_segments(bounds: Tuple[int, ...], device: str) -> torch.Tensor:
+    """The offsets as an int64 tensor on ``device``, built (and copied to a GPU) once per layout."""
+    key = (bounds, device)
+    t = _HOST_SEGMENTS.get(key)
+    if t is None:
+        if len(_HOST_SEGMENTS) > 64:
+            _HOST_SEGMENTS.clear()
+        t = torch.tensor(bounds, dtype=torch.long).to(device)
+        _HOST_SEGMENTS[key] = t
+    return t

@@ -1,6 +1,7 @@
 """Public front of the fused linear + soft-target loss: argument checks once, then backend dispatch.
 
-Semantics: ../shared/DESIGN.md ("The core op") and kc_kernels/reference.py.
+Semantics: docs/ops.md and kc_kernels/reference.py. Checks that read tensor values run by default for CPU tensors
+only (see checks.values_enabled): on a GPU they would synchronise with the host in every call.
 """
 from __future__ import annotations
 
@@ -78,8 +79,9 @@ def _check_targets(p: SoftTargetProblem, ref: torch.Tensor, ref_name: str, targe
         if target_value.shape != target_index.shape:
             checks.fail("target_value", f"shape {tuple(target_value.shape)} differs from target_index "
                                         f"{tuple(target_index.shape)}")
-        checks.index_range("target_index", target_index, V)
-        if target_value.numel():
+        if checks.values_enabled(ref.device):
+            checks.index_range("target_index", target_index, V)
+        if target_value.numel() and checks.values_enabled(ref.device):
             if bool(torch.isnan(target_value).any()):
                 checks.fail("target_value", "contains NaN")
             if bool((target_value < 0).any()):
@@ -90,7 +92,7 @@ def _check_targets(p: SoftTargetProblem, ref: torch.Tensor, ref_name: str, targe
         checks.tensor("teacher_logits", teacher_logits, dims=(2,), floating=True)
         checks.same_device("teacher_logits", teacher_logits, ref, ref_name)
         checks.shape("teacher_logits", teacher_logits, (B, V), "batch x classes")
-        if bool(torch.isnan(teacher_logits).any()):
+        if checks.values_enabled(ref.device) and bool(torch.isnan(teacher_logits).any()):
             checks.fail("teacher_logits", "contains NaN")
         p.teacher_logits = teacher_logits
 
@@ -98,8 +100,8 @@ def _check_targets(p: SoftTargetProblem, ref: torch.Tensor, ref_name: str, targe
 def _check_common(p: SoftTargetProblem, ref: torch.Tensor, ref_name: str, *, target_index, target_value,
                   teacher_logits, segments, scale, sample_weight, grouped_groups: Optional[int]):
     _check_targets(p, ref, ref_name, target_index, target_value, teacher_logits)
-    p.segments = checks.segments(segments, p.num_classes, ref.device)
-    p.bounds = [0, p.num_classes] if p.segments is None else p.segments.tolist()
+    bounds, p.segments = checks.segment_layout(segments, p.num_classes, ref.device)
+    p.bounds = [0, p.num_classes] if bounds is None else bounds
     if grouped_groups is not None:
         if p.segments is None:
             checks.fail("segments", "grouped x [B, G, H] needs segments (G + 1 class offsets)")
@@ -116,7 +118,7 @@ def _check_common(p: SoftTargetProblem, ref: torch.Tensor, ref_name: str, *, tar
         checks.tensor("sample_weight", sample_weight, dims=(1,), floating=True)
         checks.same_device("sample_weight", sample_weight, ref, ref_name)
         checks.shape("sample_weight", sample_weight, (p.batch,), "one weight per row")
-        if bool(torch.isnan(sample_weight).any()):
+        if checks.values_enabled(ref.device) and bool(torch.isnan(sample_weight).any()):
             checks.fail("sample_weight", "contains NaN")
         p.sample_weight = sample_weight
 
@@ -147,7 +149,7 @@ def linear_soft_target_loss(x: torch.Tensor, weight: torch.Tensor, bias: Optiona
     mode "sigmoid": binary cross-entropy summed over classes; "softmax": cross-entropy per segment (times T^2).
     scale [G] or [V] applies the self-paced L2-normalised scaling per segment. Returns fp32 (fp64 for fp64 input):
     [B] for reduction="none", else a scalar. memory_budget (bytes) bounds the class chunk of the chunked
-    backends (cpu: default 64 MiB). See ../shared/DESIGN.md.
+    backends (cpu: default 64 MiB; GPU: 512 MiB). See docs/ops.md.
     """
     checks.tensor("x", x, dims=(2, 3), floating=True)
     checks.tensor("weight", weight, dims=(2,), floating=True)
