@@ -11,6 +11,14 @@ static T* ptr(std::uintptr_t p) {
   return reinterpret_cast<T*>(p);
 }
 
+// {name: value} for an enum whose i-th name has the value value_of(i).
+template <typename ValueOf>
+static py::dict enum_dict(const char* const* names, int count, ValueOf value_of) {
+  py::dict d;
+  for (int i = 0; i < count; ++i) d[names[i]] = value_of(i);
+  return d;
+}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "kc CPU kernels (C++17, OpenMP)";
   m.def(
@@ -52,7 +60,11 @@ PYBIND11_MODULE(_C, m) {
       },
       "Fused soft-target epilogue over one chunk of logits (see csrc/cpu/soft_target.cpp). Pointers are raw "
       "addresses; 0 means absent.");
-  m.attr("NUM_STATES") = static_cast<int>(kc_cpu::kNumStates);
+  m.attr("NUM_STATES") = static_cast<int>(kc::kNumStates);
+  // name -> value of the shared epilogue enums (csrc/common/soft_target_layout.h), for the driver to check its own
+  m.attr("STATES") = enum_dict(kc::kStateNames, kc::kNumStates, [](int i) { return i; });
+  m.attr("PHASES") = enum_dict(kc::kPhaseNames, kc::kNumPhases, [](int i) { return 1 << i; });
+  m.attr("SCALE_KINDS") = enum_dict(kc::kScaleKindNames, kc::kNumScaleKinds, [](int i) { return i; });
 #ifdef _OPENMP
   m.attr("openmp") = true;
 #else

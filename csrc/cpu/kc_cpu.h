@@ -3,6 +3,8 @@
 #pragma once
 #include <cstdint>
 
+#include "common/soft_target_layout.h"
+
 namespace kc_cpu {
 
 // out[r] = sum_c softplus(x[r, c]), computed stably as max(v, 0) + log1p(exp(-|v|)).
@@ -13,25 +15,9 @@ void row_logsumexp(const float* x, float* out, int64_t rows, int64_t cols);
 
 // ---- fused epilogue of the chunked linear + soft-target loss (soft_target.cpp)
 
-enum ScaleKind { kScaleNone = 0, kScaleSegment = 1, kScaleClass = 2 };
-enum Phase { kPhaseTeacher = 1, kPhaseNorm = 2, kPhaseStats = 4, kPhaseFinal = 8 };
-// Rows of the [kNumStates, B, G] double state array.
-enum State {
-  kSumSq = 0,       // sum of u^2 over the segment (self-paced norm)
-  kMax,             // softmax: running max of y        | sigmoid: unused
-  kSumExp,          // softmax: sum exp(y - max)        | sigmoid: unused
-  kSumExpU,         // softmax: sum exp(y - max) u/(nT) | sigmoid: sum sigmoid(y) u/(nT)
-  kSumExpY,         // softmax: sum exp(y - max) s u/(nT) | sigmoid: sum sigmoid(y) s u/(nT)
-  kZSum,            // target mass m = sum z
-  kZY,              // sum z y
-  kZU,              // sum z u/(nT)
-  kZYScaled,        // sum z s u/(nT): the scaled part of y, without the bias (feeds S)
-  kTeacherMax,      // dense softmax targets: running max of t/T
-  kTeacherSumExp,   // and sum exp(t/T - max)
-  kR,               // sum q u/(nT): a per-segment scale's gradient per row
-  kS,               // sum q s u/(nT): the norm's gradient term per row
-  kNumStates
-};
+// Phases, state rows and scale kinds are shared with the CUDA epilogue and the driver
+// (csrc/common/soft_target_layout.h): kPhase*, kSumSq..kS, kNumStates, kScale*.
+using namespace kc;
 
 struct SoftTargetChunk {
   float* u;                  // [rows, ncols] logits (row stride ld); overwritten with coef * dL/du in FINAL

@@ -14,11 +14,14 @@
 //   dl/ds_j = q_j u_j / (n T)  (summed over a segment for a per-segment scale: R = sum_j q_j u_j / (n T))
 // Statistics over a whole segment (n, the softmax log-sum-exp, S, R) live in a [NSTATE, B, G] double array, so a
 // segment longer than a chunk is handled by running the phases over its sub-chunks one after another.
+// The formulas themselves are the ones the CUDA epilogue uses (csrc/common/soft_target_math.h), evaluated with the
+// vectorisable exp/log1p of vecmath.h.
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
 
+#include "common/soft_target_math.h"
 #include "cpu/kc_cpu.h"
 #include "cpu/vecmath.h"
 
@@ -28,8 +31,6 @@
 
 namespace kc_cpu {
 namespace {
-
-constexpr double kNormEps = 1e-12;
 
 struct Target {
   int64_t col;  // local column in the chunk
@@ -54,36 +55,32 @@ struct FinalSums {
 template <int SK, bool SOFTMAX, bool DENSE, bool GRAD, bool BIAS_GRAD>
 FinalSums final_loop(float* __restrict u, const float* __restrict t, const float* __restrict sc,
                      const float* __restrict bias, int64_t n, float s_seg, float inv_nt, float inv_t, float t2,
-                     float tlse, float lse, float zmass, float c, float S, float inv_n2, double* __restrict ds,
+                     float tlse, float lse, float zmass, float c, float s_n2, double* __restrict ds,
                      double* __restrict db) {
   float sp = 0.f, zy = 0.f;
 #pragma omp simd reduction(+ : sp, zy)
   for (int64_t j = 0; j < n; ++j) {
     const float uj = u[j];
     const float s = SK == kScaleClass ? sc[j] : s_seg;
-    const float up = inv_nt * uj;
-    const float y = std::fma(s, up, bias[j] * inv_t);
+    const float up = scaled_score(uj, inv_nt);
+    const float y = logit(uj, s, inv_nt, bias[j], inv_t);
     float q;
     if constexpr (SOFTMAX) {
-      const float z = DENSE ? vexp(t[j] * inv_t - tlse) : 0.f;
-      q = t2 * (zmass * vexp(y - lse) - z);
+      const float z = DENSE ? teacher_target_softmax<VecMath>(t[j], inv_t, tlse) : 0.f;
+      q = q_softmax<VecMath>(y, lse, zmass, z, t2);
       // every reduction variable is updated in every instance: one that is not makes GCC give up vectorising
       sp += q;
       zy += z;
     } else {
-      // softplus and sigmoid share e = exp(-|y|)
-      const float e = vexp(-std::fabs(y));
-      sp += (y > 0.0f ? y : 0.0f) + vlog1p_unit(e);
-      const float inv = 1.0f / (1.0f + e);
-      const float sig = y >= 0.0f ? inv : e * inv;
-      const float z = DENSE ? vsigmoid(t[j] * inv_t) : 0.f;
+      const SoftplusSigmoid f = softplus_sigmoid<VecMath>(y);  // one exp for both
+      sp += f.softplus;
+      const float z = DENSE ? teacher_target_sigmoid<VecMath>(t[j], inv_t) : 0.f;
       zy += z * y;
-      q = sig - z;
+      q = q_sigmoid(f.sigmoid, z);
     }
     if constexpr (GRAD) {
-      const float grad = SK != kScaleNone ? c * (s * inv_nt * q - uj * S * inv_n2) : c * q * inv_t;
-      u[j] = grad;
-      if constexpr (BIAS_GRAD) db[j] += SK != kScaleNone ? c * q * inv_t : grad;
+      u[j] = SK != kScaleNone ? logit_grad_scaled(c, s, inv_nt, q, uj, s_n2) : logit_grad_unscaled(c, q, inv_t);
+      if constexpr (BIAS_GRAD) db[j] += bias_grad(c, q, inv_t);
       if constexpr (SK == kScaleClass) ds[j] += static_cast<double>(c) * q * up;
     }
   }
@@ -111,12 +108,10 @@ void run_row(const SoftTargetChunk& a, int64_t b, const std::vector<Target>& tar
       for (int64_t j = lo; j < hi; ++j) m = std::max(m, trow[j] * inv_t);
       float s = 0.f;
 #pragma omp simd reduction(+ : s)
-      for (int64_t j = lo; j < hi; ++j) s += vexp(trow[j] * inv_t - m);
-      double& M = st(kTeacherMax, g);
-      double& S = st(kTeacherSumExp, g);
-      const double nm = std::max(M, static_cast<double>(m));
-      S = S * std::exp(M - nm) + s * std::exp(m - nm);
-      M = nm;
+      for (int64_t j = lo; j < hi; ++j) s += teacher_target_softmax<VecMath>(trow[j], inv_t, m);
+      const MaxMerge<double> f = merge_max<double>(st(kTeacherMax, g), m);
+      merge_sum<double>(st(kTeacherSumExp, g), s, f);
+      st(kTeacherMax, g) = f.max;
     }
     if (SK != kScaleNone && (a.phases & kPhaseNorm)) {
       float s = 0.f;
@@ -126,10 +121,9 @@ void run_row(const SoftTargetChunk& a, int64_t b, const std::vector<Target>& tar
     }
     if (!(a.phases & (kPhaseStats | kPhaseFinal))) continue;
 
-    const float inv_nt = SK != kScaleNone ? static_cast<float>(inv_t / std::sqrt(st(kSumSq, g) + kNormEps))
-                                          : inv_t;
-    const float tlse = (SOFTMAX && DENSE) ? static_cast<float>(st(kTeacherMax, g) + std::log(st(kTeacherSumExp, g)))
-                                          : 0.f;
+    const float inv_nt = static_cast<float>(inv_norm_t<double>(SK != kScaleNone, st(kSumSq, g), inv_t));
+    const float tlse =
+        (SOFTMAX && DENSE) ? static_cast<float>(log_sum_exp<double>(st(kTeacherMax, g), st(kTeacherSumExp, g))) : 0.f;
     const float* __restrict bp = bias;  // bias of the chunk's columns (zeros when the op has none)
 
     if (need_stats && (a.phases & kPhaseStats)) {
@@ -137,24 +131,25 @@ void run_row(const SoftTargetChunk& a, int64_t b, const std::vector<Target>& tar
       if constexpr (DENSE) {
 #pragma omp simd reduction(+ : zsum, zy, zu, zyh)
         for (int64_t j = lo; j < hi; ++j) {
-          const float up = inv_nt * urow[j];
-          const float yh = scale_at<SK>(a, g, j) * up;
-          const float z = SOFTMAX ? vexp(trow[j] * inv_t - tlse) : vsigmoid(trow[j] * inv_t);
+          const float s = scale_at<SK>(a, g, j);
+          const float up = scaled_score(urow[j], inv_nt);
+          const float z = SOFTMAX ? teacher_target_softmax<VecMath>(trow[j], inv_t, tlse)
+                                  : teacher_target_sigmoid<VecMath>(trow[j], inv_t);
           zsum += z;
-          zy += z * (yh + bp[j] * inv_t);
+          zy += z * logit(urow[j], s, inv_nt, bp[j], inv_t);
           zu += z * up;
-          zyh += z * yh;
+          zyh += z * (s * up);
         }
       } else {
         for (int64_t t = t_begin; t < t_end; ++t) {
           const int64_t j = targets[t].col;
           const float v = targets[t].value;
-          const float up = inv_nt * urow[j];
-          const float yh = scale_at<SK>(a, g, j) * up;
+          const float s = scale_at<SK>(a, g, j);
+          const float up = scaled_score(urow[j], inv_nt);
           zsum += v;
-          zy += v * (yh + bp[j] * inv_t);
+          zy += v * logit(urow[j], s, inv_nt, bp[j], inv_t);
           zu += v * up;
-          zyh += v * yh;
+          zyh += v * (s * up);
         }
       }
       st(kZSum, g) += zsum;
@@ -164,33 +159,31 @@ void run_row(const SoftTargetChunk& a, int64_t b, const std::vector<Target>& tar
       if constexpr (SOFTMAX) {
         float m = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : m)
-        for (int64_t j = lo; j < hi; ++j) m = std::max(m, std::fma(scale_at<SK>(a, g, j) * inv_nt, urow[j], bp[j] * inv_t));
+        for (int64_t j = lo; j < hi; ++j) m = std::max(m, logit(urow[j], scale_at<SK>(a, g, j), inv_nt, bp[j], inv_t));
         float se = 0.f, seu = 0.f, sey = 0.f;
 #pragma omp simd reduction(+ : se, seu, sey)
         for (int64_t j = lo; j < hi; ++j) {
-          const float up = inv_nt * urow[j];
-          const float yh = scale_at<SK>(a, g, j) * up;
-          const float e = vexp(yh + bp[j] * inv_t - m);
+          const float s = scale_at<SK>(a, g, j);
+          const float up = scaled_score(urow[j], inv_nt);
+          const float e = VecMath::exp(logit(urow[j], s, inv_nt, bp[j], inv_t) - m);
           se += e;
           seu += e * up;
-          sey += e * yh;
+          sey += e * (s * up);
         }
-        double& M = st(kMax, g);
-        const double nm = std::max(M, static_cast<double>(m));
-        const double f_old = std::exp(M - nm), f_new = std::exp(m - nm);
-        st(kSumExp, g) = st(kSumExp, g) * f_old + se * f_new;
-        st(kSumExpU, g) = st(kSumExpU, g) * f_old + seu * f_new;
-        st(kSumExpY, g) = st(kSumExpY, g) * f_old + sey * f_new;
-        M = nm;
+        const MaxMerge<double> f = merge_max<double>(st(kMax, g), m);
+        merge_sum<double>(st(kSumExp, g), se, f);
+        merge_sum<double>(st(kSumExpU, g), seu, f);
+        merge_sum<double>(st(kSumExpY, g), sey, f);
+        st(kMax, g) = f.max;
       } else {
         float squ = 0.f, sqy = 0.f;
 #pragma omp simd reduction(+ : squ, sqy)
         for (int64_t j = lo; j < hi; ++j) {
-          const float up = inv_nt * urow[j];
-          const float yh = scale_at<SK>(a, g, j) * up;
-          const float sg = vsigmoid(yh + bp[j] * inv_t);
+          const float s = scale_at<SK>(a, g, j);
+          const float up = scaled_score(urow[j], inv_nt);
+          const float sg = sigmoid<VecMath>(logit(urow[j], s, inv_nt, bp[j], inv_t));
           squ += sg * up;
-          sqy += sg * yh;
+          sqy += sg * (s * up);
         }
         st(kSumExpU, g) += squ;
         st(kSumExpY, g) += sqy;
@@ -199,26 +192,20 @@ void run_row(const SoftTargetChunk& a, int64_t b, const std::vector<Target>& tar
     if (!(a.phases & kPhaseFinal)) continue;
 
     // ---- FINAL: loss terms that are sums of elementwise functions, and the gradient
-    float lse = 0.f, zmass = 0.f, S = 0.f, inv_n2 = 0.f;
+    float lse = 0.f, zmass = 0.f, s_n2 = 0.f;
     if constexpr (SOFTMAX) {
-      lse = static_cast<float>(st(kMax, g) + std::log(st(kSumExp, g)));
+      lse = static_cast<float>(log_sum_exp<double>(st(kMax, g), st(kSumExp, g)));
       zmass = static_cast<float>(st(kZSum, g));
     }
     if constexpr (SK != kScaleNone) {
-      double R, Sd;
-      if constexpr (SOFTMAX) {
-        R = t2 * (st(kZSum, g) * st(kSumExpU, g) / st(kSumExp, g) - st(kZU, g));
-        Sd = t2 * (st(kZSum, g) * st(kSumExpY, g) / st(kSumExp, g) - st(kZYScaled, g));
-      } else {
-        R = st(kSumExpU, g) - st(kZU, g);
-        Sd = st(kSumExpY, g) - st(kZYScaled, g);
-      }
-      st(kR, g) = R;
-      st(kS, g) = Sd;
-      S = static_cast<float>(Sd);
-      inv_n2 = static_cast<float>(1.0 / (st(kSumSq, g) + kNormEps));
+      const ScaleGradTerms<double> rs = scale_grad_terms<double>(SOFTMAX, t2, st(kZSum, g), st(kSumExp, g),
+                                                                 st(kSumExpU, g), st(kSumExpY, g), st(kZU, g),
+                                                                 st(kZYScaled, g));
+      st(kR, g) = rs.R;
+      st(kS, g) = rs.S;
+      s_n2 = static_cast<float>(rs.S * inv_norm_sq<double>(st(kSumSq, g)));
     }
-    const float qz = SOFTMAX ? t2 : 1.0f;  // dq/dz
+    const float dqz = dq_dz(SOFTMAX, t2);
     const float c = a.coef ? a.coef[b] : 0.f;
 
     // sparse targets: -z y in the loss, and gradient corrections read before u is overwritten
@@ -228,10 +215,10 @@ void run_row(const SoftTargetChunk& a, int64_t b, const std::vector<Target>& tar
         const int64_t j = targets[t].col;
         const float v = targets[t].value;
         const float s = scale_at<SK>(a, g, j);
-        const float up = inv_nt * urow[j];
-        zy += v * (s * up + bp[j] * inv_t);
-        corr[t] = -c * qz * v * s * inv_nt;  // -(dq/dz) v a_j, times coef
-        if (SK == kScaleClass && a.coef) dscale_acc[j] -= static_cast<double>(c) * qz * v * up;
+        const float up = scaled_score(urow[j], inv_nt);
+        zy += v * logit(urow[j], s, inv_nt, bp[j], inv_t);
+        corr[t] = c * dqz * v * s * inv_nt;  // coef (dq/dz) v a_j
+        if (SK == kScaleClass && a.coef) dscale_acc[j] += static_cast<double>(c) * dqz * v * up;
       }
       if (!need_stats) st(kZY, g) += zy;
     }
@@ -243,13 +230,13 @@ void run_row(const SoftTargetChunk& a, int64_t b, const std::vector<Target>& tar
     if (a.coef == nullptr) {
       if constexpr (SOFTMAX) continue;  // the softmax loss comes from the statistics alone
       sums = final_loop<SK, SOFTMAX, DENSE, false, false>(urow + lo, tp, sc, bp + lo, hi - lo, s_seg, inv_nt, inv_t,
-                                                         t2, tlse, lse, zmass, 0.f, S, inv_n2, nullptr, nullptr);
+                                                         t2, tlse, lse, zmass, 0.f, s_n2, nullptr, nullptr);
     } else {
       sums = dbias_acc ? final_loop<SK, SOFTMAX, DENSE, true, true>(urow + lo, tp, sc, bp + lo, hi - lo, s_seg, inv_nt,
-                                                                    inv_t, t2, tlse, lse, zmass, c, S, inv_n2,
+                                                                    inv_t, t2, tlse, lse, zmass, c, s_n2,
                                                                     dscale_acc + lo, dbias_acc + lo)
                        : final_loop<SK, SOFTMAX, DENSE, true, false>(urow + lo, tp, sc, bp + lo, hi - lo, s_seg,
-                                                                     inv_nt, inv_t, t2, tlse, lse, zmass, c, S, inv_n2,
+                                                                     inv_nt, inv_t, t2, tlse, lse, zmass, c, s_n2,
                                                                      dscale_acc + lo, nullptr);
     }
     if constexpr (!SOFTMAX) {
@@ -260,8 +247,8 @@ void run_row(const SoftTargetChunk& a, int64_t b, const std::vector<Target>& tar
     if constexpr (!DENSE) {
       for (int64_t t = t_begin; t < t_end; ++t) {
         urow[targets[t].col] += corr[t];
-        // the bias gradient's correction is -(dq/dz) v / T, which differs from the logit's under the scale
-        if (dbias_acc) dbias_acc[targets[t].col] += SK != kScaleNone ? -c * qz * targets[t].value * inv_t : corr[t];
+        // the bias gradient's correction is coef (dq/dz) v / T, which differs from the logit's under the scale
+        if (dbias_acc) dbias_acc[targets[t].col] += bias_grad(c, dqz * targets[t].value, inv_t);
       }
     }
   }
@@ -271,14 +258,14 @@ template <int SK, bool SOFTMAX, bool DENSE>
 void run(const SoftTargetChunk& a) {
   const int64_t ncols = a.ncols;
   const bool class_grad = SK == kScaleClass && a.coef != nullptr && (a.phases & kPhaseFinal);
-  const bool bias_grad = a.dbias != nullptr && a.coef != nullptr && (a.phases & kPhaseFinal);
+  const bool want_dbias = a.dbias != nullptr && a.coef != nullptr && (a.phases & kPhaseFinal);
   // the bias of the chunk's columns; zeros when the op has none, so that the vector loops have no branch on it
   std::vector<float> zero_bias(a.bias == nullptr ? ncols : 0, 0.f);
   const float* bias = a.bias != nullptr ? a.bias + a.col0 : zero_bias.data();
 #pragma omp parallel
   {
     std::vector<double> dscale_acc(class_grad ? ncols : 0, 0.0);
-    std::vector<double> dbias_acc(bias_grad ? ncols : 0, 0.0);  // per thread: rows are split across threads
+    std::vector<double> dbias_acc(want_dbias ? ncols : 0, 0.0);  // per thread: rows are split across threads
     std::vector<Target> targets;
     std::vector<int64_t> piece_first(a.npieces + 1, 0);
     std::vector<float> corr;
@@ -307,13 +294,13 @@ void run(const SoftTargetChunk& a) {
         std::fill(piece_first.begin(), piece_first.end(), 0);
       }
       run_row<SK, SOFTMAX, DENSE>(a, b, targets, piece_first, bias, dscale_acc.data(),
-                                  bias_grad ? dbias_acc.data() : nullptr, corr);
+                                  want_dbias ? dbias_acc.data() : nullptr, corr);
     }
     if (class_grad) {
 #pragma omp critical
       for (int64_t j = 0; j < ncols; ++j) a.dscale_class[j] += static_cast<float>(dscale_acc[j]);
     }
-    if (bias_grad) {
+    if (want_dbias) {
 #pragma omp critical
       for (int64_t j = 0; j < ncols; ++j) a.dbias[j] += static_cast<float>(dbias_acc[j]);
     }

@@ -1,4 +1,4 @@
-// Branch-free float exp / log1p / softplus / sigmoid that GCC and Clang vectorise inside `omp simd` loops.
+// Branch-free float exp / log1p that GCC and Clang vectorise inside `omp simd` loops.
 // glibc's scalar expf/log1pf would not vectorise without -ffast-math, and the fused epilogue evaluates them on
 // every one of the batch x classes logits, so they set the speed of the whole pass.
 #pragma once
@@ -44,13 +44,10 @@ static inline float vlog1p_unit(float t) {
   return 2.0f * s * p + (high ? 0.69314718055994531f : 0.0f);
 }
 
-// softplus(y) = max(y, 0) + log1p(exp(-|y|)), stable for any y.
-static inline float vsoftplus(float y) { return (y > 0.0f ? y : 0.0f) + vlog1p_unit(vexp(-std::fabs(y))); }
-
-static inline float vsigmoid(float y) {
-  const float e = vexp(-std::fabs(y));
-  const float inv = 1.0f / (1.0f + e);
-  return y >= 0.0f ? inv : e * inv;
-}
+// The math policy of the shared epilogue formulas (csrc/common/soft_target_math.h) on the CPU.
+struct VecMath {
+  static inline float exp(float x) { return vexp(x); }
+  static inline float log1p_unit(float t) { return vlog1p_unit(t); }
+};
 
 }  // namespace kc_cpu
