@@ -43,9 +43,12 @@ class Row:
     extra_mb: float = math.nan
     floor_ms: float = math.nan
     note: str = ""
+    round_ratio: float = math.nan  # median of per-round op / floor ratios, where timed in interleaved rounds
 
     @property
     def ratio(self) -> float:
+        if self.round_ratio == self.round_ratio:
+            return self.round_ratio
         return self.ms / self.floor_ms if self.floor_ms == self.floor_ms and self.floor_ms > 0 else math.nan
 
     def as_dict(self) -> Dict:
@@ -128,18 +131,26 @@ class Problem:
     labels: Optional[torch.Tensor] = None
 
 
-def make_problem(loss: str, B: int, H: int, V: int, device, dtype=torch.float32, K: int = 100, seed: int = 0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    x = (torch.randn(B, H, generator=g) / math.sqrt(H)).to(device, dtype).requires_grad_()
-    w = (torch.randn(V, H, generator=g) * 0.05).to(device, dtype).requires_grad_()
+def make_problem(loss: str, B: int, H: int, V: int, device, dtype=torch.float32, K: int = 100, seed: int = 0,
+                 on_device: bool = False):
+    """Inputs of one benchmark case. ``on_device`` draws them with the device's generator: at LLM shapes (a
+    [8192, 128256] teacher) drawing on the host and copying takes longer than the measurement itself."""
+    gdev = device if on_device else "cpu"
+    g = torch.Generator(device=gdev).manual_seed(seed)
+
+    def draw(fn, *shape, dt=torch.float32):
+        return fn(*shape, generator=g, device=gdev).to(device, dt)
+
+    x = (draw(torch.randn, B, H) / math.sqrt(H)).to(dtype).requires_grad_()
+    w = (draw(torch.randn, V, H) * 0.05).to(dtype).requires_grad_()
     b = torch.zeros(V, dtype=dtype, device=device).requires_grad_()
-    labels = torch.randint(0, V, (B,), generator=g).to(device)
+    labels = torch.randint(0, V, (B,), generator=g, device=gdev).to(device)
     if loss == "sigmoid-k100":
-        idx = torch.randint(0, V, (B, K), generator=g).to(device)
-        val = torch.rand(B, K, generator=g).to(device)
+        idx = torch.randint(0, V, (B, K), generator=g, device=gdev).to(device)
+        val = draw(torch.rand, B, K)
         kw = dict(mode="sigmoid", target_index=idx, target_value=val)
     elif loss == "softmax-kl-dense":
-        kw = dict(mode="softmax", teacher_logits=torch.randn(B, V, generator=g).to(device, dtype), temperature=2.0)
+        kw = dict(mode="softmax", teacher_logits=draw(torch.randn, B, V, dt=dtype), temperature=2.0)
     elif loss == "softmax-ce-hard":
         kw = dict(mode="softmax", target_index=labels[:, None], target_value=torch.ones(B, 1, device=device))
     else:
@@ -207,21 +218,41 @@ def eager_fn(p: Problem, compiled: bool = False) -> Callable[[], object]:
     return run
 
 
-def cce_fn(p: Problem) -> Optional[Callable[[], object]]:
-    """Apple's Cut Cross-Entropy (hard labels only), when installed."""
+def cce_fn(p: Problem, impl: Optional[str] = None) -> Optional[Callable[[], object]]:
+    """Apple's Cut Cross-Entropy (hard labels only), when installed. ``impl``: its preset, "cce" (the default,
+    which skips gradient entries below a threshold) or "cce_exact"; on CPU only its torch.compile path exists."""
     try:
         from cut_cross_entropy import linear_cross_entropy
     except ImportError:
         return None
-    impl = "cce" if p.x.is_cuda else "torch_compile"
+    impl = impl or ("cce" if p.x.is_cuda else "torch_compile")
 
     def run():
         zero_grads(p.x, p.weight, p.bias)
-        # this API has no bias; the benchmark's bias is zero, so the loss is the same
+        # older releases take no bias; the benchmark's bias is zero, so the loss is the same without it
         linear_cross_entropy(p.x, p.weight, p.labels, impl=impl).backward()
         return (p.x.grad, p.weight.grad)
 
     return run
+
+
+def _liger_loss():
+    """Liger-Kernel's fused linear cross-entropy as f(x, weight, labels, bias) -> loss: the autograd Function of
+    its ops package (no transformers import), else its nn.Module."""
+    try:
+        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction as F
+
+        def loss(x, w, labels, bias):
+            out = F.apply(x, w, labels, bias)
+            return out[0] if isinstance(out, tuple) else out  # newer releases also return z-loss, accuracy, ...
+
+        return loss
+    except ImportError:
+        pass
+    from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+    module = LigerFusedLinearCrossEntropyLoss()
+    return lambda x, w, labels, bias: module(w, x, labels, bias)
 
 
 def liger_fn(p: Problem) -> Optional[Callable[[], object]]:
@@ -229,14 +260,13 @@ def liger_fn(p: Problem) -> Optional[Callable[[], object]]:
     if not p.x.is_cuda:
         return None
     try:
-        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+        loss_fn = _liger_loss()
     except ImportError:
         return None
-    loss_fn = LigerFusedLinearCrossEntropyLoss()
 
     def run():
         zero_grads(p.x, p.weight, p.bias)
-        loss_fn(p.weight, p.x, p.labels, p.bias).backward()
+        loss_fn(p.x, p.weight, p.labels, p.bias).backward()
         return (p.x.grad, p.weight.grad)
 
     return run

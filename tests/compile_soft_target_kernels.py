@@ -1,8 +1,11 @@
-"""Compile every variant of the soft-target kernels for a CUDA target without a GPU (ptxas included).
+"""Compile every variant of the soft-target epilogue kernels (kc_kernels/triton/epilogue.py) for a CUDA target
+without a GPU, ptxas included.
 
 The interpreter accepts programs the compiler rejects (and the other way round), so this is the check for machines
-without a GPU: ``python tests/compile_soft_target_kernels.py [--arch 90] [--dtypes bf16 fp16 fp32] [--all-configs]``.
+without a GPU: ``python tests/compile_soft_target_kernels.py [--arch 90] [--dtypes bf16 fp16 fp32] [--wide]``.
 It must run without TRITON_INTERPRET=1 (the kernels are compiled, not interpreted). Prints registers and spills.
+Block sizes and warps are the ones the launchers use on a GPU. ``--wide`` also compiles every variant with 64-bit
+integer arguments (what Triton passes once a size or stride reaches 2^31).
 """
 import argparse
 import itertools
@@ -19,30 +22,55 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from kc_kernels.triton import _soft_target_bwd, _soft_target_fwd  # noqa: E402
+from kc_kernels.triton import epilogue as E  # noqa: E402
 
-INPUT_PTRS = ("x_ptr", "w_ptr", "bias_ptr", "logits_ptr", "dlogits_ptr")
-FLOAT_SCALARS = ("inv_temp", "skip_below")
+WORK_DTYPE_PTRS = ("S_ptr", "teacher_ptr")  # the scores and the dense teacher: the input dtype
+INT32_PTRS = ("idx_ptr", "piece_lo_ptr", "piece_seg_ptr", "seg_of_class_ptr")
+FLOAT_SCALARS = ("inv_t", "t2")
+BLOCKS = {"BLOCK": E._ROW_BLOCK, "BLOCK_T": E._TARGET_BLOCK, "BLOCK_R": E.TILE[0], "BLOCK_C": E.TILE[1]}
+KERNELS = [("row_stats", E._row_stats_kernel, E._ROW_WARPS), ("final", E._final_kernel, E._FINAL_WARPS)]
 
 
-def signature(fn, dtype, constexprs):
+def signature(fn, dtype: str, ints: str, constexprs):
     sig = {}
     for name in fn.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name in INPUT_PTRS:
+        elif name in WORK_DTYPE_PTRS:
             sig[name] = "*" + dtype
-        elif name.startswith("chunk_"):
-            sig[name] = "*i64"
-        elif name == "idx_ptr":
+        elif name in INT32_PTRS:
             sig[name] = "*i32"
         elif name.endswith("_ptr"):
             sig[name] = "*fp32"
         elif name in FLOAT_SCALARS:
             sig[name] = "fp32"
         else:
-            sig[name] = "i32"
+            sig[name] = ints
     return sig
+
+
+def valid(kernel: str, f) -> bool:
+    """The flag combinations the launchers can produce (see row_stats and final in epilogue.py)."""
+    if f.get("DENSE") and f.get("SPARSE"):
+        return False
+    if kernel == "row_stats":
+        if f.get("TEACHER"):  # the driver asks for the teacher pass alone, in softmax mode with dense targets
+            return f.get("SOFTMAX") and f.get("DENSE") and not (f.get("NORM") or f.get("STATS"))
+        if f.get("NORM") and not f.get("HAS_SCALE"):
+            return False
+        return bool(f.get("NORM") or f.get("STATS"))
+    if f.get("WANT_DBIAS") and not (f.get("HAS_COEF") and f.get("HAS_BIAS")):
+        return False
+    return not (f.get("WANT_DSCALE") and not (f.get("HAS_COEF") and f.get("HAS_SCALE")))
+
+
+def variants(kernel: str, fn):
+    """Every valid assignment of the kernel's boolean flags (its constexpr parameters other than block sizes)."""
+    names = [n for n, p in zip(fn.arg_names, fn.params) if p.is_constexpr and n not in BLOCKS]
+    for values in itertools.product((False, True), repeat=len(names)):
+        flags = dict(zip(names, values))
+        if valid(kernel, flags):
+            yield flags
 
 
 def resource_usage(kernel):
@@ -60,45 +88,30 @@ def resource_usage(kernel):
         return f"(no resource usage: {type(e).__name__})"
 
 
-def variants():
-    for softmax, dense, scale, grouped, logits in itertools.product((False, True), repeat=5):
-        if grouped and logits:
-            continue
-        yield dict(SOFTMAX=softmax, DENSE_TEACHER=dense, SPARSE=not dense, HAS_SCALE=scale, HAS_BIAS=not logits, GROUPED=grouped,
-                   FROM_LOGITS=logits)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp16", "fp32"])
-    ap.add_argument("--all-configs", action="store_true", help="every autotune config, not only the first")
+    ap.add_argument("--wide", action="store_true", help="also with 64-bit integer arguments")
     args = ap.parse_args(argv)
     target = GPUTarget("cuda", args.arch, 32)
-    kernels = [("fwd", _soft_target_fwd._soft_target_fwd_kernel), ("bwd", _soft_target_bwd._soft_target_bwd_kernel)]
-    failures = 0
-    for dtype in args.dtypes:
-        for v in variants():
-            for name, tuned in kernels:
-                configs = tuned.configs if args.all_configs else tuned.configs[:1]
-                if name == "fwd":
-                    extra = [dict(NORM_PASS=False)] + ([dict(NORM_PASS=True)] if v["HAS_SCALE"] else [])
-                else:
-                    grads = not v["FROM_LOGITS"]
-                    extra = [dict(NEED_DX=grads, NEED_DW=grads, NEED_DBIAS=grads, SKIP_SMALL=grads)]
-                for e, cfg in itertools.product(extra, configs):
-                    consts = dict(v, **e, IEEE=dtype == "fp32", **cfg.kwargs)
-                    src = ASTSource(fn=tuned.fn, signature=signature(tuned.fn, dtype, consts), constexprs=consts)
-                    label = f"{dtype} {name} {e} {v} {cfg.kwargs} warps={cfg.num_warps}"
-                    try:
-                        k = triton.compile(src, target=target,
-                                           options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-                    except Exception as err:
-                        failures += 1
-                        print("FAIL", label, f"{type(err).__name__}: {err}", flush=True)
-                        continue
-                    print("ok  ", label, resource_usage(k), flush=True)
-    print("failures:", failures)
+    failures = count = 0
+    for dtype, ints in itertools.product(args.dtypes, ("i32", "i64") if args.wide else ("i32",)):
+        for name, kernel, warps in KERNELS:
+            fn = kernel  # the JITFunction: arg_names and params describe its parameters
+            for flags in variants(name, fn):
+                consts = dict(flags, **{k: v for k, v in BLOCKS.items() if k in fn.arg_names})
+                src = ASTSource(fn=fn, signature=signature(fn, dtype, ints, consts), constexprs=consts)
+                label = f"{dtype} {ints} {name} " + " ".join(k for k, v in flags.items() if v)
+                count += 1
+                try:
+                    k = triton.compile(src, target=target, options=dict(num_warps=warps))
+                except Exception as err:
+                    failures += 1
+                    print("FAIL", label, f"{type(err).__name__}: {err}"[:2000], flush=True)
+                    continue
+                print("ok  ", label, resource_usage(k), flush=True)
+    print(f"compiled {count - failures} of {count}; failures: {failures}")
     return 1 if failures else 0
 
 
