@@ -67,17 +67,20 @@ class DeviceEpilogue:
 
     def _consts(self, sw, r0: int, r1: int, g0: int, g1: int):
         """Constants of the final kernel for rows [r0, r1) and segments [g0, g1) from the finished statistics;
-        also stores R and S (the scale's gradient terms) in the states."""
-        st = sw.state[:, r0:r1, g0:g1]
-        cs = sw.consts[:, r0:r1, g0:g1]
+        also stores R and S (the scale's gradient terms) in the states. Computed in float64 (B x G numbers): the
+        gradient under a scale is a difference of two terms that cancel for short segments, so 1/n and S/n^2 are
+        rounded once, from exact inputs."""
+        st = sw.state[:, r0:r1, g0:g1].double()
+        cs = torch.empty(NUM_CONSTS, r1 - r0, g1 - g0, dtype=torch.float64, device=sw.device)
         inv_t = 1.0 / sw.p.temperature
         t2 = sw.p.temperature ** 2
         scaled = sw.scale_kind != SCALE_NONE
         if scaled:
             sq = st[S_SUMSQ] + NORM_EPS
-            cs[C_INV_NT] = torch.rsqrt(sq) * inv_t
+            cs[C_INV_NT] = inv_t / torch.sqrt(sq)
         else:
             cs[C_INV_NT] = inv_t
+        cs[C_LSE:] = 0
         if sw.softmax:
             cs[C_LSE] = st[S_MAX] + torch.log(st[S_SUMEXP])
             cs[C_MASS] = st[S_ZSUM]
@@ -93,7 +96,7 @@ class DeviceEpilogue:
             sw.state[S_R, r0:r1, g0:g1] = R
             sw.state[S_S, r0:r1, g0:g1] = S
             cs[C_S_N2] = S / sq
-
+        sw.consts[:, r0:r1, g0:g1] = cs
     def run(self, sw, c: Chunk, u: Optional[torch.Tensor], phases: int, coef: Optional[torch.Tensor],
             rows: Optional[Tuple[int, int]]):
         p = sw.p

@@ -1,13 +1,11 @@
-"""Triton backend of the soft-target losses against the float64 reference: loss and every gradient.
+"""The GPU backends (triton, cuda) of the soft-target losses against the float64 reference: loss and every
+gradient, through the chunked driver.
 
-On a machine without CUDA the kernels run under TRITON_INTERPRET=1 (set by conftest) with small tiles, so these
-small shapes still cross tile, chunk, segment and row-block edges. bf16 is checked only on a GPU (the interpreter's
-bf16 dot is not trustworthy).
+On a machine without CUDA the triton epilogue runs under TRITON_INTERPRET=1 (set by conftest) on CPU tensors, with
+torch's CPU GEMMs; the epilogue kernels have no tl.dot, so fp16 and bf16 are checked here too. Small memory
+budgets make these small shapes cross chunk, segment and row-block edges. The cuda backend runs only on a GPU.
 """
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,11 +14,17 @@ import kc_kernels
 from tests.conftest import HAS_CUDA
 from tests.helpers import assert_close, grads, make_problem
 
-triton = pytest.importorskip("triton")
-if not kc_kernels.backends()["triton"]:
-    pytest.skip("triton backend unavailable here", allow_module_level=True)
-
 DEVICE = "cuda" if HAS_CUDA else "cpu"
+BACKENDS = [b for b in ("triton", "cuda") if kc_kernels.backends()[b] and (HAS_CUDA or b == "triton")]
+if not BACKENDS:
+    pytest.skip("no GPU backend can run here", allow_module_level=True)
+# several chunks at these small shapes: a budget of about 64 columns of 20 rows
+SMALL_BUDGET = 64 * 20 * 4
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
 FLOAT_ARGS = ("x", "weight", "bias", "scale", "teacher_logits", "target_value", "sample_weight")
 GRAD_ARGS = ("x", "weight", "bias", "scale")
 
@@ -41,12 +45,12 @@ def _linear(prob, backend, **kw):
     return kc_kernels.linear_soft_target_loss(a.pop("x"), a.pop("weight"), a.pop("bias"), backend=backend, **a, **kw)
 
 
-def _check_linear(prob, dtype, requires_grad=GRAD_ARGS, **kw):
-    """Triton in ``dtype`` vs the reference in float64 on the same (dtype-rounded) inputs."""
+def _check_linear(prob, dtype, backend, requires_grad=GRAD_ARGS, memory_budget=None, **kw):
+    """``backend`` in ``dtype`` vs the reference in float64 on the same (dtype-rounded) inputs."""
     low = _cast(prob, dtype, requires_grad)
     high = _cast({k: (v.to(dtype) if k in FLOAT_ARGS and isinstance(v, torch.Tensor) else v)
                   for k, v in prob.items()}, torch.float64, requires_grad)
-    loss = _linear(low, "triton", **kw)
+    loss = _linear(low, backend, memory_budget=memory_budget, **kw)
     ref = _linear(high, "reference", **kw)
     assert loss.dtype == torch.float32 and loss.shape == ref.shape
     assert_close(loss, ref, dtype, "loss")
@@ -63,8 +67,11 @@ def _check_linear(prob, dtype, requires_grad=GRAD_ARGS, **kw):
         assert_close(g, w, dtype, f"d{n}")
 
 
-def _problem(B=20, H=24, V=100, device=DEVICE, **kw):
-    return make_problem(B, H, V, device=device, **kw)
+def _problem(B=20, H=24, V=100, device=DEVICE, seed=1, **kw):
+    # seed 1 cuts V=100 into three segments of 23, 52 and 25 classes. (Seed 0 leaves a one-class segment, where the
+    # gradient under a scale is the difference of two terms of size gamma q / (n T) that cancel to about eps / n^2
+    # of them: a 1-ulp fp32 error there exceeds the test's tolerance for any implementation.)
+    return make_problem(B, H, V, device=device, gen=torch.Generator().manual_seed(seed), **kw)
 
 
 # every mode x target form x scale kind x reduction, with three segments and a non-unit temperature
@@ -73,9 +80,10 @@ FULL = [(mode, form, scale, red) for mode in ("sigmoid", "softmax") for form in 
 
 
 @pytest.mark.parametrize("mode,form,scale,reduction", FULL)
-def test_linear_every_mode_fp32(mode, form, scale, reduction):
+def test_linear_every_mode_fp32(mode, form, scale, reduction, backend):
     prob = _problem(G=3, K=4, target_form=form, scale_kind=scale, sample_weight=reduction != "mean")
-    _check_linear(prob, torch.float32, mode=mode, reduction=reduction, temperature=1.5 if scale else 1.0)
+    _check_linear(prob, torch.float32, backend, mode=mode, reduction=reduction, temperature=1.5 if scale else 1.0,
+                  memory_budget=SMALL_BUDGET if reduction == "sum" else None)
 
 
 # odd shapes and arguments: V not a multiple of the tile, B=1, segments of one class, grouped x, no bias, large
@@ -94,23 +102,24 @@ ODD = [
     dict(B=33, H=40, V=150, G=5, K=12, scale_kind="class"),        # three row blocks, H not a block multiple
     dict(B=6, V=37, G=2, K=40, scale_kind="segment"),              # more targets than classes: many per tile
     dict(B=5, V=40, K=0),                                          # no targets at all
-    dict(B=10, V=300, G=2, K=8, scale_kind="segment"),             # segments of several chunks: merged statistics
-    dict(B=10, V=300, target_form="dense", scale_kind="class"),
+    dict(B=10, V=300, G=2, K=8, scale_kind="segment", budget=True),  # segments longer than a chunk: row blocks
+    dict(B=10, V=300, target_form="dense", scale_kind="class", budget=True),
 ]
 
 
 @pytest.mark.parametrize("case", ODD, ids=[str(i) for i in range(len(ODD))])
 @pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
-def test_linear_odd_cases_fp32(case, mode):
+def test_linear_odd_cases_fp32(case, mode, backend):
     case = dict(case)
     args = {k: case.pop(k) for k in ("B", "H", "V") if k in case}
+    budget = 4 * 10 * 64 if case.pop("budget", False) else None
     prob = _problem(**args, **case)
-    _check_linear(prob, torch.float32, mode=mode, reduction="none" if case.get("sample_weight") else "mean",
-                  temperature=2.0 if case.get("target_form") == "dense" else 1.0)
+    _check_linear(prob, torch.float32, backend, mode=mode, reduction="none" if case.get("sample_weight") else "mean",
+                  temperature=2.0 if case.get("target_form") == "dense" else 1.0, memory_budget=budget)
 
 
 @pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
-def test_duplicate_indices_and_padding_add_up(mode):
+def test_duplicate_indices_and_padding_add_up(mode, backend):
     prob = _problem(B=12, V=50, G=2, K=6, scale_kind="segment")
     idx = prob["target_index"].clone()
     idx[:, 1] = idx[:, 0]  # duplicates, also duplicates of padding
@@ -118,22 +127,22 @@ def test_duplicate_indices_and_padding_add_up(mode):
     idx[:, 3] = 3
     idx[::2, 5] = -1
     prob["target_index"] = idx
-    _check_linear(prob, torch.float32, mode=mode)
+    _check_linear(prob, torch.float32, backend, mode=mode)
 
 
 @pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
-def test_teacher_logits_with_minus_inf(mode):
+def test_teacher_logits_with_minus_inf(mode, backend):
     prob = _problem(B=10, V=60, G=3, target_form="dense", scale_kind="segment")
     t = prob["teacher_logits"].clone()
     t[:, ::3] = -math.inf  # masked teacher classes: target 0, never NaN
     prob["teacher_logits"] = t
-    _check_linear(prob, torch.float32, mode=mode, temperature=2.0)
+    _check_linear(prob, torch.float32, backend, mode=mode, temperature=2.0)
 
 
 @pytest.mark.parametrize("requires_grad", [("x",), ("weight", "bias"), ("scale",), ()])
-def test_only_requested_gradients(requires_grad):
+def test_only_requested_gradients(requires_grad, backend):
     prob = _problem(B=10, V=40, G=2, scale_kind="segment")
-    _check_linear(prob, torch.float32, requires_grad=requires_grad, mode="softmax")
+    _check_linear(prob, torch.float32, backend, requires_grad=requires_grad, mode="softmax")
 
 
 HALF = [
@@ -145,15 +154,16 @@ HALF = [
 ]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("mode,case", HALF, ids=[f"{m}-{i}" for i, (m, _) in enumerate(HALF)])
-def test_linear_fp16(mode, case):
+def test_linear_half(mode, case, dtype, backend):
     prob = _problem(**case)
-    _check_linear(prob, torch.float16, mode=mode, reduction="sum" if case.get("sample_weight") else "mean")
+    _check_linear(prob, dtype, backend, mode=mode, reduction="sum" if case.get("sample_weight") else "mean")
 
 
 # ---------------------------------------------------------------------------------------- soft_target_loss
 
-def _check_logits(prob, dtype, **kw):
+def _check_logits(prob, dtype, backend, **kw):
     logits = kc_kernels.reference.linear_logits(prob["x"], prob["weight"], prob["bias"], prob.get("segments"))
     rest = {k: v for k, v in prob.items() if k not in ("x", "weight", "bias")}
     low = _cast({"logits": logits, **rest}, dtype, ("logits", "scale"))
@@ -162,7 +172,7 @@ def _check_logits(prob, dtype, **kw):
                   for k, v in low.items()}, torch.float64, ("scale",))
     high["logits"] = low["logits"].detach().double().requires_grad_()
     a, b = dict(low), dict(high)
-    loss = kc_kernels.soft_target_loss(a.pop("logits"), backend="triton", **a, **kw)
+    loss = kc_kernels.soft_target_loss(a.pop("logits"), backend=backend, **a, **kw)
     ref = kc_kernels.soft_target_loss(b.pop("logits"), backend="reference", **b, **kw)
     assert_close(loss, ref, dtype, "loss")
     names = ["logits"] + (["scale"] if low.get("scale") is not None else [])
@@ -176,46 +186,37 @@ LOGITS = [(mode, form, scale) for mode in ("sigmoid", "softmax") for form in ("s
 
 
 @pytest.mark.parametrize("mode,form,scale", LOGITS)
-def test_soft_target_loss_fp32(mode, form, scale):
+def test_soft_target_loss_fp32(mode, form, scale, backend):
     prob = _problem(B=19, V=77, G=3, K=5, target_form=form, scale_kind=scale, sample_weight=True)
-    _check_logits(prob, torch.float32, mode=mode, reduction="none", temperature=1.5)
+    # a budget below one segment: given logits are walked once per phase
+    _check_logits(prob, torch.float32, backend, mode=mode, reduction="none", temperature=1.5,
+                  memory_budget=19 * 4 * 256 if scale == "class" else None)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
-def test_soft_target_loss_fp16(mode):
+def test_soft_target_loss_half(mode, dtype, backend):
     prob = _problem(B=9, V=50, G=2, K=3, scale_kind="segment")
-    _check_logits(prob, torch.float16, mode=mode)
+    _check_logits(prob, dtype, backend, mode=mode)
 
 
 # ----------------------------------------------------------------------------------------------- behaviour
 
-def test_float64_is_rejected_with_a_named_argument():
+def test_float64_is_rejected_with_a_named_argument(backend):
     prob = _problem(B=3, V=10)
     with pytest.raises(ValueError, match="x: .*float64"):
-        _linear(prob, "triton")
+        _linear(prob, backend)
 
 
-def _captured_problem(monkeypatch, prob, **kw):
-    from kc_kernels.ops import soft_target as front
-
-    seen = {}
-    monkeypatch.setattr(front, "_dispatch", lambda op, p, backend, device: seen.setdefault("p", p))
-    _linear(prob, "triton", **kw)
-    return seen["p"]
-
-
-def test_skipping_negligible_tiles_only_when_asked(monkeypatch):
-    from kc_kernels.triton import soft_target as backend
-
-    prob = _cast(_problem(B=20, V=100, G=2), torch.float32)
-    p = _captured_problem(monkeypatch, prob, mode="softmax")
-    exact = grads(backend.linear_soft_target_loss(p), [prob["x"], prob["weight"]])
-    tiny = grads(backend.linear_soft_target_loss(p, skip_below=1e-30), [prob["x"], prob["weight"]])
-    for a, b in zip(exact, tiny):
+@pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
+def test_loss_and_gradients_are_bitwise_identical_across_calls(mode, backend):
+    prob = _cast(_problem(B=20, V=300, G=3, K=5, scale_kind="segment"), torch.float32)
+    outs = []
+    for _ in range(2):
+        loss = _linear(prob, backend, mode=mode, memory_budget=4 * 20 * 64)
+        outs.append([loss] + grads(loss, [prob[k] for k in GRAD_ARGS]))
+    for a, b in zip(*outs):
         assert torch.equal(a, b)
-    # a threshold above every gradient skips every tile's dx/dW work
-    dx_all, _ = grads(backend.linear_soft_target_loss(p, skip_below=1e9), [prob["x"], prob["weight"]])
-    assert not torch.allclose(dx_all, exact[0])
 
 
 @pytest.mark.gpu
@@ -223,17 +224,17 @@ def test_skipping_negligible_tiles_only_when_asked(monkeypatch):
 @pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
 @pytest.mark.parametrize("case", [dict(G=3, K=4, scale_kind="segment"),
                                   dict(G=3, target_form="dense", grouped=True, scale_kind="class")])
-def test_linear_bf16_gpu(mode, case):
+def test_linear_bf16_gpu(mode, case, backend):
     prob = _problem(B=300, H=256, V=2000, **case)
-    _check_linear(prob, torch.bfloat16, mode=mode)
+    _check_linear(prob, torch.bfloat16, backend, mode=mode)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_linear_gpu_realistic_shape(dtype):
+def test_linear_gpu_realistic_shape(dtype, backend):
     prob = _problem(B=512, H=512, V=20_000, G=7, K=100, scale_kind="segment")
-    _check_linear(prob, dtype, mode="sigmoid")
+    _check_linear(prob, dtype, backend, mode="sigmoid")
 
 
 @pytest.mark.gpu
@@ -248,7 +249,7 @@ def test_auto_picks_triton_for_cuda_tensors():
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("given_logits", [False, True])
-def test_int64_offsets_past_2_pow_31_gpu(given_logits):
+def test_int64_offsets_past_2_pow_31_gpu(given_logits, backend):
     """B * V > 2^31 elements of teacher logits (and of given logits): the last rows, which sit past 2^31, against the
     reference of those rows alone (rows are independent)."""
     B, H, V = 22_000, 16, 100_000
@@ -259,12 +260,12 @@ def test_int64_offsets_past_2_pow_31_gpu(given_logits):
     kw = dict(mode="softmax", reduction="none")
     if given_logits:
         inp = (x @ w.t()).requires_grad_()
-        loss = kc_kernels.soft_target_loss(inp, teacher_logits=teacher, backend="triton", **kw)
+        loss = kc_kernels.soft_target_loss(inp, teacher_logits=teacher, backend=backend, **kw)
         tail = inp[-8:].detach().double().requires_grad_()
         ref = kc_kernels.soft_target_loss(tail, teacher_logits=teacher[-8:].double(), backend="reference", **kw)
     else:
         inp = x.requires_grad_()
-        loss = kc_kernels.linear_soft_target_loss(inp, w, teacher_logits=teacher, backend="triton", **kw)
+        loss = kc_kernels.linear_soft_target_loss(inp, w, teacher_logits=teacher, backend=backend, **kw)
         tail = inp[-8:].detach().double().requires_grad_()
         ref = kc_kernels.linear_soft_target_loss(tail, w.double(), teacher_logits=teacher[-8:].double(),
                                                  backend="reference", **kw)
@@ -272,14 +273,3 @@ def test_int64_offsets_past_2_pow_31_gpu(given_logits):
     (dref,) = torch.autograd.grad(ref.sum(), [tail])
     assert_close(loss[-8:], ref, torch.float16, "loss")
     assert_close(d[-8:], dref, torch.float16, "gradient")
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("KC_COMPILE_CHECK") != "1",
-                    reason="set KC_COMPILE_CHECK=1 to compile every kernel variant for sm_90 (minutes, no GPU needed)")
-def test_every_kernel_variant_compiles_for_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = os.path.join(os.path.dirname(__file__), "compile_soft_target_kernels.py")
-    run = subprocess.run([sys.executable, script, "--dtypes", "bf16", "fp16", "fp32"], env=env, capture_output=True,
-                         text=True)
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]

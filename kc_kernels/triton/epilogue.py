@@ -1,0 +1,437 @@
+"""Triton epilogue of the chunked driver (contract and math: docs/epilogue.md).
+
+Two kernels per chunk of raw scores u = S (the driver's GEMM output, no bias):
+
+- ``row_stats``: one program per (row, segment piece) walks the piece's columns and folds them into
+  ``states[:, row, piece_seg]``: the dense teacher's log-sum-exp (TEACHER), the squared norm (NORM), and the
+  target and softmax/sigmoid sums that need the norm and the teacher's log-sum-exp (STATS). A chunk holds a
+  segment at most once, so every program owns its states: no atomics, bitwise reproducible.
+- ``final``: one program per [BLOCK_R, BLOCK_C] tile, elementwise given the per-(row, segment) ``consts``: the
+  loss's row sums per column tile, and with ``coef`` the logit gradient written over S in place plus the bias and
+  per-class scale gradients as column sums per row tile (merged by the driver, again without atomics).
+
+Everything is computed in fp32 whatever the dtypes of S and of the teacher. Row offsets are int64: rows * stride
+passes 2^31 at 100K classes. Neither kernel is autotuned: both update their outputs in place (S, the states), so a
+benchmarking run would corrupt them; the tile is fixed anyway since it sizes the driver's partial buffers.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from kc_kernels.chunked import (C_INV_NT, C_LSE, C_MASS, C_S_N2, C_TLSE, NORM_EPS, PHASE_NORM, PHASE_STATS,
+                                PHASE_TEACHER, S_MAX, S_SUMEXP, S_SUMEXP_U, S_SUMEXP_Y, S_SUMSQ, S_TMAX, S_TSUMEXP,
+                                S_ZSUM, S_ZU, S_ZY, S_ZYH)
+from kc_kernels.triton._soft_target_tiles import interpreted, sigmoid, softplus_and_sigmoid, sparse_cursor, sparse_tile
+
+__all__ = ["TILE", "row_stats", "final"]
+
+# One config each (see above). Interpreted (CPU tests), the final tile is the same and a row_stats step is short, so
+# that the tests' small pieces span several steps and the online merges are exercised.
+TILE = (32, 256)  # (BLOCK_R, BLOCK_C) of final; the driver sizes row_part and col_part with it
+_FINAL_WARPS = 8
+_ROW_BLOCK = 128 if interpreted() else 1024  # columns per step of a row_stats program
+_ROW_WARPS = 4
+_TARGET_BLOCK = 8 if interpreted() else 32  # sparse targets per step of a row_stats program
+
+# State planes and consts planes as compile-time constants (jit functions read only constexpr globals).
+_SUMSQ, _MAX, _SUMEXP = tl.constexpr(S_SUMSQ), tl.constexpr(S_MAX), tl.constexpr(S_SUMEXP)
+_SUMEXP_U, _SUMEXP_Y = tl.constexpr(S_SUMEXP_U), tl.constexpr(S_SUMEXP_Y)
+_ZSUM, _ZY, _ZU, _ZYH = tl.constexpr(S_ZSUM), tl.constexpr(S_ZY), tl.constexpr(S_ZU), tl.constexpr(S_ZYH)
+_TMAX, _TSUMEXP = tl.constexpr(S_TMAX), tl.constexpr(S_TSUMEXP)
+_INV_NT, _LSE, _MASS = tl.constexpr(C_INV_NT), tl.constexpr(C_LSE), tl.constexpr(C_MASS)
+_TLSE, _S_N2 = tl.constexpr(C_TLSE), tl.constexpr(C_S_N2)
+_EPS = tl.constexpr(NORM_EPS)
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+@triton.jit
+def _merge_factors(old_max, new_max):
+    """(merged, exp(old_max - merged), exp(new_max - merged)) of an online log-sum-exp merge. A side still at -inf
+    (nothing seen yet, or only ruled-out classes) gets factor 0, never exp(-inf - -inf) = NaN: its sums are 0."""
+    merged = tl.maximum(old_max, new_max)
+    finite = tl.where(merged == float("-inf"), 0.0, merged)
+    return merged, tl.exp(old_max - finite), tl.exp(new_max - finite)
+
+
+@triton.jit
+def _first_target_at_least(idx_row, K, cls):
+    """Position of the first of the row's sorted targets with class >= cls (K if none): binary search."""
+    lo = tl.full([], 0, tl.int32)
+    hi = tl.full([], 0, tl.int32) + K
+    while lo < hi:
+        mid = (lo + hi) // 2
+        below = tl.load(idx_row + mid) < cls
+        lo = tl.where(below, mid + 1, lo)
+        hi = tl.where(below, hi, mid)
+    return lo
+
+
+@triton.jit
+def _scaled_logits(u, inv_nt, inv_t, scale_ptr, bias_ptr, cls, mask, HAS_SCALE: tl.constexpr,
+                   HAS_BIAS: tl.constexpr):
+    """(u/(nT), yh = s u/(nT), y = yh + bias/T) of classes ``cls``: the bias is a prior outside the norm."""
+    up = u * inv_nt
+    if HAS_SCALE:
+        yh = up * tl.load(scale_ptr + cls, mask=mask, other=0.0)
+    else:
+        yh = up
+    if HAS_BIAS:
+        y = yh + tl.load(bias_ptr + cls, mask=mask, other=0.0) * inv_t
+    else:
+        y = yh
+    return up, yh, y
+
+
+# ---------------------------------------------------------------------------------------------------- row_stats
+
+@triton.jit
+def _teacher_lse_piece(t_row, lo, hi, inv_t, BLOCK: tl.constexpr):
+    """(max, sum exp(t/T - max)) of the dense teacher over local columns [lo, hi), online over blocks."""
+    run_max = tl.full([], float("-inf"), tl.float32)
+    run_sum = tl.full([], 0.0, tl.float32)
+    for c in range(lo, hi, BLOCK):
+        cols = c + tl.arange(0, BLOCK)
+        mask = cols < hi
+        t = tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32) * inv_t
+        t = tl.where(mask, t, float("-inf"))
+        run_max, f_old, _ = _merge_factors(run_max, tl.max(t, axis=0))
+        # relative to the merged max already; while every logit so far is -inf (a masked-out class), sum 0, not NaN
+        finite_max = tl.where(run_max == float("-inf"), 0.0, run_max)
+        run_sum = run_sum * f_old + tl.sum(tl.where(mask, tl.exp(t - finite_max), 0.0), axis=0)
+    return run_max, run_sum
+
+
+@triton.jit
+def _sumsq_piece(u_row, lo, hi, BLOCK: tl.constexpr):
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for c in range(lo, hi, BLOCK):
+        cols = c + tl.arange(0, BLOCK)
+        u = tl.load(u_row + cols, mask=cols < hi, other=0.0).to(tl.float32)
+        acc += u * u
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _sparse_target_sums(u_row, idx_row, val_row, K, scale_ptr, bias_ptr, col0, lo, hi, inv_nt, inv_t,
+                        HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr):
+    """(sum z, sum z y, sum z u/(nT), sum z yh) over the row's sparse targets in the piece's classes
+    [col0 + lo, col0 + hi). The row is sorted by class, so they are one run of positions; duplicates add up."""
+    first = _first_target_at_least(idx_row, K, col0 + lo)
+    end = _first_target_at_least(idx_row, K, col0 + hi)
+    zsum = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    zy = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    zu = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    zyh = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for k in range(first, end, BLOCK_T):
+        pos = k + tl.arange(0, BLOCK_T)
+        mask = pos < end
+        cls = tl.load(idx_row + pos, mask=mask, other=0)
+        v = tl.load(val_row + pos, mask=mask, other=0.0)
+        u = tl.load(u_row + (cls - col0), mask=mask, other=0.0).to(tl.float32)
+        up, yh, y = _scaled_logits(u, inv_nt, inv_t, scale_ptr, bias_ptr, cls, mask, HAS_SCALE, HAS_BIAS)
+        zsum += v
+        zy += v * y
+        zu += v * up
+        zyh += v * yh
+    return tl.sum(zsum, axis=0), tl.sum(zy, axis=0), tl.sum(zu, axis=0), tl.sum(zyh, axis=0)
+
+
+@triton.jit
+def _piece_column_sums(u_row, t_row, scale_ptr, bias_ptr, col0, lo, hi, inv_nt, inv_t, tlse,
+                       SOFTMAX: tl.constexpr, DENSE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """One pass over local columns [lo, hi) (u is read once for everything):
+    softmax: (max y, sum e, sum e u/(nT), sum e yh) with e = exp(y - max y), merged online over the blocks;
+    sigmoid: (unused, unused, sum sigmoid(y) u/(nT), sum sigmoid(y) yh);
+    then, for a dense teacher, (sum z, sum z y, sum z u/(nT), sum z yh)."""
+    run_max = tl.full([], float("-inf"), tl.float32)
+    se = tl.full([], 0.0, tl.float32)
+    seu = tl.full([], 0.0, tl.float32)
+    sey = tl.full([], 0.0, tl.float32)
+    sig_u = tl.zeros((BLOCK,), dtype=tl.float32)
+    sig_y = tl.zeros((BLOCK,), dtype=tl.float32)
+    zsum = tl.zeros((BLOCK,), dtype=tl.float32)
+    zy = tl.zeros((BLOCK,), dtype=tl.float32)
+    zu = tl.zeros((BLOCK,), dtype=tl.float32)
+    zyh = tl.zeros((BLOCK,), dtype=tl.float32)
+    for c in range(lo, hi, BLOCK):
+        cols = c + tl.arange(0, BLOCK)
+        mask = cols < hi
+        u = tl.load(u_row + cols, mask=mask, other=0.0).to(tl.float32)
+        up, yh, y = _scaled_logits(u, inv_nt, inv_t, scale_ptr, bias_ptr, col0 + cols, mask, HAS_SCALE, HAS_BIAS)
+        if SOFTMAX:
+            run_max, f_old, _ = _merge_factors(run_max, tl.max(tl.where(mask, y, float("-inf")), axis=0))
+            e = tl.where(mask, tl.exp(y - run_max), 0.0)  # already relative to the merged max
+            se = se * f_old + tl.sum(e, axis=0)
+            seu = seu * f_old + tl.sum(e * up, axis=0)
+            sey = sey * f_old + tl.sum(e * yh, axis=0)
+        else:
+            sg = tl.where(mask, sigmoid(y), 0.0)
+            sig_u += sg * up
+            sig_y += sg * yh
+        if DENSE:
+            t = tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32) * inv_t
+            if SOFTMAX:
+                z = tl.exp(t - tlse)
+            else:
+                z = sigmoid(t)
+            z = tl.where(mask, z, 0.0)
+            zsum += z
+            zy += z * y
+            zu += z * up
+            zyh += z * yh
+    if not SOFTMAX:
+        seu = tl.sum(sig_u, axis=0)
+        sey = tl.sum(sig_y, axis=0)
+    return (run_max, se, seu, sey,
+            tl.sum(zsum, axis=0), tl.sum(zy, axis=0), tl.sum(zu, axis=0), tl.sum(zyh, axis=0))
+
+
+@triton.jit
+def _add_target_states(state, st_plane, zsum, zy, zu, zyh):
+    """ZSUM, ZY, ZU, ZYH += the piece's target sums."""
+    p = state + _ZSUM * st_plane
+    tl.store(p, tl.load(p) + zsum)
+    p = state + _ZY * st_plane
+    tl.store(p, tl.load(p) + zy)
+    p = state + _ZU * st_plane
+    tl.store(p, tl.load(p) + zu)
+    p = state + _ZYH * st_plane
+    tl.store(p, tl.load(p) + zyh)
+
+
+@triton.jit
+def _merge_softmax_states(state, st_plane, m, se, seu, sey):
+    """Online merge of one piece's (max, sums) into MAX, SUMEXP, SUMEXP_U, SUMEXP_Y."""
+    p_max = state + _MAX * st_plane
+    merged, f_old, f_new = _merge_factors(tl.load(p_max), m)
+    p = state + _SUMEXP * st_plane
+    tl.store(p, tl.load(p) * f_old + se * f_new)
+    p = state + _SUMEXP_U * st_plane
+    tl.store(p, tl.load(p) * f_old + seu * f_new)
+    p = state + _SUMEXP_Y * st_plane
+    tl.store(p, tl.load(p) * f_old + sey * f_new)
+    tl.store(p_max, merged)
+
+
+@triton.jit
+def _row_stats_kernel(
+        S_ptr, teacher_ptr, idx_ptr, val_ptr, scale_ptr, bias_ptr, piece_lo_ptr, piece_seg_ptr, states_ptr,
+        col0, K, stride_s, stride_t, st_plane, st_row, st_seg, inv_t,
+        TEACHER: tl.constexpr, NORM: tl.constexpr, STATS: tl.constexpr,
+        SOFTMAX: tl.constexpr, DENSE: tl.constexpr, SPARSE: tl.constexpr,
+        HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+        BLOCK: tl.constexpr, BLOCK_T: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    piece = tl.program_id(1)
+    st_plane = tl.full([], 0, tl.int64) + st_plane  # 12 planes of rows * G states may pass 2^31
+    lo = tl.load(piece_lo_ptr + piece)
+    hi = tl.load(piece_lo_ptr + piece + 1)
+    seg = tl.load(piece_seg_ptr + piece).to(tl.int64)
+    state = states_ptr + row * st_row + seg * st_seg
+    u_row = S_ptr + row * stride_s
+    t_row = teacher_ptr + row * stride_t + col0  # local column j of the chunk is global class col0 + j
+
+    # Values produced in this call are carried in registers, not re-read from memory: on a GPU a store by one
+    # thread is not guaranteed visible to the others of the program without a barrier.
+    if TEACHER:
+        p_tmax = state + _TMAX * st_plane
+        p_tsum = state + _TSUMEXP * st_plane
+        m, s = _teacher_lse_piece(t_row, lo, hi, inv_t, BLOCK)
+        tmax, f_old, f_new = _merge_factors(tl.load(p_tmax), m)
+        tsum = tl.load(p_tsum) * f_old + s * f_new
+        tl.store(p_tmax, tmax)
+        tl.store(p_tsum, tsum)
+    elif STATS and SOFTMAX and DENSE:
+        tmax = tl.load(state + _TMAX * st_plane)
+        tsum = tl.load(state + _TSUMEXP * st_plane)
+
+    if NORM:
+        p_sumsq = state + _SUMSQ * st_plane
+        sumsq = tl.load(p_sumsq) + _sumsq_piece(u_row, lo, hi, BLOCK)
+        tl.store(p_sumsq, sumsq)
+    elif STATS and HAS_SCALE:
+        sumsq = tl.load(state + _SUMSQ * st_plane)
+
+    if STATS:
+        if HAS_SCALE:
+            inv_nt = inv_t / tl.sqrt(sumsq + _EPS)
+        else:
+            inv_nt = tl.full([], 0.0, tl.float32) + inv_t
+        if SOFTMAX and DENSE:
+            tlse = tmax + tl.log(tsum)
+        else:
+            tlse = tl.full([], 0.0, tl.float32)
+        m, se, seu, sey, zsum, zy, zu, zyh = _piece_column_sums(u_row, t_row, scale_ptr, bias_ptr, col0, lo, hi,
+                                                                inv_nt, inv_t, tlse, SOFTMAX, DENSE, HAS_SCALE,
+                                                                HAS_BIAS, BLOCK)
+        if SPARSE:
+            zsum, zy, zu, zyh = _sparse_target_sums(u_row, idx_ptr + row * K, val_ptr + row * K, K, scale_ptr,
+                                                    bias_ptr, col0, lo, hi, inv_nt, inv_t, HAS_SCALE, HAS_BIAS,
+                                                    BLOCK_T)
+        if DENSE or SPARSE:  # neither: no targets at all (K == 0), every z sum stays 0
+            _add_target_states(state, st_plane, zsum, zy, zu, zyh)
+        if SOFTMAX:
+            _merge_softmax_states(state, st_plane, m, se, seu, sey)
+        else:
+            p = state + _SUMEXP_U * st_plane
+            tl.store(p, tl.load(p) + seu)
+            p = state + _SUMEXP_Y * st_plane
+            tl.store(p, tl.load(p) + sey)
+
+
+# ---------------------------------------------------------------------------------------------------- final
+
+@triton.jit
+def _store_column_sums(col_part_ptr, which: tl.constexpr, n_row_tiles, ncols, row_tile, cols, col_mask, values):
+    """col_part[which, row_tile, cols] = values summed over the tile's rows (invalid entries are 0)."""
+    base = col_part_ptr + (tl.full([], which, tl.int64) * n_row_tiles + row_tile) * ncols
+    tl.store(base + cols, tl.sum(values, axis=0), mask=col_mask)
+
+
+@triton.jit
+def _final_kernel(
+        S_ptr, teacher_ptr, idx_ptr, val_ptr, scale_ptr, bias_ptr, seg_of_class_ptr, consts_ptr, coef_ptr,
+        row_part_ptr, col_part_ptr,
+        col0, rows, ncols, G, K, plane, stride_s, stride_t, n_row_tiles, n_col_tiles, inv_t, t2,
+        SOFTMAX: tl.constexpr, DENSE: tl.constexpr, SPARSE: tl.constexpr,
+        HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_COEF: tl.constexpr,
+        WANT_DBIAS: tl.constexpr, WANT_DSCALE: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    row_tile = tl.program_id(0).to(tl.int64)
+    col_tile = tl.program_id(1)
+    plane = tl.full([], 0, tl.int64) + plane  # 4 planes of rows * G constants may pass 2^31
+    r = row_tile * BLOCK_R + tl.arange(0, BLOCK_R)  # int64: r * stride passes 2^31
+    j = col_tile * BLOCK_C + tl.arange(0, BLOCK_C)  # local columns of the chunk
+    row_mask = r < rows
+    col_mask = j < ncols
+    mask = row_mask[:, None] & col_mask[None, :]
+    cls = col0 + j
+
+    # per-(row, segment) constants gathered per element: a tile may straddle segments
+    seg = tl.load(seg_of_class_ptr + cls, mask=col_mask, other=0)
+    rs = r[:, None] * G + seg[None, :]
+    inv_nt = tl.load(consts_ptr + _INV_NT * plane + rs, mask=mask, other=0.0)
+
+    u_ptrs = S_ptr + r[:, None] * stride_s + j[None, :]
+    u = tl.load(u_ptrs, mask=mask, other=0.0).to(tl.float32)
+    up = u * inv_nt
+    if HAS_SCALE:
+        s = tl.load(scale_ptr + cls, mask=col_mask, other=0.0)[None, :]
+        yh = up * s
+    else:
+        yh = up
+    if HAS_BIAS:
+        y = yh + tl.load(bias_ptr + cls, mask=col_mask, other=0.0)[None, :] * inv_t
+    else:
+        y = yh
+
+    if DENSE:
+        t = tl.load(teacher_ptr + r[:, None] * stride_t + cls[None, :], mask=mask, other=0.0).to(tl.float32) * inv_t
+        if SOFTMAX:
+            z = tl.exp(t - tl.load(consts_ptr + _TLSE * plane + rs, mask=mask, other=0.0))
+        else:
+            z = sigmoid(t)
+        z = tl.where(mask, z, 0.0)
+    elif SPARSE:
+        # the tile's targets, found per row from its sorted list (duplicates add up)
+        first = col0 + col_tile * BLOCK_C
+        cursor = sparse_cursor(idx_ptr, r, row_mask, K, first, BLOCK_R)
+        z, _ = sparse_tile(idx_ptr, val_ptr, r, row_mask, K, cursor, cls, tl.minimum(first + BLOCK_C, col0 + ncols),
+                           BLOCK_R, BLOCK_C)
+    else:
+        z = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+
+    if SOFTMAX:
+        lse = tl.load(consts_ptr + _LSE * plane + rs, mask=mask, other=0.0)
+        mass = tl.load(consts_ptr + _MASS * plane + rs, mask=mask, other=0.0)
+        q = t2 * (mass * tl.exp(y - lse) - z)
+        softplus_sum = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    else:
+        softplus, sg = softplus_and_sigmoid(y)
+        q = sg - z
+        softplus_sum = tl.sum(tl.where(mask, softplus, 0.0), axis=1)
+    q = tl.where(mask, q, 0.0)
+    zy_sum = tl.sum(tl.where(mask, z * y, 0.0), axis=1)
+
+    row_part = row_part_ptr + col_tile * rows + r
+    tl.store(row_part, softplus_sum, mask=row_mask)
+    tl.store(row_part + n_col_tiles * rows, zy_sum, mask=row_mask)
+
+    if HAS_COEF:
+        c = tl.load(coef_ptr + r, mask=row_mask, other=0.0)[:, None]
+        cq = c * q
+        if HAS_SCALE:
+            s_n2 = tl.load(consts_ptr + _S_N2 * plane + rs, mask=mask, other=0.0)
+            grad = cq * s * inv_nt - c * u * s_n2
+        else:
+            grad = cq * inv_t
+        tl.store(u_ptrs, grad.to(S_ptr.dtype.element_ty), mask=mask)
+        if WANT_DBIAS:
+            _store_column_sums(col_part_ptr, 0, n_row_tiles, ncols, row_tile, j, col_mask, cq * inv_t)
+        if WANT_DSCALE:
+            _store_column_sums(col_part_ptr, 1, n_row_tiles, ncols, row_tile, j, col_mask, cq * up)
+
+
+# ---------------------------------------------------------------------------------------------------- launchers
+
+def _sparse_targets(a):
+    """(tidx, tval, K) with the row stride K the kernels assume, or None when there are no sparse targets."""
+    if a.teacher is not None or a.tidx is None or a.tidx.shape[1] == 0:
+        return None
+    return a.tidx.contiguous(), a.tval.contiguous(), a.tidx.shape[1]
+
+
+def row_stats(a, phases: int) -> None:
+    """Fold the chunk's pieces into ``a.states`` for the requested phases (TEACHER | NORM | STATS)."""
+    teacher_phase = bool(phases & PHASE_TEACHER) and a.softmax and a.teacher is not None
+    norm_phase = bool(phases & PHASE_NORM)
+    stats_phase = bool(phases & PHASE_STATS)
+    if not (teacher_phase or norm_phase or stats_phase) or a.rows == 0 or a.pieces == 0:
+        return
+    sparse = _sparse_targets(a)
+    dummy = a.piece_lo  # pointer arguments of absent inputs are never read
+    st = a.states
+    has_scores = a.S is not None  # the driver runs TEACHER alone before any scores exist
+    _row_stats_kernel[(a.rows, a.pieces)](
+        a.S if has_scores else dummy, a.teacher if a.teacher is not None else dummy,
+        sparse[0] if sparse else dummy, sparse[1] if sparse else dummy,
+        a.scale if a.scale is not None else dummy, a.bias if a.bias is not None else dummy,
+        a.piece_lo, a.piece_seg, st,
+        a.col0, sparse[2] if sparse else 0, a.S.stride(0) if has_scores else 0,
+        a.teacher.stride(0) if a.teacher is not None else 0,
+        st.stride(0), st.stride(1), st.stride(2), float(a.inv_t),
+        TEACHER=teacher_phase, NORM=norm_phase, STATS=stats_phase,
+        SOFTMAX=bool(a.softmax), DENSE=a.teacher is not None, SPARSE=sparse is not None,
+        HAS_SCALE=a.scale is not None, HAS_BIAS=a.bias is not None,
+        BLOCK=_ROW_BLOCK, BLOCK_T=_TARGET_BLOCK, num_warps=_ROW_WARPS)
+
+
+def final(a) -> None:
+    """Loss row sums per column tile into ``a.row_part``; with ``a.coef`` the gradient over ``a.S`` and the bias /
+    per-class scale column sums per row tile into ``a.col_part``."""
+    if a.rows == 0 or a.ncols == 0:
+        return
+    block_r, block_c = TILE
+    n_row_tiles, n_col_tiles = triton.cdiv(a.rows, block_r), triton.cdiv(a.ncols, block_c)
+    has_coef = a.coef is not None
+    want_dbias = has_coef and bool(a.want_dbias) and a.col_part is not None
+    want_dscale = has_coef and bool(a.want_dscale) and a.col_part is not None
+    sparse = _sparse_targets(a)
+    dummy = a.row_part
+    _final_kernel[(n_row_tiles, n_col_tiles)](
+        a.S, a.teacher if a.teacher is not None else dummy,
+        sparse[0] if sparse else dummy, sparse[1] if sparse else dummy,
+        a.scale if a.scale is not None else dummy, a.bias if a.bias is not None else dummy,
+        a.seg_of_class, a.consts, a.coef if has_coef else dummy,
+        a.row_part, a.col_part if a.col_part is not None else dummy,
+        a.col0, a.rows, a.ncols, a.num_segments, sparse[2] if sparse else 0,
+        a.rows * a.num_segments,  # consts plane size from the host: an int64 argument once it passes 2^31
+        a.S.stride(0), a.teacher.stride(0) if a.teacher is not None else 0,
+        n_row_tiles, n_col_tiles, float(a.inv_t), float(a.t2),
+        SOFTMAX=bool(a.softmax), DENSE=a.teacher is not None, SPARSE=sparse is not None,
+        HAS_SCALE=a.scale is not None, HAS_BIAS=a.bias is not None, HAS_COEF=has_coef,
+        WANT_DBIAS=want_dbias, WANT_DSCALE=want_dscale,
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_FINAL_WARPS)
