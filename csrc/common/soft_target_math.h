@@ -87,8 +87,10 @@ KC_HD float q_softmax(float y, float lse, float mass, float z, float t2) {
 KC_HD float dq_dz(bool softmax, float t2) { return softmax ? -t2 : -1.0f; }
 
 // coef dl/du. Under a scale: coef (s/(nT) q - u S/n^2), the second term from the norm; without: coef q/T.
+// Each term carries coef before the difference, as the Triton epilogue evaluates it: the terms nearly cancel for a
+// row of small norm, and the backends then agree to the last bits.
 KC_HD float logit_grad_scaled(float coef, float s, float inv_nt, float q, float u, float s_n2) {
-  return coef * (s * inv_nt * q - u * s_n2);
+  return coef * q * s * inv_nt - coef * u * s_n2;
 }
 KC_HD float logit_grad_unscaled(float coef, float q, float inv_t) { return coef * q * inv_t; }
 // Column-sum terms: coef dl/dbias = coef q/T, and coef dl/ds_j = coef q u/(nT).

@@ -2,6 +2,7 @@
 // (kc_kernels) checks dtype, contiguity and device before calling, so no torch headers are needed here.
 #include <pybind11/pybind11.h>
 
+#include "common/pybind_layout.h"
 #include "cpu/kc_cpu.h"
 
 namespace py = pybind11;
@@ -9,14 +10,6 @@ namespace py = pybind11;
 template <typename T>
 static T* ptr(std::uintptr_t p) {
   return reinterpret_cast<T*>(p);
-}
-
-// {name: value} for an enum whose i-th name has the value value_of(i).
-template <typename ValueOf>
-static py::dict enum_dict(const char* const* names, int count, ValueOf value_of) {
-  py::dict d;
-  for (int i = 0; i < count; ++i) d[names[i]] = value_of(i);
-  return d;
 }
 
 PYBIND11_MODULE(_C, m) {
@@ -60,11 +53,7 @@ PYBIND11_MODULE(_C, m) {
       },
       "Fused soft-target epilogue over one chunk of logits (see csrc/cpu/soft_target.cpp). Pointers are raw "
       "addresses; 0 means absent.");
-  m.attr("NUM_STATES") = static_cast<int>(kc::kNumStates);
-  // name -> value of the shared epilogue enums (csrc/common/soft_target_layout.h), for the driver to check its own
-  m.attr("STATES") = enum_dict(kc::kStateNames, kc::kNumStates, [](int i) { return i; });
-  m.attr("PHASES") = enum_dict(kc::kPhaseNames, kc::kNumPhases, [](int i) { return 1 << i; });
-  m.attr("SCALE_KINDS") = enum_dict(kc::kScaleKindNames, kc::kNumScaleKinds, [](int i) { return i; });
+  kc::export_soft_target_layout(m);
 #ifdef _OPENMP
   m.attr("openmp") = true;
 #else

@@ -1,35 +1,162 @@
 // pybind11 bindings of the CUDA launchers. Compiled by the host compiler; only kc_cuda.h is seen here, so neither
-// CUDA nor torch headers are needed. Pointers and the stream cross as integers (tensor.data_ptr(),
-// torch.cuda.current_stream().cuda_stream).
+// CUDA nor torch headers are needed. Each kernel's params struct is a Python class whose buffer fields are device
+// addresses as integers (tensor.data_ptr(), 0 = absent) and whose stream is torch's cuda_stream integer. The
+// launch functions check the fields a kernel cannot run without and raise ValueError before anything is launched.
 #include <pybind11/pybind11.h>
 
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 
+#include "common/pybind_layout.h"
 #include "cuda/kc_cuda.h"
 
 namespace py = pybind11;
 
-static void check(int code, const char* what) {
-  if (code != 0) throw std::runtime_error(std::string(what) + ": " + kc_cuda::error_string(code));
+namespace {
+
+void check_launch(int code, const char* kernel) {
+  if (code != 0) throw std::runtime_error(std::string(kernel) + ": " + kc_cuda::error_string(code));
 }
+
+// A pointer field as a Python int property.
+template <class P, class Owner, class Ptr>
+void def_address(py::class_<P>& cls, const char* name, Ptr Owner::*field) {
+  cls.def_property(
+      name, [field](const P& p) { return reinterpret_cast<std::uintptr_t>(p.*field); },
+      [field](P& p, std::uintptr_t address) { p.*field = reinterpret_cast<Ptr>(address); });
+}
+
+void require_address(const void* address, const char* kernel, const char* field) {
+  if (address == nullptr) throw py::value_error(std::string(kernel) + ": " + field + " is required (got address 0)");
+}
+
+void require_dtype(int dtype, bool float64_allowed, const char* kernel, const char* field) {
+  const bool known = dtype >= 0 && dtype < kc_cuda::kNumDTypes;
+  if (!known || (dtype == kc_cuda::kFloat64 && !float64_allowed)) {
+    throw py::value_error(std::string(kernel) + ": " + field + " " + std::to_string(dtype) +
+                          (known ? " (float64) is not a work dtype: float32, float16 or bfloat16"
+                                 : " is not a DTYPES value"));
+  }
+}
+
+void require_non_negative(int64_t value, const char* kernel, const char* field) {
+  if (value < 0) throw py::value_error(std::string(kernel) + ": " + field + " is negative");
+}
+
+template <class P>
+void def_soft_target_inputs(py::class_<P>& cls) {
+  using In = kc_cuda::SoftTargetInputs;
+  cls.def(py::init<>())
+      .def_readwrite("col0", &In::col0)
+      .def_readwrite("rows", &In::rows)
+      .def_readwrite("ncols", &In::ncols)
+      .def_readwrite("num_segments", &In::num_segments)
+      .def_readwrite("scores_row_stride", &In::scores_row_stride)
+      .def_readwrite("scores_dtype", &In::scores_dtype)
+      .def_readwrite("teacher_row_stride", &In::teacher_row_stride)
+      .def_readwrite("teacher_dtype", &In::teacher_dtype)
+      .def_readwrite("num_targets", &In::num_targets)
+      .def_readwrite("targets_row_stride", &In::targets_row_stride)
+      .def_readwrite("softmax", &In::softmax)
+      .def_readwrite("inv_t", &In::inv_t);
+  def_address(cls, "scale", &In::scale);
+  def_address(cls, "bias", &In::bias);
+  def_address(cls, "teacher", &In::teacher);
+  def_address(cls, "target_index", &In::target_index);
+  def_address(cls, "target_value", &In::target_value);
+}
+
+void check_soft_target_inputs(const kc_cuda::SoftTargetInputs& p, const char* kernel) {
+  require_non_negative(p.rows, kernel, "rows");
+  require_non_negative(p.ncols, kernel, "ncols");
+  require_non_negative(p.num_targets, kernel, "num_targets");
+  require_dtype(p.scores_dtype, false, kernel, "scores_dtype");
+  if (p.teacher != nullptr) require_dtype(p.teacher_dtype, true, kernel, "teacher_dtype");
+  if (p.num_targets > 0) {
+    require_address(p.target_index, kernel, "target_index (num_targets > 0)");
+    require_address(p.target_value, kernel, "target_value (num_targets > 0)");
+  }
+}
+
+void launch_row_stats(const kc_cuda::RowStatsParams& p) {
+  constexpr const char* kernel = "soft_target_row_stats";
+  check_soft_target_inputs(p, kernel);
+  require_non_negative(p.pieces, kernel, "pieces");
+  if (p.phases & (kc::kPhaseNorm | kc::kPhaseStats)) require_address(p.scores, kernel, "scores (NORM or STATS)");
+  require_address(p.piece_lo, kernel, "piece_lo");
+  require_address(p.piece_seg, kernel, "piece_seg");
+  require_address(p.states, kernel, "states");
+  check_launch(kc_cuda::soft_target_row_stats(p), kernel);
+}
+
+void launch_final(const kc_cuda::FinalParams& p) {
+  constexpr const char* kernel = "soft_target_final";
+  check_soft_target_inputs(p, kernel);
+  require_address(p.scores, kernel, "scores");
+  require_address(p.seg_of_class, kernel, "seg_of_class");
+  require_address(p.consts, kernel, "consts");
+  require_address(p.row_part, kernel, "row_part");
+  if (p.coef != nullptr && (p.want_dbias || p.want_dscale)) {
+    require_address(p.col_part, kernel, "col_part (coef with want_dbias or want_dscale)");
+  }
+  check_launch(kc_cuda::soft_target_final(p), kernel);
+}
+
+}  // namespace
 
 PYBIND11_MODULE(_cuda, m) {
   m.doc() = "kc CUDA kernels (nvcc-compiled, raw-pointer launchers)";
+
+  py::class_<kc_cuda::RowStatsParams> row_stats_params(m, "RowStatsParams",
+                                                       "Inputs of soft_target_row_stats (csrc/cuda/kc_cuda.h)");
+  def_soft_target_inputs(row_stats_params);
+  row_stats_params.def_readwrite("pieces", &kc_cuda::RowStatsParams::pieces)
+      .def_readwrite("state_stride", &kc_cuda::RowStatsParams::state_stride)
+      .def_readwrite("state_row_stride", &kc_cuda::RowStatsParams::state_row_stride)
+      .def_readwrite("state_segment_stride", &kc_cuda::RowStatsParams::state_segment_stride)
+      .def_readwrite("phases", &kc_cuda::RowStatsParams::phases);
+  def_address(row_stats_params, "scores", &kc_cuda::RowStatsParams::scores);
+  def_address(row_stats_params, "piece_lo", &kc_cuda::RowStatsParams::piece_lo);
+  def_address(row_stats_params, "piece_seg", &kc_cuda::RowStatsParams::piece_seg);
+  def_address(row_stats_params, "states", &kc_cuda::RowStatsParams::states);
+  def_address(row_stats_params, "stream", &kc_cuda::RowStatsParams::stream);
+
+  py::class_<kc_cuda::FinalParams> final_params(m, "FinalParams", "Inputs of soft_target_final (csrc/cuda/kc_cuda.h)");
+  def_soft_target_inputs(final_params);
+  final_params.def_readwrite("t2", &kc_cuda::FinalParams::t2)
+      .def_readwrite("want_dbias", &kc_cuda::FinalParams::want_dbias)
+      .def_readwrite("want_dscale", &kc_cuda::FinalParams::want_dscale);
+  def_address(final_params, "scores", &kc_cuda::FinalParams::scores);
+  def_address(final_params, "seg_of_class", &kc_cuda::FinalParams::seg_of_class);
+  def_address(final_params, "consts", &kc_cuda::FinalParams::consts);
+  def_address(final_params, "coef", &kc_cuda::FinalParams::coef);
+  def_address(final_params, "row_part", &kc_cuda::FinalParams::row_part);
+  def_address(final_params, "col_part", &kc_cuda::FinalParams::col_part);
+  def_address(final_params, "stream", &kc_cuda::FinalParams::stream);
+
+  m.def("soft_target_row_stats", &launch_row_stats, py::arg("params"),
+        "Fold each (row, segment piece) of a chunk into the state array (phases TEACHER | NORM | STATS)");
+  m.def("soft_target_final", &launch_final, py::arg("params"),
+        "Loss row sums per column tile; with coef the logit gradient in place and the column sums per row tile");
+  m.attr("TILE") = py::make_tuple(kc_cuda::kFinalBlockRows, kc_cuda::kFinalBlockCols);
+  m.attr("DTYPES") = kc::enum_dict(kc_cuda::kDTypeNames, kc_cuda::kNumDTypes, [](int i) { return i; });
+  kc::export_soft_target_layout(m);
+
   m.def(
       "row_logsumexp",
       [](std::uintptr_t x, std::uintptr_t out, int64_t rows, int64_t cols, std::uintptr_t stream) {
-        check(kc_cuda::row_logsumexp(reinterpret_cast<const float*>(x), reinterpret_cast<float*>(out), rows, cols,
-                                     reinterpret_cast<void*>(stream)),
-              "row_logsumexp");
+        check_launch(kc_cuda::row_logsumexp(reinterpret_cast<const float*>(x), reinterpret_cast<float*>(out), rows,
+                                            cols, reinterpret_cast<void*>(stream)),
+                     "row_logsumexp");
       },
       py::arg("x"), py::arg("out"), py::arg("rows"), py::arg("cols"), py::arg("stream"));
   m.def(
       "row_softplus_sum",
       [](std::uintptr_t x, std::uintptr_t out, int64_t rows, int64_t cols, std::uintptr_t stream) {
-        check(kc_cuda::row_softplus_sum(reinterpret_cast<const float*>(x), reinterpret_cast<float*>(out), rows, cols,
-                                        reinterpret_cast<void*>(stream)),
-              "row_softplus_sum");
+        check_launch(kc_cuda::row_softplus_sum(reinterpret_cast<const float*>(x), reinterpret_cast<float*>(out), rows,
+                                               cols, reinterpret_cast<void*>(stream)),
+                     "row_softplus_sum");
       },
       py::arg("x"), py::arg("out"), py::arg("rows"), py::arg("cols"), py::arg("stream"));
   m.def("device_count", &kc_cuda::device_count,

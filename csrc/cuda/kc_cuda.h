@@ -1,21 +1,83 @@
 // Launchers of kc's CUDA kernels. This header is included by the host-compiled pybind11 bindings, so it uses no
-// CUDA or torch types: pointers are raw, the stream is a cudaStream_t passed as void*, and every launcher returns
-// a cudaError_t as int (0 = success) that the bindings turn into a Python exception.
+// CUDA or torch types: buffers are raw device addresses, the stream is a cudaStream_t passed as void*, and every
+// launcher returns a cudaError_t as int (0 = success) that the bindings turn into a Python exception. Each kernel
+// takes one params struct with named fields; a null pointer means the input is absent.
 #pragma once
 #include <cstdint>
 
 namespace kc_cuda {
 
-// out[r] = logsumexp_c x[r, c] over a contiguous fp32 [rows, cols] buffer; one block per row.
-int row_logsumexp(const float* x, float* out, int64_t rows, int64_t cols, void* stream);
+// Element type of a buffer whose type varies with the inputs (scores, teacher logits).
+enum DType { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+constexpr int kNumDTypes = 4;
+constexpr const char* kDTypeNames[kNumDTypes] = {"float32", "float16", "bfloat16", "float64"};
 
-// out[r] = sum_c softplus(x[r, c]).
-int row_softplus_sum(const float* x, float* out, int64_t rows, int64_t cols, void* stream);
+// ---- soft-target epilogue (soft_target.cu; contract: docs/epilogue.md, "GPU epilogue")
+
+// Tile of the final kernel, (BLOCK_R, BLOCK_C): the driver sizes its partial-sum buffers with it.
+constexpr int kFinalBlockRows = 32;
+constexpr int kFinalBlockCols = 256;
+
+// Inputs both epilogue kernels read. Per-row buffers start at the chunk's first row; class-indexed ones (scale,
+// bias, teacher columns, target indices) use global class ids; the chunk holds classes [col0, col0 + ncols).
+struct SoftTargetInputs {
+  int64_t col0 = 0, rows = 0, ncols = 0;
+  int64_t num_segments = 0;        // G
+  int64_t scores_row_stride = 0;   // elements; columns are contiguous
+  int scores_dtype = kFloat32;     // kFloat32, kFloat16 or kBFloat16
+  const void* scale = nullptr;     // fp32 [V] self-paced scale per class (a segment's scale expanded), or null
+  const void* bias = nullptr;      // fp32 [V] class bias, or null
+  const void* teacher = nullptr;   // [rows, V] dense teacher logits (columns contiguous), or null
+  int64_t teacher_row_stride = 0;
+  int teacher_dtype = kFloat32;    // any DType
+  const void* target_index = nullptr;  // int32 [rows, K] sparse targets, sorted per row; V marks padding
+  const void* target_value = nullptr;  // fp32 [rows, K]
+  int64_t num_targets = 0;             // K (0: no sparse targets)
+  int64_t targets_row_stride = 0;      // of both target_index and target_value
+  bool softmax = false;                // mode: softmax per segment, else sigmoid per class
+  float inv_t = 1.f;                   // 1 / T
+};
+
+// row_stats: one block per (row, piece) folds the piece's columns into states[:, row, piece_seg[piece]].
+struct RowStatsParams : SoftTargetInputs {
+  const void* scores = nullptr;     // [rows, ncols] u = x W_c^T (no bias), read only
+  int64_t pieces = 0;
+  const void* piece_lo = nullptr;   // int32 [pieces + 1] local column bounds of the segment pieces
+  const void* piece_seg = nullptr;  // int32 [pieces] segment of each piece
+  void* states = nullptr;           // fp32 [NUM_STATES, rows, G] view
+  int64_t state_stride = 0, state_row_stride = 0, state_segment_stride = 0;
+  int phases = 0;                   // bitmask of kc::Phase among TEACHER | NORM | STATS
+  void* stream = nullptr;
+};
+
+// final: one block per [kFinalBlockRows, kFinalBlockCols] tile, elementwise given the per-(row, segment) consts.
+struct FinalParams : SoftTargetInputs {
+  void* scores = nullptr;             // [rows, ncols] u; with coef overwritten by coef_b * dL/du (same dtype)
+  const void* seg_of_class = nullptr;  // int32 [V]
+  const void* consts = nullptr;       // fp32 [NUM_CONSTS, rows, G] contiguous
+  const void* coef = nullptr;         // fp32 [rows] gradient coefficient, or null: loss sums only, scores untouched
+  float t2 = 1.f;                     // T^2
+  void* row_part = nullptr;           // fp32 [2, n_col_tiles, rows]: row sums of softplus(y) and of z y per tile
+  void* col_part = nullptr;           // fp32 [2, n_row_tiles, ncols]: column sums of coef q/T and coef q u/(nT)
+  bool want_dbias = false, want_dscale = false;  // which col_part planes to write (with coef only)
+  void* stream = nullptr;
+};
+
+int soft_target_row_stats(const RowStatsParams& p);
+int soft_target_final(const FinalParams& p);
+
+// ---- runtime
 
 // Name of a cudaError_t value.
 const char* error_string(int code);
 
 // Number of visible CUDA devices, or a negative cudaError_t when the runtime cannot be initialised.
 int device_count();
+
+// out[r] = logsumexp_c x[r, c] over a contiguous fp32 [rows, cols] buffer; one block per row.
+int row_logsumexp(const float* x, float* out, int64_t rows, int64_t cols, void* stream);
+
+// out[r] = sum_c softplus(x[r, c]).
+int row_softplus_sum(const float* x, float* out, int64_t rows, int64_t cols, void* stream);
 
 }  // namespace kc_cuda
