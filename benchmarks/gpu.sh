@@ -9,6 +9,7 @@
 # A step that fails or hits its cap is recorded and the next one runs. Wheels in benchmarks/wheels/ (see
 # benchmarks/fetch_wheels.sh) are installed first where their package is not importable.
 # --dry-run: the same steps on the CPU at tiny shapes, under a minute (no build; tests/test_gpu_check_dry_run.py).
+# The exit status is the report's: 0 once the results file is written, whatever the verdicts in it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,7 +30,10 @@ PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
 # value checks read tensor data on the host (a synchronisation each): off, as in a training loop
 export KC_CHECK_VALUES=0
-WORK="$(mktemp -d "${TMPDIR:-/tmp}/kc-gpu-check.XXXXXX")"
+# the steps' records and logs (build.log among them); KC_GPU_WORK names the folder, e.g. to keep the build log
+WORK="${KC_GPU_WORK:-$(mktemp -d "${TMPDIR:-/tmp}/kc-gpu-check.XXXXXX")}"
+mkdir -p "$WORK"
+rm -f "$WORK"/steps.tsv "$WORK"/build.* "$WORK"/{correctness,bench,syncs,determinism}.{json,log}  # a reused folder
 T0=$(date +%s)
 
 # soft caps of the steps (seconds; the hard cap adds GRACE for a call or a compile that overruns), and RES_*: what

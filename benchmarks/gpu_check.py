@@ -293,9 +293,10 @@ def run_correctness(s: Settings, step: Step):
                 t0 = time.perf_counter()
                 try:
                     rec.update(check_case(case, b, dt, s.device))
-                except NotImplementedError as e:  # the backend exists but lacks the op: say so once
+                except NotImplementedError as e:  # the op, or this case of it, is not there (yet)
                     rec.update(status="unavailable", error=_error(e))
-                    status[b].update(available=False, not_implemented=True, reason=_error(e))
+                    if "does not implement" in str(e):  # the whole op (kc_kernels.dispatch): say so once
+                        status[b].update(available=False, not_implemented=True, reason=_error(e))
                 except Exception as e:
                     rec.update(status="error", error=_error(e), where=_where(e))
                 rec["seconds"] = round(time.perf_counter() - t0, 3)
@@ -352,7 +353,7 @@ def bench_case(loss: str, B: int, H: int, V: int, rounds: int, s: Settings, live
     for name, fn in _impls(p, loss, s, live):
         row = rows[name] = Row(loss, shape, name)
         if fn is None:
-            row.note = "not installed" if s.peers else "peers run on GPU only"
+            row.note = "not installed (or not for CPU tensors)" if s.peers else "peers run on GPU only"
             continue
         try:
             fn()  # compiles, autotunes
@@ -617,6 +618,9 @@ def run_report(s: Settings, work: Path, out: Optional[str], dry: bool) -> Path:
             "peers": {d: _dist_version(d) for d in ("cut-cross-entropy", "liger-kernel")}}
     report = {"meta": meta, "build": _read(work / "build.json") or {"status": "not run"}, "steps": {}}
     if report["build"].get("status") == "failed":
+        # a compiler's first errors say more than the tail, where pip repeats that a command failed
+        log = (work / "build.log").read_text(errors="replace").splitlines() if (work / "build.log").exists() else []
+        report["build"]["errors"] = [line for line in log if "error" in line.lower()][:30]
         report["build"]["log_tail"] = _log_tail(work, "build", 60)
     for name in STEPS:
         data, proc = _read(work / f"{name}.json"), procs.get(name, {})
