@@ -103,6 +103,17 @@ void launch_final(const kc_cuda::FinalParams& p) {
   check_launch(kc_cuda::soft_target_final(p), kernel);
 }
 
+void launch_sampled_softmax(const kc_cuda::SampledSoftmaxParams& p) {
+  constexpr const char* kernel = "sampled_softmax";
+  require_non_negative(p.rows, kernel, "rows");
+  require_non_negative(p.num_true, kernel, "num_true");
+  require_non_negative(p.num_sampled, kernel, "num_sampled");
+  if (p.num_true > 0) require_address(p.true_logits, kernel, "true_logits (num_true > 0)");
+  if (p.num_sampled > 0) require_address(p.sampled_logits, kernel, "sampled_logits (num_sampled > 0)");
+  if (p.loss == nullptr && p.coef == nullptr) throw py::value_error("sampled_softmax: neither loss nor coef is set");
+  check_launch(kc_cuda::sampled_softmax(p), kernel);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cuda, m) {
@@ -139,6 +150,22 @@ PYBIND11_MODULE(_cuda, m) {
         "Fold each (row, segment piece) of a chunk into the state array (phases TEACHER | NORM | STATS)");
   m.def("soft_target_final", &launch_final, py::arg("params"),
         "Loss row sums per column tile; with coef the logit gradient in place and the column sums per row tile");
+  py::class_<kc_cuda::SampledSoftmaxParams> sampled_params(m, "SampledSoftmaxParams",
+                                                           "Inputs of sampled_softmax (csrc/cuda/kc_cuda.h)");
+  sampled_params.def(py::init<>())
+      .def_readwrite("rows", &kc_cuda::SampledSoftmaxParams::rows)
+      .def_readwrite("num_true", &kc_cuda::SampledSoftmaxParams::num_true)
+      .def_readwrite("true_row_stride", &kc_cuda::SampledSoftmaxParams::true_row_stride)
+      .def_readwrite("num_sampled", &kc_cuda::SampledSoftmaxParams::num_sampled)
+      .def_readwrite("sampled_row_stride", &kc_cuda::SampledSoftmaxParams::sampled_row_stride);
+  def_address(sampled_params, "true_logits", &kc_cuda::SampledSoftmaxParams::true_logits);
+  def_address(sampled_params, "sampled_logits", &kc_cuda::SampledSoftmaxParams::sampled_logits);
+  def_address(sampled_params, "loss", &kc_cuda::SampledSoftmaxParams::loss);
+  def_address(sampled_params, "coef", &kc_cuda::SampledSoftmaxParams::coef);
+  def_address(sampled_params, "stream", &kc_cuda::SampledSoftmaxParams::stream);
+  m.def("sampled_softmax", &launch_sampled_softmax, py::arg("params"),
+        "Per-row sampled-softmax loss of the gathered logits; with coef their gradient in place");
+
   m.attr("TILE") = py::make_tuple(kc_cuda::kFinalBlockRows, kc_cuda::kFinalBlockCols);
   m.attr("DTYPES") = kc::enum_dict(kc_cuda::kDTypeNames, kc_cuda::kNumDTypes, [](int i) { return i; });
   kc::export_soft_target_layout(m);

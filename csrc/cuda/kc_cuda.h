@@ -66,6 +66,27 @@ struct FinalParams : SoftTargetInputs {
 int soft_target_row_stats(const RowStatsParams& p);
 int soft_target_final(const FinalParams& p);
 
+// ---- sampled softmax (sampled_softmax.cu)
+
+// Per row b of the gathered logits: the true labels' logits [B, T] and the sampled classes' logits [B, S] (fp32,
+// -inf where masked: padding labels, accidental hits). Computes loss[b] = logsumexp over both - sum_t target_t
+// true_t, the target being 1/num_true on each unmasked true logit; with coef, overwrites both buffers in place by
+// coef[b] (softmax - target), the gradient of coef[b] loss[b] with respect to the logits (0 where masked).
+struct SampledSoftmaxParams {
+  int64_t rows = 0;
+  void* true_logits = nullptr;  // fp32 [rows, num_true] (columns contiguous)
+  int64_t num_true = 0;
+  int64_t true_row_stride = 0;
+  void* sampled_logits = nullptr;  // fp32 [rows, num_sampled] (columns contiguous)
+  int64_t num_sampled = 0;
+  int64_t sampled_row_stride = 0;
+  void* loss = nullptr;        // fp32 [rows], or null
+  const void* coef = nullptr;  // fp32 [rows], or null: the logits are left as they are
+  void* stream = nullptr;
+};
+
+int sampled_softmax(const SampledSoftmaxParams& p);
+
 // ---- runtime
 
 // Name of a cudaError_t value.
