@@ -3,6 +3,7 @@
     kc run                          # the default preset into ./kc-out
     kc run --preset eft-100k --out runs/eft
     kc run --resume --out kc-out    # after an interruption: skips finished stages, keeps finished work
+    kc run --seeds 0,1,2 --out runs/s   # one run per seed in runs/s/seed-N, then runs/s/summary.md
     kc student --config my.yaml --seed 3 --out kc-out
 """
 from __future__ import annotations
@@ -11,10 +12,11 @@ import argparse
 import sys
 from typing import List, Optional
 
-from kc import config, pipeline
+from kc import config, pipeline, seeds
 from kc.cache import CacheMismatch
 from kc.data import DataError
 from kc.taxonomy import TaxonomyError
+from kc.train import TrainingCollapsed
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,6 +41,10 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--progress", dest="progress", action="store_true", default=None,
                        help="always show progress bars (default: only on a terminal)")
         s.add_argument("--no-progress", dest="progress", action="store_false")
+        if name in ("run", "report"):
+            s.add_argument("--seeds", default=None,
+                           help="several seeds, e.g. 0,1,2 or 0-4: one run per seed in OUT/seed-N, then "
+                                "OUT/summary.md with means, SDs and paired differences with 95%% intervals")
         if name != "config":
             s.add_argument("--resume", action="store_true",
                            help="continue an interrupted run: skip finished stages, keep finished work")
@@ -53,6 +59,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             overrides["seed"] = args.seed
         if args.threads is not None:
             overrides["threads"] = args.threads
+        if getattr(args, "seeds", None):
+            if args.seed is not None:
+                raise config.ConfigError("--seed and --seeds: give one of them")
+            try:
+                seed_list = seeds.parse_seeds(args.seeds)
+            except ValueError as e:
+                raise config.ConfigError(str(e)) from None
+            return _multi_seed(args, overrides, seed_list)
         cfg = config.load(args.preset, args.config, overrides)
         if args.command == "config":
             print(cfg.to_yaml(), end="")
@@ -66,12 +80,33 @@ def main(argv: Optional[List[str]] = None) -> int:
             pipeline.run_stage(ws, args.command, resume=args.resume)
         return 0
     except (config.ConfigError, TaxonomyError, DataError, CacheMismatch, pipeline.StageError,
-            FileNotFoundError) as e:
+            FileNotFoundError, TrainingCollapsed) as e:
         print(f"kc: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("kc: interrupted; continue with --resume", file=sys.stderr)
         return 130
+
+
+def _multi_seed(args, overrides, seed_list) -> int:
+    """Every seed's run (or report) in OUT/seed-N, then the summary over seeds."""
+    import os
+
+    for s in seed_list:
+        cfg = config.load(args.preset, args.config, dict(overrides, seed=s))
+        pipeline.configure_torch(cfg)
+        ws = pipeline.Workspace(seeds.seed_dir(args.out, s), cfg, pipeline.progress_factory(args.progress))
+        ws.open()
+        pipeline.log(f"seed {s} ({seed_list.index(s) + 1} of {len(seed_list)}) in {ws.out}")
+        if args.command == "run":
+            pipeline.run_all(ws, resume=args.resume)
+        else:
+            pipeline.run_stage(ws, "report", resume=args.resume)
+    files = seeds.write_summary(args.out, seed_list)
+    with open(files["table"]) as f:
+        print(f.read())
+    pipeline.log("summary over seeds: " + ", ".join(os.path.relpath(p, os.getcwd()) for p in files.values()))
+    return 0
 
 
 if __name__ == "__main__":

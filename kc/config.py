@@ -17,8 +17,12 @@ class ConfigError(ValueError):
     """A config that cannot describe a run; the message names the key."""
 
 
-HEADS = ("fc_fc", "fc_sc", "sc_sc", "fc_sc_shared")
-METHODS = ("generalist", "distilled", "self_paced")
+HEADS = ("fc_fc", "fc_sc", "sc_sc", "fc_sc_shared", "fc_fc_matched")
+# bayes_*: distilled from the generator's Bayes-optimal posterior instead of the specialists (synthetic data only):
+# the gain a perfect teacher would bring, the ceiling of what distillation can add on this data
+METHODS = ("generalist", "distilled", "self_paced", "bayes_distilled", "bayes_self_paced")
+SCALE_INITS = ("sqrt", "sqrt_log", "fixed")
+BIAS_INITS = ("prior", "uniform")
 SCALES = ("none", "vertical", "class")
 DATA_KINDS = ("synthetic", "features", "images")
 BACKBONES = ("mlp", "cnn")
@@ -84,6 +88,16 @@ class StudentConfig:
     s2_fc: int = 32  # FC-FC's second layer
     shared: int = 4  # FC-SC shared head: units of each block shared across verticals
     scale: str = "vertical"  # the self-paced scale of the "self_paced" method
+    # gamma's start: sqrt(N_v) (the paper's), sqrt(N_v) * ln(N_v / scale_init_k) (grows with the share of a
+    # vertical's classes that are negatives of a row), or scale_init_value for every vertical
+    scale_init: str = "sqrt"
+    scale_init_k: float = 1.0
+    scale_init_value: float = 10.0
+    bias_init: str = "prior"  # output bias at the logit of each class's training frequency, or -ln(N) everywhere
+    # training stops (an error) when the model has collapsed: this share of the backbone's last units never fire
+    # on a probe batch, or the logits barely vary across inputs (spread below collapse_spread, see train.health)
+    collapse_dead: float = 0.95
+    collapse_spread: float = 0.02
     hard_weight: float = 0.3  # targets = (1 - w) * teacher + w * hard labels
     epochs: int = 24
     batch_size: int = 128
@@ -97,6 +111,7 @@ class EvalConfig:
     row_chunk: int = 4096
     class_chunk: int = 1024
     timing_batch: int = 256
+    bayes: bool = True  # synthetic data: also score the generator's Bayes posterior (the best possible mAP)
 
 
 @dataclass
@@ -268,6 +283,16 @@ def validate(cfg: RunConfig) -> None:
     for i, m in enumerate(st.methods):
         _choice(f"student.methods[{i}]", m, METHODS)
     _choice("student.scale", st.scale, SCALES)
+    _choice("student.scale_init", st.scale_init, SCALE_INITS)
+    _choice("student.bias_init", st.bias_init, BIAS_INITS)
+    _positive("student.scale_init_k", st.scale_init_k)
+    _positive("student.scale_init_value", st.scale_init_value)
+    if not 0 < st.collapse_dead <= 1:
+        raise ConfigError(f"student.collapse_dead: must be in (0, 1], got {st.collapse_dead}")
+    _positive("student.collapse_spread", st.collapse_spread, allow_zero=True)
+    if any(m.startswith("bayes_") for m in st.methods) and d.kind != "synthetic":
+        raise ConfigError("student.methods: bayes_* methods need the synthetic generator's posterior "
+                          "(data.kind: synthetic)")
     for k in ("sb", "s1", "s2", "s1s", "s1i", "s2_fc"):
         _positive(f"student.{k}", getattr(st, k))
     if not 0 <= st.shared < st.s2:

@@ -296,6 +296,57 @@ class SyntheticGenerator:
         indptr = np.concatenate([[0], np.cumsum([len(x) for x in lab])]).astype(np.int64)
         return x, indptr, np.concatenate(lab).astype(np.int32)
 
+    # ------------------------------------------------------------------ the Bayes-optimal posterior
+    # A row of leaf c in vertical v is x = center_v + B_v (code_c + mode + noise_v * z) + iso * e, z and e standard
+    # normal: Gaussian with covariance S_v = iso^2 I + noise_v^2 B_v B_v^T (B_v orthonormal columns), one Gaussian
+    # per pose. With r = x - center_v: -2 log N(x) = |r - B c|^2 / iso^2 - a_v |B^T r - c|^2 + log det S_v + const,
+    # a_v = noise_v^2 / (iso^2 (iso^2 + noise_v^2)), which takes two GEMMs per vertical.
+
+    def _leaves_of(self, v: int) -> np.ndarray:
+        c = np.asarray(self.tax.classes_of(v))
+        return c[self.tax.is_leaf[c]]
+
+    def leaf_log_joint(self, x: np.ndarray, v: int) -> np.ndarray:
+        """log p(x, c) for every leaf c of vertical v (prior: leaves equally likely): [n, leaves of v]."""
+        cfg = self.cfg
+        iso2 = max(cfg.isotropic_noise, 1e-3) ** 2
+        n2 = float(self.noise[v]) ** 2
+        a = n2 / (iso2 * (iso2 + n2))
+        D, d = cfg.feature_dim, cfg.subspace_dim
+        logdet = (D - d) * np.log(iso2) + d * np.log(iso2 + n2)
+        leaves = self._leaves_of(v)
+        r = x.astype(np.float64) - self.center[v]
+        p = r @ self.basis[v].astype(np.float64)  # [n, d]
+        rr = (r * r).sum(1, keepdims=True)
+        pp = (p * p).sum(1, keepdims=True)
+        out = None
+        for m in range(cfg.modes):
+            code = (self.code[leaves] + self.mode_code[self.root[leaves], m]).astype(np.float64)  # [L, d]
+            cc = (code * code).sum(1)[None]
+            pc = p @ code.T
+            # |r - B c|^2 = rr - 2 p.c + cc;  |p - c|^2 = pp - 2 p.c + cc
+            q = (rr - 2 * pc + cc) / iso2 - a * (pp - 2 * pc + cc)
+            lm = -0.5 * (q + logdet) - np.log(cfg.modes)
+            out = lm if out is None else np.logaddexp(out, lm)
+        n_leaves = int(self.tax.is_leaf.sum())
+        return out - np.log(n_leaves)
+
+    def class_log_posterior(self, x: np.ndarray, v: int, log_z: Optional[np.ndarray] = None) -> np.ndarray:
+        """log P(k | x) for every class k of vertical v (a parent: the sum over its leaves): [n, N_v]. log_z [n]:
+        log p(x) over all verticals; None conditions on the row belonging to v (what v's teacher is asked)."""
+        lj = self.leaf_log_joint(x, v)
+        m = lj.max(1, keepdims=True)
+        if log_z is None:
+            log_z = (m + np.log(np.exp(lj - m).sum(1, keepdims=True)))[:, 0]
+        rel = np.exp(lj - m)  # [n, L]
+        c0 = int(self.tax.segments[v])
+        leaves = self._leaves_of(v)
+        member = np.zeros((len(leaves), len(self.tax.classes_of(v))))  # leaf -> every class it is a sample of
+        for i, c in enumerate(leaves):
+            member[i, np.asarray(self.tax.labels_of(int(c))) - c0] = 1.0
+        with np.errstate(divide="ignore"):
+            return np.log(rel @ member) + m - log_z[:, None]
+
     def _siblings(self, c: int) -> np.ndarray:
         if c not in self.siblings:
             p = self.tax.parent[c]

@@ -92,6 +92,10 @@ class Head(nn.Module):
         elif kind == "fc_sc":
             self.layers = nn.ModuleList([nn.Linear(sb, s1s), BlockLinear(M, s1s, s2)])
             self.width = s2
+        elif kind == "fc_fc_matched":
+            w = matched_width(sb=sb, N=N, M=M, s1=s1, s2=s2, s1s=s1s)
+            self.layers = nn.ModuleList([nn.Linear(sb, s1), nn.Linear(s1, w)])
+            self.width = w
         elif kind == "sc_sc":
             self.layers = nn.ModuleList([BlockLinear(M, sb, s1i), BlockLinear(M, s1i, s2)])
             self.width = s2
@@ -99,8 +103,8 @@ class Head(nn.Module):
             self.layers = nn.ModuleList([nn.Linear(sb, s1s), nn.Linear(s1s, shared), BlockLinear(M, s1s, s2 - shared)])
             self.width = s2
         else:
-            raise ValueError(f"unknown head {kind!r}; known: fc_fc, fc_sc, sc_sc, fc_sc_shared")
-        self.grouped = kind != "fc_fc"
+            raise ValueError(f"unknown head {kind!r}; known: fc_fc, fc_sc, sc_sc, fc_sc_shared, fc_fc_matched")
+        self.grouped = kind not in ("fc_fc", "fc_fc_matched")
         self.num_verticals = M
         self.weight = nn.Parameter(torch.empty(N, self.width))  # the output layer, applied inside the loss op
         # a sample carries few of the N labels: starting every probability near 1/N skips a long first phase
@@ -125,10 +129,20 @@ class Head(nn.Module):
         return h
 
 
+def matched_width(*, sb, N, M, s1=128, s2=32, s1s=128) -> int:
+    """The FC-FC second-layer width whose head has as many weights as the FC-SC head (the size-matched baseline:
+    FC-SC's gain over it is the structure's, not the extra weights')."""
+    target = head_weight_count("fc_sc", sb=sb, N=N, M=M, s2=s2, s1s=s1s)
+    return max(1, int(round((target - sb * s1) / (s1 + N))))
+
+
 def head_weight_count(kind: str, *, sb, N, M, s1=128, s2=32, s1s=128, s1i=16, s2_fc=32, shared=4) -> int:
     """The parameter counts of a head (docs/method.md) (weights, without biases), output layer included."""
     if kind == "fc_fc":
         return sb * s1 + s1 * s2_fc + s2_fc * N
+    if kind == "fc_fc_matched":
+        w = matched_width(sb=sb, N=N, M=M, s1=s1, s2=s2, s1s=s1s)
+        return sb * s1 + s1 * w + w * N
     if kind == "fc_sc":
         return sb * s1s + s1s * s2 * M + s2 * N
     if kind == "sc_sc":
@@ -148,19 +162,21 @@ class Student(nn.Module):
     """Backbone + head + output layer (+ self-paced scale) over all classes; trained through the fused op."""
 
     def __init__(self, backbone: nn.Module, head: Head, segments: np.ndarray, scale: str = "none",
-                 backend: str = "auto"):
+                 backend: str = "auto", scale_init: str = "sqrt", scale_init_k: float = 1.0,
+                 scale_init_value: float = 10.0):
         super().__init__()
         self.backbone, self.head = backbone, head
         self.register_buffer("segments", torch.as_tensor(np.asarray(segments), dtype=torch.long))
         sizes = torch.diff(self.segments).double()
         self.scale_kind = scale
-        # gamma is learnt as log(gamma): it has to grow several-fold from sqrt(N_v) (with L2-normalised logits a
-        # sigmoid needs |y| of a few units on every negative class), and a log step is the same relative change
-        # at any size, for every vertical alike
+        # gamma is learnt as log(gamma): a log step is the same relative change at any size, for every vertical
+        # alike. Creating it draws no random numbers, so a student with the scale starts from exactly the same
+        # weights as the one without (same seed, same head).
+        log_init = initial_log_scale(sizes, scale_init, scale_init_k, scale_init_value)
         if scale == "vertical":
-            self.log_scale = nn.Parameter(0.5 * sizes.log().float())  # gamma_v = sqrt(N_v), the paper's best init
+            self.log_scale = nn.Parameter(log_init.float())
         elif scale == "class":
-            self.log_scale = nn.Parameter(torch.repeat_interleave(0.5 * sizes.log(), torch.diff(self.segments)).float())
+            self.log_scale = nn.Parameter(torch.repeat_interleave(log_init, torch.diff(self.segments)).float())
         elif scale == "none":
             self.log_scale = None
         else:
@@ -170,6 +186,13 @@ class Student(nn.Module):
     @property
     def num_classes(self) -> int:
         return self.head.weight.shape[0]
+
+    @torch.no_grad()
+    def init_bias(self, positives: np.ndarray, rows: int) -> None:
+        """Output bias at the logit of each class's training frequency (the class prior). The bias is added after
+        the self-paced scale, so with it the normalised part only has to say how a row differs from the prior."""
+        p = (np.asarray(positives, dtype=np.float64) + 0.5) / (rows + 1.0)
+        self.head.bias.copy_(torch.from_numpy(np.log(p) - np.log1p(-p)).float())
 
     @property
     def scale(self):
@@ -217,12 +240,31 @@ class Student(nn.Module):
         return torch.cat(out, dim=1)
 
 
+def initial_log_scale(sizes: torch.Tensor, rule: str = "sqrt", k: float = 1.0, value: float = 10.0) -> torch.Tensor:
+    """log(gamma_v) at the start, per vertical of N_v classes.
+
+    "sqrt": gamma = sqrt(N_v), the paper's. With u / ||u|| an L2-normalised vector over N_v classes, a class's
+    normalised score is about 1 / sqrt(N_v) in size, so gamma = sqrt(N_v) gives logits of order one around the
+    bias, whatever the vertical's size. "sqrt_log": sqrt(N_v) * ln(N_v / k): a row's positive has to stand out
+    from N_v negatives, which takes a margin growing like ln(N_v / k) (k: positives per row).
+    "fixed": gamma = value everywhere."""
+    sizes = sizes.double()
+    if rule == "sqrt":
+        return 0.5 * sizes.log()
+    if rule == "sqrt_log":
+        return 0.5 * sizes.log() + torch.log(torch.clamp(torch.log(sizes / k), min=1.0))
+    if rule == "fixed":
+        return torch.full_like(sizes, math.log(value))
+    raise ValueError(f"unknown scale init {rule!r}; known: sqrt, sqrt_log, fixed")
+
+
 def build_student(cfg, input_shape, taxonomy, head: str, scale: str, backend: str = "auto") -> Student:
     st = cfg.student
     backbone = make_backbone(st.backbone, input_shape, st.backbone_hidden, st.sb)
     h = Head(head, st.sb, taxonomy.num_classes, taxonomy.num_verticals, s1=st.s1, s2=st.s2, s1s=st.s1s, s1i=st.s1i,
              s2_fc=st.s2_fc, shared=st.shared)
-    return Student(backbone, h, taxonomy.segments, scale=scale, backend=backend)
+    return Student(backbone, h, taxonomy.segments, scale=scale, backend=backend, scale_init=st.scale_init,
+                   scale_init_k=st.scale_init_k, scale_init_value=st.scale_init_value)
 
 
 # ------------------------------------------------------------------------------------------ specialists

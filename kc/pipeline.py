@@ -6,6 +6,7 @@
     out/data/{train,test}  feature shards (synthetic data; real data is read where data.path points)
     out/specialists/       one teacher checkpoint per vertical
     out/cache/             the teacher cache (index.npy, value.npy, manifest.json)
+    out/cache-bayes/       the same from the generator's Bayes posterior (bayes_* methods, synthetic data)
     out/students/          one checkpoint per student run
     out/eval/              one JSON of metrics per model
     out/report/            results.md, results.json, loss_curves.png, map_per_vertical.png
@@ -58,6 +59,7 @@ class Workspace:
         self.data_dir = os.path.join(self.out, "data")
         self.specialists_dir = os.path.join(self.out, "specialists")
         self.cache_dir = os.path.join(self.out, "cache")
+        self.bayes_cache_dir = os.path.join(self.out, "cache-bayes")
         self.students_dir = os.path.join(self.out, "students")
         self.eval_dir = os.path.join(self.out, "eval")
         self.report_dir = os.path.join(self.out, "report")
@@ -120,11 +122,17 @@ class Workspace:
     def student_path(self, run: str) -> str:
         return os.path.join(self.students_dir, f"{run}.pt")
 
-    def expected_cache(self) -> Dict:
+    def expected_cache(self, bayes: bool = False) -> Dict:
         tax, tr = self.taxonomy(), self.split("train")
-        return cache_mod.expected_manifest(tax, tr, self.cfg.cache.top_k,
-                                           teachers.checksums(self.specialists_dir, tax.num_verticals),
-                                           data.fingerprint(tr))
+        sums = (teachers.bayes_checksums(self.cfg.seed, tax.num_verticals) if bayes
+                else teachers.checksums(self.specialists_dir, tax.num_verticals))
+        return cache_mod.expected_manifest(tax, tr, self.cfg.cache.top_k, sums, data.fingerprint(tr))
+
+    def generator(self) -> data.SyntheticGenerator:
+        return data.SyntheticGenerator(self.taxonomy(), self.cfg.data, self.cfg.seed)
+
+    def uses_bayes(self) -> bool:
+        return any(m.startswith("bayes_") for m in self.cfg.student.methods)
 
 
 # ---------------------------------------------------------------------------------------------- stages
@@ -169,23 +177,46 @@ def stage_cache(ws: Workspace, resume: bool) -> Dict:
                         ws.progress)
     size = sum(os.path.getsize(os.path.join(ws.cache_dir, f)) for f in (cache_mod.INDEX_FILE, cache_mod.VALUE_FILE))
     log(f"teacher cache: top-{m['top_k']} of {m['num_samples']} samples, {size / 2**20:.1f} MiB")
-    return {"top_k": m["top_k"], "bytes": size}
+    info = {"top_k": m["top_k"], "bytes": size, "teacher_recall": teacher_recall(ws.cache_dir, tr)}
+    log(f"teacher cache: the true class is in the top-{m['top_k']} of {100 * info['teacher_recall']:.1f}% of rows")
+    if ws.uses_bayes():
+        if not resume and os.path.isdir(ws.bayes_cache_dir):
+            shutil.rmtree(ws.bayes_cache_dir)
+        cache_mod.build(ws.bayes_cache_dir, teachers.bayes_teachers(ws.generator(), tax.num_verticals), tax, tr,
+                        ws.expected_cache(bayes=True), ws.cfg.cache.batch_size, "cpu", ws.progress)
+        info["bayes_teacher_recall"] = teacher_recall(ws.bayes_cache_dir, tr)
+        log(f"Bayes teacher cache: true class in the top-{m['top_k']} of "
+            f"{100 * info['bayes_teacher_recall']:.1f}% of rows")
+    return info
+
+
+def teacher_recall(directory: str, train_set: data.SampleSet, rows: int = 20000) -> float:
+    """Share of (a sample of) training rows whose fine class is among the cached top-K: distillation from a
+    cache that mostly misses the true class distils noise."""
+    c = cache_mod.TeacherCache(directory)
+    idx = np.random.default_rng(0).choice(len(train_set), min(rows, len(train_set)), replace=False)
+    ti, _ = c.batch(idx)
+    fine = torch.from_numpy(train_set.labels.fine()[idx])
+    return float((ti == fine[:, None]).any(1).float().mean())
 
 
 def stage_student(ws: Workspace, resume: bool) -> Dict:
     cfg = ws.cfg
     tax, tr = ws.taxonomy(), ws.split("train")
     runs = cfg.runs()
-    cache = None
+    caches = {}
     if any(train.parse_run(r)[0] != "generalist" for r in runs):
         ws.require("cache")
-        cache = cache_mod.TeacherCache(ws.cache_dir, ws.expected_cache())
+        caches["specialists"] = cache_mod.TeacherCache(ws.cache_dir, ws.expected_cache())
+    if ws.uses_bayes():
+        caches["bayes"] = cache_mod.TeacherCache(ws.bayes_cache_dir, ws.expected_cache(bayes=True))
     os.makedirs(ws.students_dir, exist_ok=True)
     out = {}
     for run in runs:
         path = ws.student_path(run)
         if not resume and os.path.exists(path):
             os.remove(path)
+        cache = caches.get("bayes" if run.startswith("bayes_") else "specialists")
         res = train.train_student(cfg, tax, tr, run, path, cfg.seed, cache, ws.progress)
         out[run] = {"seconds": round(res["seconds"], 2), "final_loss": res["history"]["epoch_loss"][-1]}
         log(f"student {run}: final epoch loss {out[run]['final_loss']:.4f} ({res['seconds']:.1f}s)")
@@ -224,17 +255,35 @@ def _eval_specialists(ws: Workspace) -> Dict:
     return res
 
 
+def _eval_bayes(ws: Workspace) -> Dict:
+    cfg, tax, te = ws.cfg, ws.taxonomy(), ws.split("test")
+    scorer = evaluate.BayesScorer(ws.generator(), te, cfg.eval.row_chunk)
+    res = evaluate.evaluate(scorer, tax, te, cfg.eval.class_chunk, ws.progress)
+    res.update(parameters=0, ms_per_sample=float("nan"), history={}, method="bayes", head="", scale="none")
+    return res
+
+
+def evaluated_models(ws: Workspace):
+    """Student runs, the specialists, and (synthetic data of a size where it is cheap) the Bayes posterior."""
+    cfg = ws.cfg
+    extra = ["specialists"]
+    if cfg.data.kind == "synthetic" and cfg.eval.bayes and len(ws.split("test")) * ws.taxonomy().num_classes <= 1e9:
+        extra.append("bayes")
+    return cfg.runs() + extra
+
+
 def stage_eval(ws: Workspace, resume: bool) -> Dict:
     ws.require("student")
     os.makedirs(ws.eval_dir, exist_ok=True)
     out = {}
-    for run in ws.cfg.runs() + ["specialists"]:
+    for run in evaluated_models(ws):
         path = os.path.join(ws.eval_dir, f"{run}.json")
         if resume and os.path.exists(path):
             res = checkpoint.read_json(path)
         else:
             t0 = time.time()
-            res = _eval_specialists(ws) if run == "specialists" else _eval_student(ws, run)
+            res = (_eval_specialists(ws) if run == "specialists" else _eval_bayes(ws) if run == "bayes"
+                   else _eval_student(ws, run))
             res["eval_seconds"] = round(time.time() - t0, 2)
             checkpoint.write_json(path, res)
         out[run] = res["map"]
@@ -246,12 +295,12 @@ def stage_eval(ws: Workspace, resume: bool) -> Dict:
 def stage_report(ws: Workspace, resume: bool) -> Dict:
     ws.require("eval")
     cfg, tax = ws.cfg, ws.taxonomy()
-    runs = cfg.runs() + ["specialists"]
+    runs = evaluated_models(ws)
     evals = {r: checkpoint.read_json(os.path.join(ws.eval_dir, f"{r}.json")) for r in runs}
     histories = {r: evals[r].pop("history", {}) for r in runs}
     results = {"name": cfg.name, "seed": cfg.seed, "num_classes": tax.num_classes, "verticals": tax.vertical_names,
                "vertical_sizes": tax.vertical_sizes().tolist(), "num_train": len(ws.split("train")),
-               "num_test": len(ws.split("test")), "scale": cfg.student.scale, "config": cfg.to_dict(),
+               "num_test": len(ws.split("test")), "scale": cfg.student.scale, "scale_init": cfg.student.scale_init, "config": cfg.to_dict(),
                "stage_seconds": {k: v.get("seconds") for k, v in ws.state()["stages"].items()},
                "models": evals}
     files = report.write(results, {r: h for r, h in histories.items() if h}, ws.report_dir)

@@ -9,13 +9,18 @@ import numpy as np
 
 from kc import checkpoint
 
-METHOD_LABELS = {"generalist": "Generalist", "distilled": "+D", "self_paced": "+D+S"}
-HEAD_LABELS = {"fc_fc": "FC-FC", "fc_sc": "FC-SC", "sc_sc": "SC-SC", "fc_sc_shared": "FC-SC(shared)"}
+METHOD_LABELS = {"generalist": "Generalist", "distilled": "+D", "self_paced": "+D+S",
+                 "bayes_distilled": "+D(Bayes)", "bayes_self_paced": "+D+S(Bayes)"}
+HEAD_LABELS = {"fc_fc": "FC-FC", "fc_sc": "FC-SC", "sc_sc": "SC-SC", "fc_sc_shared": "FC-SC(shared)",
+               "fc_fc_matched": "FC-FC(=)"}
+REFERENCES = ("specialists", "bayes")  # not students: never marked best
 
 
 def label(run: str) -> str:
     if run == "specialists":
         return "Specialists"
+    if run == "bayes":
+        return "Bayes posterior"
     method, _, head = run.partition("-")
     return f"{METHOD_LABELS.get(method, method)} {HEAD_LABELS.get(head, head)}"
 
@@ -39,20 +44,26 @@ def markdown(results: Dict) -> str:
              f"{results['num_test']} test samples; seed {results['seed']}.", "", head, sep]
     for v, name in enumerate(names):
         cells = [_pct(models[r]["map_per_vertical"][v]) for r in runs]
-        best = max((models[r]["map_per_vertical"][v] for r in runs if r != "specialists"), default=None)
-        cells = [f"**{c}**" if r != "specialists" and best is not None and models[r]["map_per_vertical"][v] == best
+        best = max((models[r]["map_per_vertical"][v] for r in runs if r not in REFERENCES), default=None)
+        cells = [f"**{c}**" if r not in REFERENCES and best is not None and models[r]["map_per_vertical"][v] == best
                  else c for r, c in zip(runs, cells)]
         lines.append(f"| {name} | {results['vertical_sizes'][v]} | " + " | ".join(cells) + " |")
     lines.append(f"| **overall mAP** | {results['num_classes']} | "
                  + " | ".join(_pct(models[r]["map"]) for r in runs) + " |")
+    lines.append("| mAP, verticals averaged | | "
+                 + " | ".join(_pct(models[r].get("map_vertical_avg")) for r in runs) + " |")
     lines.append("| top-1 (%) | | " + " | ".join(_pct(models[r]["top1"]) for r in runs) + " |")
     lines.append("| top-5 (%) | | " + " | ".join(_pct(models[r]["top5"]) for r in runs) + " |")
     lines.append("| parameters | | " + " | ".join(_params(models[r]["parameters"]) for r in runs) + " |")
     lines.append("| ms / sample | | " + " | ".join(f"{models[r]['ms_per_sample']:.4f}" for r in runs) + " |")
     lines += ["", "Generalist: the student trained on hard labels only. +D: distilled from the specialists' cached "
               "top-K soft targets. +D+S: distilled with the self-paced scale "
-              f"({results.get('scale', 'vertical')} level, initialised at sqrt(N_v)). Specialists: one network per "
-              "vertical (upper bound, parameters summed over verticals). Best student per vertical in bold.", ""]
+              f"({results.get('scale', 'vertical')} level, initialised by rule {results.get('scale_init', 'sqrt')!r})."
+              " (Bayes): distilled from the generator's Bayes-optimal posterior instead (the ceiling of what a "
+              "teacher can add). FC-FC(=): FC-FC with as many weights as FC-SC. Specialists: one network per "
+              "vertical (parameters summed over verticals). Bayes posterior: the best possible scores. Overall mAP "
+              "weighs every class alike, the vertical average every vertical alike. Every method of a head starts "
+              "from the same weights. Best student per vertical in bold.", ""]
     return "\n".join(lines)
 
 

@@ -97,5 +97,29 @@ def load_specialists(cfg, taxonomy: Taxonomy, input_shape, directory: str) -> Li
             for v in range(taxonomy.num_verticals)]
 
 
+class BayesTeacher(torch.nn.Module):
+    """Vertical v's perfect teacher on synthetic data: the generator's posterior P(k | x, row in v) over the
+    vertical's classes, as logits (the cache applies the sigmoid), in place of a trained specialist."""
+
+    def __init__(self, generator, vertical: int):
+        super().__init__()
+        self.gen, self.vertical = generator, vertical
+
+    @torch.no_grad()
+    def forward(self, x):
+        logp = self.gen.class_log_posterior(x.detach().cpu().numpy(), self.vertical)
+        p = np.clip(np.exp(logp), 1e-7, 1 - 1e-7)
+        return torch.from_numpy(np.log(p) - np.log1p(-p)).float().to(x.device)
+
+
+def bayes_teachers(generator, num_verticals: int) -> List[BayesTeacher]:
+    return [BayesTeacher(generator, v) for v in range(num_verticals)]
+
+
+def bayes_checksums(seed: int, num_verticals: int) -> List[str]:
+    """The Bayes cache's teacher identity: the generator is fixed by the data config and the seed."""
+    return [f"bayes-posterior-seed-{seed}-vertical-{v}" for v in range(num_verticals)]
+
+
 def checksums(directory: str, num_verticals: int) -> List[str]:
     return [checkpoint.file_sha256(teacher_path(directory, v)) for v in range(num_verticals)]

@@ -22,6 +22,59 @@ from kc.taxonomy import Taxonomy
 
 CHECKPOINT_SECONDS = 60.0
 CURVE_POINTS_PER_EPOCH = 20
+HEALTH_CHECKS_PER_EPOCH = 4
+PROBE_ELEMENTS = 1 << 24  # probe rows x classes scored by a health check
+
+
+class TrainingCollapsed(RuntimeError):
+    """The student stopped depending on its input (or its units died): training further would waste the time."""
+
+
+def head_seed(seed: int, head: str) -> int:
+    """The initialisation seed of a student: one per (seed, head), shared by every method of the head, so that
+    generalist, +D and +D+S differ only in what they are trained on."""
+    return seed * 7919 + sum(map(ord, head))
+
+
+def probe_rows(train: SampleSet, num_classes: int, seed: int) -> np.ndarray:
+    n = max(16, min(256, PROBE_ELEMENTS // max(num_classes, 1)))
+    rng = np.random.default_rng([seed, 29])
+    return np.sort(rng.choice(len(train), min(n, len(train)), replace=False))
+
+
+@torch.no_grad()
+def health(model: Student, x: torch.Tensor) -> Dict[str, float]:
+    """Two signs of a collapsed student on a fixed probe batch.
+
+    dead: the share of the backbone's last units that are zero on every probe row (dead ReLUs pass no gradient).
+    spread: how much the logits, less the bias, vary across inputs: mean over classes of their standard deviation
+    over the probe rows, over their root mean square. About 1 for a network that looks at its input; near 0 when
+    every row gets the same scores (under the self-paced scale: when u has the same direction for every row, so
+    that u / ||u|| no longer depends on the input)."""
+    was = model.training
+    model.eval()
+    f = model.backbone(x)
+    dead = float((f.reshape(f.shape[0], -1) <= 0).all(0).float().mean())
+    y = model.scores(x) - model.head.bias
+    rms = float(torch.sqrt((y * y).mean())) + 1e-12
+    spread = float(y.std(0).mean()) / rms if y.shape[0] > 1 else 1.0
+    model.train(was)
+    return {"dead": dead, "spread": spread}
+
+
+def check_health(cfg, run: str, h: Dict[str, float], start: Dict[str, float], where: str) -> None:
+    """Raises TrainingCollapsed when the dead share reaches collapse_dead, or the spread has fallen below
+    collapse_spread times its value at initialisation (inputs that differ little give a small spread from the
+    start, which is not a collapse)."""
+    st = cfg.student
+    rel = h["spread"] / max(start["spread"], 1e-12)
+    if h["dead"] >= st.collapse_dead or rel < st.collapse_spread:
+        raise TrainingCollapsed(
+            f"student {run} collapsed at {where}: {100 * h['dead']:.0f}% of the backbone's last units dead "
+            f"(limit {100 * st.collapse_dead:.0f}%), logit spread across inputs {h['spread']:.4f}, "
+            f"{rel:.4f} of its initial {start['spread']:.4f} (limit {st.collapse_spread}). The output no longer "
+            "depends on the input; training stopped. Try a lower student.lr or student.scale_lr, another "
+            "student.scale_init, or student.bias_init: prior.")
 
 
 def parse_run(name: str) -> Tuple[str, str]:
@@ -30,7 +83,11 @@ def parse_run(name: str) -> Tuple[str, str]:
 
 
 def run_scale(cfg, method: str) -> str:
-    return cfg.student.scale if method == "self_paced" else "none"
+    return cfg.student.scale if method in ("self_paced", "bayes_self_paced") else "none"
+
+
+def label_counts(labels, num_classes: int) -> np.ndarray:
+    return np.bincount(labels.indices, minlength=num_classes)
 
 
 def make_student(cfg, taxonomy: Taxonomy, input_shape, run: str) -> Student:
@@ -74,16 +131,18 @@ def train_student(cfg, taxonomy: Taxonomy, train: SampleSet, run: str, path: str
     if method != "generalist" and cache is None:
         raise ValueError(f"run {run!r} distils and needs the teacher cache")
     st = cfg.student
-    run_seed = seed * 7919 + sum(map(ord, run))
-    torch.manual_seed(run_seed)
-    model = make_student(cfg, taxonomy, train.input_shape, run).to(cfg.device)
+    torch.manual_seed(head_seed(seed, parse_run(run)[1]))
+    model = make_student(cfg, taxonomy, train.input_shape, run)
+    if st.bias_init == "prior":
+        model.init_bias(label_counts(train.labels, taxonomy.num_classes), len(train))
+    model = model.to(cfg.device)
     opt = _optimizer(cfg, model)
     base_lrs = [g["lr"] for g in opt.param_groups]
     n = len(train)
     steps = -(-n // st.batch_size)
     total = st.epochs * steps
     state = {"run": run, "epoch": 0, "step": 0, "history": {"step": [], "loss": [], "epoch_loss": [],
-             "scale": []}, "seconds": 0.0, "done": False}
+             "scale": [], "health": []}, "seconds": 0.0, "done": False}
     if os.path.exists(path):
         ck = checkpoint.load(path)
         model.load_state_dict(ck["model"])
@@ -95,6 +154,10 @@ def train_student(cfg, taxonomy: Taxonomy, train: SampleSet, run: str, path: str
     bar = progress(total=total, initial=state["epoch"] * steps + state["step"], desc=f"student {run}",
                    unit="step") if progress else None
     every = max(1, steps // CURVE_POINTS_PER_EPOCH)
+    check_every = max(1, steps // HEALTH_CHECKS_PER_EPOCH)
+    probe = train.inputs(probe_rows(train, taxonomy.num_classes, seed)).to(cfg.device)
+    if "health_start" not in state:  # measured on the initial weights (kept in the checkpoint for a resume)
+        state["health_start"] = health(model, probe)
     last_save = time.time()
     model.train()
     while state["epoch"] < st.epochs:
@@ -122,6 +185,10 @@ def train_student(cfg, taxonomy: Taxonomy, train: SampleSet, run: str, path: str
                 state["history"]["loss"].append(run_sum / run_cnt)
                 run_sum, run_cnt = 0.0, 0
             state["step"] = s + 1
+            if (s + 1) % check_every == 0 or s == steps - 1:
+                h = health(model, probe)
+                state["history"].setdefault("health", []).append([e * steps + s + 1, h["dead"], h["spread"]])
+                check_health(cfg, run, h, state["health_start"], f"epoch {e + 1}, step {s + 1} of {steps}")
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(epoch=e + 1, loss=f"{lv:.3f}", refresh=False)

@@ -130,3 +130,31 @@ def test_image_folder_errors(tmp_path, tax):
     Image.new("RGB", (4, 4)).save(tmp_path / "not-a-class" / "a.png")
     with pytest.raises(DataError, match="not a class"):
         ImageFolder(str(tmp_path), tax)
+
+
+def test_bayes_posterior_is_the_generators_density(tax):
+    cfg = small_cfg(modes=2, mode_spread=0.5)
+    gen = data.SyntheticGenerator(tax, cfg, seed=3)
+    fine = np.repeat(tax.leaves(), 3)
+    x, _, _ = gen.make(fine, np.random.default_rng(1))
+    v = 1
+    leaves = [c for c in tax.leaves() if tax.vertical_of[c] == v]
+    lj = gen.leaf_log_joint(x, v)
+    # brute force: a mixture over poses of Gaussians with the full covariance
+    S = cfg.isotropic_noise ** 2 * np.eye(cfg.feature_dim) + gen.noise[v] ** 2 * gen.basis[v] @ gen.basis[v].T
+    Si, (_, logdet) = np.linalg.inv(S), np.linalg.slogdet(S)
+    for j, c in enumerate(leaves[:3]):
+        dens = []
+        for m in range(cfg.modes):
+            mu = gen.center[v] + (gen.code[c] + gen.mode_code[gen.root[c], m]) @ gen.basis[v].T
+            r = x - mu
+            dens.append(-0.5 * (np.einsum("ni,ij,nj->n", r, Si, r) + logdet) - np.log(cfg.modes))
+        want = np.logaddexp(*dens) - np.log(len(tax.leaves()))
+        assert np.allclose(lj[:, j], want, atol=1e-6)
+    # within the vertical: leaves sum to one, a parent is the sum of its children
+    post = np.exp(gen.class_log_posterior(x, v))
+    c0 = tax.segments[v]
+    assert np.allclose(post[:, np.asarray(leaves) - c0].sum(1), 1.0)
+    p = tax.parent[leaves[0]]
+    kids = [c for c in leaves if tax.parent[c] == p]
+    assert np.allclose(post[:, p - c0], post[:, np.asarray(kids) - c0].sum(1))

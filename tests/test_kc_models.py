@@ -77,3 +77,65 @@ def test_specialist_and_cnn_backbone():
     st = models.build_student(cfg, (3, 8, 8), tax, "sc_sc", "vertical")
     assert st.scores(torch.rand(2, 3, 8, 8)).shape == (2, 10)
     assert math.isclose(sp.out.bias[0].item(), -math.log(len(tax.classes_of(1))), rel_tol=1e-6)
+
+
+def test_methods_of_a_head_start_from_the_same_weights(tmp_path):
+    from kc import train
+
+    tax = taxonomy.generate(3, 24, seed=0)
+    cfg = config.load("tiny")
+    states = []
+    for run in ("generalist-fc_sc", "self_paced-fc_sc"):
+        torch.manual_seed(train.head_seed(5, "fc_sc"))
+        states.append(train.make_student(cfg, tax, (16,), run).state_dict())
+    a, b = states
+    assert set(b) - set(a) == {"log_scale"}
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_size_matched_fc_fc_has_fc_sc_weights():
+    N, M = 400, 8
+    kw = dict(sb=128, s1=128, s2=32, s1s=128)
+    w = models.head_weight_count("fc_fc_matched", N=N, M=M, **kw)
+    target = models.head_weight_count("fc_sc", N=N, M=M, **kw)
+    assert abs(w - target) <= 128 + N  # one unit of width
+    head = models.Head("fc_fc_matched", 128, N, M, s1=128, s2=32, s1s=128)
+    assert models.count_parameters(head, weights_only=True) == w and not head.grouped
+
+
+def test_scale_init_rules():
+    sizes = torch.tensor([10.0, 1000.0])
+    assert torch.allclose(models.initial_log_scale(sizes, "sqrt").exp(), sizes.double().sqrt())
+    g = models.initial_log_scale(sizes, "sqrt_log", k=2.0).exp()
+    assert torch.allclose(g, sizes.double().sqrt() * torch.log(sizes.double() / 2))
+    assert torch.allclose(models.initial_log_scale(sizes, "fixed", value=7.0).exp(), torch.full((2,), 7.0).double())
+
+
+def test_bias_starts_at_the_class_prior_and_stays_outside_the_scale():
+    s, tax = _student("vertical")
+    counts = np.arange(24) * 3
+    s.init_bias(counts, 100)
+    p = torch.sigmoid(s.head.bias.detach()).numpy()
+    assert np.allclose(p, (counts + 0.5) / 101, rtol=1e-5)
+    # the scale only acts on x.w: the scores less the bias have norm gamma_v in every vertical
+    y = s.scores(torch.randn(4, 16)) - s.head.bias
+    for v in range(3):
+        c0, c1 = tax.segments[v], tax.segments[v + 1]
+        assert torch.allclose(y[:, c0:c1].norm(dim=1), s.scale[v].expand(4), rtol=1e-4)
+
+
+def test_health_sees_a_collapsed_student():
+    from kc import train
+
+    s, _ = _student("vertical")
+    x = torch.randn(32, 16)
+    h0 = train.health(s, x)
+    assert 0 <= h0["dead"] < 0.5 and h0["spread"] > 0.05
+    cfg = config.load("tiny")
+    train.check_health(cfg, "r", h0, h0, "start")  # a fresh network is not collapsed
+    with torch.no_grad():  # every row gets the same hidden units: the output ignores the input
+        s.head.layers[1].weight.zero_()
+    h = train.health(s, x)
+    assert h["spread"] < 1e-4
+    with pytest.raises(train.TrainingCollapsed, match="no longer depends on the input"):
+        train.check_health(cfg, "r", h, h0, "step 3")
