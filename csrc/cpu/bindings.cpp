@@ -15,20 +15,6 @@ static T* ptr(std::uintptr_t p) {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "kc CPU kernels (C++17, OpenMP)";
   m.def(
-      "row_softplus_sum",
-      [](std::uintptr_t x, std::uintptr_t out, int64_t rows, int64_t cols) {
-        py::gil_scoped_release nogil;
-        kc_cpu::row_softplus_sum(ptr<const float>(x), ptr<float>(out), rows, cols);
-      },
-      py::arg("x"), py::arg("out"), py::arg("rows"), py::arg("cols"));
-  m.def(
-      "row_logsumexp",
-      [](std::uintptr_t x, std::uintptr_t out, int64_t rows, int64_t cols) {
-        py::gil_scoped_release nogil;
-        kc_cpu::row_logsumexp(ptr<const float>(x), ptr<float>(out), rows, cols);
-      },
-      py::arg("x"), py::arg("out"), py::arg("rows"), py::arg("cols"));
-  m.def(
       "soft_target_chunk",
       [](std::uintptr_t u, int64_t ld, int64_t rows, int64_t ncols, int64_t col0, int64_t npieces,
          std::uintptr_t piece_lo, std::uintptr_t piece_seg, int64_t num_segments, int phases, int softmax,

@@ -7,12 +7,6 @@
 
 namespace kc_cpu {
 
-// out[r] = sum_c softplus(x[r, c]), computed stably as max(v, 0) + log1p(exp(-|v|)).
-void row_softplus_sum(const float* x, float* out, int64_t rows, int64_t cols);
-
-// out[r] = logsumexp_c x[r, c]; -inf for a row that is all -inf.
-void row_logsumexp(const float* x, float* out, int64_t rows, int64_t cols);
-
 // ---- fused epilogue of the chunked linear + soft-target loss (soft_target.cpp)
 
 // Phases, state rows and scale kinds are shared with the CUDA epilogue and the driver

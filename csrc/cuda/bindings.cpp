@@ -170,22 +170,6 @@ PYBIND11_MODULE(_cuda, m) {
   m.attr("DTYPES") = kc::enum_dict(kc_cuda::kDTypeNames, kc_cuda::kNumDTypes, [](int i) { return i; });
   kc::export_soft_target_layout(m);
 
-  m.def(
-      "row_logsumexp",
-      [](std::uintptr_t x, std::uintptr_t out, int64_t rows, int64_t cols, std::uintptr_t stream) {
-        check_launch(kc_cuda::row_logsumexp(reinterpret_cast<const float*>(x), reinterpret_cast<float*>(out), rows,
-                                            cols, reinterpret_cast<void*>(stream)),
-                     "row_logsumexp");
-      },
-      py::arg("x"), py::arg("out"), py::arg("rows"), py::arg("cols"), py::arg("stream"));
-  m.def(
-      "row_softplus_sum",
-      [](std::uintptr_t x, std::uintptr_t out, int64_t rows, int64_t cols, std::uintptr_t stream) {
-        check_launch(kc_cuda::row_softplus_sum(reinterpret_cast<const float*>(x), reinterpret_cast<float*>(out), rows,
-                                               cols, reinterpret_cast<void*>(stream)),
-                     "row_softplus_sum");
-      },
-      py::arg("x"), py::arg("out"), py::arg("rows"), py::arg("cols"), py::arg("stream"));
   m.def("device_count", &kc_cuda::device_count,
         "Visible CUDA devices, or a negative cudaError_t when the runtime cannot start");
   m.def("error_string", &kc_cuda::error_string);

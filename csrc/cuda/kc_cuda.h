@@ -87,18 +87,12 @@ struct SampledSoftmaxParams {
 
 int sampled_softmax(const SampledSoftmaxParams& p);
 
-// ---- runtime
+// ---- runtime (runtime.cu)
 
 // Name of a cudaError_t value.
 const char* error_string(int code);
 
 // Number of visible CUDA devices, or a negative cudaError_t when the runtime cannot be initialised.
 int device_count();
-
-// out[r] = logsumexp_c x[r, c] over a contiguous fp32 [rows, cols] buffer; one block per row.
-int row_logsumexp(const float* x, float* out, int64_t rows, int64_t cols, void* stream);
-
-// out[r] = sum_c softplus(x[r, c]).
-int row_softplus_sum(const float* x, float* out, int64_t rows, int64_t cols, void* stream);
 
 }  // namespace kc_cuda
