@@ -462,11 +462,16 @@ def step_fn(p: common.Problem, backend: str) -> Callable[[], Tuple[torch.Tensor,
 
 
 def count_syncs(fn: Callable) -> Dict:
-    """Host synchronisations of one call of ``fn``: torch's sync debug mode warns at each, and the warnings are
-    counted (all of them: the "always" filter, since the default one shows a repeated warning once)."""
+    """Host synchronisations of one call of ``fn``: torch's sync debug mode warns at each ("called a synchronizing
+    CUDA operation"), and those warnings are counted, all of them (the "always" filter: the default one shows a
+    repeated warning once). Other warnings of the call (a compiler's, say) are listed apart."""
     where: List[str] = []
+    other: List[str] = []
 
     def show(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):
+            other.append(f"{category.__name__}: {str(message)[:200]}")
+            return
         frames = [f for f in traceback.extract_stack()[:-1] if "kc_kernels" in f.filename]
         f = frames[-1] if frames else None
         where.append(f"{os.path.relpath(f.filename, ROOT)}:{f.lineno} ({f.name})" if f
@@ -481,7 +486,7 @@ def count_syncs(fn: Callable) -> Dict:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
-    return {"count": len(where), "where": sorted(set(where))}
+    return {"count": len(where), "where": sorted(set(where)), "other_warnings": sorted(set(other))[:10]}
 
 
 def run_syncs(s: Settings, step: Step):

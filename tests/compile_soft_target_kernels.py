@@ -5,7 +5,8 @@ The interpreter accepts programs the compiler rejects (and the other way round),
 without a GPU: ``python tests/compile_soft_target_kernels.py [--arch 90] [--dtypes bf16 fp16 fp32] [--wide]``.
 It must run without TRITON_INTERPRET=1 (the kernels are compiled, not interpreted). Prints registers and spills.
 Block sizes and warps are the ones the launchers use on a GPU. ``--wide`` also compiles every variant with 64-bit
-integer arguments (what Triton passes once a size or stride reaches 2^31).
+plane sizes (rows * G elements of the states and consts, the integers that can pass 2^31; Triton then passes them
+as int64).
 """
 import argparse
 import itertools
@@ -27,8 +28,27 @@ from kc_kernels.triton import epilogue as E  # noqa: E402
 WORK_DTYPE_PTRS = ("S_ptr", "teacher_ptr")  # the scores and the dense teacher: the input dtype
 INT32_PTRS = ("idx_ptr", "piece_lo_ptr", "piece_seg_ptr", "seg_of_class_ptr")
 FLOAT_SCALARS = ("inv_t", "t2")
-BLOCKS = {"BLOCK": E._ROW_BLOCK, "BLOCK_T": E._TARGET_BLOCK, "BLOCK_R": E.TILE[0], "BLOCK_C": E.TILE[1]}
-KERNELS = [("row_stats", E._row_stats_kernel, E._ROW_WARPS), ("final", E._final_kernel, E._FINAL_WARPS)]
+WIDE_INTS = ("plane", "st_plane")  # rows * G: past 2^31 at a large batch of many segments
+
+
+def row_configs(every: bool):
+    """(BLOCK, num_warps) of the row_stats launches: the launcher picks a power of two between its bounds from the
+    mean piece length (the smallest and the largest by default, every one with --all-blocks), at one warp per 256
+    columns, 1 to 4 (as row_stats in epilogue.py)."""
+    lo = getattr(E, "_MIN_ROW_BLOCK", getattr(E, "_ROW_BLOCK", 1024))
+    hi = getattr(E, "_MAX_ROW_BLOCK", lo)
+    blocks = [lo] if lo == hi else [lo, hi]
+    if every:
+        blocks = [lo << i for i in range((hi // lo).bit_length())]
+    return [(b, max(1, min(4, b // 256))) for b in blocks]
+
+
+def kernels(every_block: bool):
+    """(name, kernel, block constexprs, num_warps) of every launch configuration."""
+    out = [("row_stats", E._row_stats_kernel, {"BLOCK": b, "BLOCK_T": E._TARGET_BLOCK}, w)
+           for b, w in row_configs(every_block)]
+    out.append(("final", E._final_kernel, {"BLOCK_R": E.TILE[0], "BLOCK_C": E.TILE[1]}, E._FINAL_WARPS))
+    return out
 
 
 def signature(fn, dtype: str, ints: str, constexprs):
@@ -45,7 +65,7 @@ def signature(fn, dtype: str, ints: str, constexprs):
         elif name in FLOAT_SCALARS:
             sig[name] = "fp32"
         else:
-            sig[name] = ints
+            sig[name] = ints if name in WIDE_INTS else "i32"
     return sig
 
 
@@ -64,9 +84,9 @@ def valid(kernel: str, f) -> bool:
     return not (f.get("WANT_DSCALE") and not (f.get("HAS_COEF") and f.get("HAS_SCALE")))
 
 
-def variants(kernel: str, fn):
+def variants(kernel: str, fn, blocks):
     """Every valid assignment of the kernel's boolean flags (its constexpr parameters other than block sizes)."""
-    names = [n for n, p in zip(fn.arg_names, fn.params) if p.is_constexpr and n not in BLOCKS]
+    names = [n for n, p in zip(fn.arg_names, fn.params) if p.is_constexpr and n not in blocks]
     for values in itertools.product((False, True), repeat=len(names)):
         flags = dict(zip(names, values))
         if valid(kernel, flags):
@@ -92,17 +112,19 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp16", "fp32"])
-    ap.add_argument("--wide", action="store_true", help="also with 64-bit integer arguments")
+    ap.add_argument("--wide", action="store_true", help="also with 64-bit plane sizes")
+    ap.add_argument("--all-blocks", action="store_true", help="every row_stats block size, not only the bounds")
     args = ap.parse_args(argv)
     target = GPUTarget("cuda", args.arch, 32)
     failures = count = 0
     for dtype, ints in itertools.product(args.dtypes, ("i32", "i64") if args.wide else ("i32",)):
-        for name, kernel, warps in KERNELS:
+        for name, kernel, blocks, warps in kernels(args.all_blocks):
             fn = kernel  # the JITFunction: arg_names and params describe its parameters
-            for flags in variants(name, fn):
-                consts = dict(flags, **{k: v for k, v in BLOCKS.items() if k in fn.arg_names})
+            for flags in variants(name, fn, blocks):
+                consts = dict(flags, **blocks)
                 src = ASTSource(fn=fn, signature=signature(fn, dtype, ints, consts), constexprs=consts)
-                label = f"{dtype} {ints} {name} " + " ".join(k for k, v in flags.items() if v)
+                label = (f"{dtype} {ints} {name} {'x'.join(map(str, blocks.values()))} w{warps} "
+                         + " ".join(k for k, v in flags.items() if v))
                 count += 1
                 try:
                     k = triton.compile(src, target=target, options=dict(num_warps=warps))
