@@ -133,8 +133,8 @@ def mask_out_teacher_classes(teacher: torch.Tensor, lay: Layout):
     start of the second piece (the step's running max stays -inf), the rest of the piece finite."""
     teacher[:, lay.col0 + 5::97] = float("-inf")
     lo, hi, _ = lay.pieces()[1]
-    if hi - lo > epilogue._ROW_BLOCK:
-        teacher[0, lay.col0 + lo:lay.col0 + lo + epilogue._ROW_BLOCK] = float("-inf")
+    if hi - lo > epilogue._MAX_ROW_BLOCK:
+        teacher[0, lay.col0 + lo:lay.col0 + lo + epilogue._MAX_ROW_BLOCK] = float("-inf")
 
 
 def make_problem(gen, case: Case, rows: int) -> Problem:

@@ -26,13 +26,21 @@ from kc_kernels.triton._soft_target_tiles import interpreted, sigmoid, softplus_
 
 __all__ = ["TILE", "row_stats", "final"]
 
-# One config each (see above). Interpreted (CPU tests), the final tile is the same and a row_stats step is short, so
-# that the tests' small pieces span several steps and the online merges are exercised.
-TILE = (32, 256)  # (BLOCK_R, BLOCK_C) of final; the driver sizes row_part and col_part with it
-_FINAL_WARPS = 8
-_ROW_BLOCK = 128 if interpreted() else 1024  # columns per step of a row_stats program
-_ROW_WARPS = 4
-_TARGET_BLOCK = 8 if interpreted() else 32  # sparse targets per step of a row_stats program
+# One config each (see above). TILE = (BLOCK_R, BLOCK_C) of final: the driver sizes row_part and col_part with it.
+# On the GPU 8 elements a thread (32 x 128 at 16 warps) keep the final tile's ~10 live fp32 values under 128 registers
+# without spilling (sm_90; 32 x 256 at 8 warps spills). Interpreted (CPU tests) the tile is larger, as the interpreter
+# pays per program, and a row_stats step is short, so that the tests' small pieces span several steps and the online
+# merges are exercised.
+if interpreted():
+    TILE = (32, 256)
+    _FINAL_WARPS = 4
+    _MIN_ROW_BLOCK = _MAX_ROW_BLOCK = 128
+    _TARGET_BLOCK = 8
+else:
+    TILE = (32, 128)
+    _FINAL_WARPS = 16
+    _MIN_ROW_BLOCK, _MAX_ROW_BLOCK = 128, 1024  # columns per step of a row_stats program
+    _TARGET_BLOCK = 32  # sparse targets per step of a row_stats program
 
 # State planes and consts planes as compile-time constants (jit functions read only constexpr globals).
 _SUMSQ, _MAX, _SUMEXP = tl.constexpr(S_SUMSQ), tl.constexpr(S_MAX), tl.constexpr(S_SUMEXP)
@@ -287,7 +295,7 @@ def _row_stats_kernel(
 @triton.jit
 def _store_column_sums(col_part_ptr, which: tl.constexpr, n_row_tiles, ncols, row_tile, cols, col_mask, values):
     """col_part[which, row_tile, cols] = values summed over the tile's rows (invalid entries are 0)."""
-    base = col_part_ptr + (tl.full([], which, tl.int64) * n_row_tiles + row_tile) * ncols
+    base = col_part_ptr + (tl.full([], which, tl.int64) * n_row_tiles + row_tile) * ncols  # int64: a scalar
     tl.store(base + cols, tl.sum(values, axis=0), mask=col_mask)
 
 
@@ -300,10 +308,14 @@ def _final_kernel(
         HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_COEF: tl.constexpr,
         WANT_DBIAS: tl.constexpr, WANT_DSCALE: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    row_tile = tl.program_id(0).to(tl.int64)
+    row_tile = tl.program_id(0)
     col_tile = tl.program_id(1)
-    plane = tl.full([], 0, tl.int64) + plane  # 4 planes of rows * G constants may pass 2^31
-    r = row_tile * BLOCK_R + tl.arange(0, BLOCK_R)  # int64: r * stride passes 2^31
+    # int64 only in the per-program scalar bases (row0 * stride passes 2^31); offsets inside the tile stay int32
+    # (BLOCK_R rows of a chunk, of the teacher or of the constants are far below 2^31): 2-D int64 offsets would
+    # double the registers of every address in the tile.
+    row0 = row_tile.to(tl.int64) * BLOCK_R
+    i = tl.arange(0, BLOCK_R)  # row in the tile
+    r = row0 + i
     j = col_tile * BLOCK_C + tl.arange(0, BLOCK_C)  # local columns of the chunk
     row_mask = r < rows
     col_mask = j < ncols
@@ -312,10 +324,12 @@ def _final_kernel(
 
     # per-(row, segment) constants gathered per element: a tile may straddle segments
     seg = tl.load(seg_of_class_ptr + cls, mask=col_mask, other=0)
-    rs = r[:, None] * G + seg[None, :]
-    inv_nt = tl.load(consts_ptr + _INV_NT * plane + rs, mask=mask, other=0.0)
+    consts_tile = consts_ptr + row0 * G
+    plane = tl.full([], 0, tl.int64) + plane  # 4 planes of rows * G constants may pass 2^31
+    rs = i[:, None] * G + seg[None, :]
+    inv_nt = tl.load(consts_tile + _INV_NT * plane + rs, mask=mask, other=0.0)
 
-    u_ptrs = S_ptr + r[:, None] * stride_s + j[None, :]
+    u_ptrs = S_ptr + row0 * stride_s + (i[:, None] * stride_s + j[None, :])
     u = tl.load(u_ptrs, mask=mask, other=0.0).to(tl.float32)
     up = u * inv_nt
     if HAS_SCALE:
@@ -329,9 +343,10 @@ def _final_kernel(
         y = yh
 
     if DENSE:
-        t = tl.load(teacher_ptr + r[:, None] * stride_t + cls[None, :], mask=mask, other=0.0).to(tl.float32) * inv_t
+        t_ptrs = teacher_ptr + row0 * stride_t + (i[:, None] * stride_t + cls[None, :])
+        t = tl.load(t_ptrs, mask=mask, other=0.0).to(tl.float32) * inv_t
         if SOFTMAX:
-            z = tl.exp(t - tl.load(consts_ptr + _TLSE * plane + rs, mask=mask, other=0.0))
+            z = tl.exp(t - tl.load(consts_tile + _TLSE * plane + rs, mask=mask, other=0.0))
         else:
             z = sigmoid(t)
         z = tl.where(mask, z, 0.0)
@@ -345,8 +360,8 @@ def _final_kernel(
         z = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
 
     if SOFTMAX:
-        lse = tl.load(consts_ptr + _LSE * plane + rs, mask=mask, other=0.0)
-        mass = tl.load(consts_ptr + _MASS * plane + rs, mask=mask, other=0.0)
+        lse = tl.load(consts_tile + _LSE * plane + rs, mask=mask, other=0.0)
+        mass = tl.load(consts_tile + _MASS * plane + rs, mask=mask, other=0.0)
         q = t2 * (mass * tl.exp(y - lse) - z)
         softplus_sum = tl.zeros((BLOCK_R,), dtype=tl.float32)
     else:
@@ -364,7 +379,7 @@ def _final_kernel(
         c = tl.load(coef_ptr + r, mask=row_mask, other=0.0)[:, None]
         cq = c * q
         if HAS_SCALE:
-            s_n2 = tl.load(consts_ptr + _S_N2 * plane + rs, mask=mask, other=0.0)
+            s_n2 = tl.load(consts_tile + _S_N2 * plane + rs, mask=mask, other=0.0)
             grad = cq * s * inv_nt - c * u * s_n2
         else:
             grad = cq * inv_t
@@ -384,6 +399,13 @@ def _sparse_targets(a):
     return a.tidx.contiguous(), a.tval.contiguous(), a.tidx.shape[1]
 
 
+def _row_block(a) -> int:
+    """Columns per row_stats step: about a mean piece (from host numbers: reading piece_lo would synchronise), so
+    that chunks of many small segments do not run mostly masked lanes; a few sizes, so a few compiled variants."""
+    mean_piece = -(-a.ncols // max(a.pieces, 1))
+    return max(_MIN_ROW_BLOCK, min(_MAX_ROW_BLOCK, triton.next_power_of_2(mean_piece)))
+
+
 def row_stats(a, phases: int) -> None:
     """Fold the chunk's pieces into ``a.states`` for the requested phases (TEACHER | NORM | STATS)."""
     teacher_phase = bool(phases & PHASE_TEACHER) and a.softmax and a.teacher is not None
@@ -395,6 +417,7 @@ def row_stats(a, phases: int) -> None:
     dummy = a.piece_lo  # pointer arguments of absent inputs are never read
     st = a.states
     has_scores = a.S is not None  # the driver runs TEACHER alone before any scores exist
+    block = _row_block(a)
     _row_stats_kernel[(a.rows, a.pieces)](
         a.S if has_scores else dummy, a.teacher if a.teacher is not None else dummy,
         sparse[0] if sparse else dummy, sparse[1] if sparse else dummy,
@@ -406,7 +429,7 @@ def row_stats(a, phases: int) -> None:
         TEACHER=teacher_phase, NORM=norm_phase, STATS=stats_phase,
         SOFTMAX=bool(a.softmax), DENSE=a.teacher is not None, SPARSE=sparse is not None,
         HAS_SCALE=a.scale is not None, HAS_BIAS=a.bias is not None,
-        BLOCK=_ROW_BLOCK, BLOCK_T=_TARGET_BLOCK, num_warps=_ROW_WARPS)
+        BLOCK=block, BLOCK_T=_TARGET_BLOCK, num_warps=max(1, min(4, block // 256)))
 
 
 def final(a) -> None:
