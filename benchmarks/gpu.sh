@@ -33,7 +33,8 @@ export KC_CHECK_VALUES=0
 # the steps' records and logs (build.log among them); KC_GPU_WORK names the folder, e.g. to keep the build log
 WORK="${KC_GPU_WORK:-$(mktemp -d "${TMPDIR:-/tmp}/kc-gpu-check.XXXXXX")}"
 mkdir -p "$WORK"
-rm -f "$WORK"/steps.tsv "$WORK"/build.* "$WORK"/{correctness,bench,syncs,determinism}.{json,log}  # a reused folder
+rm -f "$WORK"/steps.tsv "$WORK"/build.* "$WORK"/{correctness,bench,syncs,determinism}.{json,log} \
+  "$WORK"/correctness.*.json  # a reused folder
 T0=$(date +%s)
 
 # soft caps of the steps (seconds; the hard cap adds GRACE for a call or a compile that overruns), and RES_*: what

@@ -6,8 +6,10 @@ and determinism, written to one JSON file. ``bash benchmarks/gpu.sh`` drives it 
 
 Each step runs in its own process under its own time cap (a hung kernel costs one step, not the run) and rewrites
 DIR/<step>.json after every case, so a step stopped at its cap still leaves what it did. ``--budget`` is the soft
-cap: a step stops starting new cases past it. ``report`` merges the steps, the build record and the steps' exit
-codes into benchmarks/results/gpu-<device>-<date>.json and prints a readable summary.
+cap: a step stops starting new cases past it. The correctness step runs its dtypes as parallel processes
+(``--shard``): on a fresh machine its time goes to compiling kernel variants, which a process does one at a time.
+``report`` merges the steps, the build record and the steps' exit codes into
+benchmarks/results/gpu-<device>-<date>.json and prints a readable summary.
 
 ``--dry-run`` runs the same steps on the CPU at tiny shapes: the triton backend under TRITON_INTERPRET=1, the cpu
 backend as a stand-in for a GPU one, the cuda backend recorded as unavailable, no peers, no sync counts.
@@ -23,6 +25,7 @@ import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -106,12 +109,17 @@ class Settings:
     bench_dtype: torch.dtype
     peers: bool
     probe_shape: Tuple[int, int, int]  # (B, H, V) of the sync and determinism cases
+    probe_segments: int  # verticals of the segmented one among them
+    # dtype groups of the correctness step, one process each, run at once: Triton compiles every kernel variant on
+    # the CPU, one at a time in a process, and compiling is most of that step's time on a fresh machine
+    shards: Tuple[Tuple[str, ...], ...]
+    dry: bool = False
 
 
 GPU = Settings(
     device="cuda", backends=("triton", "cuda"), timed_backends=("triton", "cuda"), cases=(BIG_CASE, *SMALL_CASES),
     bench_shapes=((4096, 512, 100_000, 7), (8192, 4096, 128_256, 3)), bench_dtype=torch.bfloat16, peers=True,
-    probe_shape=(512, 256, 20_011))
+    probe_shape=(512, 256, 20_011), probe_segments=16, shards=(("bf16",), ("fp32",), ("fp16",)))
 
 
 def _tiny(case: Case, dtype: str, B: int = 4, V: int = 300) -> Case:
@@ -129,7 +137,7 @@ DRY = Settings(
                 dtypes=("bf16",)),
            *(_tiny(SMALL_CASES[i], dt) for i, dt in ((0, "fp32"), (1, "fp16"), (2, "fp32"), (4, "bf16"), (7, "fp16")))),
     bench_shapes=((8, 16, 400, 2), (12, 16, 700, 1)), bench_dtype=torch.bfloat16, peers=False,
-    probe_shape=(4, 16, 500))
+    probe_shape=(4, 16, 500), probe_segments=3, shards=(("bf16", "fp16"), ("fp32",)), dry=True)
 
 
 # ------------------------------------------------------------------------------------------------ plumbing
@@ -138,6 +146,7 @@ class Step:
     """One step's record, rewritten to DIR/<name>.json after every change so that a killed step leaves it."""
 
     def __init__(self, work: Path, name: str, budget: float):
+        self.work = work
         self.path = work / f"{name}.json"
         self.deadline = _T_START + budget
         self.data: Dict = {"step": name, "budget_s": budget, "complete": False}
@@ -273,13 +282,18 @@ def check_case(case: Case, backend: str, dtype_name: str, device) -> Dict:
     return {"status": "pass" if ok else "fail", "checks": checks}
 
 
-def run_correctness(s: Settings, step: Step):
+def run_correctness(s: Settings, step: Step, dtypes: Optional[Tuple[str, ...]] = None):
+    """Every case in every dtype on every backend under check. Without ``dtypes``, the shards of ``s`` run as
+    parallel processes and their records are merged here; with them (a shard), only those dtypes."""
     status = backend_status(s.backends, s.device)
     step.data.update(backends=status, cases=[])
+    if dtypes is None and len(s.shards) > 1:
+        run_shards(s, step)
+        return
     live = [b for b in s.backends if status[b]["available"]]
-    # dtype-major after the big case: a time cap then cuts fp16 (the dtype least used), not whole cases
+    # dtype-major after the big case: a time cap then cuts the last dtype, not whole cases
     order = {d: i for i, d in enumerate(("bf16", "fp32", "fp16"))}
-    jobs = sorted(((c, d) for c in s.cases for d in c.dtypes),
+    jobs = sorted(((c, d) for c in s.cases for d in c.dtypes if dtypes is None or d in dtypes),
                   key=lambda j: (j[0] is not s.cases[0], order[j[1]]))
     for case, dt in jobs:
         for b in live:
@@ -305,10 +319,36 @@ def run_correctness(s: Settings, step: Step):
             step.save()
             print(f"  {rec['status']:<8} {b:<7} {dt:<5} {case.name}"
                   + (f"  ({rec['error']})" if "error" in rec else ""), flush=True)
+    step.data["counts"] = case_counts(step.data["cases"])
+
+
+def shard_name(dtypes) -> str:
+    return "correctness." + "-".join(dtypes)
+
+
+def run_shards(s: Settings, step: Step):
+    """The shards as processes at once (same soft deadline), then their cases merged in shard order. Should this
+    process be stopped first, the report merges the shards' records itself."""
+    left = max(1.0, step.deadline - time.monotonic())
+    procs = []
+    for group in s.shards:
+        cmd = [sys.executable, "-m", "benchmarks.gpu_check", "correctness", "--work", str(step.work),
+               "--budget", f"{left:.0f}", "--shard", ",".join(group)] + (["--dry-run"] if s.dry else [])
+        procs.append((group, subprocess.Popen(cmd, cwd=ROOT)))
+    step.data["shards"] = []
+    for group, proc in procs:
+        rc = proc.wait()
+        data = _read(step.work / f"{shard_name(group)}.json") or {}
+        step.data["cases"] += data.get("cases", [])
+        step.data["shards"].append({"dtypes": list(group), "rc": rc, "complete": bool(data.get("complete"))})
+    step.data["counts"] = case_counts(step.data["cases"])
+
+
+def case_counts(cases) -> Dict[str, int]:
     counts: Dict[str, int] = {}
-    for r in step.data["cases"]:
+    for r in cases:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
-    step.data["counts"] = counts
+    return counts
 
 
 def _where(e: BaseException) -> str:
@@ -428,10 +468,10 @@ def _dist_version(dist: str) -> Optional[str]:
 def probe_cases(s: Settings):
     """(name, benchmark loss, extra op arguments) of the sync and determinism checks: the table's three losses and
     the distillation layer's own case (verticals with a self-paced scale per class, several chunks)."""
-    B, H, V = s.probe_shape
+    B, G = s.probe_shape[0], s.probe_segments
     return [(loss, loss, {}) for loss in LOSSES] + [
-        ("sigmoid-k100 G=16 class scale chunked", "sigmoid-k100", {"segments": 16, "scale": "class",
-                                                                   "memory_budget": B * 2 * 2048})]
+        (f"sigmoid-k100 G={G} class scale chunked", "sigmoid-k100", {"segments": G, "scale": "class",
+                                                                     "memory_budget": B * 2 * 2048})]
 
 
 def probe_problem(loss: str, extra: Dict, s: Settings) -> common.Problem:
@@ -590,6 +630,14 @@ def _log_tail(work: Path, name: str, lines: int = 40) -> str:
     return "\n".join(p.read_text(errors="replace").splitlines()[-lines:]) if p.exists() else ""
 
 
+def _merge_shards(work: Path, data: Dict) -> Dict:
+    """The correctness record from its shards' files, when the step was stopped before it merged them."""
+    shards = sorted(work.glob("correctness.*.json"))
+    data = dict(data, cases=[c for p in shards for c in (_read(p) or {}).get("cases", [])])
+    data["counts"] = case_counts(data["cases"])
+    return data
+
+
 def verdict(name: str, data: Optional[Dict], proc: Dict) -> str:
     """pass / fail / incomplete / crashed for one step."""
     if data is None:
@@ -629,6 +677,8 @@ def run_report(s: Settings, work: Path, out: Optional[str], dry: bool) -> Path:
         report["build"]["log_tail"] = _log_tail(work, "build", 60)
     for name in STEPS:
         data, proc = _read(work / f"{name}.json"), procs.get(name, {})
+        if name == "correctness" and data is not None and "counts" not in data:
+            data = _merge_shards(work, data)
         v = verdict(name, data, proc)
         entry = {"verdict": v, "process": proc, "result": data}
         if v.startswith(("crashed", "incomplete")):
@@ -710,6 +760,7 @@ def main(argv=None):
     ap.add_argument("--budget", type=float, default=60.0, help="soft time cap of the step in seconds")
     ap.add_argument("--out", default=None,
                     help="results JSON of the report (default benchmarks/results/gpu-<device>-<date>.json)")
+    ap.add_argument("--shard", default=None, help="correctness: these dtypes only (comma separated), one shard")
     args = ap.parse_args(argv)
     s = DRY if args.dry_run else GPU
     work = Path(args.work)
@@ -720,9 +771,14 @@ def main(argv=None):
     if not args.dry_run and not torch.cuda.is_available():
         print("no CUDA device: use --dry-run on a machine without one", file=sys.stderr)
         return 2
-    step = Step(work, args.step, args.budget)
-    print(f"== {args.step} (soft cap {args.budget:.0f} s)", flush=True)
-    RUNNERS[args.step](s, step)
+    if args.shard:
+        dtypes = tuple(args.shard.split(","))
+        step = Step(work, shard_name(dtypes), args.budget)
+        run_correctness(s, step, dtypes)
+    else:
+        step = Step(work, args.step, args.budget)
+        print(f"== {args.step} (soft cap {args.budget:.0f} s)", flush=True)
+        RUNNERS[args.step](s, step)
     step.data["complete"] = True
     step.save()
     return 0
