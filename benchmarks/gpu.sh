@@ -14,12 +14,12 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 DRY=""
-OUT=""
+RESULTS_PATH=""
 BUDGET=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY="--dry-run" ;;
-    --out) OUT="$2"; shift ;;
+    --out) RESULTS_PATH="$2"; shift ;;
     --budget) BUDGET="$2"; shift ;;
     *) echo "usage: bash benchmarks/gpu.sh [--dry-run] [--out PATH] [--budget SECONDS]" >&2; exit 2 ;;
   esac
@@ -108,7 +108,7 @@ step correctness "$(cap $CAP_CORRECTNESS $RES_CORRECTNESS)"
 step bench "$(cap $CAP_BENCH $RES_BENCH)" $(( 2 * GRACE ))  # one case at the LLM shape takes a while
 step syncs "$(cap $CAP_SYNCS $RES_SYNCS)"
 step determinism "$(cap $CAP_DETERMINISM 0)"
-"$PY" -m benchmarks.gpu_check report --work "$WORK" $DRY ${OUT:+--out "$OUT"}
+"$PY" -m benchmarks.gpu_check report --work "$WORK" $DRY ${RESULTS_PATH:+--out "$RESULTS_PATH"}
 rc=$?
 echo "records of the steps: $WORK ($(( $(date +%s) - T0 )) s in all)"
 exit $rc
