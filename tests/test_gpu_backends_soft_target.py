@@ -273,3 +273,21 @@ def test_int64_offsets_past_2_pow_31_gpu(given_logits, backend):
     (dref,) = torch.autograd.grad(ref.sum(), [tail])
     assert_close(loss[-8:], ref, torch.float16, "loss")
     assert_close(d[-8:], dref, torch.float16, "gradient")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("form", ["sparse", "dense"])
+def test_no_host_synchronisation_in_a_training_step(form, backend, monkeypatch):
+    """With the data-reading checks off (their default on a GPU), forward + backward never waits for the device:
+    a second step, after the segment layout and chunk tables are cached, runs under sync debug mode "error"."""
+    monkeypatch.delenv("KC_CHECK_VALUES", raising=False)
+    prob = _cast(_problem(B=64, H=32, V=3000, G=5, K=8, target_form=form, scale_kind="segment"), torch.bfloat16)
+    for step in range(2):
+        if step == 1:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss = _linear(prob, backend, mode="softmax")
+            loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
