@@ -10,16 +10,18 @@ self-paced L2 norm and its gradient term) are complete inside one epilogue call.
 walked in blocks of rows that each hold the whole segment (one GEMM per block, dW_seg accumulated over the blocks);
 for given logits (soft_target_loss) it is walked once per phase instead.
 
-One autograd Function serves every backend; a backend supplies an ``Epilogue`` (kc_kernels/cpu/soft_target.py,
-kc_kernels/gpu_epilogue.py). With reduction="none" the per-row weights of the gradient are only known in backward,
-so the forward computes the loss alone and the backward walks again.
+One torch.library op (``kc_kernels::chunked_soft_target``, with a fake implementation and its autograd) serves
+every backend; a backend supplies an ``Epilogue`` (kc_kernels/cpu/soft_target.py, kc_kernels/gpu_epilogue.py),
+registered under its name. With reduction="none" the per-row weights of the gradient are only known in backward,
+so the forward computes the loss alone and the backward op walks again.
 """
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -33,6 +35,17 @@ NUM_CONSTS = 5
 SCALE_NONE, SCALE_SEGMENT, SCALE_CLASS = 0, 1, 2
 NORM_EPS = 1e-12
 MIN_CHUNK = 256
+
+
+def check_layout(lib, name: str) -> None:
+    """The compiled kernels of ``lib`` index states, consts, phases and scale kinds by their own enums (exported
+    from csrc/common/soft_target_layout.h): they must be the constants above, or the extension is stale."""
+    pairs = [(lib.STATES, "S_"), (lib.CONSTS, "C_"), (lib.PHASES, "PHASE_"), (lib.SCALE_KINDS, "SCALE_")]
+    wrong = [f"{prefix}{key}" for table, prefix in pairs for key, value in table.items()
+             if globals().get(prefix + key) != value]
+    if wrong or lib.NUM_STATES != NUM_STATES or lib.NUM_CONSTS != NUM_CONSTS:
+        raise ImportError(f"{name} was built for another epilogue layout than kc_kernels.chunked "
+                          f"(differing: {wrong or 'NUM_STATES/NUM_CONSTS'}); rebuild the extension")
 
 
 @dataclass(frozen=True)
@@ -361,55 +374,181 @@ def reduce_rows(loss_rows: torch.Tensor, p) -> torch.Tensor:
     return s / p.batch if p.reduction == "mean" else s
 
 
-class SoftTargetFunction(torch.autograd.Function):
-    """Inputs: the differentiable tensors (x, weight, bias, scale) or (logits, scale); the problem, the epilogue
-    and the chunk budget ride along."""
+# ---------------------------------------------------------------------------------------------- the custom ops
+# The walk is one torch.library op, so torch.compile and torch.export see a single opaque node with a fake
+# (shape-only) implementation instead of tracing into the driver. Problems are not op arguments: the op takes the
+# tensors and primitives a problem is made of, and the backend's name (its epilogue is looked up here).
 
-    @staticmethod
-    def forward(ctx, problem, epilogue, memory_budget, *tensors):
-        sweep = Sweep(problem, epilogue, memory_budget)
-        names = ("x", "weight", "bias", "scale") if sweep.linear else ("logits", "scale")
-        ctx.names = names
-        ctx.problem, ctx.epilogue, ctx.memory_budget = problem, epilogue, memory_budget
-        wants = any(ctx.needs_input_grad[3:])
-        ctx.needs = tuple(n for n, need in zip(names, ctx.needs_input_grad[3:]) if need)
-        out_dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
-        if wants and problem.reduction != "none":
-            loss_rows, grads = sweep.run(row_coef(problem, sweep.device, sweep.state_dtype), ctx.needs)
-            ctx.grads = grads
+EPILOGUES: Dict[str, object] = {}  # backend name -> epilogue, registered by each backend module on import
+GRAD_INPUTS = 4  # gradient slots of the op: (x or logits, weight, bias, scale)
+
+
+def register_epilogue(name: str, epilogue: object) -> None:
+    EPILOGUES[name] = epilogue
+
+
+def _epilogue(name: str) -> object:
+    if name not in EPILOGUES:  # the backend module registers itself on import
+        from kc_kernels import dispatch
+
+        importlib.import_module(dispatch.BACKEND_MODULES[name] + ".soft_target")
+    return EPILOGUES[name]
+
+
+def _problem(inp, weight, bias, scale, target_index, target_value, teacher_logits, sample_weight, bounds, mode,
+             reduction, temperature):
+    """The problem the op's arguments describe (validated by the op front before the op was called)."""
+    from kc_kernels.ops.soft_target import SoftTargetProblem
+
+    linear = weight is not None
+    return SoftTargetProblem(batch=inp.shape[0], num_classes=weight.shape[0] if linear else inp.shape[1], mode=mode,
+                             reduction=reduction, temperature=temperature, x=inp if linear else None,
+                             weight=weight, bias=bias, logits=None if linear else inp, target_index=target_index,
+                             target_value=target_value, teacher_logits=teacher_logits, bounds=list(bounds),
+                             scale=scale, sample_weight=sample_weight)
+
+
+def _grad_names(linear: bool, needs: int) -> Tuple[str, ...]:
+    """The driver's names of the inputs whose gradient bit is set in ``needs`` (bit i: gradient slot i)."""
+    names = ("x", "weight", "bias", "scale") if linear else ("logits", None, None, "scale")
+    return tuple(n for i, n in enumerate(names) if n is not None and needs >> i & 1)
+
+
+def _grad_slots(inp, weight, bias, scale, needs: int, grads: Optional[Dict[str, torch.Tensor]]):
+    """The op's four gradient outputs: the gradient where its bit is set (an empty tensor of that shape for the
+    fake implementation, grads None), else an empty placeholder (ops cannot return None)."""
+    slots = []
+    names = ("x" if weight is not None else "logits", "weight", "bias", "scale")
+    for i, (name, t) in enumerate(zip(names, (inp, weight, bias, scale))):
+        if t is None or not needs >> i & 1:
+            slots.append(inp.new_empty(0))
+        elif grads is None:
+            slots.append(torch.empty(t.shape, dtype=t.dtype, device=t.device))
         else:
-            loss_rows, _ = sweep.run(None)
-            ctx.grads = None
-        return reduce_rows(loss_rows, problem).to(out_dtype)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        p = ctx.problem
-        grads, ctx.grads = ctx.grads, None  # a second backward (retain_graph) walks again
-        if grads is not None:
-            # scaled in place: a scaled copy would hold a second V x H weight gradient at the peak. On the CPU the
-            # usual grad_out of exactly 1 is skipped; on a GPU reading it would synchronise, so it is applied
-            if grad_out.device.type != "cpu" or float(grad_out) != 1.0:
-                for v in grads.values():
-                    if v is not None:
-                        v.mul_(grad_out.to(v.dtype))
-        else:
-            sweep = Sweep(p, ctx.epilogue, ctx.memory_budget)
-            rows = grad_out.detach() if p.reduction == "none" else None
-            coef = row_coef(p, sweep.device, sweep.state_dtype, rows)
-            if rows is None:
-                coef = coef * grad_out.detach().to(coef.dtype)
-            _, grads = sweep.run(coef, ctx.needs)
-        result = [None, None, None]
-        for i, name in enumerate(ctx.names):
-            result.append(grads.get(name) if ctx.needs_input_grad[3 + i] else None)
-        return tuple(result)
+            slots.append(grads[name])
+    return tuple(slots)
 
 
-def linear_soft_target_loss(p, epilogue, memory_budget: int) -> torch.Tensor:
-    return SoftTargetFunction.apply(p, epilogue, memory_budget, p.x, p.weight, p.bias, p.scale)
+def _out_dtype(inp: torch.Tensor) -> torch.dtype:
+    return torch.float64 if inp.dtype == torch.float64 else torch.float32
 
 
-def soft_target_loss(p, epilogue, memory_budget: int) -> torch.Tensor:
-    return SoftTargetFunction.apply(p, epilogue, memory_budget, p.logits, p.scale)
+@torch.library.custom_op("kc_kernels::chunked_soft_target", mutates_args=())
+def chunked_soft_target(inp: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                        scale: Optional[torch.Tensor], target_index: Optional[torch.Tensor],
+                        target_value: Optional[torch.Tensor], teacher_logits: Optional[torch.Tensor],
+                        sample_weight: Optional[torch.Tensor], bounds: List[int], mode: str, reduction: str,
+                        temperature: float, backend: str, memory_budget: int,
+                        needs: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The loss of x [B, H] (or grouped) and weight [V, H], or of logits [B, V] when weight is None; with
+    reduction "mean"/"sum" also the gradients of the inputs whose bit is set in ``needs`` (the backward only
+    scales them). Outputs: (loss, four gradient slots: see _grad_slots)."""
+    p = _problem(inp, weight, bias, scale, target_index, target_value, teacher_logits, sample_weight, bounds, mode,
+                 reduction, temperature)
+    sweep = Sweep(p, _epilogue(backend), memory_budget)
+    grads = None
+    if needs and reduction != "none":
+        loss_rows, grads = sweep.run(row_coef(p, sweep.device, sweep.state_dtype), _grad_names(p.x is not None, needs))
+    else:
+        loss_rows, _ = sweep.run(None)
+        needs = 0
+    loss = reduce_rows(loss_rows, p).to(_out_dtype(inp))
+    return (loss,) + _grad_slots(inp, weight, bias, scale, needs, grads)
+
+
+@chunked_soft_target.register_fake
+def _chunked_soft_target_fake(inp, weight, bias, scale, target_index, target_value, teacher_logits, sample_weight,
+                              bounds, mode, reduction, temperature, backend, memory_budget, needs):
+    loss = inp.new_empty((inp.shape[0],) if reduction == "none" else (), dtype=_out_dtype(inp))
+    return (loss,) + _grad_slots(inp, weight, bias, scale, needs if reduction != "none" else 0, None)
+
+
+@torch.library.custom_op("kc_kernels::chunked_soft_target_backward", mutates_args=())
+def chunked_soft_target_backward(grad_loss: torch.Tensor, inp: torch.Tensor, weight: Optional[torch.Tensor],
+                                 bias: Optional[torch.Tensor], scale: Optional[torch.Tensor],
+                                 target_index: Optional[torch.Tensor], target_value: Optional[torch.Tensor],
+                                 teacher_logits: Optional[torch.Tensor], sample_weight: Optional[torch.Tensor],
+                                 bounds: List[int], mode: str, reduction: str, temperature: float, backend: str,
+                                 memory_budget: int,
+                                 needs: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A second walk that makes the gradients, rows weighted by ``grad_loss``: reduction "none" (whose row
+    weights are known only now), or a backward whose saved gradients were already used."""
+    p = _problem(inp, weight, bias, scale, target_index, target_value, teacher_logits, sample_weight, bounds, mode,
+                 reduction, temperature)
+    sweep = Sweep(p, _epilogue(backend), memory_budget)
+    rows = grad_loss if reduction == "none" else None
+    coef = row_coef(p, sweep.device, sweep.state_dtype, rows)
+    if rows is None:
+        coef = coef * grad_loss.to(coef.dtype)
+    _, grads = sweep.run(coef, _grad_names(p.x is not None, needs))
+    return _grad_slots(inp, weight, bias, scale, needs, grads)
+
+
+@chunked_soft_target_backward.register_fake
+def _chunked_soft_target_backward_fake(grad_loss, inp, weight, bias, scale, *rest):
+    return _grad_slots(inp, weight, bias, scale, rest[-1], None)
+
+
+_TENSOR_ARGS = 8  # inp .. sample_weight; then bounds, mode, reduction, temperature, backend, memory_budget, needs
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:_TENSOR_ARGS])
+    ctx.options = inputs[_TENSOR_ARGS:]
+    # the gradients made in the forward: not differentiable themselves, so holding them on ctx makes no cycle
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.grads = list(output[1:]) if inputs[-1] and inputs[_TENSOR_ARGS + 2] != "none" else None
+
+
+def _eager(t: torch.Tensor) -> bool:
+    """A real tensor outside any tracing: only then may the host read it or the saved gradients be scaled in
+    place."""
+    return not torch.compiler.is_compiling() and type(t) is torch.Tensor and not torch._is_functional_tensor(t)
+
+
+def _scaled(grads, grad_loss: torch.Tensor):
+    if not _eager(grad_loss):
+        return [g * grad_loss.to(g.dtype) for g in grads]
+    # in place: a scaled copy would hold a second V x H weight gradient at the peak. On the CPU the usual
+    # grad_loss of exactly 1 is skipped; on a GPU reading it would synchronise, so it is applied
+    if grad_loss.device.type != "cpu" or float(grad_loss) != 1.0:
+        for g in grads:
+            g.mul_(grad_loss.to(g.dtype))
+    return grads
+
+
+def _backward(ctx, grad_loss, *unused):
+    needs = ctx.options[-1]
+    grads, ctx.grads = ctx.grads, None  # used once: a second backward (retain_graph) walks again
+    if grads is not None:
+        grads = _scaled(grads, grad_loss)
+    else:
+        grads = chunked_soft_target_backward(grad_loss, *ctx.saved_tensors, *ctx.options)
+    result = [g if needs >> i & 1 else None for i, g in enumerate(grads)]
+    return tuple(result) + (None,) * (_TENSOR_ARGS + len(ctx.options) - GRAD_INPUTS)
+
+
+chunked_soft_target.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _needs_mask(*tensors: Optional[torch.Tensor]) -> int:
+    if not torch.is_grad_enabled():
+        return 0
+    return sum(1 << i for i, t in enumerate(tensors) if t is not None and t.requires_grad)
+
+
+def _call(p, inp: torch.Tensor, weight, bias, backend: str, memory_budget: int) -> torch.Tensor:
+    needs = _needs_mask(inp, weight, bias, p.scale)
+    out = chunked_soft_target(inp, weight, bias, p.scale, p.target_index, p.target_value, p.teacher_logits,
+                              p.sample_weight, list(p.bounds), p.mode, p.reduction, float(p.temperature), backend,
+                              int(memory_budget), needs)
+    return out[0]
+
+
+def linear_soft_target_loss(p, backend: str, memory_budget: int) -> torch.Tensor:
+    """The op on a validated problem, walked by ``backend``'s epilogue (registered with register_epilogue)."""
+    return _call(p, p.x, p.weight, p.bias, backend, memory_budget)
+
+
+def soft_target_loss(p, backend: str, memory_budget: int) -> torch.Tensor:
+    return _call(p, p.logits, None, None, backend, memory_budget)

@@ -128,9 +128,7 @@ def _implementation(name: str, op: str):
         return None
 
 
-def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype = None) -> Tuple[str, Callable]:
-    """The (name, function) that runs ``op`` for tensors on ``device``. With ``auto``, an implementation that
-    declares the ``dtypes`` it supports (a function attribute) is passed over for any other dtype."""
+def _resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype = None) -> Tuple[str, Callable]:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
@@ -148,3 +146,23 @@ def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype = No
             if fn is not None and (dtype is None or dtype in getattr(fn, "dtypes", (dtype,))):
                 return name, fn
     raise RuntimeError(f"no backend implements {op}")  # unreachable: reference implements every op
+
+
+# implementations by (op, backend name), filled by _resolve_name
+_RESOLVED: Dict[Tuple[str, str], Callable] = {}
+
+
+@torch.compiler.assume_constant_result
+def _resolve_name(op: str, backend: str, device_type: str, dtype: torch.dtype = None) -> str:
+    """The name of the backend that runs ``op``. torch.compile runs this at trace time and keeps the name as a
+    constant: the imports and probes behind it are not traceable, and their answer does not change."""
+    name, fn = _resolve(op, backend, torch.device(device_type), dtype)
+    _RESOLVED[(op, name)] = fn
+    return name
+
+
+def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype = None) -> Tuple[str, Callable]:
+    """The (name, function) that runs ``op`` for tensors on ``device``. With ``auto``, an implementation that
+    declares the ``dtypes`` it supports (a function attribute) is passed over for any other dtype."""
+    name = _resolve_name(op, backend, device.type, dtype)
+    return name, _RESOLVED[(op, name)]

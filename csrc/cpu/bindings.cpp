@@ -1,44 +1,112 @@
-// pybind11 bindings of the CPU kernels. Tensors cross as raw data pointers (uintptr_t) plus sizes: the Python side
-// (kc_kernels) checks dtype, contiguity and device before calling, so no torch headers are needed here.
+// pybind11 bindings of the CPU kernels. The kernel's params struct (kc_cpu::SoftTargetChunk) is a Python class with
+// named fields; buffer fields are host addresses as integers (tensor.data_ptr(), 0 = absent). The Python side
+// (kc_kernels/cpu/soft_target.py) checks device, dtype and contiguity of every tensor before taking its address;
+// soft_target_chunk checks the fields the kernel cannot run without and raises ValueError before it runs. No torch
+// headers are needed here.
 #include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
 
 #include "common/pybind_layout.h"
 #include "cpu/kc_cpu.h"
 
 namespace py = pybind11;
 
-template <typename T>
-static T* ptr(std::uintptr_t p) {
-  return reinterpret_cast<T*>(p);
+namespace {
+
+using Params = kc_cpu::SoftTargetChunk;
+constexpr const char* kKernel = "soft_target_chunk";
+
+[[noreturn]] void invalid(const std::string& field, const std::string& why) {
+  throw py::value_error(std::string(kKernel) + ": " + field + " " + why);
 }
+
+void require(const void* address, const char* field, const char* when) {
+  if (address == nullptr) invalid(field, std::string("is required ") + when + " (got address 0)");
+}
+
+void check_sizes(const Params& p) {
+  if (p.rows < 0 || p.ncols < 0 || p.col0 < 0 || p.k < 0) invalid("rows/ncols/col0/k", "must be >= 0");
+  if (p.npieces < 1 || p.num_segments < 1) invalid("npieces/num_segments", "must be >= 1");
+  if (p.phases <= 0 || p.phases >= (1 << kc::kNumPhases)) invalid("phases", "is not a bitmask of PHASES");
+  if (p.scale_kind < 0 || p.scale_kind >= kc::kNumScaleKinds) invalid("scale_kind", "is not a SCALE_KINDS value");
+}
+
+void check_buffers(const Params& p) {
+  require(p.piece_lo, "piece_lo", "always");
+  require(p.piece_seg, "piece_seg", "always");
+  require(p.state, "state", "always");
+  require(p.softplus_sum, "softplus_sum", "always");
+  if (p.phases & ~kc::kPhaseTeacher) {
+    require(p.u, "u", "by the NORM, STATS and FINAL phases");
+    if (p.ld < p.ncols) invalid("ld", "is smaller than ncols");
+  }
+  if (p.phases & kc::kPhaseTeacher) require(p.teacher, "teacher", "by the TEACHER phase");
+  if (p.teacher != nullptr && p.teacher_ld < p.ncols) invalid("teacher_ld", "is smaller than ncols");
+  if (p.k > 0) {
+    require(p.tidx, "tidx", "when k > 0");
+    require(p.tval, "tval", "when k > 0");
+  }
+  if (p.scale_kind != kc::kScaleNone) require(p.scale, "scale", "when scale_kind is not NONE");
+}
+
+// A pointer field as a Python int property.
+template <class Ptr>
+void def_address(py::class_<Params>& cls, const char* name, Ptr Params::*field) {
+  cls.def_property(
+      name, [field](const Params& p) { return reinterpret_cast<std::uintptr_t>(p.*field); },
+      [field](Params& p, std::uintptr_t address) { p.*field = reinterpret_cast<Ptr>(address); });
+}
+
+void def_params(py::module_& m) {
+  py::class_<Params> cls(m, "SoftTargetChunkParams",
+                         "Arguments of soft_target_chunk; fields as in csrc/cpu/kc_cpu.h (struct SoftTargetChunk).");
+  cls.def(py::init<>())
+      .def_readwrite("ld", &Params::ld)
+      .def_readwrite("rows", &Params::rows)
+      .def_readwrite("ncols", &Params::ncols)
+      .def_readwrite("col0", &Params::col0)
+      .def_readwrite("npieces", &Params::npieces)
+      .def_readwrite("num_segments", &Params::num_segments)
+      .def_readwrite("phases", &Params::phases)
+      .def_readwrite("softmax", &Params::softmax)
+      .def_readwrite("inv_t", &Params::inv_t)
+      .def_readwrite("t2", &Params::t2)
+      .def_readwrite("scale_kind", &Params::scale_kind)
+      .def_readwrite("k", &Params::k)
+      .def_readwrite("teacher_ld", &Params::teacher_ld);
+  def_address(cls, "u", &Params::u);
+  def_address(cls, "piece_lo", &Params::piece_lo);
+  def_address(cls, "piece_seg", &Params::piece_seg);
+  def_address(cls, "scale", &Params::scale);
+  def_address(cls, "tidx", &Params::tidx);
+  def_address(cls, "tval", &Params::tval);
+  def_address(cls, "teacher", &Params::teacher);
+  def_address(cls, "coef", &Params::coef);
+  def_address(cls, "state", &Params::state);
+  def_address(cls, "softplus_sum", &Params::softplus_sum);
+  def_address(cls, "dscale_class", &Params::dscale_class);
+  def_address(cls, "bias", &Params::bias);
+  def_address(cls, "dbias", &Params::dbias);
+}
+
+}  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "kc CPU kernels (C++17, OpenMP)";
+  def_params(m);
   m.def(
       "soft_target_chunk",
-      [](std::uintptr_t u, int64_t ld, int64_t rows, int64_t ncols, int64_t col0, int64_t npieces,
-         std::uintptr_t piece_lo, std::uintptr_t piece_seg, int64_t num_segments, int phases, int softmax,
-         float inv_t, float t2, std::uintptr_t scale, int scale_kind, std::uintptr_t tidx, std::uintptr_t tval,
-         int64_t k, std::uintptr_t teacher, int64_t teacher_ld, std::uintptr_t coef, std::uintptr_t state,
-         std::uintptr_t softplus_sum, std::uintptr_t dscale_class, std::uintptr_t bias, std::uintptr_t dbias) {
-        kc_cpu::SoftTargetChunk a{ptr<float>(u),           ld,
-                                  rows,                    ncols,
-                                  col0,                    npieces,
-                                  ptr<const int64_t>(piece_lo), ptr<const int64_t>(piece_seg),
-                                  num_segments,            phases,
-                                  softmax,                 inv_t,
-                                  t2,                      ptr<const float>(scale),
-                                  scale_kind,              ptr<const int64_t>(tidx),
-                                  ptr<const float>(tval),  k,
-                                  ptr<const float>(teacher), teacher_ld,
-                                  ptr<const float>(coef),  ptr<double>(state),
-                                  ptr<double>(softplus_sum), ptr<float>(dscale_class),
-                                  ptr<const float>(bias),  ptr<float>(dbias)};
+      [](const Params& p) {
+        check_sizes(p);
+        check_buffers(p);
         py::gil_scoped_release nogil;
-        kc_cpu::soft_target_chunk(a);
+        kc_cpu::soft_target_chunk(p);
       },
-      "Fused soft-target epilogue over one chunk of logits (see csrc/cpu/soft_target.cpp). Pointers are raw "
-      "addresses; 0 means absent.");
+      py::arg("params"),
+      "Fused soft-target epilogue over one chunk of logits (see csrc/cpu/soft_target.cpp), SoftTargetChunkParams "
+      "given; raises ValueError naming a required field that is missing or a size that is out of range.");
   kc::export_soft_target_layout(m);
 #ifdef _OPENMP
   m.attr("openmp") = true;

@@ -14,8 +14,10 @@ from typing import Optional, Tuple
 import torch
 
 from kc_kernels import _C, chunked
-from kc_kernels.chunked import Chunk, PHASE_FINAL, SCALE_CLASS
+from kc_kernels.chunked import PHASE_FINAL, Chunk
 from kc_kernels.ops.soft_target import SoftTargetProblem
+
+chunked.check_layout(_C, "kc_kernels._C")
 
 DEFAULT_MEMORY_BUDGET = 64 << 20  # bytes for the chunk of logits (and of teacher logits)
 
@@ -74,38 +76,63 @@ class CpuEpilogue:
 
     @classmethod
     def run(cls, sw, c: Chunk, u: Optional[torch.Tensor], phases: int, coef: Optional[torch.Tensor],
-            rows: Optional[Tuple[int, int]]):
+            rows: Optional[Tuple[int, int]]) -> None:
         """One epilogue call; ``rows`` = (r0, r1): ``u`` holds only those rows (the row-block walk of a long
         segment)."""
-        p = sw.p
-        r0, r1 = rows if rows is not None else (0, p.batch)
+        r0, r1 = rows if rows is not None else (0, sw.p.batch)
         state = sw.state if rows is None else sw.state[:, r0:r1].contiguous()
-        lo_t, seg_t = sw.plan.tables(c, torch.device("cpu"), torch.long)
-        tptr, tld, _teacher_copy = cls._teacher(sw, c, r0, r1)
-        dsc = dbias = 0
-        if coef is not None and sw.dscale is not None and phases & PHASE_FINAL:
-            dsc = sw.dscale.data_ptr() + 4 * c.lo
-        if coef is not None and sw.db32 is not None and phases & PHASE_FINAL:
-            dbias = sw.db32.data_ptr() + 4 * c.lo
-        K = sw.tidx.shape[1] if sw.sparse else 0
-        ld = u.stride(0) if u is not None else c.hi - c.lo
-        _C.soft_target_chunk(
-            _ptr(u), ld, r1 - r0, c.hi - c.lo, c.lo, len(c.piece_seg), lo_t.data_ptr(), seg_t.data_ptr(),
-            sw.G, phases, int(sw.softmax), 1.0 / p.temperature, p.temperature ** 2, _ptr(sw.scale32),
-            sw.scale_kind, _ptr(sw.tidx) + 8 * K * r0 if sw.sparse else 0,
-            _ptr(sw.tval) + 4 * K * r0 if sw.sparse else 0, K, tptr, tld,
-            _ptr(coef) + 4 * r0 if coef is not None else 0, state.data_ptr(), sw.softplus.data_ptr() + 8 * r0, dsc,
-            _ptr(sw.bias32), dbias)
+        tptr, tld, _teacher_copy = cls._teacher(sw, c, r0, r1)  # the copy lives until the kernel has run
+        params = cls._params(sw, c, u, phases, coef, r0, r1, state)
+        params.teacher, params.teacher_ld = tptr, tld
+        _C.soft_target_chunk(params)
         if rows is not None:
             sw.state[:, r0:r1] = state
 
+    @staticmethod
+    def _params(sw, c: Chunk, u: Optional[torch.Tensor], phases: int, coef: Optional[torch.Tensor], r0: int,
+                r1: int, state: torch.Tensor):
+        """The kernel's named arguments (csrc/cpu/kc_cpu.h) for rows [r0, r1) of chunk ``c``; buffers offset to
+        row r0 where the kernel indexes them from the block's first row."""
+        p, a = sw.p, _C.SoftTargetChunkParams()
+        lo_t, seg_t = sw.plan.tables(c, torch.device("cpu"), torch.long)
+        a.u, a.ld = _ptr(u), u.stride(0) if u is not None else c.hi - c.lo
+        a.rows, a.ncols, a.col0 = r1 - r0, c.hi - c.lo, c.lo
+        a.npieces, a.piece_lo, a.piece_seg, a.num_segments = len(c.piece_seg), lo_t.data_ptr(), seg_t.data_ptr(), sw.G
+        a.phases, a.softmax, a.inv_t, a.t2 = phases, int(sw.softmax), 1.0 / p.temperature, p.temperature ** 2
+        a.scale, a.scale_kind, a.bias = _ptr(sw.scale32), sw.scale_kind, _ptr(sw.bias32)
+        if sw.sparse:
+            a.k = sw.tidx.shape[1]
+            a.tidx, a.tval = sw.tidx.data_ptr() + 8 * a.k * r0, sw.tval.data_ptr() + 4 * a.k * r0
+        a.state, a.softplus_sum = state.data_ptr(), sw.softplus.data_ptr() + 8 * r0
+        if coef is not None:
+            a.coef = coef.data_ptr() + 4 * r0
+            if phases & PHASE_FINAL:
+                a.dscale_class = 0 if sw.dscale is None else sw.dscale.data_ptr() + 4 * c.lo
+                a.dbias = 0 if sw.db32 is None else sw.db32.data_ptr() + 4 * c.lo
+        return a
+
 
 EPILOGUE = CpuEpilogue()
+chunked.register_epilogue("cpu", EPILOGUE)
+
+
+_TENSORS = ("x", "weight", "bias", "logits", "target_index", "target_value", "teacher_logits", "scale",
+            "sample_weight")
+
+
+def _check_on_cpu(p: SoftTargetProblem) -> None:
+    """The C++ epilogue is handed host addresses: a tensor on another device must never reach it."""
+    for name in _TENSORS:
+        t = getattr(p, name)
+        if t is not None and t.device.type != "cpu":
+            raise ValueError(f"{name}: the cpu backend takes CPU tensors, got a tensor on {t.device}")
 
 
 def linear_soft_target_loss(p: SoftTargetProblem) -> torch.Tensor:
-    return chunked.linear_soft_target_loss(p, EPILOGUE, p.memory_budget or DEFAULT_MEMORY_BUDGET)
+    _check_on_cpu(p)
+    return chunked.linear_soft_target_loss(p, "cpu", p.memory_budget or DEFAULT_MEMORY_BUDGET)
 
 
 def soft_target_loss(p: SoftTargetProblem) -> torch.Tensor:
-    return chunked.soft_target_loss(p, EPILOGUE, p.memory_budget or DEFAULT_MEMORY_BUDGET)
+    _check_on_cpu(p)
+    return chunked.soft_target_loss(p, "cpu", p.memory_budget or DEFAULT_MEMORY_BUDGET)

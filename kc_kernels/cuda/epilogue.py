@@ -29,17 +29,7 @@ _DTYPES = {torch.float32: _cuda.DTYPES["float32"], torch.float16: _cuda.DTYPES["
 _WORK_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _check_layout_matches_driver():
-    """The compiled kernels index states, consts and phases by their own enums: they must be the driver's."""
-    pairs = [(_cuda.STATES, "S_"), (_cuda.CONSTS, "C_"), (_cuda.PHASES, "PHASE_")]
-    wrong = [f"{prefix}{name}" for table, prefix in pairs for name, value in table.items()
-             if getattr(chunked, prefix + name, None) != value]
-    if wrong or _cuda.NUM_STATES != NUM_STATES or _cuda.NUM_CONSTS != NUM_CONSTS:
-        raise ImportError(f"kc_kernels._cuda was built for another epilogue layout than kc_kernels.chunked "
-                          f"(differing: {wrong or 'NUM_STATES/NUM_CONSTS'}); rebuild the extension")
-
-
-_check_layout_matches_driver()
+chunked.check_layout(_cuda, "kc_kernels._cuda")
 
 
 def _fail(name: str, why: str):

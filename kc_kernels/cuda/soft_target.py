@@ -16,6 +16,7 @@ __all__ = ["linear_soft_target_loss", "soft_target_loss"]
 
 DEFAULT_MEMORY_BUDGET = 512 << 20  # bytes of the [B, chunk] scores buffer and the partial sums on a GPU
 EPILOGUE = DeviceEpilogue(_kernels)
+chunked.register_epilogue("cuda", EPILOGUE)
 
 
 def _check(name: str, t: torch.Tensor):
@@ -28,12 +29,12 @@ def _check(name: str, t: torch.Tensor):
 
 def linear_soft_target_loss(p):
     _check("x", p.x)
-    return chunked.linear_soft_target_loss(p, EPILOGUE, p.memory_budget or DEFAULT_MEMORY_BUDGET)
+    return chunked.linear_soft_target_loss(p, "cuda", p.memory_budget or DEFAULT_MEMORY_BUDGET)
 
 
 def soft_target_loss(p):
     _check("logits", p.logits)
-    return chunked.soft_target_loss(p, EPILOGUE, p.memory_budget or DEFAULT_MEMORY_BUDGET)
+    return chunked.soft_target_loss(p, "cuda", p.memory_budget or DEFAULT_MEMORY_BUDGET)
 
 
 # what `auto` may send here (float64 goes to another backend)

@@ -18,6 +18,7 @@ __all__ = ["linear_soft_target_loss", "soft_target_loss"]
 
 DEFAULT_MEMORY_BUDGET = 512 << 20  # bytes of the [B, chunk] scores buffer and the partial sums on a GPU
 EPILOGUE = DeviceEpilogue(_kernels)
+chunked.register_epilogue("triton", EPILOGUE)
 
 
 def _check_dtype(name: str, t: torch.Tensor):
@@ -28,12 +29,12 @@ def _check_dtype(name: str, t: torch.Tensor):
 
 def linear_soft_target_loss(p):
     _check_dtype("x", p.x)
-    return chunked.linear_soft_target_loss(p, EPILOGUE, p.memory_budget or DEFAULT_MEMORY_BUDGET)
+    return chunked.linear_soft_target_loss(p, "triton", p.memory_budget or DEFAULT_MEMORY_BUDGET)
 
 
 def soft_target_loss(p):
     _check_dtype("logits", p.logits)
-    return chunked.soft_target_loss(p, EPILOGUE, p.memory_budget or DEFAULT_MEMORY_BUDGET)
+    return chunked.soft_target_loss(p, "triton", p.memory_budget or DEFAULT_MEMORY_BUDGET)
 
 
 # what `auto` may send here (float64 goes to another backend)
