@@ -11,7 +11,7 @@ import torch
 
 from kc_kernels import dispatch as _dispatch_mod
 from kc_kernels import samplers
-from kc_kernels.ops import checks
+from kc_kernels.ops import amp, checks
 from kc_kernels.ops.soft_target import REDUCTIONS
 
 
@@ -67,9 +67,11 @@ def sampled_softmax_loss(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     sampled ids equal to a row's true label are masked when remove_accidental_hits.
     sample_weight [B] scales each row's loss (a constant: it gets no gradient). With sparse_grad, weight.grad and
     bias.grad become sparse COO tensors holding only the touched rows (the sampled and true classes) on the cpu
-    and triton backends; the reference backend always returns dense gradients.
+    and triton backends; the reference backend always returns dense gradients. Under torch.autocast, x, weight and
+    bias are cast as nn.Linear casts them; the loss stays fp32.
     """
     checks.tensor("x", x, dims=(2,), floating=True)
+    x, weight, bias = amp.cast_inputs(x.device.type, x, weight, bias)
     checks.tensor("weight", weight, dims=(2,), floating=True)
     checks.same_device("weight", weight, x, "x")
     if weight.dtype != x.dtype:
@@ -130,4 +132,5 @@ def sampled_softmax_loss(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
                               subtract_log_q=bool(subtract_log_q), reduction=reduction, sample_weight=sample_weight,
                               sparse_grad=bool(sparse_grad))
     _, fn = _dispatch_mod.resolve("sampled_softmax_loss", backend, x.device)
-    return fn(p)
+    with amp.disabled(x.device.type):
+        return fn(p)

@@ -11,7 +11,7 @@ from typing import List, Optional
 import torch
 
 from kc_kernels import dispatch as _dispatch_mod
-from kc_kernels.ops import checks
+from kc_kernels.ops import amp, checks
 
 MODES = ("sigmoid", "softmax")
 REDUCTIONS = ("none", "sum", "mean")
@@ -133,7 +133,8 @@ def _check_budget(memory_budget) -> Optional[int]:
 
 def _dispatch(op: str, p: SoftTargetProblem, backend: str, device: torch.device) -> torch.Tensor:
     _, fn = _dispatch_mod.resolve(op, backend, device, (p.x if p.x is not None else p.logits).dtype)
-    return fn(p)
+    with amp.disabled(device.type):
+        return fn(p)
 
 
 def linear_soft_target_loss(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
@@ -149,9 +150,11 @@ def linear_soft_target_loss(x: torch.Tensor, weight: torch.Tensor, bias: Optiona
     mode "sigmoid": binary cross-entropy summed over classes; "softmax": cross-entropy per segment (times T^2).
     scale [G] or [V] applies the self-paced L2-normalised scaling per segment. Returns fp32 (fp64 for fp64 input):
     [B] for reduction="none", else a scalar. memory_budget (bytes) bounds the class chunk of the chunked
-    backends (cpu: default 64 MiB; GPU: 512 MiB). See docs/ops.md.
+    backends (cpu: default 64 MiB; GPU: 512 MiB). Under torch.autocast, x, weight and bias are cast as nn.Linear
+    casts them; the loss stays fp32. See docs/ops.md.
     """
     checks.tensor("x", x, dims=(2, 3), floating=True)
+    x, weight, bias = amp.cast_inputs(x.device.type, x, weight, bias)
     checks.tensor("weight", weight, dims=(2,), floating=True)
     checks.same_device("weight", weight, x, "x")
     if weight.dtype != x.dtype:
