@@ -1,0 +1,142 @@
+"""kc_kernels as a PyTorch citizen: torch.compile without graph breaks, torch.export, autocast, module state."""
+import pytest
+import torch
+from torch import nn
+
+import kc_kernels
+
+B, H, V, K = 8, 16, 300, 5
+SEGMENTS = [0, 100, 300]
+
+
+class DistilledHead(nn.Module):
+    """A body, then the output layer fused with the loss: the model of a distillation training step."""
+
+    def __init__(self, backend: str, mode: str = "softmax", reduction: str = "mean"):
+        super().__init__()
+        self.body = nn.Linear(12, H)
+        self.head = nn.Linear(H, V)
+        self.loss = kc_kernels.LinearSoftTargetLoss(mode=mode, segments=SEGMENTS, reduction=reduction,
+                                                    backend=backend)
+
+    def forward(self, inp: torch.Tensor, idx: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.body(inp))
+        return self.loss(h, self.head.weight, self.head.bias, target_index=idx, target_value=val)
+
+
+def _batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(B, 12, generator=g), torch.randint(0, V, (B, K), generator=g), torch.rand(B, K, generator=g)
+
+
+def _step(model, fn, batch):
+    """Loss and parameter gradients of one training step (the loss times 3: the backward scales the gradients)."""
+    model.zero_grad()
+    loss = fn(*batch)
+    (3.0 * loss.sum()).backward()
+    return [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("backend,reduction", [("cpu", "mean"), ("cpu", "none"), ("auto", "sum")])
+def test_fullgraph_compile_matches_eager(backend, reduction):
+    torch.manual_seed(0)
+    model = DistilledHead(backend, reduction=reduction)
+    batch = _batch()
+    eager = _step(model, model, batch)
+    explained = torch._dynamo.explain(model)(*batch)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    got = _step(model, compiled, batch)
+    for a, b in zip(got, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_op_is_one_custom_op_node():
+    model = DistilledHead("cpu")
+    gm = torch.export.export(model, _batch()).graph_module
+    targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    assert "kc_kernels.chunked_soft_target.default" in targets
+
+
+def test_export_runs_like_eager():
+    torch.manual_seed(0)
+    model = DistilledHead("cpu")
+    batch = _batch()
+    with torch.no_grad():
+        exported = torch.export.export(model, batch)
+        torch.testing.assert_close(exported.module()(*batch), model(*batch))
+
+
+def test_logits_op_compiles_fullgraph():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(B, V, generator=g, requires_grad=True)
+    teacher = torch.randn(B, V, generator=g)
+
+    def f(z, t):
+        return kc_kernels.soft_target_loss(z, teacher_logits=t, mode="softmax", segments=SEGMENTS, backend="cpu")
+
+    eager = f(logits, teacher)
+    (de,) = torch.autograd.grad(eager, logits)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(logits, teacher)
+    (dc,) = torch.autograd.grad(compiled, logits)
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(dc, de)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_autocast_casts_like_linear_and_keeps_fp32_loss(backend):
+    torch.manual_seed(0)
+    lin = nn.Linear(H, V)
+    x = torch.randn(B, H, requires_grad=True)
+    _, idx, val = _batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = kc_kernels.linear_soft_target_loss(x, lin.weight, lin.bias, target_index=idx, target_value=val,
+                                                  mode="softmax", backend=backend)
+        ref_logits = lin(x)
+    assert ref_logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    expected = kc_kernels.linear_soft_target_loss(x.bfloat16(), lin.weight.bfloat16(), lin.bias.bfloat16(),
+                                                  target_index=idx, target_value=val, mode="softmax",
+                                                  backend=backend)
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert lin.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+
+
+def test_autocast_sampled_softmax_keeps_fp32_loss():
+    lin = nn.Linear(H, V)
+    x = torch.randn(B, H)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = kc_kernels.sampled_softmax_loss(x, lin.weight, lin.bias, torch.arange(B), num_sampled=20,
+                                               generator=torch.Generator().manual_seed(0))
+    assert loss.dtype == torch.float32
+
+
+def test_loss_module_state_dict_round_trip_and_to():
+    src = kc_kernels.LinearSoftTargetLoss(mode="softmax", segments=SEGMENTS)
+    state = src.state_dict()
+    assert torch.equal(state["segments"], torch.tensor(SEGMENTS))
+    dst = kc_kernels.LinearSoftTargetLoss(mode="softmax", segments=[0, V])  # another layout, another length
+    dst.load_state_dict(state)
+    assert dst.segments.tolist() == SEGMENTS
+    x, w = torch.randn(B, H), torch.randn(V, H)
+    _, idx, val = _batch()
+    torch.testing.assert_close(dst(x, w, target_index=idx, target_value=val),
+                               src(x, w, target_index=idx, target_value=val))
+    moved = dst.to("meta")
+    assert moved.segments.device.type == "meta"
+    assert dst.to(torch.float64).segments.dtype == torch.long  # offsets stay integers
+
+
+def test_loss_module_sees_in_place_layout_change():
+    mod = kc_kernels.LinearSoftTargetLoss(mode="softmax", segments=SEGMENTS)
+    x, w = torch.randn(B, H), torch.randn(V, H)
+    _, idx, val = _batch()
+    mod.segments.copy_(torch.tensor([0, 200, V]))
+    expected = kc_kernels.linear_soft_target_loss(x, w, target_index=idx, target_value=val, mode="softmax",
+                                                  segments=[0, 200, V])
+    torch.testing.assert_close(mod(x, w, target_index=idx, target_value=val), expected)
+
+
+def test_sampled_softmax_module_buffers():
+    mod = kc_kernels.SampledSoftmaxLoss(5, sampler="unigram", class_counts=torch.ones(V), seed=0)
+    assert list(mod.state_dict()) == ["class_counts"]
