@@ -21,7 +21,7 @@ import importlib
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -119,7 +119,7 @@ def plan(bounds: Tuple[int, ...], capacity: int, grouped: bool) -> Plan:
     return Plan(bounds, capacity, grouped)
 
 
-def plan_chunks(bounds, capacity: int, grouped: bool):
+def plan_chunks(bounds: Sequence[int], capacity: int, grouped: bool) -> List[List[Chunk]]:
     """The steps of a layout (see Plan); kept as a function for tests and tools."""
     return plan(tuple(bounds), capacity, grouped).steps
 
@@ -221,7 +221,7 @@ class Sweep:
         return u
 
     def accumulate_grads(self, c: Chunk, g: torch.Tensor, r0: int = 0, r1: Optional[int] = None,
-                         dw: Optional[torch.Tensor] = None, add: bool = False):
+                         dw: Optional[torch.Tensor] = None, add: bool = False) -> None:
         """Gradient GEMMs of the logit gradient ``g`` (rows [r0, r1) of the chunk): dx += g W_c and dW_c = g^T x
         into ``dw`` (default: the chunk's rows of dW), added to it when ``add``."""
         p = self.p
@@ -274,7 +274,8 @@ class Sweep:
         if dw is not None and self.dw.dtype != torch.float32:
             self.dw[lo:hi].copy_(dw)
 
-    def run(self, coef: Optional[torch.Tensor], needs=("x", "weight", "bias", "logits", "scale")):
+    def run(self, coef: Optional[torch.Tensor], needs: Sequence[str] = ("x", "weight", "bias", "logits", "scale")
+            ) -> Tuple[torch.Tensor, Optional[Dict[str, Optional[torch.Tensor]]]]:
         """Per-row loss [B] (state dtype); with ``coef`` [B] also the gradients (of the inputs named in ``needs``)
         scaled row-wise by it. Gradient GEMMs of inputs that need no gradient are skipped."""
         p = self.p

@@ -96,7 +96,7 @@ OP_MODULES = {
 }
 
 
-def lazy_ops(package: str):
+def lazy_ops(package: str) -> Callable[[str], Callable]:
     """A module ``__getattr__`` for a backend package: op ``name`` is looked up in ``package.<its module>``, and an
     op whose module does not exist (yet) is simply absent."""
 

@@ -12,15 +12,41 @@ from typing import Optional, Tuple
 
 import torch
 
-from kc_kernels.chunked import (C_INV_NT, C_LSE, C_MASS, C_S_N2, C_TLSE, NORM_EPS, NUM_CONSTS, PHASE_FINAL,
-                                PHASE_NORM, PHASE_STATS, PHASE_TEACHER, S_MAX, S_R, S_S, S_SUMEXP, S_SUMEXP_U,
-                                S_SUMEXP_Y, S_SUMSQ, S_TMAX, S_TSUMEXP, S_ZSUM, S_ZU, S_ZYH, SCALE_NONE,
-                                SCALE_SEGMENT, Chunk, EpilogueArgs)
+from kc_kernels.chunked import (
+    C_INV_NT,
+    C_LSE,
+    C_MASS,
+    C_S_N2,
+    C_TLSE,
+    NORM_EPS,
+    NUM_CONSTS,
+    PHASE_FINAL,
+    PHASE_NORM,
+    PHASE_STATS,
+    PHASE_TEACHER,
+    S_MAX,
+    S_R,
+    S_S,
+    S_SUMEXP,
+    S_SUMEXP_U,
+    S_SUMEXP_Y,
+    S_SUMSQ,
+    S_TMAX,
+    S_TSUMEXP,
+    S_ZSUM,
+    S_ZU,
+    S_ZYH,
+    SCALE_NONE,
+    SCALE_SEGMENT,
+    Chunk,
+    EpilogueArgs,
+)
 
 WORK_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def sorted_targets(target_index: torch.Tensor, target_value: torch.Tensor, num_classes: int):
+def sorted_targets(target_index: torch.Tensor, target_value: torch.Tensor,
+                   num_classes: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Each row's targets sorted by class as int32, with padding and any index outside [0, V) mapped to V (past
     every class, value 0): the kernels never read or write out of bounds, validated or not."""
     idx = target_index.long()
@@ -49,7 +75,7 @@ class DeviceEpilogue:
         partial = 8 * -(-sw.p.batch // rows_tile)  # the column partial sums of the final kernel
         return sw.p.batch * torch.empty((), dtype=sw.work_dtype).element_size() + partial
 
-    def prepare(self, sw):
+    def prepare(self, sw) -> None:
         p = sw.p
         sw.tidx = sw.tval = None
         if p.target_index is not None:
@@ -98,7 +124,7 @@ class DeviceEpilogue:
             cs[C_S_N2] = S / sq
         sw.consts[:, r0:r1, g0:g1] = cs
     def run(self, sw, c: Chunk, u: Optional[torch.Tensor], phases: int, coef: Optional[torch.Tensor],
-            rows: Optional[Tuple[int, int]]):
+            rows: Optional[Tuple[int, int]]) -> None:
         p = sw.p
         r0, r1 = rows if rows is not None else (0, p.batch)
         n = r1 - r0

@@ -93,7 +93,8 @@ def sample_candidates(sampler: str, num_sampled: int, num_classes: int, *, uniqu
     if not unique:
         return found(_draw(sampler, num_sampled, num_classes, probs, generator), num_sampled)
     if num_sampled > num_classes:
-        raise ValueError(f"num_sampled ({num_sampled}) exceeds the number of classes ({num_classes}) with unique sampling")
+        raise ValueError(f"num_sampled ({num_sampled}) exceeds the number of classes ({num_classes}) "
+                         "with unique sampling")
     if sampler == "unigram" and int((probs > 0).sum()) < num_sampled:
         raise ValueError("class_counts has fewer non-zero classes than num_sampled")
     # Draw in blocks until num_sampled distinct ids appeared; keep the first num_sampled in draw order, which is

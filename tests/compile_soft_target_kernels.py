@@ -102,7 +102,7 @@ def resource_usage(kernel):
             f.write(kernel.asm["cubin"])
         out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
         os.unlink(f.name)
-        line = next(l for l in out.splitlines() if "REG:" in l).split()
+        line = next(ln for ln in out.splitlines() if "REG:" in ln).split()
         return " ".join(line[:2])
     except Exception as e:  # resource reporting is informative only
         return f"(no resource usage: {type(e).__name__})"

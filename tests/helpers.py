@@ -68,7 +68,8 @@ def make_problem(B, H, V, *, G=None, K=3, grouped=False, dtype=torch.float64, ge
 def brute_force_soft_target(x, weight, bias=None, *, target_index=None, target_value=None, teacher_logits=None,
                             mode="sigmoid", segments=None, scale=None, temperature=1.0, sample_weight=None,
                             reduction="mean"):
-    """The op's definition (docs/ops.md), written as scalar loops (tiny sizes only); differentiable through torch ops."""
+    """The op's definition (docs/ops.md), written as scalar loops (tiny sizes only); differentiable through torch
+    ops."""
     B, V = x.shape[0], weight.shape[0]
     H = x.shape[-1]
     bounds: Sequence[int] = [0, V] if segments is None else [int(s) for s in segments]
@@ -121,7 +122,7 @@ def brute_force_soft_target(x, weight, bias=None, *, target_index=None, target_v
         if sample_weight is not None:
             loss = loss * sample_weight[r]
         rows.append(loss)
-    per_row = torch.stack([torch.as_tensor(l, dtype=torch.float64) for l in rows])
+    per_row = torch.stack([torch.as_tensor(r, dtype=torch.float64) for r in rows])
     if reduction == "none":
         return per_row
     return per_row.sum() if reduction == "sum" else per_row.sum() / B

@@ -1,6 +1,5 @@
 """The cpu backend of (linear_)soft_target_loss against the float64 reference, forward and every gradient."""
 import itertools
-import tracemalloc
 
 import pytest
 import torch

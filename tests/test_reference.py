@@ -98,7 +98,6 @@ def test_grouped_x_is_block_diagonal_linear(gen):
 
 
 def test_duplicate_targets_add_up(gen):
-    p = make_problem(2, 3, 5, gen=gen)
     idx = torch.tensor([[1, 1, -1], [4, 0, 4]])
     val = torch.tensor([[0.25, 0.5, 0.9], [0.1, 0.2, 0.3]], dtype=torch.float64)
     z = reference.dense_targets(5, batch=2, target_index=idx, target_value=val, dtype=torch.float64)

@@ -75,8 +75,8 @@ def test_sampling_every_class_is_the_full_softmax(gen):
     b = torch.randn(V, generator=gen, dtype=torch.float64)
     labels = torch.randint(0, V, (B,), generator=gen)
     ones = torch.ones(V, dtype=torch.float64)
-    loss = kc_kernels.sampled_softmax_loss(x, w, b, labels, sampled=(torch.arange(V), torch.ones(B, dtype=torch.float64),
-                                                                     ones), subtract_log_q=False)
+    sampled = (torch.arange(V), torch.ones(B, dtype=torch.float64), ones)
+    loss = kc_kernels.sampled_softmax_loss(x, w, b, labels, sampled=sampled, subtract_log_q=False)
     assert_close(loss, F.cross_entropy(x @ w.t() + b, labels), what="loss")
 
 

@@ -10,7 +10,7 @@ import torch
 import kc_kernels
 from kc_kernels import reference, samplers
 from tests.conftest import HAS_CUDA
-from tests.helpers import TOLERANCES, assert_close, grads
+from tests.helpers import assert_close, grads
 from tests.test_sampled_reference import brute_force_sampled
 
 HAS_TRITON = bool(kc_kernels.backends()["triton"])
@@ -293,8 +293,8 @@ def test_op_draws_tensorflow_expected_counts():
                                            generator=g1, reduction="none", backend="cpu")
     cand = samplers.sample_candidates("uniform", 30, 300, unique=False, generator=g2)
     exp = torch.full((4,), 30 / 300, dtype=torch.float64)
-    ref = reference.sampled_softmax_loss(x, w, b, labels, sampled=(cand.ids, exp, torch.full((30,), 0.1, dtype=torch.float64)),
-                                         reduction="none")
+    sampled = (cand.ids, exp, torch.full((30,), 0.1, dtype=torch.float64))
+    ref = reference.sampled_softmax_loss(x, w, b, labels, sampled=sampled, reduction="none")
     assert_close(loss, ref, what="loss")
 
 

@@ -10,9 +10,31 @@ from typing import List, Tuple
 import pytest
 import torch
 
-from kc_kernels.chunked import (C_INV_NT, C_LSE, C_MASS, C_S_N2, C_TLSE, NUM_CONSTS, NUM_STATES, PHASE_NORM,
-                                PHASE_STATS, PHASE_TEACHER, S_MAX, S_SUMEXP, S_SUMEXP_U, S_SUMEXP_Y, S_SUMSQ, S_TMAX,
-                                S_TSUMEXP, S_ZSUM, S_ZU, S_ZY, S_ZYH, NORM_EPS, EpilogueArgs)
+from kc_kernels.chunked import (
+    C_INV_NT,
+    C_LSE,
+    C_MASS,
+    C_S_N2,
+    C_TLSE,
+    NORM_EPS,
+    NUM_CONSTS,
+    NUM_STATES,
+    PHASE_NORM,
+    PHASE_STATS,
+    PHASE_TEACHER,
+    S_MAX,
+    S_SUMEXP,
+    S_SUMEXP_U,
+    S_SUMEXP_Y,
+    S_SUMSQ,
+    S_TMAX,
+    S_TSUMEXP,
+    S_ZSUM,
+    S_ZU,
+    S_ZY,
+    S_ZYH,
+    EpilogueArgs,
+)
 from kc_kernels.triton import epilogue
 
 T = 2.0

@@ -11,6 +11,7 @@ import torch
 from kc_kernels import chunked
 from kc_kernels.cuda import epilogue as _kernels
 from kc_kernels.gpu_epilogue import DeviceEpilogue
+from kc_kernels.ops.soft_target import SoftTargetProblem
 
 __all__ = ["linear_soft_target_loss", "soft_target_loss"]
 
@@ -27,12 +28,12 @@ def _check(name: str, t: torch.Tensor):
         raise ValueError(f"{name}: the cuda backend takes CUDA tensors, got a tensor on {t.device}")
 
 
-def linear_soft_target_loss(p):
+def linear_soft_target_loss(p: SoftTargetProblem) -> torch.Tensor:
     _check("x", p.x)
     return chunked.linear_soft_target_loss(p, "cuda", p.memory_budget or DEFAULT_MEMORY_BUDGET)
 
 
-def soft_target_loss(p):
+def soft_target_loss(p: SoftTargetProblem) -> torch.Tensor:
     _check("logits", p.logits)
     return chunked.soft_target_loss(p, "cuda", p.memory_budget or DEFAULT_MEMORY_BUDGET)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NoReturn, Optional, Sequence, Tuple
 
 import torch
 
@@ -11,11 +11,12 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 INT_DTYPES = (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)
 
 
-def fail(name: str, msg: str):
+def fail(name: str, msg: str) -> NoReturn:
     raise ValueError(f"{name}: {msg}")
 
 
-def tensor(name: str, t, *, dims: Optional[Sequence[int]] = None, floating: bool = False, integer: bool = False):
+def tensor(name: str, t: object, *, dims: Optional[Sequence[int]] = None, floating: bool = False,
+           integer: bool = False) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         fail(name, f"expected a torch.Tensor, got {type(t).__name__}")
     if dims is not None and t.dim() not in dims:
@@ -27,28 +28,29 @@ def tensor(name: str, t, *, dims: Optional[Sequence[int]] = None, floating: bool
     return t
 
 
-def same_device(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str):
+def same_device(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str) -> None:
     if t.device != ref.device:
         fail(name, f"on {t.device} but {ref_name} is on {ref.device}")
 
 
-def shape(name: str, t: torch.Tensor, expected: Sequence[int], what: str):
+def shape(name: str, t: torch.Tensor, expected: Sequence[int], what: str) -> None:
     if tuple(t.shape) != tuple(expected):
         fail(name, f"expected shape {tuple(expected)} ({what}), got {tuple(t.shape)}")
 
 
-def finite(name: str, t: torch.Tensor):
+def finite(name: str, t: torch.Tensor) -> None:
     if t.numel() and not bool(torch.isfinite(t).all()):
         fail(name, "contains NaN or infinite values")
 
 
-def index_range(name: str, t: torch.Tensor, num_classes: int, allow_padding: bool = True):
+def index_range(name: str, t: torch.Tensor, num_classes: int, allow_padding: bool = True) -> None:
     if t.numel() == 0:
         return
     lo, hi = int(t.min()), int(t.max())
     low_ok = -1 if allow_padding else 0
     if lo < low_ok:
-        fail(name, f"values must be in [{low_ok}, {num_classes}) ({'-1 is padding' if allow_padding else 'no padding'}), "
+        padding = "-1 is padding" if allow_padding else "no padding"
+        fail(name, f"values must be in [{low_ok}, {num_classes}) ({padding}), "
                    f"found {lo}")
     if hi >= num_classes:
         fail(name, f"values must be < the number of classes {num_classes}, found {hi}")

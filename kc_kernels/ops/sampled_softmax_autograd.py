@@ -153,7 +153,8 @@ class SampledSoftmaxFunction(torch.autograd.Function):
                 g = _Grads(None if g.dx is None else g.dx * go, g.rows, None if g.dweight is None else g.dweight * go,
                            None if g.dbias is None else g.dbias * go)
         else:
-            g = _coalesce(ctx.impl.gradients(ctx.state, ctx.scale * grad_out.to(ctx.scale.dtype), need_x), need_w, need_b)
+            scale = ctx.scale * grad_out.to(ctx.scale.dtype)
+            g = _coalesce(ctx.impl.gradients(ctx.state, scale, need_x), need_w, need_b)
             ctx.state = None
         dx = g.dx.to(p.x.dtype) if need_x else None
         dw = _expand(g.dweight, g.rows, p.weight, p.sparse_grad) if need_w else None

@@ -49,7 +49,8 @@ class SoftTargetProblem:
 
     @property
     def scale_per_class(self) -> bool:
-        return self.scale is not None and self.scale.numel() == self.num_classes and self.num_segments != self.num_classes
+        return (self.scale is not None and self.scale.numel() == self.num_classes
+                and self.num_segments != self.num_classes)
 
     def loss_kwargs(self) -> dict:
         return dict(target_index=self.target_index, target_value=self.target_value,

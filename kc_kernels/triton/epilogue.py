@@ -19,9 +19,28 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kc_kernels.chunked import (C_INV_NT, C_LSE, C_MASS, C_S_N2, C_TLSE, NORM_EPS, PHASE_NORM, PHASE_STATS,
-                                PHASE_TEACHER, S_MAX, S_SUMEXP, S_SUMEXP_U, S_SUMEXP_Y, S_SUMSQ, S_TMAX, S_TSUMEXP,
-                                S_ZSUM, S_ZU, S_ZY, S_ZYH)
+from kc_kernels.chunked import (
+    C_INV_NT,
+    C_LSE,
+    C_MASS,
+    C_S_N2,
+    C_TLSE,
+    NORM_EPS,
+    PHASE_NORM,
+    PHASE_STATS,
+    PHASE_TEACHER,
+    S_MAX,
+    S_SUMEXP,
+    S_SUMEXP_U,
+    S_SUMEXP_Y,
+    S_SUMSQ,
+    S_TMAX,
+    S_TSUMEXP,
+    S_ZSUM,
+    S_ZU,
+    S_ZY,
+    S_ZYH,
+)
 from kc_kernels.triton._soft_target_tiles import interpreted, sigmoid, softplus_and_sigmoid, sparse_cursor, sparse_tile
 
 __all__ = ["TILE", "row_stats", "final"]

@@ -16,8 +16,12 @@ import triton.language as tl
 
 from kc_kernels.ops import sampled_softmax_autograd as autograd_
 from kc_kernels.ops.sampled_softmax_autograd import RowGradients
-from kc_kernels.triton._sampled_softmax_kernels import (_sampled_softmax_dlogits_kernel, _sampled_softmax_dw_kernel,
-                                                         _sampled_softmax_dx_kernel, _sampled_softmax_fwd_kernel)
+from kc_kernels.triton._sampled_softmax_kernels import (
+    _sampled_softmax_dlogits_kernel,
+    _sampled_softmax_dw_kernel,
+    _sampled_softmax_dx_kernel,
+    _sampled_softmax_fwd_kernel,
+)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _ACC = {torch.float64: tl.float64}

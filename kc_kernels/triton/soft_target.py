@@ -12,6 +12,7 @@ import torch
 
 from kc_kernels import chunked
 from kc_kernels.gpu_epilogue import DeviceEpilogue
+from kc_kernels.ops.soft_target import SoftTargetProblem
 from kc_kernels.triton import epilogue as _kernels
 
 __all__ = ["linear_soft_target_loss", "soft_target_loss"]
@@ -27,12 +28,12 @@ def _check_dtype(name: str, t: torch.Tensor):
                          "(use backend='cpu' or 'reference' for float64)")
 
 
-def linear_soft_target_loss(p):
+def linear_soft_target_loss(p: SoftTargetProblem) -> torch.Tensor:
     _check_dtype("x", p.x)
     return chunked.linear_soft_target_loss(p, "triton", p.memory_budget or DEFAULT_MEMORY_BUDGET)
 
 
-def soft_target_loss(p):
+def soft_target_loss(p: SoftTargetProblem) -> torch.Tensor:
     _check_dtype("logits", p.logits)
     return chunked.soft_target_loss(p, "triton", p.memory_budget or DEFAULT_MEMORY_BUDGET)
 
