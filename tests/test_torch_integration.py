@@ -140,3 +140,20 @@ def test_loss_module_sees_in_place_layout_change():
 def test_sampled_softmax_module_buffers():
     mod = kc_kernels.SampledSoftmaxLoss(5, sampler="unigram", class_counts=torch.ones(V), seed=0)
     assert list(mod.state_dict()) == ["class_counts"]
+
+
+def test_cpu_backend_refuses_tensors_on_another_device():
+    x, w = torch.empty(B, H, device="meta"), torch.empty(V, H, device="meta")
+    idx, val = torch.zeros(B, K, dtype=torch.long, device="meta"), torch.empty(B, K, device="meta")
+    with pytest.raises(ValueError, match="^x: the cpu backend takes CPU tensors"):
+        kc_kernels.linear_soft_target_loss(x, w, target_index=idx, target_value=val, backend="cpu")
+
+
+def test_cpu_params_struct_checks_required_fields():
+    from kc_kernels import _C
+
+    params = _C.SoftTargetChunkParams()
+    params.npieces = params.num_segments = 1
+    params.phases = _C.PHASES["FINAL"]
+    with pytest.raises(ValueError, match="piece_lo is required"):
+        _C.soft_target_chunk(params)

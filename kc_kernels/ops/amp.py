@@ -9,6 +9,8 @@ import torch
 
 
 def _enabled(device_type: str) -> bool:
+    if device_type not in ("cpu", "cuda"):
+        return False  # no autocast for other devices (meta, ...): asking would raise
     try:
         return torch.is_autocast_enabled(device_type)
     except TypeError:  # torch < 2.4 has no device argument
