@@ -8,6 +8,7 @@ Backends: reference (plain PyTorch), cpu (C++/OpenMP, chunked over classes), tri
 """
 from kc_kernels import reference
 from kc_kernels.dispatch import backends, built_libraries
+from kc_kernels.distributed import shard_classes, vocab_parallel_linear_soft_target_loss
 from kc_kernels.modules import LinearSoftTargetLoss, SampledSoftmaxLoss
 from kc_kernels.ops import linear_soft_target_loss, sampled_softmax_loss, soft_target_loss
 
@@ -16,6 +17,8 @@ __all__ = [
     "linear_soft_target_loss",
     "soft_target_loss",
     "sampled_softmax_loss",
+    "vocab_parallel_linear_soft_target_loss",
+    "shard_classes",
     "LinearSoftTargetLoss",
     "SampledSoftmaxLoss",
     "backends",

@@ -1,0 +1,242 @@
+"""The vocab-parallel op against the single-process op: loss and every gradient, in 2 and 3 gloo processes.
+
+Each world size is spawned once and runs a list of cases (process start-up dominates the cost); a failing case
+raises in the worker with its name, and spawn re-raises it here.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import kc_kernels
+from kc_kernels.distributed import communication_bytes, count_communication, shard_classes, split_segments
+from tests.helpers import assert_close, make_problem
+
+B, H, V = 6, 8, 29
+SMALL_BUDGET = 1500  # a few columns per block, so the split-segment path walks several blocks
+
+
+def case(name, mode="sigmoid", target_form="sparse", scale_kind=None, G=5, shards="aligned", reduction="mean",
+         sample_weight=False, grouped=False, temperature=1.0, seed=0):
+    return dict(name=name, mode=mode, target_form=target_form, scale_kind=scale_kind, G=G, shards=shards,
+                reduction=reduction, sample_weight=sample_weight, grouped=grouped, temperature=temperature, seed=seed)
+
+
+CASES = {
+    2: [
+        case("sigmoid aligned", reduction="mean"),
+        case("softmax aligned, segment scale, weights", mode="softmax", scale_kind="segment", reduction="sum",
+             sample_weight=True, temperature=2.0, seed=1),
+        case("softmax aligned, dense, class scale", mode="softmax", target_form="dense", scale_kind="class",
+             reduction="none", seed=2),
+        case("sigmoid split, dense, segment scale", target_form="dense", scale_kind="segment", shards="even",
+             seed=3),
+        case("softmax split, grouped", mode="softmax", shards=[(0, 12), (12, V)], reduction="none", grouped=True,
+             seed=4),
+        case("softmax one segment split", mode="softmax", G=None, shards="even", temperature=1.5, seed=5),
+        case("sigmoid split, grouped, class scale", scale_kind="class", shards=[(0, 10), (10, V)], grouped=True,
+             reduction="sum", seed=6),
+    ],
+    3: [
+        case("softmax uneven split, dense, segment scale, weights", mode="softmax", target_form="dense",
+             scale_kind="segment", shards=[(0, 4), (4, 21), (21, V)], reduction="sum", sample_weight=True,
+             temperature=2.0, seed=7),
+        case("softmax uneven split, class scale", mode="softmax", scale_kind="class", shards=[(0, 13), (13, 15),
+             (15, V)], seed=8),
+        case("sigmoid split, grouped, class scale", scale_kind="class", shards="even", grouped=True,
+             reduction="none", seed=9),
+        case("sigmoid aligned uneven", shards="aligned", reduction="sum", sample_weight=True, seed=10),
+        case("softmax segment over 3 ranks, segment scale", mode="softmax", scale_kind="segment", G=None,
+             shards=[(0, 5), (5, 9), (9, V)], seed=11),
+        case("softmax aligned, dense, grouped", mode="softmax", target_form="dense", grouped=True, seed=12),
+        case("softmax split, dense, grouped, segment scale", mode="softmax", target_form="dense",
+             scale_kind="segment", grouped=True, shards="even", reduction="none", temperature=0.7, seed=13),
+    ],
+}
+
+
+def _ranges(c, bounds, world):
+    if isinstance(c["shards"], list):
+        return c["shards"]
+    return shard_classes(bounds if c["shards"] == "aligned" else V, world)
+
+
+def _leaves(p):
+    out = {"x": p["x"], "weight": p["weight"], "bias": p["bias"]}
+    if "scale" in p:
+        out["scale"] = p["scale"]
+    return {k: v.detach().clone().requires_grad_(True) for k, v in out.items()}
+
+
+def _backward(loss, reduction):
+    # a fixed, uneven upstream gradient, so that per-row scaling of the gradient is checked too
+    up = torch.linspace(0.5, 1.5, loss.numel()).reshape(loss.shape) if reduction == "none" else torch.tensor(1.0)
+    (loss * up).sum().backward()
+
+
+def _run_case(rank, world, c):
+    p = make_problem(B, H, V, G=c["G"], K=4, grouped=c["grouped"], dtype=torch.float32,
+                     gen=torch.Generator().manual_seed(c["seed"]), scale_kind=c["scale_kind"],
+                     target_form=c["target_form"], sample_weight=c["sample_weight"])
+    segments = p.get("segments")
+    bounds = [0, V] if segments is None else segments.tolist()
+    opts = dict(mode=c["mode"], segments=segments, temperature=c["temperature"],
+                sample_weight=p.get("sample_weight"), reduction=c["reduction"])
+    targets = ({"teacher_logits": p["teacher_logits"]} if c["target_form"] == "dense"
+               else {"target_index": p["target_index"], "target_value": p["target_value"]})
+
+    full = _leaves(p)
+    ref = kc_kernels.linear_soft_target_loss(full["x"], full["weight"], full["bias"], scale=full.get("scale"),
+                                             **targets, **opts, backend="cpu")
+    _backward(ref, c["reduction"])
+
+    ranges = _ranges(c, bounds, world)
+    assert bool(split_segments(bounds, ranges)) == ("split" in c["name"] or "over" in c["name"]), c["name"]
+    lo, hi = ranges[rank]
+    mine = _leaves(p)
+    shard = {"weight": mine["weight"].detach()[lo:hi].clone().requires_grad_(True),
+             "bias": mine["bias"].detach()[lo:hi].clone().requires_grad_(True)}
+    scale = mine.get("scale")
+    if c["scale_kind"] == "class":
+        scale = scale.detach()[lo:hi].clone().requires_grad_(True)
+    if c["target_form"] == "dense":
+        targets = {"teacher_logits": p["teacher_logits"][:, lo:hi]}
+    with count_communication() as log:
+        loss = kc_kernels.vocab_parallel_linear_soft_target_loss(
+            mine["x"], shard["weight"], shard["bias"], class_range=(lo, hi), num_classes=V, scale=scale,
+            **targets, **opts, memory_budget=SMALL_BUDGET)
+        _backward(loss, c["reduction"])
+
+    what = f"[{c['name']}, rank {rank}/{world}, ranges {ranges}]"
+    assert_close(loss, ref, torch.float32, f"loss {what}")
+    assert_close(mine["x"].grad, full["x"].grad, torch.float32, f"dx {what}")
+    assert_close(shard["weight"].grad, full["weight"].grad[lo:hi], torch.float32, f"dW {what}")
+    assert_close(shard["bias"].grad, full["bias"].grad[lo:hi], torch.float32, f"dbias {what}")
+    if c["scale_kind"] == "segment":
+        assert_close(scale.grad, full["scale"].grad, torch.float32, f"dscale {what}")
+    elif c["scale_kind"] == "class":
+        assert_close(scale.grad, full["scale"].grad[lo:hi], torch.float32, f"dscale {what}")
+
+    expected = communication_bytes(B, H, V, world, segments=bounds, class_ranges=ranges, mode=c["mode"],
+                                   scale=c["scale_kind"], dense_teacher=c["target_form"] == "dense",
+                                   grouped=c["grouped"])
+    measured = {}
+    for name, n in log:
+        measured[name] = measured.get(name, 0) + n
+    expected = {k: v for k, v in expected.items() if k not in ("total", "logits_avoided")}
+    assert measured == expected, f"bytes {what}: measured {measured}, computed {expected}"
+
+
+def _worker(rank, world, init_file, case_names):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        for c in CASES[world]:
+            if case_names is None or c["name"] in case_names:
+                _run_case(rank, world, c)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(world, case_names=None):
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_worker, args=(world, os.path.join(tmp, "init"), case_names), nprocs=world, join=True)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_vocab_parallel_matches_single_process(world):
+    _spawn(world)
+
+
+def test_shard_classes_aligns_to_segments_and_covers_all_classes():
+    bounds = [0, 3, 10, 11, 20, 29]
+    ranges = shard_classes(bounds, 3)
+    assert ranges[0][0] == 0 and ranges[-1][1] == 29
+    assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(ranges, ranges[1:]))
+    assert all(lo in bounds for lo, _ in ranges)
+    assert split_segments(bounds, ranges) == []
+    assert shard_classes(10, 3) == [(0, 3), (3, 7), (7, 10)]
+    assert shard_classes(bounds, 3, align=False) == [(0, 10), (10, 19), (19, 29)]
+    # fewer segments than ranks: the cut falls inside a segment, which the op merges across ranks
+    assert split_segments([0, 29], shard_classes([0, 29], 2)) == [0]
+    with pytest.raises(ValueError, match="segments_or_classes"):
+        shard_classes(2, 3)
+
+
+def test_single_process_without_process_group_equals_the_op(gen):
+    p = make_problem(B, H, V, G=4, dtype=torch.float32, gen=gen, scale_kind="segment")
+    common = dict(target_index=p["target_index"], target_value=p["target_value"], mode="softmax",
+                  segments=p["segments"], scale=p["scale"])
+    ref = kc_kernels.linear_soft_target_loss(p["x"], p["weight"], p["bias"], **common, backend="cpu")
+    got = kc_kernels.vocab_parallel_linear_soft_target_loss(p["x"], p["weight"], p["bias"], class_range=(0, V),
+                                                            num_classes=V, **common)
+    assert_close(got, ref, torch.float32, "loss")
+
+
+def test_bad_class_range_is_a_value_error(gen):
+    p = make_problem(B, H, V, dtype=torch.float32, gen=gen)
+    with pytest.raises(ValueError, match="weight_shard"):
+        kc_kernels.vocab_parallel_linear_soft_target_loss(p["x"], p["weight"], class_range=(0, 10), num_classes=V,
+                                                          target_index=p["target_index"],
+                                                          target_value=p["target_value"])
+    with pytest.raises(ValueError, match="class_range"):  # one process must hold all classes
+        kc_kernels.vocab_parallel_linear_soft_target_loss(p["x"], p["weight"][:10], class_range=(0, 10),
+                                                          num_classes=V, target_index=p["target_index"],
+                                                          target_value=p["target_value"])
+
+
+def test_bytes_per_step_are_a_small_fraction_of_the_logits():
+    b = communication_bytes(4096, 512, 100_000, 4, segments=None, mode="sigmoid")
+    assert b["total"] < b["logits_avoided"] / 100
+
+
+def _nccl_worker(rank, world, init_file):
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        dev = torch.device("cuda", rank)
+        g = torch.Generator().manual_seed(0)
+        Bn, Hn, Vn = 64, 128, 4099
+        bounds = [0, 1000, 1500, 3001, Vn]
+        x = torch.randn(Bn, Hn, generator=g)
+        w = torch.randn(Vn, Hn, generator=g) / Hn ** 0.5
+        bias = torch.randn(Vn, generator=g) * 0.5
+        idx = torch.randint(-1, Vn, (Bn, 8), generator=g)
+        val = torch.rand(Bn, 8, generator=g)
+        scale = torch.rand(len(bounds) - 1, generator=g) * 3 + 0.5
+        kw = dict(target_index=idx, target_value=val, mode="softmax", segments=torch.tensor(bounds))
+        leaves = [t.clone().requires_grad_(True) for t in (x, w, bias, scale)]
+        ref = kc_kernels.linear_soft_target_loss(*leaves[:3], scale=leaves[3], **kw, backend="cpu")
+        ref.backward()
+        for align in (True, False):  # aligned shards, then even shards that split segments
+            lo, hi = shard_classes(bounds, world, align=align)[rank]
+            mine = [x.to(dev), w[lo:hi].to(dev), bias[lo:hi].to(dev), scale.to(dev)]
+            mine = [t.clone().requires_grad_(True) for t in mine]
+            loss = kc_kernels.vocab_parallel_linear_soft_target_loss(
+                mine[0], mine[1], mine[2], class_range=(lo, hi), num_classes=Vn, scale=mine[3],
+                **{k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in kw.items()})
+            loss.backward()
+            assert_close(loss, ref, torch.float32, f"loss align={align}")
+            assert_close(mine[0].grad, leaves[0].grad, torch.float32, f"dx align={align}")
+            assert_close(mine[1].grad, leaves[1].grad[lo:hi], torch.float32, f"dW align={align}")
+            assert_close(mine[2].grad, leaves[2].grad[lo:hi], torch.float32, f"dbias align={align}")
+            assert_close(mine[3].grad, leaves[3].grad, torch.float32, f"dscale align={align}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2
+                    or not dist.is_nccl_available(), reason="needs 2 CUDA devices and NCCL")
+def test_nccl_vocab_parallel_matches_single_process():
+    world = min(torch.cuda.device_count(), 4)
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_nccl_worker, args=(world, os.path.join(tmp, "init")), nprocs=world, join=True)
