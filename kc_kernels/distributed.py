@@ -26,7 +26,7 @@ import bisect
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -96,7 +96,7 @@ _COUNTERS: List[List[Tuple[str, int]]] = []
 
 
 @contextlib.contextmanager
-def count_communication():
+def count_communication() -> Iterator[List[Tuple[str, int]]]:
     """Record every collective this module issues inside the block: a list of (name, bytes), bytes being the
     reduced (or gathered) tensor's numel times its element size."""
     log: List[Tuple[str, int]] = []
