@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from typing import List, Optional
 
 from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext
 from setuptools import setup
@@ -22,7 +23,7 @@ ParallelCompile("KC_BUILD_JOBS", default=0).install()
 CUDA_ARCHS = ["80", "90"]  # A100 and H100/H200 natively, plus PTX of the newest, so later GPUs JIT it
 
 
-def find_nvcc():
+def find_nvcc() -> Optional[str]:
     nvcc = os.environ.get("NVCC") or shutil.which("nvcc")
     if not nvcc:
         home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
@@ -31,11 +32,12 @@ def find_nvcc():
     return os.path.realpath(nvcc) if nvcc else None
 
 
-def cuda_lib_dir(nvcc):
+def cuda_lib_dir(nvcc: str) -> str:
     # nvcc may be a wrapper script outside the toolkit (e.g. /usr/local/bin/nvcc), so look in several roots
     roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), os.path.dirname(os.path.dirname(nvcc)),
              "/usr/local/cuda"]
-    subs = ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib"), os.path.join("targets", "sbsa-linux", "lib"))
+    subs = ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib"),
+            os.path.join("targets", "sbsa-linux", "lib"))
     for root in filter(None, roots):
         for sub in subs:
             d = os.path.join(root, sub)
@@ -44,7 +46,7 @@ def cuda_lib_dir(nvcc):
     raise RuntimeError(f"libcudart_static.a not found for {nvcc}: set CUDA_HOME to the CUDA toolkit")
 
 
-def run_nvcc(cmd):
+def run_nvcc(cmd) -> None:
     print(" ".join(cmd), flush=True)
     done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if done.stdout:
@@ -56,7 +58,7 @@ def run_nvcc(cmd):
 class KcBuildExt(build_ext):
     """build_ext that first compiles an extension's ``cuda_sources`` with nvcc into objects it links."""
 
-    def build_extension(self, ext):
+    def build_extension(self, ext) -> None:
         cuda_sources = getattr(ext, "cuda_sources", [])
         if cuda_sources:
             nvcc = ext.nvcc
@@ -77,7 +79,7 @@ class KcBuildExt(build_ext):
         super().build_extension(ext)
 
 
-def native_flags():
+def native_flags() -> List[str]:
     # The extension is built on the machine that runs it, so tune for its CPU (AVX2/AVX-512 lanes for the fused
     # epilogue); KC_NATIVE=0 builds a portable binary instead.
     if os.environ.get("KC_NATIVE", "1") == "0":
@@ -85,13 +87,14 @@ def native_flags():
     return ["-march=native"]
 
 
-def extensions():
+def extensions() -> List[Pybind11Extension]:
     exts = [
         Pybind11Extension(
             "kc_kernels._C",
             sources=sorted(glob.glob("csrc/cpu/*.cpp")),
             include_dirs=["csrc"],
-            # no-trapping-math lets the compiler if-convert the selects of the vector math; inf and NaN keep IEEE semantics
+            # no-trapping-math lets the compiler if-convert the selects of the vector math; inf and NaN keep IEEE
+            # semantics
             extra_compile_args=["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros",
                                 *native_flags()],
             extra_link_args=["-fopenmp"],

@@ -16,6 +16,7 @@ import platform
 import re
 import sys
 from pathlib import Path
+from typing import List, Tuple
 
 import torch
 
@@ -37,7 +38,7 @@ def device_name(device: torch.device) -> str:
     return f"{model} ({os.cpu_count()} cores)"
 
 
-def parse_shapes(spec: str, device: torch.device):
+def parse_shapes(spec: str, device: torch.device) -> List[Tuple[int, int, int]]:
     out = []
     for part in spec.split(","):
         part = part.strip()
@@ -52,13 +53,13 @@ def parse_shapes(spec: str, device: torch.device):
     return out
 
 
-def kc_backends(device: torch.device):
+def kc_backends(device: torch.device) -> List[str]:
     status = kc_kernels.backends()
     names = ("triton", "cuda", "reference") if device.type == "cuda" else ("cpu", "reference")
     return [n for n in names if status[n]]
 
 
-def run_soft_target(args, device, dtype, rows):
+def run_soft_target(args, device, dtype, rows) -> None:
     for B, H, V in parse_shapes(args.shapes, device):
         shape = f"B={B} H={H} V={V}"
         for loss in args.losses.split(","):
@@ -86,7 +87,7 @@ def run_soft_target(args, device, dtype, rows):
             del p
 
 
-def run_sampled(args, device, dtype, rows):
+def run_sampled(args, device, dtype, rows) -> None:
     for B, H, V in parse_shapes(args.shapes, device):
         S = min(args.num_sampled, V // 2)
         shape = f"B={B} H={H} V={V} S={S}"
@@ -114,7 +115,7 @@ def run_sampled(args, device, dtype, rows):
             print(common.format_table([rows[-1]]).splitlines()[-1], flush=True)
 
 
-def run_student(args, device, dtype, rows):
+def run_student(args, device, dtype, rows) -> None:
     """One optimiser step of a student (MLP backbone, FC-SC head, fused loss) at the paper's head shape."""
     try:
         from benchmarks.student_step import make_student_step
@@ -131,7 +132,7 @@ def run_student(args, device, dtype, rows):
         print(common.format_table([rows[-1]]).splitlines()[-1], flush=True)
 
 
-def main(argv=None):
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")

@@ -6,10 +6,11 @@ backends; the sampled step includes drawing the candidates (log-uniform, unique)
 three GEMMs a step needs (logits, dx, dW) at the sampled and at the full class count.
 
 Time: pytest-benchmark, 5 rounds of one step after a warm-up step and the memory-measured step; the table shows
-the median and the minimum (the machine may be shared, the minimum is the least disturbed). Peak memory: the process's resident-set
-high-water mark during one step (VmHWM, reset through /proc/self/clear_refs) minus its resident set just before:
-every byte the step makes resident (torch tensors, BLAS scratch, the gradients it leaves), not only torch's
-allocations. Gradients are set to None before every step (untimed), so each step allocates its gradients afresh.
+the median and the minimum (the machine may be shared, the minimum is the least disturbed). Peak memory: the
+process's resident-set high-water mark during one step (VmHWM, reset through /proc/self/clear_refs) minus its
+resident set just before: every byte the step makes resident (torch tensors, BLAS scratch, the gradients it leaves),
+not only torch's allocations. Gradients are set to None before every step (untimed), so each step allocates its
+gradients afresh.
 
     python -m pytest benchmarks/bench_sampled_softmax.py --benchmark-enable
 """
@@ -20,6 +21,7 @@ import os
 import platform
 import time
 from pathlib import Path
+from typing import Iterator, Tuple
 
 import pytest
 import torch
@@ -41,7 +43,7 @@ def peak_step_mb(step, clear) -> float:
 
 
 @pytest.fixture(scope="module")
-def inputs():
+def inputs() -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(B, H, generator=g).requires_grad_()
     w = (torch.randn(V, H, generator=g) / H ** 0.5).requires_grad_()
@@ -53,7 +55,7 @@ def inputs():
 
 
 @pytest.fixture(scope="module", autouse=True)
-def report(request):
+def report(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
     if not _rows:
         return
@@ -121,7 +123,7 @@ CASES = ["gemm floor (S)", "sampled/cpu", "sampled/cpu/sparse", "sampled/referen
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_training_step(benchmark, inputs, case):
+def test_training_step(benchmark, inputs, case) -> None:
     step, clear = _make_step(case, inputs)
     step()  # warm-up outside the memory measurement (first-touch of lazily built state)
     peak = peak_step_mb(step, clear)

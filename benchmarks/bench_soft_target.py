@@ -28,7 +28,7 @@ def _ids(v):
 @pytest.mark.parametrize("loss", common.LOSSES)
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
 @pytest.mark.parametrize("impl", ["gemm-floor"] + [f"kc-{b}" for b in ("cpu", "triton", "cuda", "reference")])
-def test_soft_target(benchmark, impl, shape, loss):
+def test_soft_target(benchmark, impl, shape, loss) -> None:
     _, (B, H, V) = shape
     if impl == "kc-reference" and B * V > 2e9:
         pytest.skip("the reference materialises B x V logits")

@@ -17,7 +17,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -53,8 +53,8 @@ class Row:
 
     def as_dict(self) -> Dict:
         return {"case": self.case, "shape": self.shape, "impl": self.impl, "median_ms": self.ms,
-                "min_ms": self.ms_min, "peak_mb": self.peak_mb, "extra_mb": self.extra_mb, "floor_ms": self.floor_ms, "ratio": self.ratio,
-                "note": self.note}
+                "min_ms": self.ms_min, "peak_mb": self.peak_mb, "extra_mb": self.extra_mb, "floor_ms": self.floor_ms,
+                "ratio": self.ratio, "note": self.note}
 
 
 # ----------------------------------------------------------------------------------------------- measurement
@@ -80,7 +80,7 @@ def _nbytes(out) -> int:
     return 0
 
 
-def peak_memory(fn: Callable[[], object], device: torch.device):
+def peak_memory(fn: Callable[[], object], device: torch.device) -> Tuple[float, float]:
     """(peak MiB one call of ``fn`` adds, MiB of the tensors it returns); see the module docstring."""
     gc.collect()
     if device.type == "cuda":
@@ -106,7 +106,8 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:
     return peak_memory(fn, device)[0]
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, repeats: int = 5, warmup: int = 1):
+def time_ms(fn: Callable[[], object], device: torch.device, repeats: int = 5,
+            warmup: int = 1) -> Tuple[float, float]:
     """(median, min) wall time of ``fn`` in ms over ``repeats`` calls after ``warmup`` calls."""
     for _ in range(warmup):
         fn()
@@ -132,7 +133,7 @@ class Problem:
 
 
 def make_problem(loss: str, B: int, H: int, V: int, device, dtype=torch.float32, K: int = 100, seed: int = 0,
-                 on_device: bool = False):
+                 on_device: bool = False) -> Problem:
     """Inputs of one benchmark case. ``on_device`` draws them with the device's generator: at LLM shapes (a
     [8192, 128256] teacher) drawing on the host and copying takes longer than the measurement itself."""
     gdev = device if on_device else "cpu"
@@ -158,7 +159,7 @@ def make_problem(loss: str, B: int, H: int, V: int, device, dtype=torch.float32,
     return Problem(x, w, b, kw, labels)
 
 
-def zero_grads(*ts):
+def zero_grads(*ts) -> None:
     for t in ts:
         t.grad = None
 
@@ -191,7 +192,7 @@ def kc_fn(p: Problem, backend: str) -> Callable[[], object]:
     return run
 
 
-def eager_loss(p: Problem):
+def eager_loss(p: Problem) -> torch.Tensor:
     """The same loss in plain PyTorch as users write it: nn.Linear logits, then torch's loss function."""
     import torch.nn.functional as F
 

@@ -30,11 +30,11 @@ import sys
 import time
 import traceback
 import warnings
-
-_T_START = time.monotonic()  # a step's soft cap counts its imports (torch takes seconds) too
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
+
+_T_START = time.monotonic()  # a step's soft cap counts its imports (torch takes seconds) too
 
 if "--dry-run" in sys.argv:
     # the interpreter must be chosen before triton is imported; a GPU run compiles the kernels
@@ -155,7 +155,7 @@ class Step:
     def out_of_time(self) -> bool:
         return time.monotonic() > self.deadline
 
-    def save(self):
+    def save(self) -> None:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(_finite(self.data), indent=1, default=_json_default))
         tmp.replace(self.path)
@@ -282,7 +282,7 @@ def check_case(case: Case, backend: str, dtype_name: str, device) -> Dict:
     return {"status": "pass" if ok else "fail", "checks": checks}
 
 
-def run_correctness(s: Settings, step: Step, dtypes: Optional[Tuple[str, ...]] = None):
+def run_correctness(s: Settings, step: Step, dtypes: Optional[Tuple[str, ...]] = None) -> None:
     """Every case in every dtype on every backend under check. Without ``dtypes``, the shards of ``s`` run as
     parallel processes and their records are merged here; with them (a shard), only those dtypes."""
     status = backend_status(s.backends, s.device)
@@ -326,7 +326,7 @@ def shard_name(dtypes) -> str:
     return "correctness." + "-".join(dtypes)
 
 
-def run_shards(s: Settings, step: Step):
+def run_shards(s: Settings, step: Step) -> None:
     """The shards as processes at once (same soft deadline), then their cases merged in shard order. Should this
     process be stopped first, the report merges the shards' records itself."""
     left = max(1.0, step.deadline - time.monotonic())
@@ -429,7 +429,7 @@ def bench_case(loss: str, B: int, H: int, V: int, rounds: int, s: Settings, live
     return list(rows.values())
 
 
-def run_bench(s: Settings, step: Step):
+def run_bench(s: Settings, step: Step) -> None:
     status = backend_status(s.timed_backends, s.device)
     live = [b for b in s.timed_backends if status[b]["available"]]
     step.data.update(backends=status, dtype=str(s.bench_dtype), rows=[], skipped=[])
@@ -465,7 +465,7 @@ def _dist_version(dist: str) -> Optional[str]:
 
 # ------------------------------------------------------------------------------------------------ syncs, determinism
 
-def probe_cases(s: Settings):
+def probe_cases(s: Settings) -> List[Tuple[str, str, Dict]]:
     """(name, benchmark loss, extra op arguments) of the sync and determinism checks: the table's three losses and
     the distillation layer's own case (verticals with a self-paced scale per class, several chunks)."""
     B, G = s.probe_shape[0], s.probe_segments
@@ -529,7 +529,7 @@ def count_syncs(fn: Callable) -> Dict:
     return {"count": len(where), "where": sorted(set(where)), "other_warnings": sorted(set(other))[:10]}
 
 
-def run_syncs(s: Settings, step: Step):
+def run_syncs(s: Settings, step: Step) -> None:
     status = backend_status(s.timed_backends, s.device)
     live = [b for b in s.timed_backends if status[b]["available"]]
     step.data.update(backends=status, env={"KC_CHECK_VALUES": os.environ.get("KC_CHECK_VALUES")}, results=[])
@@ -568,7 +568,7 @@ def run_syncs(s: Settings, step: Step):
             print(f"  {rec['status']:<10} {b:<7} {name}: steady-state syncs {n}", flush=True)
 
 
-def run_determinism(s: Settings, step: Step):
+def run_determinism(s: Settings, step: Step) -> None:
     status = backend_status(s.backends, s.device)
     live = [b for b in s.backends if status[b]["available"]]
     step.data.update(backends=status, results=[])
@@ -698,7 +698,7 @@ def run_report(s: Settings, work: Path, out: Optional[str], dry: bool) -> Path:
     return path
 
 
-def print_summary(report: Dict):
+def print_summary(report: Dict) -> None:
     m = report["meta"]
     print(f"\n== {m['device']}  torch {m['torch']}  triton {m['triton']}  cuda {m['cuda']}"
           + ("  (dry run)" if m["dry_run"] else ""))
@@ -752,7 +752,7 @@ def _nan(v):
 RUNNERS = {"correctness": run_correctness, "bench": run_bench, "syncs": run_syncs, "determinism": run_determinism}
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.splitlines()[0])
     ap.add_argument("step", choices=(*STEPS, "report"))
     ap.add_argument("--work", required=True, help="folder of the steps' records")

@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from benchmarks import gpu_check  # noqa: E402
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", default="120", help="soft time cap of the table in seconds")
     ap.add_argument("--out", default=None, help="results JSON (default benchmarks/results/gpu-<device>-<date>.json)")

@@ -3,6 +3,7 @@ fused sigmoid soft-target loss against K=100 teacher targets plus the hard label
 from __future__ import annotations
 
 import math
+from typing import Callable, Tuple
 
 import torch
 from torch import nn
@@ -11,7 +12,8 @@ import kc_kernels
 from benchmarks import common
 
 
-def make_student_step(B: int, H: int, V: int, device, dtype, features: int = 256, verticals: int = 20, K: int = 100):
+def make_student_step(B: int, H: int, V: int, device, dtype, features: int = 256, verticals: int = 20,
+                      K: int = 100) -> Tuple[Callable[[], torch.Tensor], Callable[[], object]]:
     g = torch.Generator().manual_seed(0)
     backbone = nn.Sequential(nn.Linear(features, H), nn.ReLU(), nn.Linear(H, H), nn.ReLU()).to(device, dtype)
     head = nn.Linear(H, V).to(device, dtype)

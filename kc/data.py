@@ -258,7 +258,8 @@ class SyntheticGenerator:
         # separating them takes non-linear capacity, not a linear read-out of the features
         root = np.array([([c] + taxonomy.ancestors(c))[-1] for c in range(taxonomy.num_classes)])
         self.root = root
-        self.mode_code = (cfg.mode_spread * rng.standard_normal((taxonomy.num_classes, cfg.modes, d))).astype(np.float32)
+        mode_code = cfg.mode_spread * rng.standard_normal((taxonomy.num_classes, cfg.modes, d))
+        self.mode_code = mode_code.astype(np.float32)
         self.siblings = {}
 
     def fine_classes(self, split: str) -> np.ndarray:
@@ -274,7 +275,8 @@ class SyntheticGenerator:
             yield self.make(fine[start:start + chunk], np.random.default_rng([self.seed, self.SPLITS[split], 1 + i]),
                             label_noise=self.cfg.label_noise if split == "train" else 0.0)
 
-    def make(self, fine: np.ndarray, rng: np.random.Generator, label_noise: float = 0.0):
+    def make(self, fine: np.ndarray, rng: np.random.Generator,
+             label_noise: float = 0.0) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         cfg, tax = self.cfg, self.tax
         n, D, d = len(fine), cfg.feature_dim, cfg.subspace_dim
         vert = tax.vertical_of[fine]

@@ -86,10 +86,10 @@ class StudentScorer(Scorer):
         u = self.model.raw_block(h, c0, c1, v)
         return self.model.logits_of(u, None if norm is None else norm[:, v:v + 1], v, c0, c1)
 
-    def block(self, v, c0, c1):
+    def block(self, v, c0, c1) -> torch.Tensor:
         return self._scaled(self.h, v, c0, c1, self.norm)
 
-    def rows(self, r0, r1):
+    def rows(self, r0, r1) -> torch.Tensor:
         h, norm = self.h[r0:r1], None if self.norm is None else self.norm[r0:r1]
         return torch.cat([self._scaled(h, v, self.seg[v], self.seg[v + 1], norm)
                           for v in range(len(self.seg) - 1)], dim=1)
@@ -106,7 +106,7 @@ class SpecialistScorer(Scorer):
         self._v, self._h = None, None
 
     @torch.no_grad()
-    def block(self, v, c0, c1):
+    def block(self, v, c0, c1) -> torch.Tensor:
         t = self.teachers[v]
         if self._v != v:
             self._v, self._h = v, None
@@ -115,7 +115,7 @@ class SpecialistScorer(Scorer):
         return self._h @ t.out.weight[lo:hi].t() + t.out.bias[lo:hi]
 
     @torch.no_grad()
-    def rows(self, r0, r1):
+    def rows(self, r0, r1) -> torch.Tensor:
         x = self.data.inputs(np.arange(r0, r1)).to(self.device)
         return torch.cat([t(x) for t in self.teachers], dim=1)
 
@@ -140,12 +140,12 @@ class BayesScorer(Scorer):
     def _vertical(self, v, x, log_z):
         return torch.from_numpy(self.gen.class_log_posterior(x, v, log_z))
 
-    def block(self, v, c0, c1):
+    def block(self, v, c0, c1) -> torch.Tensor:
         if self._v != v:
             self._v, self._block = v, self._vertical(v, self.x, self.log_z)
         return self._block[:, c0 - self.seg[v]:c1 - self.seg[v]]
 
-    def rows(self, r0, r1):
+    def rows(self, r0, r1) -> torch.Tensor:
         return torch.cat([self._vertical(v, self.x[r0:r1], self.log_z[r0:r1]) for v in range(len(self.seg) - 1)],
                          dim=1)
 

@@ -8,14 +8,13 @@ head's hidden units are grouped [B, M, s2]: vertical g's classes read block g, w
 from __future__ import annotations
 
 import math
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 import kc_kernels
-
 
 # ------------------------------------------------------------------------------------------ backbones
 
@@ -29,7 +28,7 @@ class MLP(nn.Module):
         self.net = nn.Sequential(*layers)
         self.out_dim = out_dim
 
-    def forward(self, x):
+    def forward(self, x) -> torch.Tensor:
         return self.net(x)
 
 
@@ -46,7 +45,7 @@ class SmallCNN(nn.Module):
             nn.Linear(4 * c, out_dim), nn.ReLU())
         self.out_dim = out_dim
 
-    def forward(self, x):
+    def forward(self, x) -> torch.Tensor:
         return self.net(x)
 
 
@@ -73,7 +72,7 @@ class BlockLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(blocks, out_dim, in_dim).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.empty(blocks, out_dim).uniform_(-bound, bound))
 
-    def forward(self, x):
+    def forward(self, x) -> torch.Tensor:
         # x [B, in] (shared input: every block reads it) or [B, M, in] (block g reads x[:, g])
         eq = "bi,moi->bmo" if x.dim() == 2 else "bmi,moi->bmo"
         return torch.einsum(eq, x, self.weight) + self.bias
@@ -112,7 +111,7 @@ class Head(nn.Module):
         self.bias = nn.Parameter(torch.full((N,), -math.log(N)))
         nn.init.normal_(self.weight, std=1.0 / math.sqrt(self.width))
 
-    def forward(self, f):
+    def forward(self, f) -> torch.Tensor:
         """[B, sb] -> [B, s2] (FC-FC) or grouped [B, M, s2]."""
         relu = torch.relu
         # the units feeding the output layer stay linear (a bottleneck: no ReLU that would zero part of it)
@@ -195,42 +194,51 @@ class Student(nn.Module):
         self.head.bias.copy_(torch.from_numpy(np.log(p) - np.log1p(-p)).float())
 
     @property
-    def scale(self):
+    def scale(self) -> Optional[torch.Tensor]:
         """The self-paced gamma ([M] or [N]), or None."""
         return None if self.log_scale is None else self.log_scale.exp()
 
-    def hidden(self, x):
+    def forward(self, x) -> torch.Tensor:
+        """The hidden units that feed the output layer: [B, s2] (FC-FC heads) or grouped [B, M, s2].
+
+        The output layer is not applied here: it and the loss are one op, ``Student.loss`` (the fused
+        kc_kernels.linear_soft_target_loss over the head's weight and bias, never materialising [B, N] logits).
+        ``scores(x)`` gives the dense logits [B, N] for small problems and tests."""
         return self.head(self.backbone(x))
 
-    def loss(self, x, target_index, target_value, sample_weight=None):
-        h = self.hidden(x)
+    def hidden(self, x) -> torch.Tensor:
+        """The same as ``self(x)``: the hidden units that feed the output layer."""
+        return self(x)
+
+    def loss(self, x, target_index, target_value, sample_weight=None) -> torch.Tensor:
+        h = self(x)
         return kc_kernels.linear_soft_target_loss(
             h, self.head.weight, self.head.bias, target_index=target_index, target_value=target_value,
             mode="sigmoid", segments=self.segments, scale=self.scale, sample_weight=sample_weight,
             backend=self.backend)
 
-    def raw_block(self, h, c0: int, c1: int, vertical: int):
+    def raw_block(self, h, c0: int, c1: int, vertical: int) -> torch.Tensor:
         """Raw scores u = h.w of classes [c0, c1) (inside one vertical) for hidden rows h, without the bias (the
         bias is added after the self-paced scale, see ``logits_of``)."""
         hv = h[:, vertical] if h.dim() == 3 else h
         return hv @ self.head.weight[c0:c1].t()
 
-    def logits_of(self, u, norm, vertical: int, c0: int, c1: int):
+    def logits_of(self, u, norm, vertical: int, c0: int, c1: int) -> torch.Tensor:
         """Logits y of raw scores u of classes [c0, c1): gamma u / ||u||_vertical + bias under the self-paced
         scale (``norm`` [B, 1] is the vertical's L2 norm of u), u + bias without it."""
         g = self.gamma(vertical, c0, c1)
         y = u if g is None else g * u / norm
         return y + self.head.bias[c0:c1]
 
-    def gamma(self, vertical: int, c0: int, c1: int):
+    def gamma(self, vertical: int, c0: int, c1: int) -> Optional[torch.Tensor]:
         if self.scale is None:
             return None
         return self.scale[vertical] if self.scale_kind == "vertical" else self.scale[c0:c1]
 
     @torch.no_grad()
-    def scores(self, x):
+    def scores(self, x) -> torch.Tensor:
         """Dense logits y [B, N] (after the self-paced scale): for small problems and tests."""
-        h = self.hidden(x)
+        h = self(x)
         seg = self.segments.tolist()
         out = []
         for v in range(len(seg) - 1):
@@ -279,7 +287,7 @@ class Specialist(nn.Module):
         nn.init.constant_(self.out.bias, -math.log(max(num_classes, 2)))  # see Head: labels are sparse
         self.vertical, self.first_class = vertical, first_class
 
-    def forward(self, x):
+    def forward(self, x) -> torch.Tensor:
         """Logits over the vertical's classes [B, N_v]."""
         return self.out(self.backbone(x))
 

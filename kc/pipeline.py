@@ -20,7 +20,7 @@ import os
 import shutil
 import sys
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -263,7 +263,7 @@ def _eval_bayes(ws: Workspace) -> Dict:
     return res
 
 
-def evaluated_models(ws: Workspace):
+def evaluated_models(ws: Workspace) -> List[str]:
     """Student runs, the specialists, and (synthetic data of a size where it is cheap) the Bayes posterior."""
     cfg = ws.cfg
     extra = ["specialists"]
@@ -300,7 +300,8 @@ def stage_report(ws: Workspace, resume: bool) -> Dict:
     histories = {r: evals[r].pop("history", {}) for r in runs}
     results = {"name": cfg.name, "seed": cfg.seed, "num_classes": tax.num_classes, "verticals": tax.vertical_names,
                "vertical_sizes": tax.vertical_sizes().tolist(), "num_train": len(ws.split("train")),
-               "num_test": len(ws.split("test")), "scale": cfg.student.scale, "scale_init": cfg.student.scale_init, "config": cfg.to_dict(),
+               "num_test": len(ws.split("test")), "scale": cfg.student.scale, "scale_init": cfg.student.scale_init,
+               "config": cfg.to_dict(),
                "stage_seconds": {k: v.get("seconds") for k, v in ws.state()["stages"].items()},
                "models": evals}
     files = report.write(results, {r: h for r, h in histories.items() if h}, ws.report_dir)

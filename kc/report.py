@@ -98,7 +98,8 @@ def plots(results: Dict, histories: Dict[str, Dict], directory: str) -> List[str
         m = results["models"][run]
         vals = [100 * (v if v is not None and np.isfinite(v) else 0) for v in m["map_per_vertical"] + [m["map"]]]
         ax.bar(x + (i - (len(runs) - 1) / 2) * w, vals, w, label=label(run))
-    finite = [100 * v for r in runs for v in results["models"][r]["map_per_vertical"] if v is not None and np.isfinite(v)]
+    finite = [100 * v for r in runs for v in results["models"][r]["map_per_vertical"]
+              if v is not None and np.isfinite(v)]
     if finite:  # the differences are a few points: start the axis near the lowest bar
         ax.set_ylim(max(0.0, min(finite) - 5), min(100.0, max(finite) + 2))
     ax.set_xticks(x)

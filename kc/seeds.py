@@ -116,7 +116,8 @@ def markdown(summary: Dict) -> str:
     seeds = summary["seeds"]
     lines = [f"# {summary['name']}: {len(seeds)} seeds ({', '.join(map(str, seeds))})", "",
              "mAP (%) over seeds: mean and standard deviation.", "",
-             "| model | mAP mean | mAP sd | vertical-avg mAP mean | sd | top-1 mean |", "|---|---:|---:|---:|---:|---:|"]
+             "| model | mAP mean | mAP sd | vertical-avg mAP mean | sd | top-1 mean |",
+             "|---|---:|---:|---:|---:|---:|"]
     for r, m in summary["models"].items():
         lines.append(f"| {label(r)} | {_p(m['map']['mean'])} | {_p(m['map']['sd'])} | "
                      f"{_p(m['map_vertical_avg']['mean'])} | {_p(m['map_vertical_avg']['sd'])} | "

@@ -90,7 +90,8 @@ class Taxonomy:
         bad = np.flatnonzero((self.parent >= 0) & (vert[np.maximum(self.parent, 0)] != vert))
         if len(bad):
             c = int(bad[0])
-            raise TaxonomyError(f"class {self.names[c]!r} has parent {self.names[self.parent[c]]!r} in another vertical")
+            raise TaxonomyError(f"class {self.names[c]!r} has parent {self.names[self.parent[c]]!r} "
+                                f"in another vertical")
         # cycle check: following parents from any class must reach a root within n steps
         cur = np.arange(n)
         for _ in range(n + 1):

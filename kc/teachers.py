@@ -43,7 +43,8 @@ def train_specialist(cfg, taxonomy: Taxonomy, train: SampleSet, vertical: int, s
     first, size = taxonomy.classes_of(vertical).start, len(taxonomy.classes_of(vertical))
     steps = -(-(len(own) + n_bg) // sp.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=sp.lr, total_steps=sp.epochs * steps, pct_start=0.2)
-    bar = progress(total=sp.epochs * steps, desc=f"specialist {vertical}", unit="step", leave=False) if progress else None
+    bar = (progress(total=sp.epochs * steps, desc=f"specialist {vertical}", unit="step", leave=False)
+           if progress else None)
     model.train()
     for _ in range(sp.epochs):
         rows = np.concatenate([own, rng.choice(others, n_bg, replace=False)]) if n_bg else own
@@ -106,7 +107,7 @@ class BayesTeacher(torch.nn.Module):
         self.gen, self.vertical = generator, vertical
 
     @torch.no_grad()
-    def forward(self, x):
+    def forward(self, x) -> torch.Tensor:
         logp = self.gen.class_log_posterior(x.detach().cpu().numpy(), self.vertical)
         p = np.clip(np.exp(logp), 1e-7, 1 - 1e-7)
         return torch.from_numpy(np.log(p) - np.log1p(-p)).float().to(x.device)

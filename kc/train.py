@@ -95,7 +95,8 @@ def make_student(cfg, taxonomy: Taxonomy, input_shape, run: str) -> Student:
     return build_student(cfg, input_shape, taxonomy, head, run_scale(cfg, method), backend=cfg.backend)
 
 
-def make_targets(method: str, hard: np.ndarray, cache: Optional[TeacherCache], idx: np.ndarray, hard_weight: float):
+def make_targets(method: str, hard: np.ndarray, cache: Optional[TeacherCache], idx: np.ndarray,
+                 hard_weight: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """(target_index, target_value) for a batch: hard labels, or teacher top-K + weighted hard labels."""
     hard_t = torch.from_numpy(hard)
     hard_v = (hard_t >= 0).float()

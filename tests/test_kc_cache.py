@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from kc import cache, checkpoint, config, data, models, taxonomy, teachers
+from kc import cache, checkpoint, config, data, taxonomy, teachers
 from kc.cache import CacheMismatch, TeacherCache
 
 

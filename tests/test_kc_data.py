@@ -39,7 +39,8 @@ def test_generator_labels_carry_ancestors_and_siblings_are_close(tax):
     a = leaves[0]
     sib = [c for c in leaves if tax.parent[c] == tax.parent[a] and c != a][0]
     other = [c for c in leaves if tax.vertical_of[c] != tax.vertical_of[a]][0]
-    proto = lambda c: gen.center[tax.vertical_of[c]] + gen.code[c] @ gen.basis[tax.vertical_of[c]].T
+    def proto(c):
+        return gen.center[tax.vertical_of[c]] + gen.code[c] @ gen.basis[tax.vertical_of[c]].T
     assert np.linalg.norm(proto(a) - proto(sib)) < np.linalg.norm(proto(a) - proto(other))
 
 

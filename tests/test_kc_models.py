@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+import kc_kernels
 from kc import config, models, taxonomy
 from kc_kernels import reference
 
@@ -66,6 +67,24 @@ def test_student_loss_is_the_reference_loss_of_its_scores(scale, head):
     loss.backward()
     if scale != "none":
         assert s.log_scale.grad is not None and torch.isfinite(s.log_scale.grad).all()
+
+
+@pytest.mark.parametrize("head", ["fc_fc", "fc_sc", "sc_sc"])
+def test_student_forward_is_the_hidden_units_the_fused_loss_reads(head):
+    torch.manual_seed(0)
+    s, tax = _student("vertical", head)
+    x = torch.randn(5, 16)
+    h = s(x)
+    assert h.shape == ((5, s.head.width) if head == "fc_fc" else (5, tax.num_verticals, s.head.width))
+    assert torch.equal(h, s.hidden(x))
+    idx = torch.tensor([[0, 3, -1], [10, 12, 1], [20, -1, -1], [5, 5, 6], [23, 22, 21]])
+    val = torch.rand(5, 3)
+    want = kc_kernels.linear_soft_target_loss(h, s.head.weight, s.head.bias, target_index=idx, target_value=val,
+                                              mode="sigmoid", segments=s.segments, scale=s.scale,
+                                              backend="reference")
+    assert torch.allclose(s.loss(x, idx, val), want, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(s.loss(x, idx, val), reference.soft_target_loss(s.scores(x), target_index=idx,
+                                                                          target_value=val), rtol=1e-4, atol=1e-4)
 
 
 def test_specialist_and_cnn_backbone():
