@@ -72,7 +72,7 @@ def dense_targets(num_classes: int, *, batch: int, target_index=None, target_val
         bounds = segments.tolist()
         return torch.cat([torch.softmax(t[:, bounds[g]:bounds[g + 1]], dim=1) for g in range(len(bounds) - 1)], dim=1)
     z = torch.zeros(batch, num_classes, dtype=dtype, device=device)
-    valid = target_index >= 0
+    valid = (target_index >= 0) & (target_index < num_classes)  # unchecked out-of-range indices act as padding
     idx = torch.where(valid, target_index, torch.zeros_like(target_index)).long()
     val = torch.where(valid, target_value.to(dtype), torch.zeros((), dtype=dtype, device=z.device))
     return z.scatter_add(1, idx, val)  # duplicates add up

@@ -296,7 +296,7 @@ void run(const SoftTargetChunk& a) {
       run_row<SK, SOFTMAX, DENSE>(a, b, targets, piece_first, bias, dscale_acc.data(),
                                   want_dbias ? dbias_acc.data() : nullptr, corr);
     }
-    if (class_grad) {
+    if (class_grad && a.dscale_class != nullptr) {  // null: the scale needs no gradient (accumulated all the same)
 #pragma omp critical
       for (int64_t j = 0; j < ncols; ++j) a.dscale_class[j] += static_cast<float>(dscale_acc[j]);
     }

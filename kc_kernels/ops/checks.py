@@ -81,6 +81,8 @@ def values_enabled(device: torch.device) -> bool:
     written by any backend, checked or not: they are ignored."""
     if torch.compiler.is_compiling():
         return False
+    if torch.device(device).type == "meta":
+        return False  # meta tensors hold no values to read
     flag = os.environ.get("KC_CHECK_VALUES", "").strip()
     if flag in ("0", "1"):
         return flag == "1"
