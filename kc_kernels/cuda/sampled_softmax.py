@@ -95,6 +95,7 @@ class _CudaSampledSoftmax:
 
 
 _IMPL = _CudaSampledSoftmax()
+autograd_.register_impl("cuda", _IMPL)
 
 
 def sampled_softmax_loss(p) -> torch.Tensor:
@@ -103,7 +104,7 @@ def sampled_softmax_loss(p) -> torch.Tensor:
     if p.x.dtype == torch.float64:
         raise ValueError("x: the cuda backend takes float32, float16 or bfloat16, not float64 "
                          "(use backend='cpu' or 'reference' for float64)")
-    return autograd_.apply(p, _IMPL)
+    return autograd_.run(p, _IMPL, "cuda")
 
 
 # what `auto` may send here (float64 goes to another backend)

@@ -40,11 +40,14 @@ def _check_sampled(sampled, labels: torch.Tensor, num_classes: int, x: torch.Ten
         checks.same_device("sampled", t, x, "x")
     if len(ids) == 0:
         checks.fail("sampled", "ids is empty")
-    checks.index_range("sampled", ids, num_classes, allow_padding=False)
+    if not torch.compiler.is_compiling():  # value checks read the data: skipped while tracing
+        checks.index_range("sampled", ids, num_classes, allow_padding=False)
     if tuple(true_expected.shape) != tuple(labels.shape):
         checks.fail("sampled", f"true_expected has shape {tuple(true_expected.shape)}, labels {tuple(labels.shape)}")
     if tuple(sampled_expected.shape) != tuple(ids.shape):
         checks.fail("sampled", f"sampled_expected has shape {tuple(sampled_expected.shape)}, ids {tuple(ids.shape)}")
+    if torch.compiler.is_compiling():
+        return ids.long(), true_expected, sampled_expected
     valid = labels >= 0
     if bool((true_expected[valid] <= 0).any()) or bool((sampled_expected <= 0).any()):
         checks.fail("sampled", "expected counts must be > 0")
@@ -69,6 +72,13 @@ def sampled_softmax_loss(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     bias.grad become sparse COO tensors holding only the touched rows (the sampled and true classes) on the cpu
     and triton backends; the reference backend always returns dense gradients. Under torch.autocast, x, weight and
     bias are cast as nn.Linear casts them; the loss stays fp32.
+
+    With dense gradients (sparse_grad False) the cpu, triton and cuda backends run the loss as one torch.library
+    custom op, ``kc_kernels::sampled_softmax`` (a fake implementation and registered autograd; the gradients are
+    made in the forward for reduction "mean"/"sum"), so torch.compile and torch.export see a single node. Drawing
+    the candidates stays here, on the host with ``generator``: under torch.compile that is a graph break, so pass
+    fixed samples with ``sampled=`` for a graph without breaks (checks that read tensor values are skipped while
+    compiling). sparse_grad keeps a torch.autograd.Function, since sparse COO gradients do not fit an op's schema.
     """
     checks.tensor("x", x, dims=(2,), floating=True)
     x, weight, bias = amp.cast_inputs(x.device.type, x, weight, bias)
@@ -89,9 +99,10 @@ def sampled_softmax_loss(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     checks.same_device("labels", labels, x, "x")
     if labels.shape[0] != x.shape[0]:
         checks.fail("labels", f"has {labels.shape[0]} rows but x has {x.shape[0]}")
-    checks.index_range("labels", labels, V)
     labels2 = labels if labels.dim() == 2 else labels[:, None]
-    if labels2.numel() and bool(((labels2 >= 0).sum(dim=1) == 0).any()):
+    if not torch.compiler.is_compiling():  # value checks read the data: skipped while tracing
+        checks.index_range("labels", labels, V)
+    if not torch.compiler.is_compiling() and labels2.numel() and bool(((labels2 >= 0).sum(dim=1) == 0).any()):
         checks.fail("labels", "every row needs at least one label (a row is all -1 padding)")
     checks.choice("reduction", reduction, REDUCTIONS)
     if sample_weight is not None:

@@ -1,4 +1,5 @@
-"""The autograd.Function shared by the sampled-softmax backends, and the row bookkeeping around it.
+"""The custom op (dense gradients) and the autograd.Function (sparse gradients) shared by the sampled-softmax
+backends, and the row bookkeeping around them.
 
 A backend supplies two steps (see ``SampledSoftmaxImpl``): ``forward`` gives the per-row loss and whatever it keeps
 for the gradients; ``gradients`` turns per-row scales into dx and the gradient of every touched weight row. This
@@ -11,8 +12,9 @@ mix rows in the weight gradient, so the gradients wait for the backward call.
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
-from typing import Any, List, Optional, Protocol, Tuple
+from typing import Any, Dict, List, Optional, Protocol, Tuple
 
 import torch
 
@@ -164,3 +166,156 @@ class SampledSoftmaxFunction(torch.autograd.Function):
 
 def apply(p, impl: SampledSoftmaxImpl) -> torch.Tensor:
     return SampledSoftmaxFunction.apply(p.x, p.weight, p.bias, p, impl)
+
+
+# ---------------------------------------------------------------------------------------------- the custom op
+# With dense gradients the computation is one torch.library op, so torch.compile and torch.export see a single
+# opaque node with a fake (shape-only) implementation. The op takes the tensors and flags a problem is made of and
+# the backend's name (its SampledSoftmaxImpl is looked up here). Sparse COO gradients do not fit an op's schema,
+# so sparse_grad keeps SampledSoftmaxFunction above.
+
+IMPLS: Dict[str, SampledSoftmaxImpl] = {}  # backend name -> impl, registered by each backend module on import
+_TENSOR_ARGS = 8  # x .. sample_weight; then remove_accidental_hits, subtract_log_q, reduction, backend, needs
+
+
+def register_impl(name: str, impl: SampledSoftmaxImpl) -> None:
+    IMPLS[name] = impl
+
+
+def _impl(name: str) -> SampledSoftmaxImpl:
+    if name not in IMPLS:  # the backend module registers itself on import
+        from kc_kernels import dispatch
+
+        importlib.import_module(dispatch.BACKEND_MODULES[name] + ".sampled_softmax")
+    return IMPLS[name]
+
+
+def _problem(x, weight, bias, labels, ids, true_expected, sampled_expected, sample_weight, remove_accidental_hits,
+             subtract_log_q, reduction):
+    """The problem the op's arguments describe (validated by the op front before the op was called)."""
+    from kc_kernels.ops.sampled_softmax import SampledSoftmaxProblem
+
+    return SampledSoftmaxProblem(x=x, weight=weight, bias=bias, labels=labels,
+                                 sampled=(ids, true_expected, sampled_expected),
+                                 remove_accidental_hits=remove_accidental_hits, subtract_log_q=subtract_log_q,
+                                 reduction=reduction, sample_weight=sample_weight)
+
+
+def _grad_slots(x, weight, bias, needs: int, g: Optional[_Grads]) -> Tuple[torch.Tensor, ...]:
+    """The op's three gradient outputs (dense dx, dweight, dbias): the gradient where its bit is set in ``needs``
+    (an empty tensor of that shape for the fake implementation, g None), else an empty placeholder."""
+    slots = []
+    for i, t in enumerate((x, weight, bias)):
+        if t is None or not needs >> i & 1:
+            slots.append(x.new_empty(0))
+        elif g is None:
+            slots.append(torch.empty(t.shape, dtype=t.dtype, device=t.device))
+        elif i == 0:
+            slots.append(g.dx.to(x.dtype))
+        else:
+            slots.append(_expand(g.dweight if i == 1 else g.dbias, g.rows, t, False))
+    return tuple(slots)
+
+
+def _needs_bits(needs: int, bias) -> Tuple[bool, bool, bool]:
+    return bool(needs & 1), bool(needs & 2), bias is not None and bool(needs & 4)
+
+
+@torch.library.custom_op("kc_kernels::sampled_softmax", mutates_args=())
+def sampled_softmax(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
+                    ids: torch.Tensor, true_expected: torch.Tensor, sampled_expected: torch.Tensor,
+                    sample_weight: Optional[torch.Tensor], remove_accidental_hits: bool, subtract_log_q: bool,
+                    reduction: str, backend: str,
+                    needs: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The loss of x [B, H], weight [V, H] over the true and sampled classes; with reduction "mean"/"sum" also the
+    dense gradients of the inputs whose bit is set in ``needs`` (the backward only scales them). Outputs: (loss,
+    dx, dweight, dbias), an empty placeholder where no gradient was asked for."""
+    p = _problem(x, weight, bias, labels, ids, true_expected, sampled_expected, sample_weight,
+                 remove_accidental_hits, subtract_log_q, reduction)
+    impl = _impl(backend)
+    need_x, need_w, need_b = _needs_bits(needs, bias)
+    need_grad = reduction != "none" and (need_x or need_w or need_b)
+    per_row, state = impl.forward(p, need_grad)
+    scale = row_scale(p, x.shape[0], per_row.dtype)
+    loss = per_row * scale
+    if reduction != "none":
+        loss = loss.sum()
+    g = None
+    if need_grad:
+        g = _coalesce(impl.gradients(state, scale, need_x), need_w, need_b)
+    else:
+        needs = 0
+    return (loss,) + _grad_slots(x, weight, bias, needs, g)
+
+
+@sampled_softmax.register_fake
+def _sampled_softmax_fake(x, weight, bias, labels, ids, true_expected, sampled_expected, sample_weight,
+                          remove_accidental_hits, subtract_log_q, reduction, backend, needs):
+    loss = x.new_empty((x.shape[0],) if reduction == "none" else (), dtype=compute_dtype(x.dtype))
+    return (loss,) + _grad_slots(x, weight, bias, needs if reduction != "none" else 0, None)
+
+
+@torch.library.custom_op("kc_kernels::sampled_softmax_backward", mutates_args=())
+def sampled_softmax_backward(grad_loss: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                             bias: Optional[torch.Tensor], labels: torch.Tensor, ids: torch.Tensor,
+                             true_expected: torch.Tensor, sampled_expected: torch.Tensor,
+                             sample_weight: Optional[torch.Tensor], remove_accidental_hits: bool,
+                             subtract_log_q: bool, reduction: str, backend: str,
+                             needs: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients again, rows weighted by ``grad_loss``: reduction "none" (whose row weights are known only
+    now), or a backward whose saved gradients were already used."""
+    p = _problem(x, weight, bias, labels, ids, true_expected, sampled_expected, sample_weight,
+                 remove_accidental_hits, subtract_log_q, reduction)
+    impl = _impl(backend)
+    need_x, need_w, need_b = _needs_bits(needs, bias)
+    per_row, state = impl.forward(p, True)
+    scale = row_scale(p, x.shape[0], per_row.dtype) * grad_loss.to(per_row.dtype)
+    g = _coalesce(impl.gradients(state, scale, need_x), need_w, need_b)
+    return _grad_slots(x, weight, bias, needs, g)
+
+
+@sampled_softmax_backward.register_fake
+def _sampled_softmax_backward_fake(grad_loss, x, weight, bias, *rest):
+    return _grad_slots(x, weight, bias, rest[-1], None)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:_TENSOR_ARGS])
+    ctx.options = inputs[_TENSOR_ARGS:]
+    # the gradients made in the forward: not differentiable themselves, so holding them on ctx makes no cycle
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.grads = list(output[1:]) if inputs[-1] and inputs[_TENSOR_ARGS + 2] != "none" else None
+
+
+def _backward(ctx, grad_loss, *unused):
+    from kc_kernels.chunked import _scaled
+
+    needs = ctx.options[-1]
+    grads, ctx.grads = ctx.grads, None  # used once: a second backward (retain_graph) computes them again
+    if grads is not None:
+        grads = _scaled(grads, grad_loss)
+    else:
+        grads = sampled_softmax_backward(grad_loss, *ctx.saved_tensors, *ctx.options)
+    result = [g if needs >> i & 1 else None for i, g in enumerate(grads)]
+    return tuple(result) + (None,) * (_TENSOR_ARGS + len(ctx.options) - 3)
+
+
+sampled_softmax.register_autograd(_backward, setup_context=_setup_context)
+
+
+def call_op(p, backend: str) -> torch.Tensor:
+    """The op on a validated problem with dense gradients, computed by ``backend``'s impl (see register_impl)."""
+    needs = 0
+    if torch.is_grad_enabled():
+        needs = sum(1 << i for i, t in enumerate((p.x, p.weight, p.bias)) if t is not None and t.requires_grad)
+    ids, true_expected, sampled_expected = p.sampled
+    out = sampled_softmax(p.x, p.weight, p.bias, p.labels, ids, true_expected, sampled_expected, p.sample_weight,
+                          bool(p.remove_accidental_hits), bool(p.subtract_log_q), p.reduction, backend, needs)
+    return out[0]
+
+
+def run(p, impl: SampledSoftmaxImpl, backend: str) -> torch.Tensor:
+    """A backend's entry: sparse gradients through SampledSoftmaxFunction, dense ones through the custom op."""
+    if p.sparse_grad:
+        return apply(p, impl)
+    return call_op(p, backend)

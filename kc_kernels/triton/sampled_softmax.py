@@ -142,9 +142,10 @@ class _TritonSampledSoftmax:
 
 
 _IMPL = _TritonSampledSoftmax()
+autograd_.register_impl("triton", _IMPL)
 
 
 def sampled_softmax_loss(p) -> torch.Tensor:
     if p.x.device.type != "cuda" and not _INTERPRET:
         raise ValueError(f"x: the triton backend takes CUDA tensors (or TRITON_INTERPRET=1), got {p.x.device}")
-    return autograd_.apply(p, _IMPL)
+    return autograd_.run(p, _IMPL, "triton")
