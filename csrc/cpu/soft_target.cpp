@@ -63,7 +63,7 @@ FinalSums final_loop(float* __restrict u, const float* __restrict t, const float
     const float uj = u[j];
     const float s = SK == kScaleClass ? sc[j] : s_seg;
     const float up = scaled_score(uj, inv_nt);
-    const float y = logit(uj, s, inv_nt, bias[j], inv_t);
+    const float y = logit(uj, s, inv_nt, SK != kScaleNone ? bias[j] : 0.0f, inv_t);  // see fold_bias
     float q;
     if constexpr (SOFTMAX) {
       const float z = DENSE ? teacher_target_softmax<VecMath>(t[j], inv_t, tlse) : 0.f;
@@ -85,6 +85,14 @@ FinalSums final_loop(float* __restrict u, const float* __restrict t, const float
     }
   }
   return {sp, zy};
+}
+
+// The bias as the loops read it: under a scale the class prior enters y after the normalisation; without one it
+// has already been added to u (see run_row), so it is 0 here and the compiler drops the load.
+template <int SK>
+inline float bias_of(const float* __restrict bp, int64_t j) {
+  if constexpr (SK == kScaleNone) return 0.0f;
+  return bp[j];
 }
 
 template <int SK, bool SOFTMAX, bool DENSE>
@@ -125,6 +133,14 @@ void run_row(const SoftTargetChunk& a, int64_t b, const std::vector<Target>& tar
     const float tlse =
         (SOFTMAX && DENSE) ? static_cast<float>(log_sum_exp<double>(st(kTeacherMax, g), st(kTeacherSumExp, g))) : 0.f;
     const float* __restrict bp = bias;  // bias of the chunk's columns (zeros when the op has none)
+    if constexpr (SK == kScaleNone) {
+      // Without a scale y = (u + b) / T and dl/du = dl/db, so the bias is added to u once here and the loops below
+      // read no bias stream (they see a bias of 0 at compile time); the gradient overwrites u anyway.
+      if (a.bias != nullptr) {
+#pragma omp simd
+        for (int64_t j = lo; j < hi; ++j) urow[j] += bp[j];
+      }
+    }
 
     if (need_stats && (a.phases & kPhaseStats)) {
       float zsum = 0.f, zy = 0.f, zu = 0.f, zyh = 0.f;
@@ -136,7 +152,7 @@ void run_row(const SoftTargetChunk& a, int64_t b, const std::vector<Target>& tar
           const float z = SOFTMAX ? teacher_target_softmax<VecMath>(trow[j], inv_t, tlse)
                                   : teacher_target_sigmoid<VecMath>(trow[j], inv_t);
           zsum += z;
-          zy += z * logit(urow[j], s, inv_nt, bp[j], inv_t);
+          zy += z * logit(urow[j], s, inv_nt, bias_of<SK>(bp, j), inv_t);
           zu += z * up;
           zyh += z * (s * up);
         }
@@ -147,7 +163,7 @@ void run_row(const SoftTargetChunk& a, int64_t b, const std::vector<Target>& tar
           const float s = scale_at<SK>(a, g, j);
           const float up = scaled_score(urow[j], inv_nt);
           zsum += v;
-          zy += v * logit(urow[j], s, inv_nt, bp[j], inv_t);
+          zy += v * logit(urow[j], s, inv_nt, bias_of<SK>(bp, j), inv_t);
           zu += v * up;
           zyh += v * (s * up);
         }
@@ -159,13 +175,14 @@ void run_row(const SoftTargetChunk& a, int64_t b, const std::vector<Target>& tar
       if constexpr (SOFTMAX) {
         float m = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : m)
-        for (int64_t j = lo; j < hi; ++j) m = std::max(m, logit(urow[j], scale_at<SK>(a, g, j), inv_nt, bp[j], inv_t));
+        for (int64_t j = lo; j < hi; ++j)
+          m = std::max(m, logit(urow[j], scale_at<SK>(a, g, j), inv_nt, bias_of<SK>(bp, j), inv_t));
         float se = 0.f, seu = 0.f, sey = 0.f;
 #pragma omp simd reduction(+ : se, seu, sey)
         for (int64_t j = lo; j < hi; ++j) {
           const float s = scale_at<SK>(a, g, j);
           const float up = scaled_score(urow[j], inv_nt);
-          const float e = VecMath::exp(logit(urow[j], s, inv_nt, bp[j], inv_t) - m);
+          const float e = VecMath::exp(logit(urow[j], s, inv_nt, bias_of<SK>(bp, j), inv_t) - m);
           se += e;
           seu += e * up;
           sey += e * (s * up);
@@ -181,7 +198,7 @@ void run_row(const SoftTargetChunk& a, int64_t b, const std::vector<Target>& tar
         for (int64_t j = lo; j < hi; ++j) {
           const float s = scale_at<SK>(a, g, j);
           const float up = scaled_score(urow[j], inv_nt);
-          const float sg = sigmoid<VecMath>(logit(urow[j], s, inv_nt, bp[j], inv_t));
+          const float sg = sigmoid<VecMath>(logit(urow[j], s, inv_nt, bias_of<SK>(bp, j), inv_t));
           squ += sg * up;
           sqy += sg * (s * up);
         }
@@ -216,7 +233,7 @@ void run_row(const SoftTargetChunk& a, int64_t b, const std::vector<Target>& tar
         const float v = targets[t].value;
         const float s = scale_at<SK>(a, g, j);
         const float up = scaled_score(urow[j], inv_nt);
-        zy += v * logit(urow[j], s, inv_nt, bp[j], inv_t);
+        zy += v * logit(urow[j], s, inv_nt, bias_of<SK>(bp, j), inv_t);
         corr[t] = c * dqz * v * s * inv_nt;  // coef (dq/dz) v a_j
         if (SK == kScaleClass && a.coef) dscale_acc[j] += static_cast<double>(c) * dqz * v * up;
       }
