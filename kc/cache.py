@@ -5,6 +5,8 @@ A manifest (JSON) records what the cache was computed from: the teachers' checks
 training data's fingerprint. Student training streams rows from the memmaps and refuses a cache whose manifest
 does not match what it is about to train with. The cache is filled vertical by vertical and the manifest lists
 the finished ones, so an interrupted build continues where it stopped.
+A complete cache's manifest also records the size and SHA-256 of both arrays: a truncated or corrupted array is
+refused with its name, never streamed.
 """
 from __future__ import annotations
 
@@ -26,6 +28,25 @@ IDENTITY_KEYS = ("format", "top_k", "num_samples", "num_classes", "segments", "t
 
 class CacheMismatch(RuntimeError):
     """The cache on disk was computed from other teachers, data or settings than the ones in use."""
+
+
+class CacheDamaged(CacheMismatch, checkpoint.DamagedFile):
+    """A cache file is truncated or corrupted; the message names it."""
+
+
+def _file_info(path: str) -> Dict:
+    return {"bytes": os.path.getsize(path), "sha256": checkpoint.file_sha256(path)}
+
+
+def _reserve(path: str) -> None:
+    """Allocates the blocks of a fresh memmapped array now, so a full disk is an error here (naming the file)
+    instead of a SIGBUS on the first write into an unbacked page."""
+    try:
+        with open(path, "r+b") as f:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
+    except OSError as e:
+        raise checkpoint.write_error(path, e) from e
 
 
 def expected_manifest(taxonomy: Taxonomy, train: SampleSet, top_k: int, teacher_checksums: List[str],
@@ -62,10 +83,23 @@ def build(directory: str, teachers: List[Specialist], taxonomy: Taxonomy, train:
     fresh = manifest is None
     if fresh:
         manifest = dict(expected, verticals_done=[], complete=False)
-    mode = "w+" if fresh else "r+"
-    index = np.lib.format.open_memmap(os.path.join(directory, INDEX_FILE), mode=mode, dtype=np.int32, shape=(N, K))
-    value = np.lib.format.open_memmap(os.path.join(directory, VALUE_FILE), mode=mode, dtype=np.float16, shape=(N, K))
+    ipath, vpath = os.path.join(directory, INDEX_FILE), os.path.join(directory, VALUE_FILE)
+    if not fresh:
+        try:
+            index = np.lib.format.open_memmap(ipath, mode="r+")
+            value = np.lib.format.open_memmap(vpath, mode="r+")
+            if index.shape != (N, K) or value.shape != (N, K):
+                raise ValueError("shape")
+        except (ValueError, OSError):  # arrays damaged or missing: start over
+            fresh, manifest = True, dict(expected, verticals_done=[], complete=False)
     if fresh:
+        try:
+            index = np.lib.format.open_memmap(ipath, mode="w+", dtype=np.int32, shape=(N, K))
+            value = np.lib.format.open_memmap(vpath, mode="w+", dtype=np.float16, shape=(N, K))
+        except OSError as e:
+            raise checkpoint.write_error(directory, e) from e
+        _reserve(ipath)
+        _reserve(vpath)
         checkpoint.write_json(mpath, manifest)  # identity first: a half-built cache is never taken for another
     verts = train.verticals(taxonomy)
     todo = [v for v in range(taxonomy.num_verticals) if v not in manifest["verticals_done"]]
@@ -87,15 +121,17 @@ def build(directory: str, teachers: List[Specialist], taxonomy: Taxonomy, train:
                     value[idx, k:] = 0
                 if bar is not None:
                     bar.update(len(idx))
+                checkpoint.crash_point()
         index.flush()
         value.flush()
         manifest["verticals_done"] = sorted(manifest["verticals_done"] + [v])
         checkpoint.write_json(mpath, manifest)
     if bar is not None:
         bar.close()
+    del index, value
+    manifest["files"] = {INDEX_FILE: _file_info(ipath), VALUE_FILE: _file_info(vpath)}
     manifest["complete"] = True
     checkpoint.write_json(mpath, manifest)
-    del index, value
     return manifest
 
 
@@ -115,8 +151,23 @@ class TeacherCache:
             if bad:
                 raise CacheMismatch(f"{directory}: the teacher cache does not match this run: " + "; ".join(bad)
                                     + ". Rebuild it with `kc cache`.")
-        self.index = np.load(os.path.join(directory, INDEX_FILE), mmap_mode="r")
-        self.value = np.load(os.path.join(directory, VALUE_FILE), mmap_mode="r")
+        for name, want in (self.manifest.get("files") or {}).items():
+            p = os.path.join(directory, name)
+            got = _file_info(p) if os.path.exists(p) else {"bytes": None}
+            if got["bytes"] != want["bytes"]:
+                raise CacheDamaged(f"{p}: teacher cache file is truncated or missing ({got['bytes']} bytes, manifest "
+                                   f"says {want['bytes']}); rebuild the cache with `kc cache --out ...`")
+            if got["sha256"] != want["sha256"]:
+                raise CacheDamaged(f"{p}: teacher cache file is corrupted (SHA-256 differs from the manifest's); "
+                                   "rebuild the cache with `kc cache --out ...`")
+        arrays = []
+        for name in (INDEX_FILE, VALUE_FILE):
+            p = os.path.join(directory, name)
+            try:
+                arrays.append(np.load(p, mmap_mode="r"))
+            except (ValueError, OSError) as e:
+                raise CacheDamaged(f"{p}: unreadable teacher cache file ({e}); rebuild it with `kc cache`") from None
+        self.index, self.value = arrays
         n, k = self.manifest["num_samples"], self.manifest["top_k"]
         if self.index.shape != (n, k) or self.value.shape != (n, k):
             raise CacheMismatch(f"{directory}: arrays of shape {self.index.shape}/{self.value.shape}, manifest "

@@ -12,7 +12,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from kc import config, pipeline, seeds
+from kc import checkpoint, config, pipeline, seeds
 from kc.cache import CacheMismatch
 from kc.data import DataError
 from kc.taxonomy import TaxonomyError
@@ -80,7 +80,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             pipeline.run_stage(ws, args.command, resume=args.resume)
         return 0
     except (config.ConfigError, TaxonomyError, DataError, CacheMismatch, pipeline.StageError,
-            FileNotFoundError, TrainingCollapsed) as e:
+            FileNotFoundError, TrainingCollapsed, checkpoint.DamagedFile, OSError) as e:
         print(f"kc: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

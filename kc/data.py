@@ -14,6 +14,7 @@ from typing import Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
+from kc import checkpoint
 from kc.checkpoint import write_json
 from kc.taxonomy import Taxonomy
 
@@ -98,24 +99,55 @@ def _shard_paths(directory: str) -> List[str]:
     return sorted(glob.glob(os.path.join(directory, "shard-*.features.npy")))
 
 
+SHARD_SUFFIXES = (".indptr.npy", ".indices.npy", ".features.npy")
+
+
+def check_shard_files(directory: str) -> None:
+    """Where the directory has an index.json with file sizes and SHA-256s (shards written by ShardWriter), every
+    listed file must be there with that size and digest: DataError naming the first that is not."""
+    ipath = os.path.join(directory, "index.json")
+    if not os.path.exists(ipath):
+        return
+    try:
+        files = checkpoint.read_json(ipath).get("files") or {}
+    except checkpoint.DamagedFile as e:
+        raise DataError(str(e)) from None
+    for name, want in sorted(files.items()):
+        p = os.path.join(directory, name)
+        size = os.path.getsize(p) if os.path.exists(p) else None
+        if size != want["bytes"]:
+            raise DataError(f"{p}: shard file is truncated or missing ({size} bytes, {ipath} says {want['bytes']}); "
+                            "rerun `kc data` (synthetic data) or restore the file")
+        if checkpoint.file_sha256(p) != want["sha256"]:
+            raise DataError(f"{p}: shard file is corrupted (SHA-256 differs from {ipath}); rerun `kc data` "
+                            "(synthetic data) or restore the file")
+    extra = sorted(set(os.path.basename(q) for q in _shard_paths(directory)) - set(files))
+    if files and extra:
+        raise DataError(f"{directory}: shard files not listed in {ipath}: {', '.join(extra)}")
+
+
 class FeatureShards(SampleSet):
-    """Rows from one or more shards `shard-NNNNN.{features,indptr,indices}.npy` in a directory (memmapped)."""
+    """Rows from one or more shards `shard-NNNNN.{features,indptr,indices}.npy` in a directory (memmapped).
+
+    Shards written by ShardWriter are checked against the sizes and SHA-256s in the directory's index.json."""
 
     def __init__(self, directory: str, num_classes: int):
         paths = _shard_paths(directory)
         if not paths:
             raise DataError(f"{directory}: no feature shards (shard-NNNNN.features.npy) found")
+        check_shard_files(directory)
         self.features, ptrs, inds = [], [], []
         dim = None
         offset = 0
         for p in paths:
             stem = p[: -len(".features.npy")]
-            try:
-                f = np.load(p, mmap_mode="r")
-                ptr = np.load(stem + ".indptr.npy").astype(np.int64)
-                ind = np.load(stem + ".indices.npy").astype(np.int32)
-            except (FileNotFoundError, ValueError, OSError) as e:
-                raise DataError(f"{stem}: unreadable shard ({e})") from None
+            arrays = []
+            for q, mmap in ((p, "r"), (stem + ".indptr.npy", None), (stem + ".indices.npy", None)):
+                try:
+                    arrays.append(np.load(q, mmap_mode=mmap))
+                except (ValueError, OSError, EOFError) as e:
+                    raise DataError(f"{q}: unreadable shard file, truncated or corrupted? ({e})") from None
+            f, ptr, ind = arrays[0], arrays[1].astype(np.int64), arrays[2].astype(np.int32)
             if f.ndim != 2 or not np.issubdtype(f.dtype, np.floating):
                 raise DataError(f"{p}: features must be a 2-D float array, got {f.dtype} {f.shape}")
             if dim is not None and f.shape[1] != dim:
@@ -151,23 +183,32 @@ class ShardWriter:
     def __init__(self, directory: str):
         self.directory = directory
         os.makedirs(directory, exist_ok=True)
-        for p in glob.glob(os.path.join(directory, "shard-*")):
+        for p in glob.glob(os.path.join(directory, "shard-*")) + glob.glob(os.path.join(directory, "index.json")):
             os.remove(p)  # a half-written split from an interrupted run
         self.count = 0
         self.rows = 0
+        self.files = {}
 
     def write(self, features: np.ndarray, indptr: np.ndarray, indices: np.ndarray) -> None:
         stem = os.path.join(self.directory, f"shard-{self.count:05d}")
-        for suffix, arr in ((".indptr.npy", indptr.astype(np.int64)), (".indices.npy", indices.astype(np.int32)),
-                            (".features.npy", features.astype(np.float32))):
+        for suffix, arr in zip(SHARD_SUFFIXES, (indptr.astype(np.int64), indices.astype(np.int32),
+                                                features.astype(np.float32))):
             tmp = stem + suffix + ".tmp.npy"
-            np.save(tmp, arr)
-            os.replace(tmp, stem + suffix)  # features last: a shard is visible only when complete
+            try:
+                np.save(tmp, arr)
+                os.replace(tmp, stem + suffix)  # features last: a shard is visible only when complete
+            except OSError as e:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+                raise checkpoint.write_error(stem + suffix, e) from e
+            self.files[os.path.basename(stem + suffix)] = {"bytes": os.path.getsize(stem + suffix),
+                                                           "sha256": checkpoint.file_sha256(stem + suffix)}
+            checkpoint.crash_point()
         self.count += 1
         self.rows += features.shape[0]
 
     def close(self, meta: dict) -> None:
-        meta = dict(meta, shards=self.count, rows=self.rows)
+        meta = dict(meta, shards=self.count, rows=self.rows, files=self.files)
         write_json(os.path.join(self.directory, "index.json"), meta)
 
 

@@ -83,6 +83,8 @@ class Workspace:
                                  "use another --out, or the same preset/config/seed as that run")
         else:
             checkpoint.write_text(cpath, self.cfg.to_yaml())
+        if checkpoint.remove_temporaries(self.out):
+            log(f"removed the temporary files of an interrupted write in {self.out}")
 
     def state(self) -> Dict:
         if os.path.exists(self.state_path):
@@ -319,6 +321,7 @@ def run_stage(ws: Workspace, stage: str, resume: bool = False) -> Dict:
         ws.require(STAGES[STAGES.index(stage) - 1])
     t0 = time.time()
     log(f"stage {stage} ...")
+    checkpoint.enter_stage(stage)
     info = STAGE_FUNCS[stage](ws, resume)
     dt = time.time() - t0
     ws.mark(stage, dt, peak_rss_mib=round(peak_rss_mib()), **{k: v for k, v in info.items() if k != "files"})

@@ -20,7 +20,7 @@ from kc.data import SampleSet
 from kc.models import Student, build_student
 from kc.taxonomy import Taxonomy
 
-CHECKPOINT_SECONDS = 60.0
+CHECKPOINT_SECONDS = float(os.environ.get("KC_CHECKPOINT_SECONDS", 60.0))  # 0: after every step (tests)
 CURVE_POINTS_PER_EPOCH = 20
 HEALTH_CHECKS_PER_EPOCH = 4
 PROBE_ELEMENTS = 1 << 24  # probe rows x classes scored by a health check
@@ -164,7 +164,7 @@ def train_student(cfg, taxonomy: Taxonomy, train: SampleSet, run: str, path: str
     while state["epoch"] < st.epochs:
         e = state["epoch"]
         perm = np.random.default_rng([seed, 23, e]).permutation(n)
-        run_sum, run_cnt = 0.0, 0
+        run_sum, run_cnt = state.get("run_sum", 0.0), state.get("run_cnt", 0)  # a loss-curve point in the making
         epoch_sum = state.get("epoch_sum", 0.0)
         t0 = time.time()
         for s in range(state["step"], steps):
@@ -194,7 +194,7 @@ def train_student(cfg, taxonomy: Taxonomy, train: SampleSet, run: str, path: str
                 bar.update(1)
                 bar.set_postfix(epoch=e + 1, loss=f"{lv:.3f}", refresh=False)
             if time.time() - last_save > CHECKPOINT_SECONDS and s + 1 < steps:
-                state["epoch_sum"] = epoch_sum
+                state.update(epoch_sum=epoch_sum, run_sum=run_sum, run_cnt=run_cnt)
                 state["seconds"] += time.time() - t0
                 t0 = time.time()
                 _save(path, model, opt, state)
@@ -202,7 +202,7 @@ def train_student(cfg, taxonomy: Taxonomy, train: SampleSet, run: str, path: str
         state["history"]["epoch_loss"].append(epoch_sum / steps)
         if model.scale is not None:
             state["history"]["scale"].append(model.scale.detach().cpu().tolist())
-        state.update(epoch=e + 1, step=0, epoch_sum=0.0)
+        state.update(epoch=e + 1, step=0, epoch_sum=0.0, run_sum=0.0, run_cnt=0)
         state["seconds"] += time.time() - t0
         state["done"] = state["epoch"] >= st.epochs
         _save(path, model, opt, state)
