@@ -95,179 +95,225 @@ inline float bias_of(const float* __restrict bp, int64_t j) {
   return bp[j];
 }
 
+// One row's piece of one segment inside the chunk: what the phases below read and update.
+struct RowPiece {
+  const SoftTargetChunk& a;
+  int64_t b;                 // the row
+  int64_t lo, hi, g;         // local columns [lo, hi) of segment g
+  int64_t t_begin, t_end;    // the row's sparse targets in this piece: targets[t_begin, t_end)
+  float* urow;               // the row's scores (overwritten with the gradient in FINAL)
+  const float* trow;         // the row's dense teacher logits, or null
+  const float* bp;           // bias of the chunk's columns (zeros when the op has none)
+  double& st(int which) const { return a.state[(which * a.rows + b) * a.num_segments + g]; }
+};
+
+// TEACHER: the online log-sum-exp of the dense teacher's t / T over the segment.
+inline void teacher_phase(const RowPiece& r) {
+  const float inv_t = r.a.inv_t;
+  float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = r.lo; j < r.hi; ++j) m = std::max(m, r.trow[j] * inv_t);
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = r.lo; j < r.hi; ++j) s += teacher_target_softmax<VecMath>(r.trow[j], inv_t, m);
+  const MaxMerge<double> f = merge_max<double>(r.st(kTeacherMax), m);
+  merge_sum<double>(r.st(kTeacherSumExp), s, f);
+  r.st(kTeacherMax) = f.max;
+}
+
+// NORM: the segment's sum of squared scores (the self-paced scale's norm).
+inline void norm_phase(const RowPiece& r) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = r.lo; j < r.hi; ++j) s += r.urow[j] * r.urow[j];
+  r.st(kSumSq) += s;
+}
+
+// Without a scale y = (u + b) / T and dl/du = dl/db, so the bias is added to u once here and the loops of STATS and
+// FINAL read no bias stream (they see a bias of 0 at compile time, see bias_of); the gradient overwrites u anyway.
+template <int SK>
+inline void fold_bias(const RowPiece& r) {
+  if constexpr (SK == kScaleNone) {
+    if (r.a.bias != nullptr) {
+      float* __restrict u = r.urow;
+      const float* __restrict bp = r.bp;
+#pragma omp simd
+      for (int64_t j = r.lo; j < r.hi; ++j) u[j] += bp[j];
+    }
+  }
+}
+
+// STATS: the target sums, and the softmax log-sum-exp (or sigmoid sums) with the terms the scale's gradient needs.
+template <int SK, bool SOFTMAX, bool DENSE>
+void stats_phase(const RowPiece& r, const std::vector<Target>& targets, float inv_nt, float tlse) {
+  const SoftTargetChunk& a = r.a;
+  const int64_t lo = r.lo, hi = r.hi, g = r.g;
+  const float inv_t = a.inv_t;
+  const float* urow = r.urow;
+  const float* trow = r.trow;
+  const float* __restrict bp = r.bp;
+  float zsum = 0.f, zy = 0.f, zu = 0.f, zyh = 0.f;
+  if constexpr (DENSE) {
+#pragma omp simd reduction(+ : zsum, zy, zu, zyh)
+    for (int64_t j = lo; j < hi; ++j) {
+      const float s = scale_at<SK>(a, g, j);
+      const float up = scaled_score(urow[j], inv_nt);
+      const float z = SOFTMAX ? teacher_target_softmax<VecMath>(trow[j], inv_t, tlse)
+                              : teacher_target_sigmoid<VecMath>(trow[j], inv_t);
+      zsum += z;
+      zy += z * logit(urow[j], s, inv_nt, bias_of<SK>(bp, j), inv_t);
+      zu += z * up;
+      zyh += z * (s * up);
+    }
+  } else {
+    for (int64_t t = r.t_begin; t < r.t_end; ++t) {
+      const int64_t j = targets[t].col;
+      const float v = targets[t].value;
+      const float s = scale_at<SK>(a, g, j);
+      const float up = scaled_score(urow[j], inv_nt);
+      zsum += v;
+      zy += v * logit(urow[j], s, inv_nt, bias_of<SK>(bp, j), inv_t);
+      zu += v * up;
+      zyh += v * (s * up);
+    }
+  }
+  r.st(kZSum) += zsum;
+  r.st(kZY) += zy;
+  r.st(kZU) += zu;
+  r.st(kZYScaled) += zyh;
+  if constexpr (SOFTMAX) {
+    float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+    for (int64_t j = lo; j < hi; ++j)
+      m = std::max(m, logit(urow[j], scale_at<SK>(a, g, j), inv_nt, bias_of<SK>(bp, j), inv_t));
+    float se = 0.f, seu = 0.f, sey = 0.f;
+#pragma omp simd reduction(+ : se, seu, sey)
+    for (int64_t j = lo; j < hi; ++j) {
+      const float s = scale_at<SK>(a, g, j);
+      const float up = scaled_score(urow[j], inv_nt);
+      const float e = VecMath::exp(logit(urow[j], s, inv_nt, bias_of<SK>(bp, j), inv_t) - m);
+      se += e;
+      seu += e * up;
+      sey += e * (s * up);
+    }
+    const MaxMerge<double> f = merge_max<double>(r.st(kMax), m);
+    merge_sum<double>(r.st(kSumExp), se, f);
+    merge_sum<double>(r.st(kSumExpU), seu, f);
+    merge_sum<double>(r.st(kSumExpY), sey, f);
+    r.st(kMax) = f.max;
+  } else {
+    float squ = 0.f, sqy = 0.f;
+#pragma omp simd reduction(+ : squ, sqy)
+    for (int64_t j = lo; j < hi; ++j) {
+      const float s = scale_at<SK>(a, g, j);
+      const float up = scaled_score(urow[j], inv_nt);
+      const float sg = sigmoid<VecMath>(logit(urow[j], s, inv_nt, bias_of<SK>(bp, j), inv_t));
+      squ += sg * up;
+      sqy += sg * (s * up);
+    }
+    r.st(kSumExpU) += squ;
+    r.st(kSumExpY) += sqy;
+  }
+}
+
+// FINAL: loss terms that are sums of elementwise functions, and (with coef) the gradient written over the scores.
+template <int SK, bool SOFTMAX, bool DENSE>
+void final_phase(const RowPiece& r, const std::vector<Target>& targets, float inv_nt, float tlse, double* dscale_acc,
+                 double* dbias_acc, std::vector<float>& corr) {
+  const SoftTargetChunk& a = r.a;
+  const int64_t lo = r.lo, hi = r.hi, g = r.g, b = r.b;
+  const bool need_stats = SOFTMAX || SK != kScaleNone;
+  const float inv_t = a.inv_t, t2 = a.t2;
+  float* urow = r.urow;
+  const float* __restrict bp = r.bp;
+  float lse = 0.f, zmass = 0.f, s_n2 = 0.f;
+  if constexpr (SOFTMAX) {
+    lse = static_cast<float>(log_sum_exp<double>(r.st(kMax), r.st(kSumExp)));
+    zmass = static_cast<float>(r.st(kZSum));
+  }
+  if constexpr (SK != kScaleNone) {
+    const ScaleGradTerms<double> rs = scale_grad_terms<double>(SOFTMAX, t2, r.st(kZSum), r.st(kSumExp),
+                                                               r.st(kSumExpU), r.st(kSumExpY), r.st(kZU),
+                                                               r.st(kZYScaled));
+    r.st(kR) = rs.R;
+    r.st(kS) = rs.S;
+    s_n2 = static_cast<float>(rs.S * inv_norm_sq<double>(r.st(kSumSq)));
+  }
+  const float dqz = dq_dz(SOFTMAX, t2);
+  const float c = a.coef ? a.coef[b] : 0.f;
+
+  // sparse targets: -z y in the loss, and gradient corrections read before u is overwritten
+  if constexpr (!DENSE) {
+    float zy = 0.f;
+    for (int64_t t = r.t_begin; t < r.t_end; ++t) {
+      const int64_t j = targets[t].col;
+      const float v = targets[t].value;
+      const float s = scale_at<SK>(a, g, j);
+      const float up = scaled_score(urow[j], inv_nt);
+      zy += v * logit(urow[j], s, inv_nt, bias_of<SK>(bp, j), inv_t);
+      corr[t] = c * dqz * v * s * inv_nt;  // coef (dq/dz) v a_j
+      if (SK == kScaleClass && a.coef) dscale_acc[j] += static_cast<double>(c) * dqz * v * up;
+    }
+    if (!need_stats) r.st(kZY) += zy;
+  }
+
+  const float* sc = SK == kScaleClass ? a.scale + a.col0 + lo : nullptr;
+  const float s_seg = SK == kScaleSegment ? a.scale[g] : 1.0f;
+  const float* tp = DENSE ? r.trow + lo : nullptr;
+  FinalSums sums;
+  if (a.coef == nullptr) {
+    if constexpr (SOFTMAX) return;  // the softmax loss comes from the statistics alone
+    sums = final_loop<SK, SOFTMAX, DENSE, false, false>(urow + lo, tp, sc, bp + lo, hi - lo, s_seg, inv_nt, inv_t,
+                                                       t2, tlse, lse, zmass, 0.f, s_n2, nullptr, nullptr);
+  } else {
+    sums = dbias_acc ? final_loop<SK, SOFTMAX, DENSE, true, true>(urow + lo, tp, sc, bp + lo, hi - lo, s_seg, inv_nt,
+                                                                  inv_t, t2, tlse, lse, zmass, c, s_n2,
+                                                                  dscale_acc + lo, dbias_acc + lo)
+                     : final_loop<SK, SOFTMAX, DENSE, true, false>(urow + lo, tp, sc, bp + lo, hi - lo, s_seg,
+                                                                   inv_nt, inv_t, t2, tlse, lse, zmass, c, s_n2,
+                                                                   dscale_acc + lo, nullptr);
+  }
+  if constexpr (!SOFTMAX) {
+    a.softplus_sum[b] += sums.sp;
+    if (DENSE && !need_stats) r.st(kZY) += sums.zy;
+  }
+  if (a.coef == nullptr) return;
+  if constexpr (!DENSE) {
+    for (int64_t t = r.t_begin; t < r.t_end; ++t) {
+      urow[targets[t].col] += corr[t];
+      // the bias gradient's correction is coef (dq/dz) v / T, which differs from the logit's under the scale
+      if (dbias_acc) dbias_acc[targets[t].col] += bias_grad(c, dqz * targets[t].value, inv_t);
+    }
+  }
+}
+
+// One row of the chunk: the requested phases, piece by piece, while the row is in cache.
 template <int SK, bool SOFTMAX, bool DENSE>
 void run_row(const SoftTargetChunk& a, int64_t b, const std::vector<Target>& targets,
              const std::vector<int64_t>& piece_first, const float* bias, double* dscale_acc, double* dbias_acc,
              std::vector<float>& corr) {
-  const int64_t B = a.rows, G = a.num_segments;
-  float* urow = a.u + b * a.ld;
-  const float* trow = DENSE ? a.teacher + b * a.teacher_ld : nullptr;
   const bool need_stats = SOFTMAX || SK != kScaleNone;
-  const float inv_t = a.inv_t, t2 = a.t2;
-  auto st = [&](int which, int64_t g) -> double& { return a.state[(which * B + b) * G + g]; };
-
   for (int64_t p = 0; p < a.npieces; ++p) {
-    const int64_t lo = a.piece_lo[p], hi = a.piece_lo[p + 1], g = a.piece_seg[p];
-    const int64_t t_begin = piece_first[p], t_end = piece_first[p + 1];
-
-    if (SOFTMAX && DENSE && (a.phases & kPhaseTeacher)) {
-      float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-      for (int64_t j = lo; j < hi; ++j) m = std::max(m, trow[j] * inv_t);
-      float s = 0.f;
-#pragma omp simd reduction(+ : s)
-      for (int64_t j = lo; j < hi; ++j) s += teacher_target_softmax<VecMath>(trow[j], inv_t, m);
-      const MaxMerge<double> f = merge_max<double>(st(kTeacherMax, g), m);
-      merge_sum<double>(st(kTeacherSumExp, g), s, f);
-      st(kTeacherMax, g) = f.max;
-    }
-    if (SK != kScaleNone && (a.phases & kPhaseNorm)) {
-      float s = 0.f;
-#pragma omp simd reduction(+ : s)
-      for (int64_t j = lo; j < hi; ++j) s += urow[j] * urow[j];
-      st(kSumSq, g) += s;
-    }
+    const RowPiece r{a,
+                     b,
+                     a.piece_lo[p],
+                     a.piece_lo[p + 1],
+                     a.piece_seg[p],
+                     piece_first[p],
+                     piece_first[p + 1],
+                     a.u + b * a.ld,
+                     DENSE ? a.teacher + b * a.teacher_ld : nullptr,
+                     bias};
+    if (SOFTMAX && DENSE && (a.phases & kPhaseTeacher)) teacher_phase(r);
+    if (SK != kScaleNone && (a.phases & kPhaseNorm)) norm_phase(r);
     if (!(a.phases & (kPhaseStats | kPhaseFinal))) continue;
 
-    const float inv_nt = static_cast<float>(inv_norm_t<double>(SK != kScaleNone, st(kSumSq, g), inv_t));
+    const float inv_nt = static_cast<float>(inv_norm_t<double>(SK != kScaleNone, r.st(kSumSq), a.inv_t));
     const float tlse =
-        (SOFTMAX && DENSE) ? static_cast<float>(log_sum_exp<double>(st(kTeacherMax, g), st(kTeacherSumExp, g))) : 0.f;
-    const float* __restrict bp = bias;  // bias of the chunk's columns (zeros when the op has none)
-    if constexpr (SK == kScaleNone) {
-      // Without a scale y = (u + b) / T and dl/du = dl/db, so the bias is added to u once here and the loops below
-      // read no bias stream (they see a bias of 0 at compile time); the gradient overwrites u anyway.
-      if (a.bias != nullptr) {
-#pragma omp simd
-        for (int64_t j = lo; j < hi; ++j) urow[j] += bp[j];
-      }
-    }
-
-    if (need_stats && (a.phases & kPhaseStats)) {
-      float zsum = 0.f, zy = 0.f, zu = 0.f, zyh = 0.f;
-      if constexpr (DENSE) {
-#pragma omp simd reduction(+ : zsum, zy, zu, zyh)
-        for (int64_t j = lo; j < hi; ++j) {
-          const float s = scale_at<SK>(a, g, j);
-          const float up = scaled_score(urow[j], inv_nt);
-          const float z = SOFTMAX ? teacher_target_softmax<VecMath>(trow[j], inv_t, tlse)
-                                  : teacher_target_sigmoid<VecMath>(trow[j], inv_t);
-          zsum += z;
-          zy += z * logit(urow[j], s, inv_nt, bias_of<SK>(bp, j), inv_t);
-          zu += z * up;
-          zyh += z * (s * up);
-        }
-      } else {
-        for (int64_t t = t_begin; t < t_end; ++t) {
-          const int64_t j = targets[t].col;
-          const float v = targets[t].value;
-          const float s = scale_at<SK>(a, g, j);
-          const float up = scaled_score(urow[j], inv_nt);
-          zsum += v;
-          zy += v * logit(urow[j], s, inv_nt, bias_of<SK>(bp, j), inv_t);
-          zu += v * up;
-          zyh += v * (s * up);
-        }
-      }
-      st(kZSum, g) += zsum;
-      st(kZY, g) += zy;
-      st(kZU, g) += zu;
-      st(kZYScaled, g) += zyh;
-      if constexpr (SOFTMAX) {
-        float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-        for (int64_t j = lo; j < hi; ++j)
-          m = std::max(m, logit(urow[j], scale_at<SK>(a, g, j), inv_nt, bias_of<SK>(bp, j), inv_t));
-        float se = 0.f, seu = 0.f, sey = 0.f;
-#pragma omp simd reduction(+ : se, seu, sey)
-        for (int64_t j = lo; j < hi; ++j) {
-          const float s = scale_at<SK>(a, g, j);
-          const float up = scaled_score(urow[j], inv_nt);
-          const float e = VecMath::exp(logit(urow[j], s, inv_nt, bias_of<SK>(bp, j), inv_t) - m);
-          se += e;
-          seu += e * up;
-          sey += e * (s * up);
-        }
-        const MaxMerge<double> f = merge_max<double>(st(kMax, g), m);
-        merge_sum<double>(st(kSumExp, g), se, f);
-        merge_sum<double>(st(kSumExpU, g), seu, f);
-        merge_sum<double>(st(kSumExpY, g), sey, f);
-        st(kMax, g) = f.max;
-      } else {
-        float squ = 0.f, sqy = 0.f;
-#pragma omp simd reduction(+ : squ, sqy)
-        for (int64_t j = lo; j < hi; ++j) {
-          const float s = scale_at<SK>(a, g, j);
-          const float up = scaled_score(urow[j], inv_nt);
-          const float sg = sigmoid<VecMath>(logit(urow[j], s, inv_nt, bias_of<SK>(bp, j), inv_t));
-          squ += sg * up;
-          sqy += sg * (s * up);
-        }
-        st(kSumExpU, g) += squ;
-        st(kSumExpY, g) += sqy;
-      }
-    }
-    if (!(a.phases & kPhaseFinal)) continue;
-
-    // ---- FINAL: loss terms that are sums of elementwise functions, and the gradient
-    float lse = 0.f, zmass = 0.f, s_n2 = 0.f;
-    if constexpr (SOFTMAX) {
-      lse = static_cast<float>(log_sum_exp<double>(st(kMax, g), st(kSumExp, g)));
-      zmass = static_cast<float>(st(kZSum, g));
-    }
-    if constexpr (SK != kScaleNone) {
-      const ScaleGradTerms<double> rs = scale_grad_terms<double>(SOFTMAX, t2, st(kZSum, g), st(kSumExp, g),
-                                                                 st(kSumExpU, g), st(kSumExpY, g), st(kZU, g),
-                                                                 st(kZYScaled, g));
-      st(kR, g) = rs.R;
-      st(kS, g) = rs.S;
-      s_n2 = static_cast<float>(rs.S * inv_norm_sq<double>(st(kSumSq, g)));
-    }
-    const float dqz = dq_dz(SOFTMAX, t2);
-    const float c = a.coef ? a.coef[b] : 0.f;
-
-    // sparse targets: -z y in the loss, and gradient corrections read before u is overwritten
-    if constexpr (!DENSE) {
-      float zy = 0.f;
-      for (int64_t t = t_begin; t < t_end; ++t) {
-        const int64_t j = targets[t].col;
-        const float v = targets[t].value;
-        const float s = scale_at<SK>(a, g, j);
-        const float up = scaled_score(urow[j], inv_nt);
-        zy += v * logit(urow[j], s, inv_nt, bias_of<SK>(bp, j), inv_t);
-        corr[t] = c * dqz * v * s * inv_nt;  // coef (dq/dz) v a_j
-        if (SK == kScaleClass && a.coef) dscale_acc[j] += static_cast<double>(c) * dqz * v * up;
-      }
-      if (!need_stats) st(kZY, g) += zy;
-    }
-
-    const float* sc = SK == kScaleClass ? a.scale + a.col0 + lo : nullptr;
-    const float s_seg = SK == kScaleSegment ? a.scale[g] : 1.0f;
-    const float* tp = DENSE ? trow + lo : nullptr;
-    FinalSums sums;
-    if (a.coef == nullptr) {
-      if constexpr (SOFTMAX) continue;  // the softmax loss comes from the statistics alone
-      sums = final_loop<SK, SOFTMAX, DENSE, false, false>(urow + lo, tp, sc, bp + lo, hi - lo, s_seg, inv_nt, inv_t,
-                                                         t2, tlse, lse, zmass, 0.f, s_n2, nullptr, nullptr);
-    } else {
-      sums = dbias_acc ? final_loop<SK, SOFTMAX, DENSE, true, true>(urow + lo, tp, sc, bp + lo, hi - lo, s_seg, inv_nt,
-                                                                    inv_t, t2, tlse, lse, zmass, c, s_n2,
-                                                                    dscale_acc + lo, dbias_acc + lo)
-                       : final_loop<SK, SOFTMAX, DENSE, true, false>(urow + lo, tp, sc, bp + lo, hi - lo, s_seg,
-                                                                     inv_nt, inv_t, t2, tlse, lse, zmass, c, s_n2,
-                                                                     dscale_acc + lo, nullptr);
-    }
-    if constexpr (!SOFTMAX) {
-      a.softplus_sum[b] += sums.sp;
-      if (DENSE && !need_stats) st(kZY, g) += sums.zy;
-    }
-    if (a.coef == nullptr) continue;
-    if constexpr (!DENSE) {
-      for (int64_t t = t_begin; t < t_end; ++t) {
-        urow[targets[t].col] += corr[t];
-        // the bias gradient's correction is coef (dq/dz) v / T, which differs from the logit's under the scale
-        if (dbias_acc) dbias_acc[targets[t].col] += bias_grad(c, dqz * targets[t].value, inv_t);
-      }
-    }
+        (SOFTMAX && DENSE) ? static_cast<float>(log_sum_exp<double>(r.st(kTeacherMax), r.st(kTeacherSumExp))) : 0.f;
+    fold_bias<SK>(r);
+    if (need_stats && (a.phases & kPhaseStats)) stats_phase<SK, SOFTMAX, DENSE>(r, targets, inv_nt, tlse);
+    if (a.phases & kPhaseFinal) final_phase<SK, SOFTMAX, DENSE>(r, targets, inv_nt, tlse, dscale_acc, dbias_acc, corr);
   }
 }
 
