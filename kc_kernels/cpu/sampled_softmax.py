@@ -37,7 +37,7 @@ def _columns(ids: torch.Tensor, labels: torch.Tensor):
     S = len(ids)
     sorted_ids, order = torch.sort(ids)
     distinct = not bool((sorted_ids[1:] == sorted_ids[:-1]).any())
-    flat = labels.reshape(-1)
+    flat = labels.reshape(-1).contiguous()  # searchsorted warns on (and copies) strided input
     valid = flat >= 0
     at = torch.searchsorted(sorted_ids, flat).clamp_(max=S - 1)
     sampled = valid & (sorted_ids[at] == flat)

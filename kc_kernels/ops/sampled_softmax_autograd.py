@@ -40,7 +40,7 @@ def accidental_hits(labels: torch.Tensor, ids: torch.Tensor) -> Tuple[torch.Tens
     """
     B, T = labels.shape
     sorted_ids, order = torch.sort(ids)
-    flat = labels.reshape(-1)
+    flat = labels.reshape(-1).contiguous()  # searchsorted warns on (and copies) strided input
     lo = torch.searchsorted(sorted_ids, flat)
     count = torch.searchsorted(sorted_ids, flat, right=True) - lo
     total = int(count.sum())
