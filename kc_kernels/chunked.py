@@ -17,7 +17,6 @@ so the forward computes the loss alone and the backward op walks again.
 """
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -389,11 +388,9 @@ def register_epilogue(name: str, epilogue: object) -> None:
 
 
 def _epilogue(name: str) -> object:
-    if name not in EPILOGUES:  # the backend module registers itself on import
-        from kc_kernels import dispatch
+    from kc_kernels import dispatch
 
-        importlib.import_module(dispatch.BACKEND_MODULES[name] + ".soft_target")
-    return EPILOGUES[name]
+    return dispatch.registered(EPILOGUES, name, "soft_target")
 
 
 def _problem(inp, weight, bias, scale, target_index, target_value, teacher_logits, sample_weight, bounds, mode,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 from functools import lru_cache
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Tuple, TypeVar
 
 import torch
 
@@ -87,6 +87,17 @@ def built_libraries() -> Dict[str, bool]:
         except ImportError:
             out[mod] = False
     return out
+
+
+_Registered = TypeVar("_Registered")
+
+
+def registered(registry: Dict[str, _Registered], backend: str, op_module: str) -> _Registered:
+    """``registry[backend]``: what a backend's op module registers on import (an epilogue, a sampled-softmax impl),
+    importing ``<backend package>.<op_module>`` first when it has not registered itself yet."""
+    if backend not in registry:
+        importlib.import_module(f"{BACKEND_MODULES[backend]}.{op_module}")
+    return registry[backend]
 
 
 OP_MODULES = {

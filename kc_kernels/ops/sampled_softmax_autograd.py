@@ -12,7 +12,6 @@ mix rows in the weight gradient, so the gradients wait for the backward call.
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Protocol, Tuple
 
@@ -183,11 +182,9 @@ def register_impl(name: str, impl: SampledSoftmaxImpl) -> None:
 
 
 def _impl(name: str) -> SampledSoftmaxImpl:
-    if name not in IMPLS:  # the backend module registers itself on import
-        from kc_kernels import dispatch
+    from kc_kernels import dispatch
 
-        importlib.import_module(dispatch.BACKEND_MODULES[name] + ".sampled_softmax")
-    return IMPLS[name]
+    return dispatch.registered(IMPLS, name, "sampled_softmax")
 
 
 def _problem(x, weight, bias, labels, ids, true_expected, sampled_expected, sample_weight, remove_accidental_hits,
