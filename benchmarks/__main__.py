@@ -1,16 +1,17 @@
-"""kc's benchmark table: `python -m benchmarks [--device cpu|cuda] [--shapes small,paper] [...]`.
+"""kc's benchmark table: `python -m benchmarks [--device cpu|cuda] [--shapes small,paper] [--rounds 7] [...]`.
 
 Times forward + backward of linear_soft_target_loss on every available backend and of the peers (PyTorch eager,
 torch.compile, Cut Cross-Entropy, Liger-Kernel; each where installed and where it supports the loss), sampled
-softmax, and one student training step, next to the GEMM floor of the same shape in the same run. Prints a table
-and writes benchmarks/results/<device>-<date>.json.
+softmax, and one student training step, each case against its GEMM floor. The floor and every implementation of a
+case are timed in interleaved rounds (each once per round, the order rotated), and a row's ratio is the median of
+its per-round ratios to the floor of the same round, so that the machine's drift cancels. Prints a table and writes
+benchmarks/results/<device>-<date>.json with every round.
 """
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
 import json
-import math
 import os
 import platform
 import re
@@ -59,15 +60,15 @@ def kc_backends(device: torch.device) -> List[str]:
     return [n for n in names if status[n]]
 
 
+def _print_rows(rows: List[Row]) -> None:
+    print("\n".join(common.format_table(rows).splitlines()[2:]), flush=True)
+
+
 def run_soft_target(args, device, dtype, rows) -> None:
     for B, H, V in parse_shapes(args.shapes, device):
         shape = f"B={B} H={H} V={V}"
         for loss in args.losses.split(","):
             p = common.make_problem(loss, B, H, V, device, dtype)
-            floor = common.measure(loss, shape, "gemm-floor", common.floor_fn(p), device, math.nan, args.repeats)
-            floor.floor_ms = floor.ms
-            rows.append(floor)
-            print(common.format_table([floor]).splitlines()[-1], flush=True)
             impls = [(f"kc-{b}", common.kc_fn(p, b)) for b in kc_backends(device)
                      if not (b == "reference" and B * V > args.reference_max_elements)]
             if "eager" in args.peers:
@@ -79,44 +80,41 @@ def run_soft_target(args, device, dtype, rows) -> None:
                     impls.append(("cut-cross-entropy", common.cce_fn(p)))
                 if "liger" in args.peers:
                     impls.append(("liger-flce", common.liger_fn(p)))
-            for name, fn in impls:
-                warm = 1 if name in ("torch-compile", "cut-cross-entropy", "liger-flce") or device.type == "cuda" else 0
-                row = common.measure(loss, shape, name, fn, device, floor.ms, args.repeats, warmup=warm)
-                rows.append(row)
-                print(common.format_table([row]).splitlines()[-1], flush=True)
+            warm = {name: 2 for name in ("torch-compile", "cut-cross-entropy", "liger-flce")}
+            case_rows = common.measure_interleaved(loss, shape, common.floor_fn(p), impls, device, args.rounds, warm)
+            rows.extend(case_rows)
+            _print_rows(case_rows)
             del p
 
 
 def run_sampled(args, device, dtype, rows) -> None:
+    """Sampled softmax (drawing the candidates included) against the three GEMMs at the sampled width."""
     for B, H, V in parse_shapes(args.shapes, device):
         S = min(args.num_sampled, V // 2)
         shape = f"B={B} H={H} V={V} S={S}"
         p = common.make_problem("softmax-ce-hard", B, H, V, device, dtype)
         sub = common.Problem(p.x, p.weight[:S].detach(), p.bias[:S].detach())
-        floor = common.measure("sampled-softmax", shape, "gemm-floor(S)", common.floor_fn(sub), device, math.nan,
-                               args.repeats)
-        floor.floor_ms = floor.ms
-        rows.append(floor)
         gen = torch.Generator().manual_seed(0)
         status = kc_kernels.backends()
-        names = ("triton", "reference") if device.type == "cuda" else ("cpu", "reference")
+        names = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
+        impls = []
         for backend in [n for n in names if status[n]]:
             def fn(backend=backend):
                 common.zero_grads(p.x, p.weight, p.bias)
                 kc_kernels.sampled_softmax_loss(p.x, p.weight, p.bias, p.labels, num_sampled=S, generator=gen,
                                                 backend=backend).backward()
-                return p.weight.grad
+                return (p.x.grad, p.weight.grad, p.bias.grad)
 
-            try:
-                rows.append(common.measure("sampled-softmax", shape, f"kc-{backend}", fn, device, floor.ms,
-                                           args.repeats))
-            except NotImplementedError:
-                continue
-            print(common.format_table([rows[-1]]).splitlines()[-1], flush=True)
+            impls.append((f"kc-{backend}", fn))
+        case_rows = common.measure_interleaved("sampled-softmax", shape, common.floor_fn(sub), impls, device,
+                                               args.rounds, floor_name="gemm-floor(S)")
+        rows.extend(case_rows)
+        _print_rows(case_rows)
 
 
 def run_student(args, device, dtype, rows) -> None:
-    """One optimiser step of a student (MLP backbone, FC-SC head, fused loss) at the paper's head shape."""
+    """One optimiser step of a student (MLP backbone, FC-SC head, fused loss) at the paper's head shape, against
+    the GEMMs of the same step (backbone forward and backward, the head's three)."""
     try:
         from benchmarks.student_step import make_student_step
     except ImportError as e:  # the training layer is optional for the kernel benchmarks
@@ -125,11 +123,9 @@ def run_student(args, device, dtype, rows) -> None:
     for B, H, V in parse_shapes(args.shapes, device):
         shape = f"B={B} H={H} V={V}"
         step, floor = make_student_step(B, H, V, device, dtype)
-        f = common.measure("student-step", shape, "gemm-floor", floor, device, math.nan, args.repeats)
-        f.floor_ms = f.ms
-        rows.append(f)
-        rows.append(common.measure("student-step", shape, "kc", step, device, f.ms, args.repeats))
-        print(common.format_table([rows[-1]]).splitlines()[-1], flush=True)
+        case_rows = common.measure_interleaved("student-step", shape, floor, [("kc", step)], device, args.rounds)
+        rows.extend(case_rows)
+        _print_rows(case_rows)
 
 
 def main(argv=None) -> None:
@@ -141,7 +137,8 @@ def main(argv=None) -> None:
     ap.add_argument("--peers", default="eager,cce,liger", help="eager, compile, cce, liger (comma separated)")
     ap.add_argument("--parts", default="soft-target,sampled,student")
     ap.add_argument("--num-sampled", type=int, default=8192)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=7,
+                    help="interleaved timing rounds per case (every implementation and the floor once a round)")
     ap.add_argument("--reference-max-elements", type=float, default=2.0e9,
                     help="skip the reference backend above this many B*V logits (it materialises them)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device>-<date>.json)")
@@ -149,7 +146,7 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     print(f"device: {device_name(device)}; dtype {dtype}; torch {torch.__version__}; backends {kc_kernels.backends()}")
-    print(common.format_table([]))
+    print("\n".join(common.format_table([]).splitlines()[:2]))
     rows = []
     parts = args.parts.split(",")
     if "soft-target" in parts:
@@ -164,7 +161,9 @@ def main(argv=None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"device": device_name(device), "device_type": device.type, "dtype": str(dtype),
             "torch": torch.__version__, "date": _dt.datetime.now().isoformat(timespec="seconds"),
-            "python": sys.version.split()[0], "threads": torch.get_num_threads(), "argv": argv or sys.argv[1:]}
+            "python": sys.version.split()[0], "threads": torch.get_num_threads(), "argv": argv or sys.argv[1:],
+            "rounds": args.rounds, "ratio": "median over rounds of op / floor timed in the same round",
+            "load_avg_end": os.getloadavg()}
     try:
         import triton
 

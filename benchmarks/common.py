@@ -44,6 +44,8 @@ class Row:
     floor_ms: float = math.nan
     note: str = ""
     round_ratio: float = math.nan  # median of per-round op / floor ratios, where timed in interleaved rounds
+    rounds_ms: List[float] = field(default_factory=list)  # every timed round, in order
+    round_ratios: List[float] = field(default_factory=list)  # op / floor of every round
 
     @property
     def ratio(self) -> float:
@@ -54,7 +56,20 @@ class Row:
     def as_dict(self) -> Dict:
         return {"case": self.case, "shape": self.shape, "impl": self.impl, "median_ms": self.ms,
                 "min_ms": self.ms_min, "peak_mb": self.peak_mb, "extra_mb": self.extra_mb, "floor_ms": self.floor_ms,
-                "ratio": self.ratio, "note": self.note}
+                "ratio": self.ratio, "ratio_q25": quantile(self.round_ratios, 0.25),
+                "ratio_q75": quantile(self.round_ratios, 0.75), "rounds_ms": self.rounds_ms,
+                "round_ratios": self.round_ratios, "note": self.note}
+
+
+def quantile(values: List[float], q: float) -> float:
+    """Linear-interpolated quantile of ``values`` (nan when empty)."""
+    if not values:
+        return math.nan
+    v = sorted(values)
+    pos = q * (len(v) - 1)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
 
 
 # ----------------------------------------------------------------------------------------------- measurement
@@ -292,11 +307,66 @@ def measure(case: str, shape: str, impl: str, fn: Optional[Callable], device, fl
     return row
 
 
+def interleaved(fns: List[Tuple[str, Callable[[], object]]], device, rounds: int) -> Dict[str, List[float]]:
+    """Wall time (ms) of every callable in ``rounds`` interleaved rounds: each round calls each one once, the order
+    rotated from round to round, so that a drift of the machine's speed (other jobs, clocks, caches) lands on all
+    of them alike instead of on whichever ran last. Returns every round's time per name."""
+    times: Dict[str, List[float]] = {name: [] for name, _ in fns}
+    for r in range(rounds):
+        k = r % len(fns)
+        for name, fn in fns[k:] + fns[:k]:
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def measure_interleaved(case: str, shape: str, floor: Callable[[], object],
+                        impls: List[Tuple[str, Optional[Callable[[], object]]]], device, rounds: int,
+                        warmup: Dict[str, int] = None, floor_name: str = "gemm-floor") -> List[Row]:
+    """Rows of one case: the floor and every implementation, each warmed up and its peak memory measured alone,
+    then all timed together in interleaved rounds (see ``interleaved``). An implementation's ``ratio`` is the median
+    of its per-round ratios to the floor timed in the same round; the JSON keeps every round."""
+    warmup = warmup or {}
+    rows: Dict[str, Row] = {}
+    live: List[Tuple[str, Callable[[], object]]] = []
+    for name, fn in [(floor_name, floor)] + list(impls):
+        row = Row(case, shape, name)
+        rows[name] = row
+        if fn is None:
+            row.note = "not available"
+            continue
+        try:
+            for _ in range(warmup.get(name, 1)):
+                fn()
+            row.peak_mb, out_mb = peak_memory(fn, device)
+            row.extra_mb = row.peak_mb - out_mb
+        except (RuntimeError, NotImplementedError, MemoryError) as e:
+            row.note = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+            continue
+        live.append((name, fn))
+    if live and live[0][0] == floor_name:
+        times = interleaved(live, device, rounds)
+        base = times[floor_name]
+        for name, ts in times.items():
+            row = rows[name]
+            row.rounds_ms = ts
+            row.ms, row.ms_min = statistics.median(ts), min(ts)
+            row.floor_ms = statistics.median(base)
+            row.round_ratios = [t / f for t, f in zip(ts, base)]
+            row.round_ratio = statistics.median(row.round_ratios)
+    return list(rows.values())
+
+
 def format_table(rows: List[Row]) -> str:
-    head = f"{'case':<18} {'shape':<20} {'impl':<16} {'median ms':>10} {'min ms':>9} {'peak MB':>9} {'extra MB':>9} " \
-           f"{'floor ms':>9} {'ratio':>6}  note"
+    head = f"{'case':<18} {'shape':<27} {'impl':<18} {'median ms':>10} {'min ms':>9} {'peak MB':>9} " \
+           f"{'extra MB':>9} {'floor ms':>9} {'ratio':>6} {'q25-q75':>11}  note"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.case:<18} {r.shape:<20} {r.impl:<16} {r.ms:>10.1f} {r.ms_min:>9.1f} {r.peak_mb:>9.1f} "
-                     f"{r.extra_mb:>9.1f} {r.floor_ms:>9.1f} {r.ratio:>6.2f}  {r.note}")
+        spread = f"{quantile(r.round_ratios, 0.25):.2f}-{quantile(r.round_ratios, 0.75):.2f}" if r.round_ratios \
+            else ""
+        lines.append(f"{r.case:<18} {r.shape:<27} {r.impl:<18} {r.ms:>10.1f} {r.ms_min:>9.1f} {r.peak_mb:>9.1f} "
+                     f"{r.extra_mb:>9.1f} {r.floor_ms:>9.1f} {r.ratio:>6.2f} {spread:>11}  {r.note}")
     return "\n".join(lines)

@@ -419,10 +419,11 @@ def bench_case(loss: str, B: int, H: int, V: int, rounds: int, s: Settings, live
         row = rows[name]
         if len(ts) != done or not ts:
             continue
-        row.ms, row.ms_min = statistics.median(ts), min(ts)
+        row.ms, row.ms_min, row.rounds_ms = statistics.median(ts), min(ts), ts
         if len(floor) == done and floor:
             row.floor_ms = statistics.median(floor)
-            row.round_ratio = statistics.median(t / f for t, f in zip(ts, floor))
+            row.round_ratios = [t / f for t, f in zip(ts, floor)]
+            row.round_ratio = statistics.median(row.round_ratios)
         row.note = (row.note + " " if row.note else "") + f"{done} rounds"
     del p
     _free(device)

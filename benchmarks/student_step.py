@@ -2,7 +2,6 @@
 fused sigmoid soft-target loss against K=100 teacher targets plus the hard label, and an SGD update."""
 from __future__ import annotations
 
-import math
 from typing import Callable, Tuple
 
 import torch
@@ -33,6 +32,29 @@ def make_student_step(B: int, H: int, V: int, device, dtype, features: int = 256
         opt.step()
         return loss.detach()
 
-    p = common.Problem(torch.randn(B, H, device=device, dtype=dtype) / math.sqrt(H), head.weight.detach(),
-                       head.bias.detach())
-    return step, common.floor_fn(p)
+    return step, step_floor(feats, backbone, head)
+
+
+def step_floor(feats: torch.Tensor, backbone: nn.Sequential, head: nn.Linear) -> Callable[[], object]:
+    """The GEMMs of one step, on reused buffers: the backbone's forward, its backward (dW of every layer, dx of all
+    but the first) and the head's three (logits, dx, dW over all classes). Everything else a step does (the
+    loss, activations, the optimiser update) is what an implementation adds to this floor."""
+    layers = [m.weight.detach() for m in backbone if isinstance(m, nn.Linear)]
+    acts = [feats]
+    for w in layers:
+        acts.append(torch.empty(feats.shape[0], w.shape[0], dtype=feats.dtype, device=feats.device))
+    head_floor = common.floor_fn(common.Problem(acts[-1], head.weight.detach(), head.bias.detach()))
+    grads = [torch.empty_like(a) for a in acts]
+    dws = [torch.empty_like(w) for w in layers]
+
+    def run():
+        for i, w in enumerate(layers):
+            torch.mm(acts[i], w.t(), out=acts[i + 1])
+        head_floor()
+        for i in reversed(range(len(layers))):
+            torch.mm(grads[i + 1].t(), acts[i], out=dws[i])
+            if i > 0:
+                torch.mm(grads[i + 1], layers[i], out=grads[i])
+        return None
+
+    return run

@@ -6,7 +6,7 @@ from benchmarks.__main__ import main
 
 def test_benchmark_table_runs_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    main(["--device", "cpu", "--shapes", "16x8x300", "--repeats", "1", "--peers", "eager", "--num-sampled", "32",
+    main(["--device", "cpu", "--shapes", "16x8x300", "--rounds", "2", "--peers", "eager", "--num-sampled", "32",
           "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
     impls = {(r["case"], r["impl"]) for r in rows}
