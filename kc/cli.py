@@ -13,6 +13,7 @@ import sys
 from typing import List, Optional
 
 from kc import checkpoint, config, pipeline, seeds
+from kc import distributed as kcdist
 from kc.cache import CacheMismatch
 from kc.data import DataError
 from kc.taxonomy import TaxonomyError
@@ -59,6 +60,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             overrides["seed"] = args.seed
         if args.threads is not None:
             overrides["threads"] = args.threads
+        if args.command != "config":  # under torchrun with W > 1: join the process group (kc/distributed.py)
+            try:
+                kcdist.init(config.load(args.preset, args.config, overrides).device)
+            except ValueError as e:
+                raise config.ConfigError(str(e)) from None
         if getattr(args, "seeds", None):
             if args.seed is not None:
                 raise config.ConfigError("--seed and --seeds: give one of them")
@@ -72,7 +78,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(cfg.to_yaml(), end="")
             return 0
         pipeline.configure_torch(cfg)
-        ws = pipeline.Workspace(args.out, cfg, pipeline.progress_factory(args.progress))
+        ws = pipeline.Workspace(args.out, cfg, _progress(args))
         ws.open()
         if args.command == "run":
             pipeline.run_all(ws, resume=args.resume)
@@ -86,6 +92,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("kc: interrupted; continue with --resume", file=sys.stderr)
         return 130
+    finally:
+        kcdist.shutdown()
+
+
+def _progress(args):
+    """Progress bars on rank 0 only."""
+    return pipeline.progress_factory(args.progress) if kcdist.is_main() else None
 
 
 def _multi_seed(args, overrides, seed_list) -> int:
@@ -95,13 +108,15 @@ def _multi_seed(args, overrides, seed_list) -> int:
     for s in seed_list:
         cfg = config.load(args.preset, args.config, dict(overrides, seed=s))
         pipeline.configure_torch(cfg)
-        ws = pipeline.Workspace(seeds.seed_dir(args.out, s), cfg, pipeline.progress_factory(args.progress))
+        ws = pipeline.Workspace(seeds.seed_dir(args.out, s), cfg, _progress(args))
         ws.open()
         pipeline.log(f"seed {s} ({seed_list.index(s) + 1} of {len(seed_list)}) in {ws.out}")
         if args.command == "run":
             pipeline.run_all(ws, resume=args.resume)
         else:
             pipeline.run_stage(ws, "report", resume=args.resume)
+    if not kcdist.is_main():
+        return 0
     files = seeds.write_summary(args.out, seed_list)
     with open(files["table"]) as f:
         print(f.read())

@@ -28,8 +28,11 @@ import yaml
 
 from kc import cache as cache_mod
 from kc import checkpoint, config, data, evaluate, models, report, taxonomy, teachers, train
+from kc import distributed as kcdist
 
 STAGES = ("data", "specialists", "cache", "student", "eval", "report")
+# under torchrun: stages every rank runs its part of; the others run on rank 0 while the rest wait
+PARALLEL_STAGES = ("specialists", "student")
 
 
 class StageError(RuntimeError):
@@ -49,7 +52,8 @@ def progress_factory(enabled: Optional[bool] = None) -> Callable:
 
 
 def log(msg: str) -> None:
-    print(f"[kc] {msg}", flush=True)
+    if kcdist.is_main():  # one log for a multi-process run
+        print(f"[kc] {msg}", flush=True)
 
 
 class Workspace:
@@ -70,6 +74,9 @@ class Workspace:
     # ------------------------------------------------------------------ state
     def open(self) -> None:
         """Creates the directory or checks that it holds this same run (same config)."""
+        main = kcdist.is_main()
+        if not main:  # under torchrun rank 0 creates the directory and writes config.yaml first
+            kcdist.barrier()
         os.makedirs(self.out, exist_ok=True)
         cpath = os.path.join(self.out, "config.yaml")
         if os.path.exists(cpath):
@@ -83,8 +90,10 @@ class Workspace:
                                  "use another --out, or the same preset/config/seed as that run")
         else:
             checkpoint.write_text(cpath, self.cfg.to_yaml())
-        if checkpoint.remove_temporaries(self.out):
+        if main and checkpoint.remove_temporaries(self.out):
             log(f"removed the temporary files of an interrupted write in {self.out}")
+        if main:
+            kcdist.barrier()
 
     def state(self) -> Dict:
         if os.path.exists(self.state_path):
@@ -163,9 +172,30 @@ def stage_data(ws: Workspace, resume: bool) -> Dict:
 
 def stage_specialists(ws: Workspace, resume: bool) -> Dict:
     tax, tr = ws.taxonomy(), ws.split("train")
+    if kcdist.active():
+        return _specialists_split(ws, resume)
     if not resume and os.path.isdir(ws.specialists_dir):
         shutil.rmtree(ws.specialists_dir)
     teachers.train_specialists(ws.cfg, tax, tr, ws.specialists_dir, ws.cfg.seed, ws.progress, resume=resume)
+    return {"teachers": tax.num_verticals}
+
+
+def _specialists_split(ws: Workspace, resume: bool) -> Dict:
+    """Under torchrun: each rank trains the teachers of its head shard's verticals (a teacher depends only on
+    the seed and its vertical, so they are the single-process teachers)."""
+    tax, tr = ws.taxonomy(), ws.split("train")
+    if kcdist.is_main() and not resume and os.path.isdir(ws.specialists_dir):
+        shutil.rmtree(ws.specialists_dir)
+    kcdist.barrier()
+    os.makedirs(ws.specialists_dir, exist_ok=True)
+    mine = kcdist.my_verticals(tax.segments.tolist())
+    for v in mine:
+        path = teachers.teacher_path(ws.specialists_dir, v)
+        if not (resume and os.path.exists(path)):
+            model = teachers.train_specialist(ws.cfg, tax, tr, v, ws.cfg.seed, ws.progress)
+            checkpoint.save({"vertical": v, "state": model.state_dict(), "num_classes": len(tax.classes_of(v))},
+                            path)
+    log(f"specialists: rank 0 trained verticals {mine.start}-{mine.stop - 1}, {kcdist.world()} ranks in all")
     return {"teachers": tax.num_verticals}
 
 
@@ -216,8 +246,9 @@ def stage_student(ws: Workspace, resume: bool) -> Dict:
     out = {}
     for run in runs:
         path = ws.student_path(run)
-        if not resume and os.path.exists(path):
+        if not resume and kcdist.is_main() and os.path.exists(path):
             os.remove(path)
+        kcdist.barrier()  # no rank may read a stale checkpoint of this run
         cache = caches.get("bayes" if run.startswith("bayes_") else "specialists")
         res = train.train_student(cfg, tax, tr, run, path, cfg.seed, cache, ws.progress)
         out[run] = {"seconds": round(res["seconds"], 2), "final_loss": res["history"]["epoch_loss"][-1]}
@@ -322,9 +353,17 @@ def run_stage(ws: Workspace, stage: str, resume: bool = False) -> Dict:
     t0 = time.time()
     log(f"stage {stage} ...")
     checkpoint.enter_stage(stage)
-    info = STAGE_FUNCS[stage](ws, resume)
+    if not kcdist.active():
+        info = STAGE_FUNCS[stage](ws, resume)
+    else:  # torchrun: rank 0 alone runs data, cache, eval and report; every rank waits for the stage's end
+        info = STAGE_FUNCS[stage](ws, resume) if stage in PARALLEL_STAGES or kcdist.is_main() else {}
+        kcdist.barrier()
+        if stage in PARALLEL_STAGES:
+            info["processes"] = kcdist.world()
     dt = time.time() - t0
-    ws.mark(stage, dt, peak_rss_mib=round(peak_rss_mib()), **{k: v for k, v in info.items() if k != "files"})
+    if kcdist.is_main():
+        ws.mark(stage, dt, peak_rss_mib=round(peak_rss_mib()), **{k: v for k, v in info.items() if k != "files"})
+    kcdist.barrier()  # state.json is written before any rank reads it
     log(f"stage {stage} done in {dt:.1f}s (peak memory so far {peak_rss_mib():.0f} MiB)")
     return info
 

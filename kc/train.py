@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from kc import checkpoint
+from kc import distributed as kcdist
 from kc.cache import TeacherCache
 from kc.data import SampleSet
 from kc.models import Student, build_student
@@ -127,7 +128,11 @@ def _lr_factor(step: int, total: int) -> float:
 
 def train_student(cfg, taxonomy: Taxonomy, train: SampleSet, run: str, path: str, seed: int,
                   cache: Optional[TeacherCache] = None, progress: Optional[Callable] = None) -> Dict:
-    """Trains (or finishes training) one student; returns its checkpoint dict (state, history, seconds)."""
+    """Trains (or finishes training) one student; returns its checkpoint dict (state, history, seconds).
+
+    Under torchrun (kc.distributed.active()) every rank calls this together: the output layer is sharded by
+    verticals, the backbone is data-parallel, rank 0 writes the (whole, unsharded) checkpoint, and the returned
+    model is this rank's shard."""
     method, _ = parse_run(run)
     if method != "generalist" and cache is None:
         raise ValueError(f"run {run!r} distils and needs the teacher cache")
@@ -137,6 +142,8 @@ def train_student(cfg, taxonomy: Taxonomy, train: SampleSet, run: str, path: str
     if st.bias_init == "prior":
         model.init_bias(label_counts(train.labels, taxonomy.num_classes), len(train))
     model = model.to(cfg.device)
+    # under torchrun: this rank keeps its verticals' rows of the output layer (kc/distributed.py)
+    shards = kcdist.StudentShards.shard(model) if kcdist.active() else None
     opt = _optimizer(cfg, model)
     base_lrs = [g["lr"] for g in opt.param_groups]
     n = len(train)
@@ -146,8 +153,11 @@ def train_student(cfg, taxonomy: Taxonomy, train: SampleSet, run: str, path: str
              "scale": [], "health": []}, "seconds": 0.0, "done": False}
     if os.path.exists(path):
         ck = checkpoint.load(path)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
+        if shards is None:
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
+        else:  # the file holds the whole student, whatever the process count that wrote it
+            shards.load_full_state(model, opt, ck["model"], ck["optimizer"])
         state = ck["state"]
         if state["done"]:
             return {"model": model, **state}
@@ -157,8 +167,9 @@ def train_student(cfg, taxonomy: Taxonomy, train: SampleSet, run: str, path: str
     every = max(1, steps // CURVE_POINTS_PER_EPOCH)
     check_every = max(1, steps // HEALTH_CHECKS_PER_EPOCH)
     probe = train.inputs(probe_rows(train, taxonomy.num_classes, seed)).to(cfg.device)
+    check = health if shards is None else shards.health
     if "health_start" not in state:  # measured on the initial weights (kept in the checkpoint for a resume)
-        state["health_start"] = health(model, probe)
+        state["health_start"] = check(model, probe)
     last_save = time.time()
     model.train()
     while state["epoch"] < st.epochs:
@@ -169,14 +180,19 @@ def train_student(cfg, taxonomy: Taxonomy, train: SampleSet, run: str, path: str
         t0 = time.time()
         for s in range(state["step"], steps):
             idx = perm[s * st.batch_size:(s + 1) * st.batch_size]
-            x = train.inputs(idx).to(cfg.device)
+            x = train.inputs(idx if shards is None else shards.my_rows(idx)).to(cfg.device)
             ti, tv = make_targets(method, train.labels.padded(idx, width), cache, idx, st.hard_weight)
             f = _lr_factor(e * steps + s, total)
             for g, lr in zip(opt.param_groups, base_lrs):
                 g["lr"] = lr * f
-            loss = model.loss(x, ti.to(cfg.device), tv.to(cfg.device))
+            if shards is None:
+                loss = model.loss(x, ti.to(cfg.device), tv.to(cfg.device))
+            else:  # x: this rank's rows; targets: the whole batch's
+                loss = shards.loss(model, x, len(idx), ti.to(cfg.device), tv.to(cfg.device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if shards is not None:
+                shards.reduce_gradients(model)
             opt.step()
             lv = float(loss.item())
             run_sum, run_cnt = run_sum + lv, run_cnt + 1
@@ -187,17 +203,18 @@ def train_student(cfg, taxonomy: Taxonomy, train: SampleSet, run: str, path: str
                 run_sum, run_cnt = 0.0, 0
             state["step"] = s + 1
             if (s + 1) % check_every == 0 or s == steps - 1:
-                h = health(model, probe)
+                h = check(model, probe)
                 state["history"].setdefault("health", []).append([e * steps + s + 1, h["dead"], h["spread"]])
                 check_health(cfg, run, h, state["health_start"], f"epoch {e + 1}, step {s + 1} of {steps}")
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(epoch=e + 1, loss=f"{lv:.3f}", refresh=False)
-            if time.time() - last_save > CHECKPOINT_SECONDS and s + 1 < steps:
+            due = time.time() - last_save > CHECKPOINT_SECONDS and s + 1 < steps
+            if due if shards is None else kcdist.agree(due):  # every rank joins the gather of a save
                 state.update(epoch_sum=epoch_sum, run_sum=run_sum, run_cnt=run_cnt)
                 state["seconds"] += time.time() - t0
                 t0 = time.time()
-                _save(path, model, opt, state)
+                _save(path, model, opt, state, shards)
                 last_save = time.time()
         state["history"]["epoch_loss"].append(epoch_sum / steps)
         if model.scale is not None:
@@ -205,7 +222,7 @@ def train_student(cfg, taxonomy: Taxonomy, train: SampleSet, run: str, path: str
         state.update(epoch=e + 1, step=0, epoch_sum=0.0, run_sum=0.0, run_cnt=0)
         state["seconds"] += time.time() - t0
         state["done"] = state["epoch"] >= st.epochs
-        _save(path, model, opt, state)
+        _save(path, model, opt, state, shards)
         last_save = time.time()
     if bar is not None:
         bar.close()
@@ -213,8 +230,13 @@ def train_student(cfg, taxonomy: Taxonomy, train: SampleSet, run: str, path: str
     return {"model": model, **state}
 
 
-def _save(path, model, opt, state):
-    checkpoint.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "state": state}, path)
+def _save(path, model, opt, state, shards=None):
+    if shards is None:
+        checkpoint.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "state": state}, path)
+        return
+    full = shards.full_state(model, opt)  # the whole student, gathered to rank 0, which writes it
+    if full is not None:
+        checkpoint.save({"model": full[0], "optimizer": full[1], "state": state}, path)
 
 
 def load_student(cfg, taxonomy: Taxonomy, input_shape, run: str, path: str) -> Tuple[Student, Dict]:

@@ -65,9 +65,10 @@ def shard_classes(segments_or_classes: Union[int, Sequence[int], torch.Tensor], 
     """Contiguous class ranges (lo, hi), one per rank, tiling [0, V).
 
     Given the number of classes V, or segment offsets (G + 1 values from 0 to V). With ``align`` each cut is the
-    segment boundary nearest to the even cut k V / W, so per-segment softmax stays local to a rank; where there
-    are too few boundaries left (fewer segments than ranks) the cut falls inside a segment, which the op handles by
-    merging that segment's statistics across ranks. ``align=False`` gives even shards.
+    segment boundary nearest to the even cut k V / W among those that leave every later rank a segment of its
+    own, so with G >= W every rank holds whole segments and per-segment softmax stays local to a rank. With fewer
+    segments than ranks some cuts fall inside a segment, which the op handles by merging that segment's
+    statistics across ranks. ``align=False`` gives even shards.
     """
     V, bounds = _bounds_of(segments_or_classes)
     if world_size < 1:
@@ -80,9 +81,16 @@ def shard_classes(segments_or_classes: Union[int, Sequence[int], torch.Tensor], 
         latest = V - (world_size - k)  # leave every later rank at least one class
         cut = None
         if align and bounds is not None:
-            pos = bisect.bisect_left(bounds, ideal)
-            near = [b for b in bounds[max(pos - 1, 0):pos + 1] if cuts[-1] < b <= latest]
-            cut = min(near, key=lambda b: abs(b - ideal)) if near else None
+            # boundaries after the last cut that leave at least one whole segment to each later rank
+            first = bisect.bisect_right(bounds, cuts[-1])
+            last = len(bounds) - 1 - (world_size - k)
+            whole = bounds[first:last + 1]
+            if whole:
+                cut = min(whole, key=lambda b: abs(b - ideal))
+            else:  # too few segments left: the nearest boundary that still leaves every later rank a class
+                pos = bisect.bisect_left(bounds, ideal)
+                near = [b for b in bounds[max(pos - 1, 0):pos + 1] if cuts[-1] < b <= latest]
+                cut = min(near, key=lambda b: abs(b - ideal)) if near else None
         if cut is None:
             cut = min(max(int(round(ideal)), cuts[-1] + 1), latest)
         cuts.append(cut)
@@ -478,7 +486,7 @@ def vocab_parallel_linear_soft_target_loss(
         target_value: Optional[torch.Tensor] = None, teacher_logits: Optional[torch.Tensor] = None,
         mode: str = "sigmoid", segments=None, scale: Optional[torch.Tensor] = None, temperature: float = 1.0,
         sample_weight: Optional[torch.Tensor] = None, reduction: str = "mean", backend: str = "auto",
-        memory_budget: Optional[int] = None, group=None) -> torch.Tensor:
+        memory_budget: Optional[int] = None, group=None, scale_kind: Optional[str] = None) -> torch.Tensor:
     """``linear_soft_target_loss`` with the classes sharded over the ranks of ``group``.
 
     This rank holds classes ``class_range = (lo, hi)`` of ``num_classes``: ``weight_shard`` [hi - lo, H] and
@@ -486,7 +494,8 @@ def vocab_parallel_linear_soft_target_loss(
     makes them). Replicated on every rank: x [B, H] (or grouped [B, G, H]), ``target_index``/``target_value``
     with global class ids, ``segments`` (global offsets), ``sample_weight``. ``teacher_logits`` is the shard's
     [B, hi - lo]. ``scale`` is the global per-segment [G] (replicated; its gradient is summed over ranks) or the
-    shard's per-class [hi - lo] (a per-segment reading wins when G == hi - lo).
+    shard's per-class [hi - lo]; ``scale_kind`` ("segment" or "class") says which, and is needed only where
+    G == hi - lo (without it a per-segment reading wins).
 
     Returns the global loss, the same on every rank; backward sums dx over ranks and leaves the weight, bias and
     per-class scale gradients local to the shard. Every rank must call this with the same shapes and options.
@@ -500,7 +509,14 @@ def vocab_parallel_linear_soft_target_loss(
     ranges = _gather_ranges(lo, hi, x.device, group)
     if ranges[0][0] != 0 or ranges[-1][1] != V or any(a[1] != b[0] for a, b in zip(ranges, ranges[1:])):
         _fail("class_range", f"the ranks' ranges {ranges} do not tile [0, {V}) in rank order")
-    scale_per_segment = scale is not None and scale.numel() == len(bounds) - 1
+    if scale_kind not in (None, "segment", "class"):
+        _fail("scale_kind", f"must be None, 'segment' or 'class', got {scale_kind!r}")
+    if scale is not None and scale_kind is not None:
+        want = len(bounds) - 1 if scale_kind == "segment" else hi - lo
+        if scale.numel() != want:
+            _fail("scale", f"scale_kind={scale_kind!r} needs {want} values, got {scale.numel()}")
+    scale_per_segment = scale is not None and (scale.numel() == len(bounds) - 1 if scale_kind is None
+                                               else scale_kind == "segment")
     plan = _make_plan(lo, hi, bounds, ranges, needs_stats=mode == "softmax" or scale is not None)
 
     x_all = _CopyToRanks.apply(x, group, "grad_x")
