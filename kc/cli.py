@@ -34,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
              "config": "print the resolved config as YAML"}
     for name, h in helps.items():
         s = sub.add_parser(name, help=h, description=h)
-        s.add_argument("--preset", default="default", help="default | eft-100k | tiny (default: default)")
+        s.add_argument("--preset", default="default",
+                       help="default | eft-100k | wordnet-small | tiny (default: default)")
         s.add_argument("--config", default=None, help="YAML file overriding the preset's keys")
         s.add_argument("--seed", type=int, default=None, help="overrides the config's seed")
         s.add_argument("--out", default="kc-out", help="output directory (default: kc-out)")

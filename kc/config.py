@@ -25,12 +25,22 @@ SCALE_INITS = ("sqrt", "sqrt_log", "fixed")
 BIAS_INITS = ("prior", "uniform")
 SCALES = ("none", "vertical", "class")
 DATA_KINDS = ("synthetic", "features", "images")
+TAXONOMY_SOURCES = ("generate", "wordnet")
 BACKBONES = ("mlp", "cnn")
 
 
 @dataclass
 class TaxonomyConfig:
-    file: Optional[str] = None  # CSV or JSON (class, vertical, parent); None = generate
+    file: Optional[str] = None  # CSV or JSON (class, vertical, parent); None = from `source`
+    # where the label space comes from when no file is given: "generate" (a random two-level taxonomy) or
+    # "wordnet" (disjoint subtrees of WordNet 3.0's noun hierarchy, kc/wordnet.py): num_verticals subtrees of
+    # vertical_min_classes..vertical_max_classes classes each, num_classes at most in all
+    source: str = "generate"
+    wordnet_path: str = "/usr/share/wordnet/data.noun"  # Debian package wordnet-base
+    wordnet_under: str = "physical_entity"  # verticals only within this synset's subtree (first word, or wnid)
+    wordnet_instances: bool = False  # instance synsets (proper nouns: "Einstein", "Paris") as classes too
+    vertical_min_classes: int = 20
+    vertical_max_classes: int = 2000
     num_verticals: int = 8
     num_classes: int = 400
     coarse_fraction: float = 0.15  # share of a vertical's classes that are internal (parent) nodes
@@ -243,6 +253,22 @@ def validate(cfg: RunConfig) -> None:
     if t.file is None and t.num_classes < 2 * t.num_verticals:
         raise ConfigError(f"taxonomy.num_classes ({t.num_classes}) must be at least 2 per vertical "
                           f"({2 * t.num_verticals})")
+    _choice("taxonomy.source", t.source, TAXONOMY_SOURCES)
+    if t.source == "wordnet":
+        if t.file is not None:
+            raise ConfigError("taxonomy.file: a taxonomy file and taxonomy.source: wordnet exclude each other; "
+                              "give one")
+        if not t.wordnet_path:
+            raise ConfigError("taxonomy.wordnet_path: give the path of WordNet's data.noun")
+        if not t.wordnet_under.strip():
+            raise ConfigError("taxonomy.wordnet_under: give a synset (a first word or a wnid like n00001930)")
+        _positive("taxonomy.vertical_min_classes", t.vertical_min_classes)
+        if t.vertical_max_classes < t.vertical_min_classes:
+            raise ConfigError(f"taxonomy.vertical_max_classes ({t.vertical_max_classes}) is below "
+                              f"taxonomy.vertical_min_classes ({t.vertical_min_classes})")
+        if t.num_classes < t.num_verticals * t.vertical_min_classes:
+            raise ConfigError(f"taxonomy.num_classes ({t.num_classes}) cannot hold {t.num_verticals} verticals of "
+                              f"taxonomy.vertical_min_classes ({t.vertical_min_classes}) classes")
     if not 0 <= t.coarse_fraction < 0.5:
         raise ConfigError(f"taxonomy.coarse_fraction: must be in [0, 0.5), got {t.coarse_fraction}")
     if not 0 <= t.size_spread < 1:

@@ -150,12 +150,7 @@ class Workspace:
 
 def stage_data(ws: Workspace, resume: bool) -> Dict:
     cfg = ws.cfg
-    t = cfg.taxonomy
-    if t.file:
-        tax = taxonomy.load(t.file)
-    else:
-        tax = taxonomy.generate(t.num_verticals, t.num_classes, coarse_fraction=t.coarse_fraction,
-                                size_spread=t.size_spread, seed=cfg.seed)
+    tax = taxonomy.from_config(cfg.taxonomy, cfg.seed)  # a file, WordNet subtrees or a generated taxonomy
     tax.save(os.path.join(ws.out, "taxonomy.csv"))
     ws._tax, ws._splits = tax, {}
     log(f"taxonomy: {tax.summary()}")
