@@ -219,6 +219,10 @@ class Hierarchy:
     def subtree_sizes(self, limit: int) -> Dict[int, int]:
         """Number of synsets below each synset (its classes as a vertical), for those with at most `limit`; larger
         subtrees are left out (counting them exactly would hold a set per synset of the whole hierarchy)."""
+        return {o: len(s) for o, s in self.subtrees(limit).items()}
+
+    def subtrees(self, limit: int) -> Dict[int, frozenset]:
+        """The synsets below each synset, along any path, for those with at most `limit` of them."""
         below: Dict[int, Optional[frozenset]] = {}
         for o in self.bottom_up():
             acc = set()
@@ -233,8 +237,7 @@ class Hierarchy:
                     acc = None
                     break
             below[o] = None if acc is None else frozenset(acc)
-        self._below = below
-        return {o: len(s) for o, s in below.items() if s is not None}
+        return {o: s for o, s in below.items() if s is not None}
 
 
 def size_targets(num_verticals: int, min_size: int, max_size: int, max_classes: int) -> List[float]:
@@ -276,10 +279,10 @@ def select_verticals(h: Hierarchy, num_verticals: int, min_size: int, max_size: 
             raise ValueError(f"{name}: must be a positive integer, got {v!r}")
     if min_size > max_size:
         raise ValueError(f"min_size ({min_size}) exceeds max_size ({max_size})")
-    sizes = h.subtree_sizes(max_size)
+    below = h.subtrees(max_size)
+    sizes = {o: len(s) for o, s in below.items()}
     allowed = None if under is None else set(h.descendants(under)) | {under}
     cands = sorted(o for o, n in sizes.items() if min_size <= n <= max_size and (allowed is None or o in allowed))
-    below = h._below
     targets = size_targets(num_verticals, min_size, max_size, max_classes)
     taken: List[int] = []
     covered: set = set()
