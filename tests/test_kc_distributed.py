@@ -36,9 +36,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = "self_paced-fc_sc"  # grouped hidden units and a scale: the most sharded state
 
 
-def _init(rank, world, init_file):
+def _init(rank, world, init_file, backend="gloo"):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
 
 
@@ -56,16 +58,17 @@ def _close(a, b, what, rtol=1e-5, atol=1e-6):
 STEP_CASES = [("fc_fc", "none"), ("fc_sc", "vertical"), ("sc_sc", "class")]
 
 
-def _step_worker(rank, world, init_file):
-    _init(rank, world, init_file)
+def _step_worker(rank, world, init_file, backend="gloo"):
+    _init(rank, world, init_file, backend)
+    dev = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
     try:
         cfg = config.load("tiny")
         tax = generate(4, 41, seed=3)
         B, D = 7, cfg.data.feature_dim  # 7 rows on 2 ranks: uneven row blocks
         g = torch.Generator().manual_seed(0)
-        x = torch.randn(B, D, generator=g)
-        ti = torch.randint(-1, tax.num_classes, (B, 5), generator=g)
-        tv = torch.rand(B, 5, generator=g)
+        x = torch.randn(B, D, generator=g).to(dev)
+        ti = torch.randint(-1, tax.num_classes, (B, 5), generator=g).to(dev)
+        tv = torch.rand(B, 5, generator=g).to(dev)
         for head, scale in STEP_CASES:
             what = f"{head}/{scale} rank {rank}"
             torch.manual_seed(1)
@@ -74,6 +77,7 @@ def _step_worker(rank, world, init_file):
                 full.head.bias.normal_(-2, 0.5)
                 if full.log_scale is not None:
                     full.log_scale.add_(torch.randn(full.log_scale.shape, generator=g) * 0.3)
+            full = full.to(dev)
             part = copy.deepcopy(full)
             shards = kcdist.StudentShards.shard(part)
             lo, hi = shards.class_range
@@ -82,7 +86,7 @@ def _step_worker(rank, world, init_file):
             ref = full.loss(x, ti, tv)
             ref.backward()
             with count_communication() as log:
-                loss = shards.loss(part, x[torch.from_numpy(shards.my_rows(np.arange(B)))], B, ti, tv)
+                loss = shards.loss(part, x[torch.from_numpy(shards.my_rows(np.arange(B))).to(dev)], B, ti, tv)
                 loss.backward()
                 shards.reduce_gradients(part)
             _close(loss, ref, f"loss {what}")
@@ -122,6 +126,13 @@ def _step_worker(rank, world, init_file):
 
 def test_sharded_student_step_equals_one_process():
     _spawn(_step_worker, 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2
+                    or not dist.is_nccl_available(), reason="needs 2 CUDA devices and NCCL")
+def test_nccl_sharded_student_step_equals_one_process():
+    _spawn(_step_worker, 2, "nccl")
 
 
 def test_vertical_shards_hold_whole_verticals():
