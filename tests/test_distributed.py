@@ -133,6 +133,69 @@ def _run_case(rank, world, c):
     assert measured == expected, f"bytes {what}: measured {measured}, computed {expected}"
 
 
+SAMPLED_CASES = {
+    # (name, labels per row (0: [B]), given samples, sampler, unique, remove hits, subtract log q, shards, reduction)
+    2: [("given, one label", 0, True, "log_uniform", True, True, True, "even", "mean"),
+        ("drawn, 3 labels with padding, weights", 3, False, "uniform", False, True, True, [(0, 7), (7, V)], "sum"),
+        ("drawn unigram, no hit removal, no log q", 2, False, "unigram", True, False, False, "even", "none")],
+    3: [("drawn, uneven shards", 2, False, "log_uniform", True, True, True, [(0, 3), (3, 20), (20, V)], "mean"),
+        ("given, one rank without negatives", 0, True, "uniform", True, True, True, [(0, 9), (9, 10), (10, V)],
+         "none")],
+}
+NUM_SAMPLED = 9
+
+
+def _run_sampled_case(rank, world, c):
+    from kc_kernels import samplers
+    from kc_kernels.distributed import vocab_parallel_sampled_softmax_loss
+
+    name, T, given, sampler, unique, hits, log_q, shards, reduction = c
+    g = torch.Generator().manual_seed(len(name))
+    x = torch.randn(B, H, generator=g)
+    w = torch.randn(V, H, generator=g) / H ** 0.5
+    bias = torch.randn(V, generator=g) * 0.3
+    counts = torch.randint(1, 20, (V,), generator=g).double()
+    if T == 0:
+        labels = torch.randint(0, V, (B,), generator=g)
+    else:
+        labels = torch.randint(0, V, (B, T), generator=g)
+        labels[1:, -1] = -1  # padding; row 0 keeps all T
+    weight_rows = torch.rand(B, generator=g) + 0.5 if reduction == "sum" else None
+    # the candidates of the reference: the same draw rank 0 makes from the same seed
+    cand = samplers.sample_candidates(sampler, NUM_SAMPLED, V, unique=unique, class_counts=counts,
+                                      generator=torch.Generator().manual_seed(7))
+    sampled = (cand.ids, cand.expected_count(labels, NUM_SAMPLED, unique),
+               cand.expected_count(cand.ids, NUM_SAMPLED, unique))
+    opts = dict(remove_accidental_hits=hits, subtract_log_q=log_q, sample_weight=weight_rows, reduction=reduction)
+    full = [t.clone().requires_grad_(True) for t in (x, w, bias)]
+    ref = kc_kernels.sampled_softmax_loss(*full, labels, sampled=sampled, **opts, backend="reference")
+    _backward(ref, reduction)
+
+    ranges = shards if isinstance(shards, list) else shard_classes(V, world)
+    lo, hi = ranges[rank]
+    mine = [x.clone().requires_grad_(True), w[lo:hi].clone().requires_grad_(True),
+            bias[lo:hi].clone().requires_grad_(True)]
+    draw = (dict(sampled=sampled) if given else
+            dict(num_sampled=NUM_SAMPLED, sampler=sampler, unique=unique, class_counts=counts,
+                 generator=torch.Generator().manual_seed(7) if rank == 0 else None))
+    with count_communication() as log:
+        loss = vocab_parallel_sampled_softmax_loss(*mine, labels, class_range=(lo, hi), num_classes=V, **draw,
+                                                   **opts)
+        _backward(loss, reduction)
+    what = f"[sampled {name}, rank {rank}/{world}, ranges {ranges}]"
+    assert_close(loss, ref, torch.float32, f"loss {what}")
+    assert_close(mine[0].grad, full[0].grad, torch.float32, f"dx {what}")
+    assert_close(mine[1].grad, full[1].grad[lo:hi], torch.float32, f"dW {what}")
+    assert_close(mine[2].grad, full[2].grad[lo:hi], torch.float32, f"dbias {what}")
+    measured = {}
+    for k, n in log:
+        measured[k] = measured.get(k, 0) + n
+    expected = {"class_ranges": world * 16, "max": B * 4, "sum_exp_and_true": B * 2 * 4, "grad_x": B * H * 4}
+    if not given:
+        expected["sampled_ids"] = (NUM_SAMPLED + 1) * 8
+    assert measured == expected, f"bytes {what}: measured {measured}, expected {expected}"
+
+
 def _worker(rank, world, init_file, case_names):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
@@ -141,6 +204,9 @@ def _worker(rank, world, init_file, case_names):
         for c in CASES[world]:
             if case_names is None or c["name"] in case_names:
                 _run_case(rank, world, c)
+        for c in SAMPLED_CASES[world]:
+            if case_names is None or c[0] in case_names:
+                _run_sampled_case(rank, world, c)
     finally:
         dist.destroy_process_group()
 
@@ -240,3 +306,25 @@ def test_nccl_vocab_parallel_matches_single_process():
     world = min(torch.cuda.device_count(), 4)
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_nccl_worker, args=(world, os.path.join(tmp, "init")), nprocs=world, join=True)
+
+
+def test_sampled_softmax_without_process_group_equals_the_op_and_checks_its_arguments(gen):
+    from kc_kernels.distributed import vocab_parallel_sampled_softmax_loss
+
+    x, w, bias = torch.randn(B, H, generator=gen), torch.randn(V, H, generator=gen), torch.randn(V, generator=gen)
+    labels = torch.randint(0, V, (B,), generator=gen)
+    ref = kc_kernels.sampled_softmax_loss(x, w, bias, labels, num_sampled=6,
+                                          generator=torch.Generator().manual_seed(3), backend="reference")
+    got = vocab_parallel_sampled_softmax_loss(x, w, bias, labels, class_range=(0, V), num_classes=V, num_sampled=6,
+                                              generator=torch.Generator().manual_seed(3))
+    assert_close(got, ref, torch.float32, "loss")
+    common = dict(class_range=(0, V), num_classes=V, num_sampled=6)
+    with pytest.raises(ValueError, match="weight_shard"):
+        vocab_parallel_sampled_softmax_loss(x, w[:5], bias, labels, **common)
+    with pytest.raises(ValueError, match="labels"):
+        vocab_parallel_sampled_softmax_loss(x, w, bias, torch.full((B, 2), -1), **common)
+    with pytest.raises(ValueError, match="num_sampled"):
+        vocab_parallel_sampled_softmax_loss(x, w, bias, labels, class_range=(0, V), num_classes=V, num_sampled=0)
+    with pytest.raises(ValueError, match="class_range"):
+        vocab_parallel_sampled_softmax_loss(x, w[:10], bias[:10], labels, class_range=(0, 10), num_classes=V,
+                                            num_sampled=6)
