@@ -33,7 +33,21 @@ import torch.nn as nn
 from kc_kernels.distributed import _record, shard_classes, vocab_parallel_linear_soft_target_loss
 
 # seconds a rank may wait for the others (rank 0 alone runs data, cache, eval and report meanwhile)
-TIMEOUT_SECONDS = float(os.environ.get("KC_DIST_TIMEOUT", 6 * 3600))
+DEFAULT_TIMEOUT_SECONDS = 6 * 3600
+
+
+def timeout_seconds() -> float:
+    """KC_DIST_TIMEOUT (seconds), default 6 hours."""
+    raw = os.environ.get("KC_DIST_TIMEOUT", "")
+    if not raw:
+        return DEFAULT_TIMEOUT_SECONDS
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"KC_DIST_TIMEOUT: expected a positive number of seconds, got {raw!r}")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------- process group
@@ -62,7 +76,7 @@ def init(device: str) -> None:
         backend = "nccl"
     else:
         backend = "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=TIMEOUT_SECONDS))
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_seconds()))
 
 
 def shutdown() -> None:
@@ -112,10 +126,13 @@ def agree(flag: bool) -> bool:
 
 def vertical_shards(segments: Sequence[int], world_size: int) -> List[Tuple[int, int]]:
     """Class ranges of whole verticals, one contiguous range per rank, balanced by class count
-    (``kc_kernels.shard_classes`` with aligned cuts). ValueError when there are fewer verticals than ranks."""
+    (``kc_kernels.shard_classes`` with aligned cuts). A ConfigError (a ValueError) when there are fewer verticals
+    than ranks."""
+    from kc.config import ConfigError
+
     bounds = [int(b) for b in segments]
     if world_size > len(bounds) - 1:
-        raise ValueError(f"world_size: kc shards the student's output layer by whole verticals and the taxonomy "
+        raise ConfigError(f"world_size: kc shards the student's output layer by whole verticals and the taxonomy "
                          f"has {len(bounds) - 1} verticals for {world_size} processes; use at most "
                          f"{len(bounds) - 1} processes")
     ranges = shard_classes(bounds, world_size, align=True)

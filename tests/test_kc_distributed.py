@@ -146,6 +146,14 @@ def test_vertical_shards_hold_whole_verticals():
     assert kcdist.row_counts(7, 3) == [3, 2, 2] and kcdist.row_counts(1, 2) == [1, 0]
 
 
+def test_bad_timeout_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("KC_DIST_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="KC_DIST_TIMEOUT"):
+        kcdist.timeout_seconds()
+    monkeypatch.setenv("KC_DIST_TIMEOUT", "90")
+    assert kcdist.timeout_seconds() == 90.0
+
+
 # ------------------------------------------------------------------------------------------ checkpoints
 
 def _cfg():
