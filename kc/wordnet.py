@@ -279,6 +279,8 @@ def select_verticals(h: Hierarchy, num_verticals: int, min_size: int, max_size: 
             raise ValueError(f"{name}: must be a positive integer, got {v!r}")
     if min_size > max_size:
         raise ValueError(f"min_size ({min_size}) exceeds max_size ({max_size})")
+    if under is not None and under not in h.synsets:
+        raise ValueError(f"under: {under!r} is not a synset offset of the hierarchy")
     below = h.subtrees(max_size)
     sizes = {o: len(s) for o, s in below.items()}
     allowed = None if under is None else set(h.descendants(under)) | {under}
@@ -293,9 +295,7 @@ def select_verticals(h: Hierarchy, num_verticals: int, min_size: int, max_size: 
         for o in ranked:
             if sizes[o] > room or o in covered:
                 continue
-            if not below[o].isdisjoint(covered):
-                continue
-            if any(o in below[r] for r in taken):
+            if not below[o].isdisjoint(covered):  # o above a vertical taken, or sharing a synset with one
                 continue
             taken.append(o)
             covered |= below[o]

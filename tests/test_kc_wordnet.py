@@ -202,6 +202,8 @@ def test_select_verticals_errors(hier):
             wordnet.select_verticals(hier, **args)
     with pytest.raises(ValueError, match="min_size"):
         wordnet.select_verticals(hier, 2, 50, 40, 100)
+    with pytest.raises(ValueError, match="under: 12345"):
+        wordnet.select_verticals(hier, 2, 5, 40, 100, under=12345)
 
 
 # ---------------------------------------------------------------------------------------------- taxonomy
@@ -329,3 +331,5 @@ def test_full_wordnet_default_selection():
     sizes = tax.vertical_sizes()
     assert tax.num_verticals == t.num_verticals and tax.num_classes <= t.num_classes
     assert sizes.min() >= t.vertical_min_classes and sizes.max() <= t.vertical_max_classes
+    assert wordnet.describe(tax) == [("protozoan", 49), ("shark", 39), ("chelonian", 31), ("lizard", 62),
+                                     ("piciform_bird", 20), ("adornment", 77), ("car", 25), ("enclosure", 97)]
