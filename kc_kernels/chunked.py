@@ -308,6 +308,9 @@ class Sweep:
             for step in steps:
                 for c in step:
                     self.ep.run(self, c, None, PHASE_TEACHER, None, None)
+            after = getattr(self.ep, "after_teacher", None)
+            if after is not None:
+                after(self)
         whole_phases = (PHASE_NORM if need_norm else 0) | (PHASE_STATS if need_stats else 0) | final
         for step in steps:
             if step[0].whole:

@@ -83,6 +83,29 @@ def test_soft_target_loss_rejects_bad_logits_and_targets():
                                     target_value=torch.ones(4, 1))
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("where", ["first", "last", "mid-long-segment"])
+@pytest.mark.parametrize("teacher_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("mode", ["softmax", "sigmoid"])
+def test_one_nan_teacher_logit_is_reported(backend, where, teacher_dtype, mode):
+    """The cpu backend finds a NaN teacher logit in its own pass over the teacher (no separate B x V check): one
+    NaN anywhere (a chunk's first or last class, inside a segment walked in row blocks) is reported."""
+    B, H, V = 5, 7, 1000
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(B, H, generator=g), torch.randn(V, H, generator=g)
+    teacher = torch.randn(B, V, generator=g).to(teacher_dtype)
+    row, col = {"first": (0, 0), "last": (B - 1, V - 1), "mid-long-segment": (2, 700)}[where]
+    teacher[row, col] = float("nan")
+    kw = dict(mode=mode, teacher_logits=teacher, segments=[0, 300, 1000], backend=backend,
+              memory_budget=B * 256 * 4)  # 256-class chunks: the 700-class segment goes in row blocks
+    with pytest.raises(ValueError, match="^teacher_logits: contains NaN"):
+        kc_kernels.linear_soft_target_loss(x, w, None, **kw)
+    with pytest.raises(ValueError, match="^teacher_logits: contains NaN"):
+        kc_kernels.soft_target_loss(x @ w.t(), **kw)
+    teacher[row, col] = 0.0
+    assert torch.isfinite(kc_kernels.linear_soft_target_loss(x, w, None, **kw))
+
+
 def test_good_input_passes_every_check():
     kw = base()
     x, w, b = kw.pop("x"), kw.pop("weight"), kw.pop("bias")

@@ -111,11 +111,17 @@ struct RowPiece {
 inline void teacher_phase(const RowPiece& r) {
   const float inv_t = r.a.inv_t;
   float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-  for (int64_t j = r.lo; j < r.hi; ++j) m = std::max(m, r.trow[j] * inv_t);
+  int nan = 0;  // a NaN would vanish in the max: counted here, it poisons the sum (the driver reports it)
+#pragma omp simd reduction(max : m) reduction(| : nan)
+  for (int64_t j = r.lo; j < r.hi; ++j) {
+    const float t = r.trow[j];
+    m = std::max(m, t * inv_t);
+    nan |= t != t;
+  }
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
   for (int64_t j = r.lo; j < r.hi; ++j) s += teacher_target_softmax<VecMath>(r.trow[j], inv_t, m);
+  if (nan) s = std::numeric_limits<float>::quiet_NaN();
   const MaxMerge<double> f = merge_max<double>(r.st(kTeacherMax), m);
   merge_sum<double>(r.st(kTeacherSumExp), s, f);
   r.st(kTeacherMax) = f.max;

@@ -15,6 +15,7 @@ import torch
 
 from kc_kernels import _C, chunked
 from kc_kernels.chunked import PHASE_FINAL, Chunk
+from kc_kernels.ops import checks
 from kc_kernels.ops.soft_target import SoftTargetProblem
 
 chunked.check_layout(_C, "kc_kernels._C")
@@ -60,6 +61,13 @@ class CpuEpilogue:
                 sw.teacher = sw.teacher.contiguous()
             else:
                 sw.tbuf = torch.empty(p.batch * sw.capacity, dtype=torch.float32)
+
+    @staticmethod
+    def after_teacher(sw) -> None:
+        """The teacher phase poisons the log-sum-exp of a segment holding a NaN teacher logit: the front's NaN
+        check of the dense teacher (a pass over B x V values) is done here, from the [B, G] statistics."""
+        if checks.values_enabled(torch.device("cpu")) and bool(torch.isnan(sw.state[chunked.S_TSUMEXP]).any()):
+            checks.fail("teacher_logits", "contains NaN")
 
     @staticmethod
     def _teacher(sw, c: Chunk, r0: int, r1: int):
@@ -136,3 +144,8 @@ def linear_soft_target_loss(p: SoftTargetProblem) -> torch.Tensor:
 def soft_target_loss(p: SoftTargetProblem) -> torch.Tensor:
     _check_on_cpu(p)
     return chunked.soft_target_loss(p, "cpu", p.memory_budget or DEFAULT_MEMORY_BUDGET)
+
+
+# softmax runs a teacher phase (CpuEpilogue.after_teacher); sigmoid reads each teacher logit only in the final pass
+linear_soft_target_loss.checks_teacher_nan = ("softmax",)
+soft_target_loss.checks_teacher_nan = ("softmax",)
