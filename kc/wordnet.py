@@ -52,17 +52,20 @@ class Synset:
         return self.words[0]
 
 
+_HEX = frozenset("0123456789abcdefABCDEF")
+_POS = frozenset("nvasr")
+
+
 def _number(token: str, base: int, width: Optional[int], what: str, where: str) -> int:
     if width is not None and len(token) != width:
         raise WordNetError(f"{where}: {what} must have {width} digits, got {token!r}")
+    if not (token.isascii() and token.isalnum()):  # no sign, space, '_' or non-ASCII digit
+        raise WordNetError(f"{where}: {what} must be unsigned ASCII digits, got {token!r}")
     try:
-        value = int(token, base)
+        return int(token, base)
     except ValueError:
         raise WordNetError(f"{where}: {what} is not a {'hexadecimal' if base == 16 else 'decimal'} number: "
                            f"{token!r}") from None
-    if value < 0 or token.startswith(("-", "+")):
-        raise WordNetError(f"{where}: {what} must not be signed, got {token!r}")
-    return value
 
 
 def parse_line(line: str, where: str = "data.noun") -> Synset:
@@ -96,14 +99,15 @@ def parse_line(line: str, where: str = "data.noun") -> Synset:
     hyper, inst = [], []
     for k in range(p_cnt):
         symbol, target, pos, st = tok[i + 4 * k: i + 4 * k + 4]
-        t = _number(target, 10, 8, f"synset_offset of pointer {k + 1}", where)
-        _number(st, 16, 4, f"source/target of pointer {k + 1}", where)
-        if pos not in ("n", "v", "a", "s", "r"):
+        if not (len(target) == 8 and target.isascii() and target.isdigit() and len(st) == 4
+                and _HEX.issuperset(st) and pos in _POS):  # a full check, with its message, only when needed
+            _number(target, 10, 8, f"synset_offset of pointer {k + 1}", where)
+            _number(st, 16, 4, f"source/target of pointer {k + 1}", where)
             raise WordNetError(f"{where}: pointer {k + 1} has an unknown pos {pos!r}")
         if pos == "n" and symbol == "@":
-            hyper.append(t)
+            hyper.append(int(target))
         elif pos == "n" and symbol == "@i":
-            inst.append(t)
+            inst.append(int(target))
     return Synset(offset, lex_filenum, tuple(words), tuple(hyper), tuple(inst))
 
 

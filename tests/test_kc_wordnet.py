@@ -325,9 +325,12 @@ def test_run_end_to_end_on_the_excerpt(tmp_path, capsys):
 def test_full_wordnet_default_selection():
     syn = wordnet.read()
     assert len(syn) == 82115  # WordNet 3.0's noun synsets
-    cfg = config.load("wordnet-small")
-    tax = taxonomy.from_config(cfg.taxonomy, 0)
-    t = cfg.taxonomy
+    t = config.load("wordnet-small").taxonomy  # its selection, as taxonomy.from_config makes it (one read only)
+    h = wordnet.Hierarchy(syn, instances=t.wordnet_instances)
+    assert len(h) == 74390  # without the instances
+    tax = wordnet.build_taxonomy(h, wordnet.select_verticals(h, t.num_verticals, t.vertical_min_classes,
+                                                             t.vertical_max_classes, t.num_classes,
+                                                             under=h.find(t.wordnet_under)))
     sizes = tax.vertical_sizes()
     assert tax.num_verticals == t.num_verticals and tax.num_classes <= t.num_classes
     assert sizes.min() >= t.vertical_min_classes and sizes.max() <= t.vertical_max_classes
