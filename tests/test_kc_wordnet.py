@@ -149,6 +149,17 @@ def test_subtree_sizes_count_every_path_once(hier):
     assert MINICAB in hier.descendants(CAR) and hier.descendants(CAR).count(MINICAB) == 1  # two paths, once
 
 
+def test_excerpt_lines_is_a_hypernym_closed_slice(hier, tmp_path):
+    lines = wordnet.excerpt_lines(EXCERPT, [PICIFORM])
+    assert sum(1 for x in lines if x.startswith("  ")) == 29  # the license header comes along
+    p = tmp_path / "piciform.noun"
+    p.write_text("\n".join(lines) + "\n")
+    h = wordnet.Hierarchy(wordnet.read(str(p)))  # every hypernym named is there
+    chain = {1740, 1930, 2684, 3553, 4258, 4475, 15388, 1466257, 1471682, 1503061}  # entity ... bird
+    assert set(h.synsets) == {PICIFORM} | set(hier.descendants(PICIFORM)) | chain
+    assert len(wordnet.excerpt_lines(EXCERPT, [PICIFORM], max_per_root=3)) == 29 + 1 + 3 + len(chain)
+
+
 # ---------------------------------------------------------------------------------------------- selection
 
 def _check_selection(hier, roots, n, lo, hi, cap):
