@@ -6,7 +6,8 @@
   per-vertical scale and an SC-SC head with a per-class scale; the bytes it communicates are those step_bytes
   computes.
 - A student interrupted under 2 processes resumes on 1 and on 3 and ends where an uninterrupted run ends.
-- `torchrun --nproc-per-node 2 -m kc run --preset tiny` finishes, logs once, and reports the one-process numbers.
+- `torchrun --nproc-per-node 2 -m kc run --preset tiny` finishes, logs once, and reports the one-process numbers;
+  killed inside its student stage, it is finished by one process with `--resume`, to the same numbers.
 """
 from __future__ import annotations
 
@@ -239,7 +240,7 @@ def _results(out):
         return json.load(f)
 
 
-def test_torchrun_two_processes_tiny_run_reports_the_one_process_numbers(tmp_path):
+def test_torchrun_two_processes_tiny_run_reports_the_one_process_numbers_and_resumes_on_one(tmp_path):
     two = str(tmp_path / "two")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -268,3 +269,18 @@ def test_torchrun_two_processes_tiny_run_reports_the_one_process_numbers(tmp_pat
         y = checkpoint.load(os.path.join(two, "specialists", f"vertical-{v:03d}.pt"))["state"]
         for k in x:
             _close(y[k], x[k], f"teacher {v} {k}", rtol=1e-4, atol=1e-5)
+
+    # killed inside the student stage under 2 processes (rank 0, the writer, at its 20th checkpoint write;
+    # torchrun then stops rank 1), resumed by one process: the one-process report
+    killed = str(tmp_path / "killed")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "kc", "run", "--preset", "tiny", "--threads", "1", "--no-progress", "--out", killed],
+                       cwd=ROOT, env=dict(env, KC_CHECKPOINT_SECONDS="0", KC_TEST_KILL_AT="student:20"),
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode != 0 and not os.path.exists(os.path.join(killed, "report")), r.stdout[-3000:]
+    stages = checkpoint.read_json(os.path.join(killed, "state.json"))["stages"]
+    assert stages["cache"]["done"] and "student" not in stages
+    assert cli.main(["run", "--preset", "tiny", "--threads", "1", "--no-progress", "--resume", "--out", killed]) == 0
+    c = _results(killed)
+    for m in a["models"]:
+        assert abs(a["models"][m]["map"] - c["models"][m]["map"]) < 1e-3, m
