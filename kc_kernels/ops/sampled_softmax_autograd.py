@@ -281,6 +281,8 @@ def _setup_context(ctx, inputs, output):
     ctx.options = inputs[_TENSOR_ARGS:]
     # the gradients made in the forward: not differentiable themselves, so holding them on ctx makes no cycle
     ctx.mark_non_differentiable(*output[1:])
+    # no zero gradients made up for those outputs in backward: that was a [V, H] fill (and its page faults) per step
+    ctx.set_materialize_grads(False)
     ctx.grads = list(output[1:]) if inputs[-1] and inputs[_TENSOR_ARGS + 2] != "none" else None
 
 
