@@ -214,6 +214,30 @@ def _grad_slots(x, weight, bias, needs: int, g: Optional[_Grads]) -> Tuple[torch
     return tuple(slots)
 
 
+def _dense_slots(x, weight, bias, needs: int, rg: RowGradients) -> Tuple[torch.Tensor, ...]:
+    """``_grad_slots`` of uncoalesced row gradients. When the parameters are in the compute dtype, the parts are
+    added straight into the dense gradients (no [U, H] coalesced copy in between); half parameters coalesce in
+    the compute dtype first, so that repeated rows are not summed in half precision."""
+    if weight.dtype != rg.dweight[0].dtype:
+        need_w, need_b = bool(needs & 2), bias is not None and bool(needs & 4)
+        return _grad_slots(x, weight, bias, needs, _coalesce(rg, need_w, need_b))
+    slots = []
+    for i, t in enumerate((x, weight, bias)):
+        if t is None or not needs >> i & 1:
+            slots.append(x.new_empty(0))
+        elif i == 0:
+            slots.append(rg.dx.to(x.dtype))
+        else:
+            out = torch.zeros_like(t, memory_format=torch.contiguous_format)
+            for rows, values in zip(rg.rows, rg.dweight if i == 1 else rg.dbias):
+                if rg.distinct:
+                    out.index_copy_(0, rows, values.to(t.dtype))
+                else:
+                    out.index_add_(0, rows, values.to(t.dtype))
+            slots.append(out)
+    return tuple(slots)
+
+
 def _needs_bits(needs: int, bias) -> Tuple[bool, bool, bool]:
     return bool(needs & 1), bool(needs & 2), bias is not None and bool(needs & 4)
 
@@ -237,12 +261,9 @@ def sampled_softmax(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     loss = per_row * scale
     if reduction != "none":
         loss = loss.sum()
-    g = None
-    if need_grad:
-        g = _coalesce(impl.gradients(state, scale, need_x), need_w, need_b)
-    else:
-        needs = 0
-    return (loss,) + _grad_slots(x, weight, bias, needs, g)
+    if not need_grad:
+        return (loss,) + _grad_slots(x, weight, bias, 0, None)
+    return (loss,) + _dense_slots(x, weight, bias, needs, impl.gradients(state, scale, need_x))
 
 
 @sampled_softmax.register_fake
@@ -267,8 +288,7 @@ def sampled_softmax_backward(grad_loss: torch.Tensor, x: torch.Tensor, weight: t
     need_x, need_w, need_b = _needs_bits(needs, bias)
     per_row, state = impl.forward(p, True)
     scale = row_scale(p, x.shape[0], per_row.dtype) * grad_loss.to(per_row.dtype)
-    g = _coalesce(impl.gradients(state, scale, need_x), need_w, need_b)
-    return _grad_slots(x, weight, bias, needs, g)
+    return _dense_slots(x, weight, bias, needs, impl.gradients(state, scale, need_x))
 
 
 @sampled_softmax_backward.register_fake
