@@ -81,7 +81,8 @@ def run_soft_target(args, device, dtype, rows) -> None:
                 if "liger" in args.peers:
                     impls.append(("liger-flce", common.liger_fn(p)))
             warm = {name: 2 for name in ("torch-compile", "cut-cross-entropy", "liger-flce")}
-            case_rows = common.measure_interleaved(loss, shape, common.floor_fn(p), impls, device, args.rounds, warm)
+            case_rows = common.measure_interleaved(loss, shape, common.floor_fn(p), impls, device, args.rounds, warm,
+                                                   clear=lambda p=p: common.zero_grads(p.x, p.weight, p.bias))
             rows.extend(case_rows)
             _print_rows(case_rows)
             del p
@@ -99,15 +100,17 @@ def run_sampled(args, device, dtype, rows) -> None:
         names = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
         impls = []
         for backend in [n for n in names if status[n]]:
-            def fn(backend=backend):
-                common.zero_grads(p.x, p.weight, p.bias)
-                kc_kernels.sampled_softmax_loss(p.x, p.weight, p.bias, p.labels, num_sampled=S, generator=gen,
-                                                backend=backend).backward()
-                return (p.x.grad, p.weight.grad, p.bias.grad)
+            for sparse in (False, True):
+                def fn(backend=backend, sparse=sparse):
+                    common.zero_grads(p.x, p.weight, p.bias)
+                    kc_kernels.sampled_softmax_loss(p.x, p.weight, p.bias, p.labels, num_sampled=S, generator=gen,
+                                                    backend=backend, sparse_grad=sparse).backward()
+                    return (p.x.grad, p.weight.grad, p.bias.grad)
 
-            impls.append((f"kc-{backend}", fn))
+                impls.append((f"kc-{backend}" + ("-sparse" if sparse else ""), fn))
         case_rows = common.measure_interleaved("sampled-softmax", shape, common.floor_fn(sub), impls, device,
-                                               args.rounds, floor_name="gemm-floor(S)")
+                                               args.rounds, floor_name="gemm-floor(S)",
+                                               clear=lambda: common.zero_grads(p.x, p.weight, p.bias))
         rows.extend(case_rows)
         _print_rows(case_rows)
 

@@ -89,6 +89,8 @@ def _status_kb(key: str) -> int:
 
 def _nbytes(out) -> int:
     if isinstance(out, torch.Tensor):
+        if out.is_sparse:
+            return _nbytes(out._values()) + _nbytes(out._indices())
         return out.numel() * out.element_size()
     if isinstance(out, (tuple, list)):
         return sum(_nbytes(o) for o in out)
@@ -342,10 +344,12 @@ def interleaved(fns: List[Tuple[str, Callable[[], object]]], device, rounds: int
 
 def measure_interleaved(case: str, shape: str, floor: Callable[[], object],
                         impls: List[Tuple[str, Optional[Callable[[], object]]]], device, rounds: int,
-                        warmup: Dict[str, int] = None, floor_name: str = "gemm-floor") -> List[Row]:
+                        warmup: Dict[str, int] = None, floor_name: str = "gemm-floor",
+                        clear: Optional[Callable[[], None]] = None) -> List[Row]:
     """Rows of one case: the floor and every implementation, each warmed up and its peak memory measured alone,
     then all timed together in interleaved rounds (see ``interleaved``). An implementation's ``ratio`` is the median
-    of its per-round ratios to the floor timed in the same round; the JSON keeps every round."""
+    of its per-round ratios to the floor timed in the same round; the JSON keeps every round. ``clear`` drops the
+    gradients a call left behind, so that the memory measurement does not start with them resident."""
     warmup = warmup or {}
     rows: Dict[str, Row] = {}
     live: List[Tuple[str, Callable[[], object]]] = []
@@ -358,6 +362,8 @@ def measure_interleaved(case: str, shape: str, floor: Callable[[], object],
         try:
             for _ in range(warmup.get(name, 1)):
                 fn()
+            if clear is not None:
+                clear()
             row.peak_mb, out_mb = peak_memory(fn, device)
             row.extra_mb = row.peak_mb - out_mb
         except (RuntimeError, NotImplementedError, MemoryError) as e:
