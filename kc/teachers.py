@@ -29,6 +29,18 @@ def local_targets(labels_padded: np.ndarray, first: int, size: int) -> np.ndarra
     return np.where((labels_padded >= 0) & (local >= 0) & (local < size), local, -1)
 
 
+def one_cycle(opt: torch.optim.Optimizer, max_lr: float, total: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """One-cycle schedule, warm-up over the first 20% of the steps. torch's OneCycleLR divides by the length of
+    its warm-up phase (0.2 * total - 1 steps): zero at 5 steps, negative below. Runs of 3-5 steps get a longer
+    warm-up share (2 steps' worth, at most half); one or two steps run at max_lr."""
+    if total < 3:
+        for group in opt.param_groups:
+            group["lr"] = max_lr
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    pct = 0.2 if total > 5 else 2.0 / total
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=total, pct_start=min(pct, 0.5))
+
+
 def train_specialist(cfg, taxonomy: Taxonomy, train: SampleSet, vertical: int, seed: int,
                      progress: Optional[Callable] = None) -> Specialist:
     sp = cfg.specialists
@@ -42,7 +54,7 @@ def train_specialist(cfg, taxonomy: Taxonomy, train: SampleSet, vertical: int, s
     n_bg = min(len(others), int(round(sp.background_fraction * len(own))))
     first, size = taxonomy.classes_of(vertical).start, len(taxonomy.classes_of(vertical))
     steps = -(-(len(own) + n_bg) // sp.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=sp.lr, total_steps=sp.epochs * steps, pct_start=0.2)
+    sched = one_cycle(opt, sp.lr, sp.epochs * steps)
     bar = (progress(total=sp.epochs * steps, desc=f"specialist {vertical}", unit="step", leave=False)
            if progress else None)
     model.train()

@@ -170,3 +170,19 @@ def test_training_stops_with_a_clear_message_when_collapsed(tmp_path):
     tr = data.FeatureShards(str(tmp_path / "d" / "train"), tax.num_classes)
     with pytest.raises(train.TrainingCollapsed, match="generalist-fc_sc collapsed at epoch 1"):
         train.train_student(cfg, tax, tr, "generalist-fc_sc", str(tmp_path / "s.pt"), seed=0)
+
+
+@pytest.mark.parametrize("total", [1, 2, 3, 4, 5, 6, 10, 37])
+def test_specialist_schedule_runs_any_number_of_steps(total):
+    """torch's OneCycleLR divides by zero at 5 steps with a 20% warm-up: every length must schedule, peak at
+    max_lr and never go negative or NaN."""
+    from kc.teachers import one_cycle
+
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = one_cycle(opt, 0.1, total)
+    lrs = []
+    for _ in range(total):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert all(0 < lr <= 0.1 + 1e-12 for lr in lrs) and max(lrs) > 0.05
