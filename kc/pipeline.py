@@ -82,6 +82,10 @@ class Workspace:
         if os.path.exists(cpath):
             with open(cpath) as f:
                 saved = yaml.safe_load(f) or {}
+            try:  # keys added to the config since that run was made take their defaults, as that run did
+                saved = config.from_dict(saved).to_dict()
+            except (config.ConfigError, TypeError, ValueError):
+                pass  # compared as written: the difference is reported below
             mine = self.cfg.to_dict()
             # the thread count changes speed, not results: a run may resume with another
             diff = sorted(k for k in set(saved) | set(mine) if k != "threads" and saved.get(k) != mine.get(k))

@@ -218,3 +218,21 @@ def test_several_seeds_in_one_command(tmp_path, capsys):
     assert "95% CI" in md and "Specialists" in md
     assert kc("run", "--preset", "tiny", "--seeds", "1,1", "--out", str(out)) == 2
     assert "appears twice" in capsys.readouterr().err
+
+
+def test_a_run_made_before_a_config_key_existed_still_resumes(tmp_path):
+    """A key added to the config later takes its default when an older run's config.yaml is compared; a real
+    difference is still refused, naming the key."""
+    import yaml
+
+    from kc import config, pipeline
+
+    cfg = config.load()
+    old = cfg.to_dict()
+    old["taxonomy"].pop("source", None)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    pipeline.Workspace(str(tmp_path), cfg).open()
+    old["seed"] = cfg.seed + 1
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    with pytest.raises(pipeline.StageError, match="differs in: seed"):
+        pipeline.Workspace(str(tmp_path), cfg).open()
