@@ -31,6 +31,8 @@ void check_sizes(const Params& p) {
   if (p.npieces < 1 || p.num_segments < 1) invalid("npieces/num_segments", "must be >= 1");
   if (p.phases <= 0 || p.phases >= (1 << kc::kNumPhases)) invalid("phases", "is not a bitmask of PHASES");
   if (p.scale_kind < 0 || p.scale_kind >= kc::kNumScaleKinds) invalid("scale_kind", "is not a SCALE_KINDS value");
+  if (p.scores_dtype < 0 || p.scores_dtype >= kc_cpu::kNumScoresDtypes)
+    invalid("scores_dtype", "is not a SCORES_DTYPES value");
 }
 
 void check_buffers(const Params& p) {
@@ -74,6 +76,7 @@ void def_params(py::module_& m) {
       .def_readwrite("inv_t", &Params::inv_t)
       .def_readwrite("t2", &Params::t2)
       .def_readwrite("scale_kind", &Params::scale_kind)
+      .def_readwrite("scores_dtype", &Params::scores_dtype)
       .def_readwrite("k", &Params::k)
       .def_readwrite("teacher_ld", &Params::teacher_ld);
   def_address(cls, "u", &Params::u);
@@ -108,6 +111,12 @@ PYBIND11_MODULE(_C, m) {
       "Fused soft-target epilogue over one chunk of logits (see csrc/cpu/soft_target.cpp), SoftTargetChunkParams "
       "given; raises ValueError naming a required field that is missing or a size that is out of range.");
   kc::export_soft_target_layout(m);
+  py::dict scores_dtypes;
+  scores_dtypes["F32"] = static_cast<int>(kc_cpu::kScoresF32);
+  scores_dtypes["BF16"] = static_cast<int>(kc_cpu::kScoresBF16);
+  m.attr("SCORES_DTYPES") = scores_dtypes;
+  m.def("native_bf16", &kc_cpu::native_bf16,
+        "Whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16), so that bf16 GEMMs beat fp32 ones.");
 #ifdef _OPENMP
   m.attr("openmp") = true;
 #else

@@ -13,9 +13,15 @@ namespace kc_cpu {
 // (csrc/common/soft_target_layout.h): kPhase*, kSumSq..kS, kNumStates, kScale*.
 using namespace kc;
 
+// Storage type of the scores buffer u. The epilogue computes in fp32 whatever the storage: bf16 scores (the output of
+// a bf16 logits GEMM) are widened row by row into an fp32 row buffer, and the logit gradient is rounded back to bf16
+// (to nearest, ties to even) into the same buffer.
+enum ScoresDtype : int { kScoresF32 = 0, kScoresBF16 = 1, kNumScoresDtypes = 2 };
+
 // Fields default to 0 / null (absent), so the bindings can build one field by field.
 struct SoftTargetChunk {
-  float* u = nullptr;  // [rows, ncols] logits (row stride ld); overwritten with coef * dL/du in FINAL
+  void* u = nullptr;  // [rows, ncols] scores of type scores_dtype (row stride ld); overwritten with coef * dL/du in FINAL
+  int scores_dtype = kScoresF32;  // ScoresDtype of u
   int64_t ld = 0;
   int64_t rows = 0, ncols = 0, col0 = 0;  // the chunk holds classes [col0, col0 + ncols)
   int64_t npieces = 0;  // pieces of segments inside the chunk
@@ -41,5 +47,8 @@ struct SoftTargetChunk {
 };
 
 void soft_target_chunk(const SoftTargetChunk& args);
+
+// Whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16): the bf16 GEMMs then run faster than fp32 ones.
+bool native_bf16();
 
 }  // namespace kc_cpu

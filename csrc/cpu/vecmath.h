@@ -44,6 +44,30 @@ static inline float vlog1p_unit(float t) {
   return 2.0f * s * p + (high ? 0.69314718055994531f : 0.0f);
 }
 
+// ---- bf16 storage (the upper 16 bits of an fp32), for bf16 scores buffers
+
+// bf16 -> fp32 is exact: the 16 bits become the upper half of the float.
+static inline float bf16_to_float(uint16_t h) { return __builtin_bit_cast(float, static_cast<uint32_t>(h) << 16); }
+
+// fp32 -> bf16 rounded to nearest, ties to even (as torch rounds); overflow rounds to +-inf. A NaN stays a (quiet)
+// NaN: the rounding add could carry its mantissa into the sign bit or the exponent, so it is selected apart.
+static inline uint16_t float_to_bf16(float f) {
+  const uint32_t b = __builtin_bit_cast(uint32_t, f);
+  const uint32_t rounded = (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>(f != f ? ((b >> 16) | 0x0040u) : rounded);
+}
+
+// Whole rows: leaf loops over restrict pointers, so that GCC vectorises them.
+static inline void bf16_row_to_float(const uint16_t* __restrict src, float* __restrict dst, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dst[j] = bf16_to_float(src[j]);
+}
+
+static inline void float_row_to_bf16(const float* __restrict src, uint16_t* __restrict dst, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dst[j] = float_to_bf16(src[j]);
+}
+
 // The math policy of the shared epilogue formulas (csrc/common/soft_target_math.h) on the CPU.
 struct VecMath {
   static inline float exp(float x) { return vexp(x); }
