@@ -3,12 +3,16 @@ epilogue (csrc/cpu/soft_target.cpp).
 
 Per chunk of classes: one BLAS GEMM for the raw scores, one pass of the fused C++ epilogue that accumulates the
 loss statistics and overwrites the scores with the scaled logit gradient, then the gradient GEMMs. The work dtype
-is fp32 (half inputs are converted per weight chunk; fp64 is computed in fp32 with fp64 statistics). Peak extra
-memory: the [B, chunk] buffer (chunk chosen from ``memory_budget``, default 64 MiB), fp32 copies of x and of one
-weight chunk for half inputs, a converted teacher chunk for half teacher logits, and O(B * G) statistics.
+is fp32 (fp16 inputs are converted per weight chunk; fp64 is computed in fp32 with fp64 statistics), except for
+bf16 inputs on a CPU with native bf16 (AVX512-BF16 or AMX, see ``bf16_enabled``): then the GEMMs run in bf16 (fp32
+accumulation inside BLAS, bf16 scores) and the epilogue reads bf16 scores, computes in fp32 and writes the logit
+gradient back in bf16. Peak extra memory: the [B, chunk] buffer (chunk chosen from ``memory_budget``, default
+64 MiB), fp32 copies of x and of one weight chunk for converted inputs, a converted teacher chunk for non-fp32
+teacher logits, and O(B * G) statistics.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -27,6 +31,25 @@ def _ptr(t: Optional[torch.Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+BF16_ENV = "KC_CPU_BF16"
+
+
+def bf16_enabled() -> bool:
+    """Whether bf16 inputs run the bf16 path (bf16 GEMMs and scores). ``KC_CPU_BF16``: unset or "auto" = where the
+    CPU has native bf16 (``_C.native_bf16()``: AVX512-BF16 or AMX-BF16; elsewhere bf16 GEMMs are emulated and slower
+    than fp32 ones); "0" = never (inputs converted to fp32 per chunk, as for fp16); "1" = always (also where bf16 is
+    emulated: same results, for tests)."""
+    mode = os.environ.get(BF16_ENV, "auto").strip().lower()
+    if mode in ("", "auto"):
+        return bool(_C.native_bf16())
+    if mode in ("0", "1"):
+        return mode == "1"
+    raise ValueError(f"{BF16_ENV}: must be 0, 1 or auto, got {mode!r}")
+
+
+_SCORES_DTYPES = {torch.float32: _C.SCORES_DTYPES["F32"], torch.bfloat16: _C.SCORES_DTYPES["BF16"]}
+
+
 class CpuEpilogue:
     """The C++ epilogue behind the driver's interface: ``work_dtype``, ``state_dtype``, ``bytes_per_class``,
     ``prepare`` (once per walk) and ``run`` (one chunk, one block of rows, some phases)."""
@@ -35,15 +58,18 @@ class CpuEpilogue:
 
     @staticmethod
     def work_dtype(dtype: torch.dtype) -> torch.dtype:
-        return torch.float32
+        """The dtype of the GEMMs and of the scores buffer: bf16 for bf16 inputs where ``bf16_enabled()``, else
+        fp32. (The linear op requires x and weight of one dtype, so bf16 x means bf16 weight.)"""
+        return torch.bfloat16 if dtype == torch.bfloat16 and bf16_enabled() else torch.float32
 
     @staticmethod
     def bytes_per_class(sw) -> int:
         p = sw.p
-        # the logits chunk, a converted teacher chunk, fp32 weight/gradient rows of half weights
-        per_col = 4 * p.batch * (2 if (p.teacher_logits is not None and p.teacher_logits.dtype != torch.float32)
-                                 else 1)
-        if sw.linear and p.weight.dtype != torch.float32:
+        # the logits chunk (work dtype), a converted teacher chunk, fp32 weight/gradient rows of converted weights
+        per_col = sw.buf_itemsize * p.batch
+        if p.teacher_logits is not None and p.teacher_logits.dtype != torch.float32:
+            per_col += 4 * p.batch
+        if sw.linear and p.weight.dtype != sw.work_dtype:
             per_col += 8 * sw.H
         return per_col
 
@@ -104,6 +130,11 @@ class CpuEpilogue:
         p, a = sw.p, _C.SoftTargetChunkParams()
         lo_t, seg_t = sw.plan.tables(c, torch.device("cpu"), torch.long)
         a.u, a.ld = _ptr(u), u.stride(0) if u is not None else c.hi - c.lo
+        if u is not None:
+            if u.dtype not in _SCORES_DTYPES or u.stride(1) != 1:
+                raise ValueError(f"u: the epilogue reads fp32 or bf16 scores with unit column stride, got {u.dtype} "
+                                 f"with strides {tuple(u.stride())}")
+            a.scores_dtype = _SCORES_DTYPES[u.dtype]
         a.rows, a.ncols, a.col0 = r1 - r0, c.hi - c.lo, c.lo
         a.npieces, a.piece_lo, a.piece_seg, a.num_segments = len(c.piece_seg), lo_t.data_ptr(), seg_t.data_ptr(), sw.G
         a.phases, a.softmax, a.inv_t, a.t2 = phases, int(sw.softmax), 1.0 / p.temperature, p.temperature ** 2
