@@ -152,29 +152,6 @@ def verticals_of(segments: Sequence[int], class_range: Tuple[int, int]) -> range
 
 # ---------------------------------------------------------------------------------------------- collectives
 
-class _GatherRows(torch.autograd.Function):
-    """Each rank's rows of the batch, all-gathered in rank order into the whole batch. Backward keeps this rank's
-    rows of the gradient: the vocab-parallel op has already summed dx over ranks, so every rank holds the whole
-    batch's gradient and no second reduction is needed."""
-
-    @staticmethod
-    def forward(ctx, h, counts, rank_):
-        start = sum(counts[:rank_])
-        ctx.rows = (start, start + counts[rank_])
-        m = max(counts)
-        pad = h.new_zeros((m,) + tuple(h.shape[1:]))
-        pad[:h.shape[0]] = h
-        _record("gather_hidden", pad.new_empty((m * len(counts),) + tuple(h.shape[1:])))
-        out = [torch.empty_like(pad) for _ in counts]
-        dist.all_gather(out, pad.contiguous())
-        return torch.cat([t[:c] for t, c in zip(out, counts)])
-
-    @staticmethod
-    def backward(ctx, grad):
-        a, b = ctx.rows
-        return grad[a:b], None, None
-
-
 def _gather_dim0_to_main(t: torch.Tensor, counts: List[int]) -> Optional[torch.Tensor]:
     """The ranks' shards of a tensor (rows along dim 0, ``counts`` per rank) concatenated on rank 0; None
     elsewhere."""
@@ -287,12 +264,13 @@ class StudentShards:
              target_value: torch.Tensor) -> torch.Tensor:
         """The global batch's loss (the same on every rank), from this rank's rows ``x_rows`` and the whole
         batch's targets (global class ids)."""
-        h = _GatherRows.apply(model(x_rows), row_counts(batch, world()), self.rank)
         return vocab_parallel_linear_soft_target_loss(
-            h, model.head.weight, model.head.bias, class_range=self.class_range, num_classes=self.num_classes,
+            model(x_rows), model.head.weight, model.head.bias, class_range=self.class_range,
+            num_classes=self.num_classes,
             target_index=target_index, target_value=target_value, mode="sigmoid", segments=self.segments,
             scale=model.scale, scale_kind=None if model.scale is None else
-            ("class" if model.scale_kind == "class" else "segment"), backend=model.backend)
+            ("class" if model.scale_kind == "class" else "segment"), backend=model.backend,
+            x_rows=row_counts(batch, world()))
 
     def reduce_gradients(self, model: nn.Module) -> None:
         """Sums the replicated parameters' gradients over ranks (one flat all-reduce): each rank's backward saw
@@ -346,9 +324,10 @@ class StudentShards:
 
 def step_bytes(model: nn.Module, batch: int, world_size: int, dtype: torch.dtype = torch.float32) -> Dict[str, int]:
     """Bytes of the collectives of one student step, per rank, for a student (unsharded or sharded) on
-    ``world_size`` ranks: the hidden units' all-gather (padded to the largest row block), the op's own
-    (``kc_kernels.distributed.communication_bytes``: class ranges, per-row loss, dx, a per-vertical scale's
-    gradient) and the replicated parameters' gradient all-reduce. ``logits_avoided``: the [B, N] logits and their
+    ``world_size`` ranks: the op's own (``kc_kernels.distributed.communication_bytes`` with the hidden units
+    sharded by rows: their all-gather and the reduce-scatter of their gradient, both padded to the largest row
+    block; class ranges, per-row loss, a per-vertical scale's gradient) and the replicated parameters' gradient
+    all-reduce. ``logits_avoided``: the [B, N] logits and their
     gradient that one process would otherwise hold."""
     from kc_kernels.distributed import communication_bytes
 
@@ -359,11 +338,9 @@ def step_bytes(model: nn.Module, batch: int, world_size: int, dtype: torch.dtype
     scale = {"vertical": "segment", "class": "class"}.get(model.scale_kind)
     op = communication_bytes(batch, width, N, world_size, segments=segments,
                              class_ranges=vertical_shards(segments, world_size), scale=scale,
-                             grouped=grouped, dtype=dtype)
+                             grouped=grouped, dtype=dtype, x_rows=row_counts(batch, world_size))
     elem = torch.empty((), dtype=dtype).element_size()
-    per_row = (len(segments) - 1) * width if grouped else width
     out = {k: v for k, v in op.items() if k not in ("total", "logits_avoided")}
-    out["gather_hidden"] = max(row_counts(batch, world_size)) * world_size * per_row * elem
     sharded = {"head.weight", "head.bias"} | ({"log_scale"} if model.scale_kind == "class" else set())
     out["grad_replicated"] = sum(p.numel() for n, p in model.named_parameters()
                                  if n not in sharded and n != "log_scale") * elem

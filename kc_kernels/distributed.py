@@ -158,6 +158,57 @@ class _CopyToRanks(torch.autograd.Function):
         return _all_reduce(ctx.name, grad.contiguous().clone(), ctx.group), None, None
 
 
+class _GatherRows(torch.autograd.Function):
+    """x sharded by rows (rank r holds ``counts[r]`` consecutive rows of the batch): forward all-gathers the
+    whole batch (each share padded to the largest), backward reduce-scatters dx, so that each rank receives the
+    sum over ranks of its own rows' gradient: half the traffic of all-reducing the whole dx."""
+
+    @staticmethod
+    def forward(ctx, x, counts, group):
+        world, rank = _world(group), dist.get_rank(group) if _world(group) > 1 else 0
+        m = max(counts)
+        ctx.counts, ctx.group, ctx.rank, ctx.m = counts, group, rank, m
+        pad = x.new_zeros((m,) + tuple(x.shape[1:]))
+        pad[:x.shape[0]] = x
+        out = x.new_empty((world * m,) + tuple(x.shape[1:]))
+        _record("gather_x", out)
+        if world > 1:
+            dist.all_gather_into_tensor(out, pad, group=group)
+        else:
+            out.copy_(pad)
+        return torch.cat([out[r * m:r * m + c] for r, c in enumerate(counts)])
+
+    @staticmethod
+    def backward(ctx, grad):
+        counts, m = ctx.counts, ctx.m
+        pad = grad.new_zeros((len(counts) * m,) + tuple(grad.shape[1:]))
+        start = 0
+        for r, c in enumerate(counts):
+            pad[r * m:r * m + c] = grad[start:start + c]
+            start += c
+        _record("grad_x", pad)
+        out = grad.new_empty((m,) + tuple(grad.shape[1:]))
+        if len(counts) > 1:
+            dist.reduce_scatter_tensor(out, pad, group=ctx.group)
+        else:
+            out.copy_(pad)
+        return out[:counts[ctx.rank]], None, None
+
+
+def _check_rows(x_rows, x: torch.Tensor, group) -> List[int]:
+    world = _world(group)
+    try:
+        counts = [int(c) for c in x_rows]
+    except (TypeError, ValueError):
+        _fail("x_rows", f"expected a sequence of row counts, one per rank, got {x_rows!r}")
+    if len(counts) != world or any(c < 0 for c in counts) or sum(counts) == 0:
+        _fail("x_rows", f"needs {world} row counts >= 0 (one per rank, rank order) with a positive sum, got {counts}")
+    rank = dist.get_rank(group) if world > 1 else 0
+    if x.shape[0] != counts[rank]:
+        _fail("x", f"this rank holds {x.shape[0]} rows but x_rows gives it {counts[rank]}")
+    return counts
+
+
 class _SumOverRanks(torch.autograd.Function):
     """Sums the per-row loss over ranks. Backward is the identity: every rank holds the same global loss and
     back-propagates the same gradient into it."""
@@ -487,7 +538,8 @@ def vocab_parallel_linear_soft_target_loss(
         target_value: Optional[torch.Tensor] = None, teacher_logits: Optional[torch.Tensor] = None,
         mode: str = "sigmoid", segments=None, scale: Optional[torch.Tensor] = None, temperature: float = 1.0,
         sample_weight: Optional[torch.Tensor] = None, reduction: str = "mean", backend: str = "auto",
-        memory_budget: Optional[int] = None, group=None, scale_kind: Optional[str] = None) -> torch.Tensor:
+        memory_budget: Optional[int] = None, group=None, scale_kind: Optional[str] = None,
+        x_rows: Optional[Sequence[int]] = None) -> torch.Tensor:
     """``linear_soft_target_loss`` with the classes sharded over the ranks of ``group``.
 
     This rank holds classes ``class_range = (lo, hi)`` of ``num_classes``: ``weight_shard`` [hi - lo, H] and
@@ -500,7 +552,14 @@ def vocab_parallel_linear_soft_target_loss(
 
     Returns the global loss, the same on every rank; backward sums dx over ranks and leaves the weight, bias and
     per-class scale gradients local to the shard. Every rank must call this with the same shapes and options.
+
+    With ``x_rows`` (row counts, one per rank, in rank order) x is sharded by rows instead: this rank holds its
+    ``x_rows[rank]`` consecutive rows of the batch (the targets, teacher logits and sample weights still cover
+    the whole batch). The op all-gathers x and, in backward, reduce-scatters dx: each rank gets its own rows'
+    gradient, summed over the ranks' classes, for half the traffic of an all-reduce of the whole dx.
     """
+    if x_rows is not None:
+        x = _GatherRows.apply(x, _check_rows(x_rows, x, group), group)
     lo, hi = (int(v) for v in class_range)
     V = int(num_classes)
     bounds = [0, V] if segments is None else _bounds_of(segments)[1]
@@ -520,7 +579,7 @@ def vocab_parallel_linear_soft_target_loss(
                                                else scale_kind == "segment")
     plan = _make_plan(lo, hi, bounds, ranges, needs_stats=mode == "softmax" or scale is not None)
 
-    x_all = _CopyToRanks.apply(x, group, "grad_x")
+    x_all = x if x_rows is not None else _CopyToRanks.apply(x, group, "grad_x")  # gathered rows: dx is scattered
     scale_all = _CopyToRanks.apply(scale, group, "grad_scale") if scale_per_segment else scale
     kw = dict(target_index=target_index, target_value=target_value, teacher_logits=teacher_logits, mode=mode,
               temperature=float(temperature))
@@ -698,12 +757,16 @@ def vocab_parallel_sampled_softmax_loss(
 def communication_bytes(batch: int, hidden: int, num_classes: int, world_size: int, *, segments=None,
                         class_ranges: Optional[List[Tuple[int, int]]] = None, mode: str = "sigmoid",
                         scale: Optional[str] = None, dense_teacher: bool = False, grouped: bool = False,
-                        dtype: torch.dtype = torch.float32) -> Dict[str, int]:
+                        dtype: torch.dtype = torch.float32, x_rows: Optional[Sequence[int]] = None
+                        ) -> Dict[str, int]:
     """Bytes of every collective of one forward + backward step, per rank (numel x element size of the tensor
-    reduced or gathered; a ring all-reduce moves about 2 (W - 1) / W times that over each rank's link).
+    reduced or gathered; a ring all-reduce moves about 2 (W - 1) / W times that over each rank's link, a ring
+    all-gather or reduce-scatter (W - 1) / W times).
 
-    ``scale``: None, "segment" or "class"; ``class_ranges`` defaults to ``shard_classes(segments, W)``. Also
-    returns ``logits_avoided``: the [B, V] logits and their gradient in ``dtype`` that the op never holds.
+    ``scale``: None, "segment" or "class"; ``class_ranges`` defaults to ``shard_classes(segments, W)``;
+    ``x_rows``: x sharded by rows (the op's argument): x is all-gathered and dx reduce-scattered, both padded to
+    the largest share. Also returns ``logits_avoided``: the [B, V] logits and their gradient in ``dtype`` that
+    the op never holds.
     """
     bounds = [0, num_classes] if segments is None else _bounds_of(segments)[1]
     ranges = class_ranges or shard_classes(bounds if segments is not None else num_classes, world_size)
@@ -721,7 +784,13 @@ def communication_bytes(batch: int, hidden: int, num_classes: int, world_size: i
     if S and scale:
         out["scale_term"] = batch * S * stat
     out["loss"] = batch * stat
-    out["grad_x"] = batch * (G if grouped else 1) * hidden * elem
+    per_row = (G if grouped else 1) * hidden * elem
+    if x_rows is not None:
+        padded_rows = max(x_rows) * len(x_rows)
+        out["gather_x"] = padded_rows * per_row
+        out["grad_x"] = padded_rows * per_row  # reduce-scattered: half an all-reduce's traffic
+    else:
+        out["grad_x"] = batch * per_row
     if scale == "segment":
         out["grad_scale"] = G * elem
     out["total"] = sum(out.values())

@@ -23,9 +23,11 @@ SMALL_BUDGET = 1500  # a few columns per block, so the split-segment path walks 
 
 
 def case(name, mode="sigmoid", target_form="sparse", scale_kind=None, G=5, shards="aligned", reduction="mean",
-         sample_weight=False, grouped=False, temperature=1.0, seed=0):
+         sample_weight=False, grouped=False, temperature=1.0, seed=0, x_rows=None):
+    """x_rows: x sharded by rows (counts per rank), all-gathered by the op and dx reduce-scattered."""
     return dict(name=name, mode=mode, target_form=target_form, scale_kind=scale_kind, G=G, shards=shards,
-                reduction=reduction, sample_weight=sample_weight, grouped=grouped, temperature=temperature, seed=seed)
+                reduction=reduction, sample_weight=sample_weight, grouped=grouped, temperature=temperature, seed=seed,
+                x_rows=x_rows)
 
 
 CASES = {
@@ -42,6 +44,10 @@ CASES = {
         case("softmax one segment split", mode="softmax", G=None, shards="even", temperature=1.5, seed=5),
         case("sigmoid split, grouped, class scale", scale_kind="class", shards=[(0, 10), (10, V)], grouped=True,
              reduction="sum", seed=6),
+        case("softmax split, rows sharded, segment scale", mode="softmax", scale_kind="segment",
+             shards=[(0, 12), (12, V)], reduction="none", seed=14, x_rows=[4, 2]),
+        case("sigmoid aligned, rows sharded, grouped", grouped=True, reduction="sum", sample_weight=True, seed=15,
+             x_rows=[3, 3]),
     ],
     3: [
         case("softmax uneven split, dense, segment scale, weights", mode="softmax", target_form="dense",
@@ -57,6 +63,8 @@ CASES = {
         case("softmax aligned, dense, grouped", mode="softmax", target_form="dense", grouped=True, seed=12),
         case("softmax split, dense, grouped, segment scale", mode="softmax", target_form="dense",
              scale_kind="segment", grouped=True, shards="even", reduction="none", temperature=0.7, seed=13),
+        case("softmax split, dense, rows sharded, a rank without rows", mode="softmax", target_form="dense",
+             shards="even", seed=16, x_rows=[4, 0, 2]),
     ],
 }
 
@@ -107,15 +115,21 @@ def _run_case(rank, world, c):
         scale = scale.detach()[lo:hi].clone().requires_grad_(True)
     if c["target_form"] == "dense":
         targets = {"teacher_logits": p["teacher_logits"][:, lo:hi]}
+    x, full_dx, sharded = mine["x"], full["x"].grad, {}
+    if c["x_rows"] is not None:
+        r0 = sum(c["x_rows"][:rank])
+        rows = slice(r0, r0 + c["x_rows"][rank])
+        x = mine["x"].detach()[rows].clone().requires_grad_(True)
+        full_dx, sharded = full_dx[rows], {"x_rows": c["x_rows"]}
     with count_communication() as log:
         loss = kc_kernels.vocab_parallel_linear_soft_target_loss(
-            mine["x"], shard["weight"], shard["bias"], class_range=(lo, hi), num_classes=V, scale=scale,
-            **targets, **opts, memory_budget=SMALL_BUDGET)
+            x, shard["weight"], shard["bias"], class_range=(lo, hi), num_classes=V, scale=scale,
+            **targets, **opts, memory_budget=SMALL_BUDGET, **sharded)
         _backward(loss, c["reduction"])
 
     what = f"[{c['name']}, rank {rank}/{world}, ranges {ranges}]"
     assert_close(loss, ref, torch.float32, f"loss {what}")
-    assert_close(mine["x"].grad, full["x"].grad, torch.float32, f"dx {what}")
+    assert_close(x.grad, full_dx, torch.float32, f"dx {what}")
     assert_close(shard["weight"].grad, full["weight"].grad[lo:hi], torch.float32, f"dW {what}")
     assert_close(shard["bias"].grad, full["bias"].grad[lo:hi], torch.float32, f"dbias {what}")
     if c["scale_kind"] == "segment":
@@ -125,7 +139,7 @@ def _run_case(rank, world, c):
 
     expected = communication_bytes(B, H, V, world, segments=bounds, class_ranges=ranges, mode=c["mode"],
                                    scale=c["scale_kind"], dense_teacher=c["target_form"] == "dense",
-                                   grouped=c["grouped"])
+                                   grouped=c["grouped"], x_rows=c["x_rows"])
     measured = {}
     for name, n in log:
         measured[name] = measured.get(name, 0) + n
@@ -256,6 +270,13 @@ def test_bad_class_range_is_a_value_error(gen):
         kc_kernels.vocab_parallel_linear_soft_target_loss(p["x"], p["weight"][:10], class_range=(0, 10),
                                                           num_classes=V, target_index=p["target_index"],
                                                           target_value=p["target_value"])
+    kw = dict(class_range=(0, V), num_classes=V, target_index=p["target_index"], target_value=p["target_value"])
+    for rows, arg in (([B, 1], "x_rows"), ([B + 1], "x"), ("six", "x_rows"), ([0], "x_rows")):
+        with pytest.raises(ValueError, match=f"^{arg}:"):
+            kc_kernels.vocab_parallel_linear_soft_target_loss(p["x"], p["weight"], x_rows=rows, **kw)
+    one = kc_kernels.vocab_parallel_linear_soft_target_loss(p["x"], p["weight"], x_rows=[B], **kw)
+    assert_close(one, kc_kernels.linear_soft_target_loss(p["x"], p["weight"], target_index=p["target_index"],
+                                                         target_value=p["target_value"]), torch.float32, "x_rows")
 
 
 def test_bytes_per_step_are_a_small_fraction_of_the_logits():
