@@ -13,6 +13,7 @@ teacher logits, and O(B * G) statistics.
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 from typing import Optional, Tuple
 
 import torch
@@ -34,6 +35,11 @@ def _ptr(t: Optional[torch.Tensor]) -> int:
 BF16_ENV = "KC_CPU_BF16"
 
 
+@lru_cache(maxsize=1)
+def _native_bf16() -> bool:
+    return bool(_C.native_bf16())
+
+
 def bf16_enabled() -> bool:
     """Whether bf16 inputs run the bf16 path (bf16 GEMMs and scores). ``KC_CPU_BF16``: unset or "auto" = where the
     CPU has native bf16 (``_C.native_bf16()``: AVX512-BF16 or AMX-BF16; elsewhere bf16 GEMMs are emulated and slower
@@ -41,7 +47,7 @@ def bf16_enabled() -> bool:
     emulated: same results, for tests)."""
     mode = os.environ.get(BF16_ENV, "auto").strip().lower()
     if mode in ("", "auto"):
-        return bool(_C.native_bf16())
+        return _native_bf16()
     if mode in ("0", "1"):
         return mode == "1"
     raise ValueError(f"{BF16_ENV}: must be 0, 1 or auto, got {mode!r}")
