@@ -35,6 +35,7 @@ SCALE_NONE, SCALE_SEGMENT, SCALE_CLASS = 0, 1, 2
 NORM_EPS = 1e-12
 MIN_CHUNK = 256
 ROW_ALIGN_BYTES = 64
+HALF_ADD_BLOCKS = 4  # row blocks whose half-precision dW may be summed in place (one rounding each)
 
 
 def check_layout(lib, name: str) -> None:
@@ -272,17 +273,23 @@ class Sweep:
         n = hi - lo
         c = Chunk(lo, hi, (0, n), (g,), True)
         block = min(p.batch, max(32, self.buf.numel() // self.row_stride(n)))
-        dw = None  # rows of dW accumulated over the row blocks, in fp32 when dW is not
+        # dW_seg accumulates over the row blocks: in place when dW is fp32, or half with at most HALF_ADD_BLOCKS
+        # blocks (each addmm_ rounds the running sum once, fp32 inside the GEMM: a few roundings, against a fresh
+        # [n, H] half GEMM output converted and added per block, which ran the bf16 CPU op at 1.87x its floor
+        # instead of 1.31x); else in an fp32 accumulator
+        blocks = -(-p.batch // block)
+        dw = None
         if coef is not None and self.dw is not None:
-            dw = self.dw[lo:hi] if self.dw.dtype == torch.float32 else torch.empty(
-                n, self.H, dtype=torch.float32, device=self.device)
+            in_place = (self.dw.dtype == torch.float32
+                        or (self.dw.dtype == self.work_dtype and blocks <= HALF_ADD_BLOCKS))
+            dw = self.dw[lo:hi] if in_place else torch.empty(n, self.H, dtype=torch.float32, device=self.device)
         for r0 in range(0, p.batch, block):
             r1 = min(p.batch, r0 + block)
             u = self.logits(c, r0, r1)
             self.ep.run(self, c, u, phases, coef, (r0, r1))
             if coef is not None:
                 self.accumulate_grads(c, u, r0, r1, dw=dw, add=r0 > 0)
-        if dw is not None and self.dw.dtype != torch.float32:
+        if dw is not None and dw.data_ptr() != self.dw[lo:hi].data_ptr():
             self.dw[lo:hi].copy_(dw)
 
     def run(self, coef: Optional[torch.Tensor], needs: Sequence[str] = ("x", "weight", "bias", "logits", "scale")
