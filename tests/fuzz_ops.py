@@ -32,8 +32,9 @@ gradient element may differ by 4 x the gradient computed with absolute values th
 (rtol + max dy + the output dtype's unit) x the magnitude of the terms of dL/dy (s + z for sigmoid, T^2 (m p + z)
 for softmax, p growing by at most e^(2 dy)) plus the error the targets' dz causes, plus the output dtype's rounding
 and, near underflow, the spacing of its subnormals. rtol is tests.helpers.TOLERANCES of the precision the backend
-computes in (cpu: fp32 for every input dtype of the soft-target ops; triton: the input dtype; reference and sampled
-softmax: fp32, or fp64 for fp64 inputs). For ordinary inputs this is the usual dtype tolerance; at |logits| ~ 1e4
+computes in (cpu: fp32 for every input dtype of the soft-target ops, except bf16 x and weight where the CPU has
+native bf16: bf16 scores, as triton; triton: the input dtype; reference and sampled softmax: fp32, or fp64 for fp64
+inputs). For ordinary inputs this is the usual dtype tolerance; at |logits| ~ 1e4
 in half precision the rounding of u alone moves the logits by several units, and the bound says so instead of the
 fuzz avoiding such cases.
 """
@@ -518,9 +519,17 @@ def precision(c: dict) -> Tuple[float, float, float]:
     dt = DTYPES[c["dtype"]]
     if c["backend"] == "triton" and c["op"] != "sampled":
         return UNIT[dt], UNIT[torch.float32], TOLERANCES[dt][0]
+    if c["backend"] == "cpu" and c["op"] == "linear" and _cpu_work_dtype(dt) == dt:
+        return UNIT[dt], UNIT[torch.float32], TOLERANCES[dt][0]  # the bf16 CPU path: bf16 GEMMs and scores
     if dt == torch.float64 and (c["backend"] == "reference" or c["op"] == "sampled"):
         return UNIT[dt], UNIT[dt], TOLERANCES[dt][0]
     return UNIT[torch.float32], UNIT[torch.float32], TOLERANCES[torch.float32][0]
+
+
+def _cpu_work_dtype(dt: torch.dtype) -> torch.dtype:
+    from kc_kernels.cpu.soft_target import CpuEpilogue
+
+    return CpuEpilogue.work_dtype(dt)
 
 
 def _seg_sum(v: torch.Tensor, seg: torch.Tensor, G: int) -> torch.Tensor:
