@@ -512,16 +512,6 @@ def _chunked_soft_target_backward_fake(grad_loss, inp, weight, bias, scale, *res
 _TENSOR_ARGS = 8  # inp .. sample_weight; then bounds, mode, reduction, temperature, backend, memory_budget, needs
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:_TENSOR_ARGS])
-    ctx.options = inputs[_TENSOR_ARGS:]
-    # the gradients made in the forward: not differentiable themselves, so holding them on ctx makes no cycle
-    ctx.mark_non_differentiable(*output[1:])
-    # no zero gradients made up for those outputs in backward: that was a [V, H] fill (and its page faults) per step
-    ctx.set_materialize_grads(False)
-    ctx.grads = list(output[1:]) if inputs[-1] and inputs[_TENSOR_ARGS + 2] != "none" else None
-
-
 def _eager(t: torch.Tensor) -> bool:
     """A real tensor outside any tracing: only then may the host read it or the saved gradients be scaled in
     place."""
@@ -539,18 +529,36 @@ def _scaled(grads, grad_loss: torch.Tensor):
     return grads
 
 
-def _backward(ctx, grad_loss, *unused):
-    needs = ctx.options[-1]
-    grads, ctx.grads = ctx.grads, None  # used once: a second backward (retain_graph) walks again
-    if grads is not None:
-        grads = _scaled(grads, grad_loss)
-    else:
-        grads = chunked_soft_target_backward(grad_loss, *ctx.saved_tensors, *ctx.options)
-    result = [g if needs >> i & 1 else None for i, g in enumerate(grads)]
-    return tuple(result) + (None,) * (_TENSOR_ARGS + len(ctx.options) - GRAD_INPUTS)
+def register_forward_made_grads(op, backward_op, tensor_args: int, grad_inputs: int) -> None:
+    """Autograd of a custom op whose outputs are (loss, one gradient per slot) and whose arguments are
+    ``tensor_args`` tensors, then options ending with ``reduction``, backend, ..., ``needs`` (the gradient bitmask,
+    last). For reduction "mean"/"sum" the forward made the gradients: backward only scales them by the scalar
+    grad_output (once: a second backward, and reduction "none", call ``backward_op`` to make them again)."""
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:tensor_args])
+        ctx.options = inputs[tensor_args:]
+        # the gradients made in the forward: not differentiable themselves, so holding them on ctx makes no cycle
+        ctx.mark_non_differentiable(*output[1:])
+        # no zero gradients made up for those outputs in backward: that was a [V, H] fill (and its page faults)
+        # per step
+        ctx.set_materialize_grads(False)
+        ctx.grads = list(output[1:]) if inputs[-1] and inputs[tensor_args + 2] != "none" else None
+
+    def backward(ctx, grad_loss, *unused):
+        needs = ctx.options[-1]
+        grads, ctx.grads = ctx.grads, None  # used once: a second backward (retain_graph) makes them again
+        if grads is not None:
+            grads = _scaled(grads, grad_loss)
+        else:
+            grads = backward_op(grad_loss, *ctx.saved_tensors, *ctx.options)
+        result = [g if needs >> i & 1 else None for i, g in enumerate(grads)]
+        return tuple(result) + (None,) * (tensor_args + len(ctx.options) - grad_inputs)
+
+    op.register_autograd(backward, setup_context=setup_context)
 
 
-chunked_soft_target.register_autograd(_backward, setup_context=_setup_context)
+# options after the tensors: bounds, mode, reduction (index 2), temperature, backend, memory_budget, needs
+register_forward_made_grads(chunked_soft_target, chunked_soft_target_backward, _TENSOR_ARGS, GRAD_INPUTS)
 
 
 def _needs_mask(*tensors: Optional[torch.Tensor]) -> int:

@@ -296,30 +296,14 @@ def _sampled_softmax_backward_fake(grad_loss, x, weight, bias, *rest):
     return _grad_slots(x, weight, bias, rest[-1], None)
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:_TENSOR_ARGS])
-    ctx.options = inputs[_TENSOR_ARGS:]
-    # the gradients made in the forward: not differentiable themselves, so holding them on ctx makes no cycle
-    ctx.mark_non_differentiable(*output[1:])
-    # no zero gradients made up for those outputs in backward: that was a [V, H] fill (and its page faults) per step
-    ctx.set_materialize_grads(False)
-    ctx.grads = list(output[1:]) if inputs[-1] and inputs[_TENSOR_ARGS + 2] != "none" else None
+def _register_autograd() -> None:
+    from kc_kernels.chunked import register_forward_made_grads
+
+    # options after the tensors: remove_accidental_hits, subtract_log_q, reduction (index 2), backend, needs
+    register_forward_made_grads(sampled_softmax, sampled_softmax_backward, _TENSOR_ARGS, 3)
 
 
-def _backward(ctx, grad_loss, *unused):
-    from kc_kernels.chunked import _scaled
-
-    needs = ctx.options[-1]
-    grads, ctx.grads = ctx.grads, None  # used once: a second backward (retain_graph) computes them again
-    if grads is not None:
-        grads = _scaled(grads, grad_loss)
-    else:
-        grads = sampled_softmax_backward(grad_loss, *ctx.saved_tensors, *ctx.options)
-    result = [g if needs >> i & 1 else None for i, g in enumerate(grads)]
-    return tuple(result) + (None,) * (_TENSOR_ARGS + len(ctx.options) - 3)
-
-
-sampled_softmax.register_autograd(_backward, setup_context=_setup_context)
+_register_autograd()
 
 
 def call_op(p, backend: str) -> torch.Tensor:
