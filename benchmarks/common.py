@@ -22,6 +22,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 import kc_kernels
+from kc_kernels import chunked
 
 SHAPES = {
     # name: (B, H, V)
@@ -200,9 +201,7 @@ def floor_fn(p: Problem) -> Callable[[], object]:
     x, w = p.x.detach(), p.weight.detach()
     # rows an odd number of 64-byte lines apart: the fastest layout for BLAS here (a power-of-two row stride, e.g.
     # 8192 fp32 classes, aliases in the caches), so that no implementation beats its floor by layout alone
-    per_line = max(1, 64 // x.element_size())
-    lines = -(-w.shape[0] // per_line)
-    ld = (lines + 1 - lines % 2) * per_line
+    ld = chunked.padded_row_stride(w.shape[0], x.element_size())
     buf = torch.empty(x.shape[0], ld, dtype=x.dtype, device=x.device)[:, :w.shape[0]]
     dx = torch.empty_like(x)
     dw = torch.empty_like(w)

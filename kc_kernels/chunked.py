@@ -38,6 +38,16 @@ ROW_ALIGN_BYTES = 64
 HALF_ADD_BLOCKS = 4  # row blocks whose half-precision dW may be summed in place (one rounding each)
 
 
+def padded_row_stride(cols: int, itemsize: int) -> int:
+    """Row stride (in elements) for rows of ``cols`` values: an odd number of 64-byte lines. Whole lines, because
+    BLAS runs measurably slower on unaligned leading dimensions; an odd count, because a stride of a power of two
+    bytes (a 16384-class chunk in fp32 is 64 KiB a row) maps the rows onto the same cache sets: at B=1024, V=100K
+    the three GEMMs over such chunks took 1.37x the floor, over 16400-wide rows 1.02x."""
+    per_line = max(1, ROW_ALIGN_BYTES // itemsize)
+    lines = -(-cols // per_line)
+    return (lines + 1 - lines % 2) * per_line
+
+
 def check_layout(lib, name: str) -> None:
     """The compiled kernels of ``lib`` index states, consts, phases and scale kinds by their own enums (exported
     from csrc/common/soft_target_layout.h): they must be the constants above, or the extension is stale."""
@@ -189,13 +199,7 @@ class Sweep:
 
     # ------------------------------------------------------------------ GEMM pieces
     def row_stride(self, cols: int) -> int:
-        """Row stride of a [rows, cols] scratch block: an odd number of 64-byte lines. Whole lines, because BLAS
-        runs measurably slower on unaligned leading dimensions; an odd count, because a stride of a power of two
-        bytes (a 16384-class chunk in fp32 is 64 KiB a row) maps the rows onto the same cache sets: at B=1024,
-        V=100K the three GEMMs over such chunks took 1.37x the floor, over 16400-wide rows 1.02x."""
-        per_line = max(1, ROW_ALIGN_BYTES // self.buf_itemsize)
-        lines = -(-cols // per_line)
-        return (lines + 1 - lines % 2) * per_line
+        return padded_row_stride(cols, self.buf_itemsize)
 
     def scratch(self, rows: int, cols: int) -> torch.Tensor:
         ld = self.row_stride(cols)
@@ -561,14 +565,15 @@ def register_forward_made_grads(op, backward_op, tensor_args: int, grad_inputs: 
 register_forward_made_grads(chunked_soft_target, chunked_soft_target_backward, _TENSOR_ARGS, GRAD_INPUTS)
 
 
-def _needs_mask(*tensors: Optional[torch.Tensor]) -> int:
+def needs_mask(*tensors: Optional[torch.Tensor]) -> int:
+    """The gradient bitmask of an op call: bit i set when tensors[i] needs a gradient (none without grad mode)."""
     if not torch.is_grad_enabled():
         return 0
     return sum(1 << i for i, t in enumerate(tensors) if t is not None and t.requires_grad)
 
 
 def _call(p, inp: torch.Tensor, weight, bias, backend: str, memory_budget: int) -> torch.Tensor:
-    needs = _needs_mask(inp, weight, bias, p.scale)
+    needs = needs_mask(inp, weight, bias, p.scale)
     out = chunked_soft_target(inp, weight, bias, p.scale, p.target_index, p.target_value, p.teacher_logits,
                               p.sample_weight, list(p.bounds), p.mode, p.reduction, float(p.temperature), backend,
                               int(memory_budget), needs)

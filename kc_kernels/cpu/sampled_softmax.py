@@ -16,10 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
+from kc_kernels.chunked import padded_row_stride
 from kc_kernels.ops import sampled_softmax_autograd as autograd_
 from kc_kernels.ops.sampled_softmax_autograd import RowGradients
-
-ROW_ALIGN_BYTES = 64
 
 
 @dataclass
@@ -35,13 +34,6 @@ class _State:
     dlogit_true: torch.Tensor  # [B, T] softmax minus target of the true logits (0 where padded)
 
 
-def padded(columns: int, itemsize: int) -> int:
-    """``columns`` rounded up to an odd number of 64-byte lines (see kc_kernels.chunked.Sweep.row_stride)."""
-    per_line = max(1, ROW_ALIGN_BYTES // itemsize)
-    lines = -(-columns // per_line)
-    return (lines + 1 - lines % 2) * per_line
-
-
 class _CpuSampledSoftmax:
     def forward(self, p, need_grad: bool):
         dt = autograd_.compute_dtype(p.x.dtype)
@@ -54,7 +46,8 @@ class _CpuSampledSoftmax:
         safe = labels.clamp(min=0)
         x = p.x.to(dt)
 
-        w_sampled = torch.zeros(padded(S, torch.empty((), dtype=dt).element_size()), H, dtype=p.weight.dtype)
+        w_sampled = torch.zeros(padded_row_stride(S, torch.empty((), dtype=dt).element_size()), H,
+                                dtype=p.weight.dtype)
         torch.index_select(p.weight, 0, ids, out=w_sampled[:S])
         w_sampled = w_sampled.to(dt)
         w_true = p.weight.index_select(0, safe.reshape(-1)).to(dt).view(B, T, H)

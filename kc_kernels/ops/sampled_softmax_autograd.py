@@ -308,9 +308,9 @@ _register_autograd()
 
 def call_op(p, backend: str) -> torch.Tensor:
     """The op on a validated problem with dense gradients, computed by ``backend``'s impl (see register_impl)."""
-    needs = 0
-    if torch.is_grad_enabled():
-        needs = sum(1 << i for i, t in enumerate((p.x, p.weight, p.bias)) if t is not None and t.requires_grad)
+    from kc_kernels.chunked import needs_mask
+
+    needs = needs_mask(p.x, p.weight, p.bias)
     ids, true_expected, sampled_expected = p.sampled
     out = sampled_softmax(p.x, p.weight, p.bias, p.labels, ids, true_expected, sampled_expected, p.sample_weight,
                           bool(p.remove_accidental_hits), bool(p.subtract_log_q), p.reduction, backend, needs)
