@@ -136,21 +136,6 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:
     return peak_memory(fn, device)[0]
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, repeats: int = 5,
-            warmup: int = 1) -> Tuple[float, float]:
-    """(median, min) wall time of ``fn`` in ms over ``repeats`` calls after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), min(times)
-
-
 # ----------------------------------------------------------------------------------------------- inputs
 
 @dataclass
@@ -304,25 +289,6 @@ def liger_fn(p: Problem) -> Optional[Callable[[], object]]:
         return (p.x.grad, p.weight.grad)
 
     return run
-
-
-def measure(case: str, shape: str, impl: str, fn: Optional[Callable], device, floor_ms: float, repeats: int,
-            note: str = "", warmup: int = 0) -> Row:
-    """Peak memory of one call, then the time of ``repeats`` more. ``warmup`` calls come first (compiled peers:
-    their first call compiles)."""
-    row = Row(case, shape, impl, floor_ms=floor_ms, note=note)
-    if fn is None:
-        row.note = note or "not available"
-        return row
-    try:
-        for _ in range(warmup):
-            fn()
-        row.peak_mb, out_mb = peak_memory(fn, device)
-        row.extra_mb = row.peak_mb - out_mb
-        row.ms, row.ms_min = time_ms(fn, device, repeats=repeats, warmup=0)
-    except (RuntimeError, NotImplementedError, MemoryError) as e:  # e.g. out of memory at the largest shapes
-        row.note = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
-    return row
 
 
 def interleaved(fns: List[Tuple[str, Callable[[], object]]], device, rounds: int) -> Dict[str, List[float]]:
