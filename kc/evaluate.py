@@ -18,8 +18,6 @@ from kc.data import SampleSet
 from kc.models import Specialist, Student
 from kc.taxonomy import Taxonomy
 
-PAIR_BUDGET = 1 << 24  # compared elements per step of the AP count ([N_test, pairs] booleans)
-
 
 def average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
     """Brute-force AP of one class (the definition the chunked version must match); NaN without positives."""
@@ -74,12 +72,17 @@ class StudentScorer(Scorer):
             self.h = _batched(model.hidden, data, row_chunk, device)
             self.norm = None
             if model.scale is not None:
+                # ||u||^2 = h^T (W_v^T W_v) h: the vertical's Gram matrix (float64) instead of all its raw scores
                 M, N = len(self.seg) - 1, self.h.shape[0]
                 self.norm = torch.empty(N, M, device=self.h.device)
                 for v in range(M):
+                    w = model.head.weight[self.seg[v]:self.seg[v + 1]].double()
+                    gram = w.t() @ w
                     for r in range(0, N, row_chunk):
-                        u = model.raw_block(self.h[r:r + row_chunk], self.seg[v], self.seg[v + 1], v)
-                        self.norm[r:r + row_chunk, v] = torch.sqrt((u * u).sum(1) + 1e-12)
+                        h = self.h[r:r + row_chunk]
+                        hv = (h[:, v] if h.dim() == 3 else h).double()
+                        sq = ((hv @ gram) * hv).sum(1).clamp_min(0.0)
+                        self.norm[r:r + row_chunk, v] = torch.sqrt(sq + 1e-12).float()
 
     @torch.no_grad()
     def _scaled(self, h, v, c0, c1, norm):
@@ -150,11 +153,62 @@ class BayesScorer(Scorer):
                          dim=1)
 
 
+ROW_BLOCK = 8192  # rows of a [rows, classes] comparison at a time (stays in cache)
+MAX_THRESHOLD_PASSES = 16  # a class with more test positives has its scores sorted instead
+
+
+def _count_at_least(S: torch.Tensor, t: torch.Tensor) -> np.ndarray:
+    """For every column c of S [N, C]: the number of rows r with S[r, c] >= t[c]."""
+    out = torch.zeros(S.shape[1], dtype=torch.int64, device=S.device)
+    for r in range(0, S.shape[0], ROW_BLOCK):
+        out += (S[r:r + ROW_BLOCK] >= t).sum(0)
+    return out.cpu().numpy()
+
+
+def _chunk_precisions(S: torch.Tensor, row: np.ndarray, col: np.ndarray, npos: np.ndarray) -> np.ndarray:
+    """Precision at each positive (row[k], col[k]) of the scores S [N, C]: #positives of its class scoring >= it
+    / #rows scoring >= it. Pairs come grouped by class (col ascending), npos[c] of class c.
+
+    Every score is compared once per positive of its class, the way a class's threshold pass would, but with no
+    gather of score columns for the common case: pass j compares whole rows of S against the j-th positive score
+    of each class (classes with fewer positives are left out of that pass). A class with many positives has its
+    column sorted once and its thresholds looked up."""
+    N, C = S.shape
+    dev = S.device
+    p = S[torch.from_numpy(row).to(dev), torch.from_numpy(col).to(dev)]
+    start = np.concatenate([[0], np.cumsum(npos)[:-1]])
+    # positives of the same class at or above each pair's score: the end of its run of ties, in a (class, score
+    # descending) order
+    pd = p.double().cpu().numpy()
+    order = np.lexsort((-pd, col))
+    sc, sp = col[order], pd[order]
+    run_end = np.ones(len(sp), dtype=bool)
+    run_end[:-1] = (sc[1:] != sc[:-1]) | (sp[1:] != sp[:-1])
+    end = np.minimum.accumulate(np.where(run_end, np.arange(len(sp)), len(sp))[::-1])[::-1]
+    n_pos = np.empty(len(sp))
+    n_pos[order] = end - start[sc] + 1
+    n_all = np.empty(len(sp))
+    rank = np.arange(len(col)) - start[col]  # a pair's place among its class's positives
+    many = npos > MAX_THRESHOLD_PASSES
+    for j in range(int(min(npos.max(initial=0), MAX_THRESHOLD_PASSES))):
+        sel = np.flatnonzero((rank == j) & ~many[col])
+        if len(sel):
+            cols = col[sel]
+            block = S if len(cols) == C else S[:, torch.from_numpy(cols).to(dev)]
+            n_all[sel] = _count_at_least(block, p[torch.from_numpy(sel).to(dev)])
+    for c in np.flatnonzero(many):
+        sel = np.flatnonzero(col == c)
+        ascending = torch.sort(S[:, c].contiguous()).values
+        t = p[torch.from_numpy(sel).to(dev)].contiguous()
+        n_all[sel] = N - torch.searchsorted(ascending, t, right=False).cpu().numpy()
+    return n_pos / n_all
+
+
 @torch.no_grad()
 def ap_per_class(scorer: Scorer, taxonomy: Taxonomy, data: SampleSet, class_chunk: int,
                  progress: Optional[Callable] = None) -> np.ndarray:
     """AP of every class (NaN where the test split has no positive), in column chunks of classes."""
-    N, V = len(data), taxonomy.num_classes
+    V = taxonomy.num_classes
     colptr, colrows = data.labels.columns(V)
     ap = np.full(V, np.nan)
     seg = taxonomy.segments.tolist()
@@ -165,21 +219,10 @@ def ap_per_class(scorer: Scorer, taxonomy: Taxonomy, data: SampleSet, class_chun
         npos = np.diff(colptr[c0:c1 + 1])
         if npos.sum() == 0:
             continue
-        S = scorer.block(v, c0, c1).float()  # [N, C]
-        col = torch.from_numpy(np.repeat(np.arange(c1 - c0), npos))
-        row = torch.from_numpy(colrows[colptr[c0]:colptr[c1]])
-        Y = torch.zeros(N, c1 - c0, dtype=torch.bool, device=S.device)
-        Y[row, col] = True
-        p = S[row, col]
-        prec = torch.empty(len(p), dtype=torch.float64)
-        step = max(1, PAIR_BUDGET // max(N, 1))
-        for k in range(0, len(p), step):
-            cols = col[k:k + step]
-            ge = S[:, cols] >= p[None, k:k + step]  # [N, pairs]
-            n_all = ge.sum(0)
-            n_pos = (ge & Y[:, cols]).sum(0)
-            prec[k:k + step] = (n_pos.double() / n_all.double()).cpu()
-        sums = torch.zeros(c1 - c0, dtype=torch.float64).index_add_(0, col, prec).numpy()
+        S = scorer.block(v, c0, c1).float().contiguous()  # [N, C]
+        col = np.repeat(np.arange(c1 - c0), npos)
+        prec = _chunk_precisions(S, colrows[colptr[c0]:colptr[c1]], col, npos)
+        sums = np.bincount(col, weights=prec, minlength=c1 - c0)
         has = npos > 0
         ap[c0:c1][has] = sums[has] / npos[has]
     return ap

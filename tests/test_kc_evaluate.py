@@ -33,8 +33,12 @@ class DenseScorer(evaluate.Scorer):
         return self.S[r0:r1]
 
 
-@pytest.mark.parametrize("chunk", [1, 4, 100])
-def test_chunked_ap_matches_brute_force(chunk):
+@pytest.mark.parametrize("chunk,passes,row_block", [(1, 16, 8192), (4, 16, 8192), (100, 16, 8192),
+                                                      (4, 1, 5), (100, 0, 7)])
+def test_chunked_ap_matches_brute_force(chunk, passes, row_block, monkeypatch):
+    # passes: classes with more positives than this are sorted instead of compared pass by pass (0: all sorted)
+    monkeypatch.setattr(evaluate, "MAX_THRESHOLD_PASSES", passes)
+    monkeypatch.setattr(evaluate, "ROW_BLOCK", row_block)
     tax = taxonomy.generate(3, 17, seed=2)
     rng = np.random.default_rng(0)
     N = 41
@@ -62,3 +66,32 @@ def test_top_k_ignores_ancestors():
     S = np.array([[9.0, 5.0, 1.0], [9.0, 5.0, 1.0]], dtype=np.float32)
     acc = evaluate.top_k_accuracy(DenseScorer(S), tax, DenseSet(labels), ks=(1, 2))
     assert acc == {1: 0.5, 2: 1.0}
+
+
+def test_student_scorer_matches_dense_scores():
+    """The scorer's per-vertical norms (from the Gram matrix of the vertical's weights) give the student's own
+    dense logits, with and without the self-paced scale, for FC-FC and grouped SC heads."""
+    from kc import config, models
+
+    tax = taxonomy.generate(3, 40, seed=1)
+    cfg = config.load("tiny", None, {})
+    rng = np.random.default_rng(3)
+    x = torch.from_numpy(rng.standard_normal((23, 16)).astype(np.float32))
+
+    class Rows:
+        def __len__(self):
+            return x.shape[0]
+
+        def inputs(self, idx):
+            return x[torch.from_numpy(np.asarray(idx))]
+
+    for head in ("fc_fc", "fc_sc"):
+        for scale in ("none", "vertical"):
+            torch.manual_seed(0)
+            m = models.build_student(cfg, (16,), tax, head, scale).eval()
+            want = m.scores(x)
+            sc = evaluate.StudentScorer(m, Rows(), row_chunk=7)
+            got = torch.cat([sc.block(v, int(tax.segments[v]), int(tax.segments[v + 1]))
+                             for v in range(tax.num_verticals)], 1)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(sc.rows(5, 17), want[5:17], rtol=1e-5, atol=1e-5)
