@@ -187,7 +187,7 @@ def floor_fn(p: Problem) -> Callable[[], object]:
     # rows an odd number of 64-byte lines apart: the fastest layout for BLAS here (a power-of-two row stride, e.g.
     # 8192 fp32 classes, aliases in the caches), so that no implementation beats its floor by layout alone
     ld = chunked.padded_row_stride(w.shape[0], x.element_size())
-    buf = torch.empty(x.shape[0], ld, dtype=x.dtype, device=x.device)[:, :w.shape[0]]
+    buf = torch.zeros(x.shape[0], ld, dtype=x.dtype, device=x.device)[:, :w.shape[0]]
     dx = torch.empty_like(x)
     dw = torch.empty_like(w)
 

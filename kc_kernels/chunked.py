@@ -205,7 +205,13 @@ class Sweep:
         ld = self.row_stride(cols)
         n = rows * ld
         buf = self.buf if n <= self.buf.numel() else torch.empty(n, dtype=self.work_dtype, device=self.device)
-        return buf[:n].view(rows, ld)[:, :cols]
+        full = buf[:n].view(rows, ld)
+        if ld > cols and self.buf_itemsize < 4 and self.device.type == "cpu":
+            # oneDNN's half-precision GEMM (bf16 on AMX CPUs) reads a strided operand's row padding and masks it
+            # by multiplication: finite padding leaves the result bit-identical, NaN bits in never-written memory
+            # make NaN rows of dx. Zeroing the padding costs (ld - cols) of every ld elements.
+            full[:, cols:].zero_()
+        return full[:, :cols]
 
     def weight_chunk(self, c: Chunk) -> torch.Tensor:
         """The chunk's weight rows in the work dtype; converted once per chunk and reused by the gradient GEMMs."""

@@ -215,3 +215,24 @@ def test_cpu_half_weights_with_long_segments_in_row_blocks(gen):
         if p.get(k) is not None:
             p[k] = p[k].to(torch.bfloat16).double()
     _check_against_reference(p, torch.bfloat16, mode="softmax", memory_budget=4 * 70 * 256)
+
+
+def test_cpu_half_scratch_padding_never_reaches_the_gradients(gen, monkeypatch):
+    """Scratch rows are padded (an odd number of cache lines apart); a half-precision GEMM may read that padding
+    and mask it by multiplication, so NaN bits left there by earlier users of the memory must not become NaN rows
+    of dx. The driver's buffer is filled with NaN before every sweep here."""
+    import kc_kernels.chunked as chunked
+
+    init = chunked.Sweep.__init__
+
+    def nan_buffer(self, *a, **k):
+        init(self, *a, **k)
+        self.buf.fill_(float("nan"))
+
+    monkeypatch.setattr(chunked.Sweep, "__init__", nan_buffer)
+    p = make_problem(70, 8, 1000, gen=gen, K=4, sample_weight=True)
+    for k in DIFF:
+        if p.get(k) is not None:
+            p[k] = p[k].to(torch.bfloat16).double()
+    for budget in (4 * 70 * 256, None):  # row blocks of a long segment, and whole chunks
+        _check_against_reference(p, torch.bfloat16, mode="softmax", memory_budget=budget)
