@@ -184,7 +184,13 @@ class Sweep:
             if self.xw.dim() == 3 or not self.xw.is_contiguous():
                 self.xw = self.xw.contiguous()
         per_col = epilogue.bytes_per_class(self)
-        self.capacity = int(min(p.num_classes, max(MIN_CHUNK, memory_budget // max(per_col, 1))))
+        # column chunks of at most the epilogue's chunk_bytes (the CPU's: small enough that the chunk the logits GEMM
+        # writes is still in cache when the epilogue and the gradient GEMMs read it); a segment longer than a chunk
+        # is walked in row blocks that may use the whole budget (fewer passes over its weight rows)
+        chunk_budget = min(memory_budget, getattr(epilogue, "chunk_bytes", None) or memory_budget)
+        self.capacity = int(min(p.num_classes, max(MIN_CHUNK, chunk_budget // max(per_col, 1))))
+        full_capacity = int(min(p.num_classes, max(MIN_CHUNK, memory_budget // max(per_col, 1))))
+        self.block_elems = p.batch * self.row_stride(full_capacity)
         self.plan = plan(tuple(p.bounds), self.capacity, p.grouped)
         self.softmax = p.mode == "softmax"
         self.scale_kind = SCALE_NONE
@@ -282,7 +288,9 @@ class Sweep:
         lo, hi, g = step[0].lo, step[-1].hi, step[0].piece_seg[0]
         n = hi - lo
         c = Chunk(lo, hi, (0, n), (g,), True)
-        block = min(p.batch, max(32, self.buf.numel() // self.row_stride(n)))
+        block = min(p.batch, max(32, self.block_elems // self.row_stride(n)))
+        if block * self.row_stride(n) > self.buf.numel():  # grown once, reused by every block
+            self.buf = torch.empty(block * self.row_stride(n), dtype=self.work_dtype, device=self.device)
         # dW_seg accumulates over the row blocks: in place when dW is fp32, or half with at most HALF_ADD_BLOCKS
         # blocks (each addmm_ rounds the running sum once, fp32 inside the GEMM: a few roundings, against a fresh
         # [n, H] half GEMM output converted and added per block, which ran the bf16 CPU op at 1.87x its floor

@@ -236,3 +236,24 @@ def test_cpu_half_scratch_padding_never_reaches_the_gradients(gen, monkeypatch):
             p[k] = p[k].to(torch.bfloat16).double()
     for budget in (4 * 70 * 256, None):  # row blocks of a long segment, and whole chunks
         _check_against_reference(p, torch.bfloat16, mode="softmax", memory_budget=budget)
+
+
+@pytest.mark.parametrize("mode,target_form,scale_kind,dtype", [("softmax", "dense", "segment", torch.float32),
+                                                               ("sigmoid", "sparse", None, torch.float32),
+                                                               ("sigmoid", "sparse", "class", torch.float32),
+                                                               ("softmax", "sparse", None, torch.bfloat16)])
+def test_cpu_chunks_smaller_than_the_budget(mode, target_form, scale_kind, dtype, gen, monkeypatch):
+    """Column chunks capped by the epilogue's chunk_bytes while the budget is larger: a segment longer than a chunk
+    is walked in row blocks over the whole budget (the scratch buffer grown once), the rest in small chunks."""
+    from kc_kernels.cpu.soft_target import CpuEpilogue
+
+    B = 37
+    monkeypatch.setattr(CpuEpilogue, "chunk_bytes", 4 * B * 300)
+    p = make_problem(B, 8, 1500, G=3, gen=gen, K=4, scale_kind=scale_kind, target_form=target_form,
+                     sample_weight=True)
+    if dtype == torch.bfloat16:
+        for k in DIFF:
+            if p.get(k) is not None:
+                p[k] = p[k].to(torch.bfloat16).double()
+    for budget in (4 * B * 2000, 4 * B * 700):  # every segment in one row block; several blocks
+        _check_against_reference(p, dtype, mode=mode, memory_budget=budget)

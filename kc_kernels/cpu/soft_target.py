@@ -61,6 +61,9 @@ class CpuEpilogue:
     ``prepare`` (once per walk) and ``run`` (one chunk, one block of rows, some phases)."""
 
     state_dtype = torch.float64
+    # column chunks of at most 16 MiB: the sigmoid op at B=1024, H=512, V=100K ran 12% (bf16) and 5% (fp32)
+    # faster than with 64 MiB chunks on a 2-core Xeon (4-128 MiB measured, 8-16 best)
+    chunk_bytes = 16 << 20
 
     @staticmethod
     def work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -110,7 +113,9 @@ class CpuEpilogue:
         if sw.tbuf is None:  # fp32 teacher: read in place
             return sw.teacher.data_ptr() + 4 * (c.lo + r0 * sw.teacher.shape[1]), sw.teacher.shape[1], None
         n = (r1 - r0) * (c.hi - c.lo)
-        t = (sw.tbuf[:n] if n <= sw.tbuf.numel() else torch.empty(n)).view(r1 - r0, c.hi - c.lo)
+        if n > sw.tbuf.numel():  # a long segment's row block: grown once
+            sw.tbuf = torch.empty(n)
+        t = sw.tbuf[:n].view(r1 - r0, c.hi - c.lo)
         t.copy_(sw.teacher[r0:r1, c.lo:c.hi])
         return t.data_ptr(), t.shape[1], t
 
