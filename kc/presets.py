@@ -17,9 +17,9 @@ PRESETS = {
     # updates, about 200 steps a vertical) and each student 4 rows a class for 4 epochs (16 updates, 5,600 steps
     # of 256 rows; one epoch reached only a sixth of the specialists' mAP, two epochs 60%). One test row per leaf
     # class (about 90,000 rows); its per-class noise averages out over 100,000 classes. Measured end to end on 2
-    # cores (docs/results/eft-100k-seed-0.md): 56 minutes next to another job (about 37 alone, by the +D+S
-    # student's 525 s), 2.1 GiB; mAP generalist 50.50 < +D 54.78 < +D+S 57.70 (+D+S best in all 20
-    # verticals), specialists 64.00.
+    # cores (docs/results/eft-100k-seed-0.md): 56 minutes next to another job (about 53 alone: the generalist
+    # took 1,110 s in a quiet rerun against 1,289 s), 2.1 GiB; mAP generalist 50.50 < +D 54.78 < +D+S 57.70
+    # (+D+S best in all 20 verticals), specialists 64.00.
     "eft-100k": {
         "name": "eft-100k",
         "threads": 0,
