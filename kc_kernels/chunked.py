@@ -210,8 +210,9 @@ class Sweep:
     def scratch(self, rows: int, cols: int) -> torch.Tensor:
         ld = self.row_stride(cols)
         n = rows * ld
-        buf = self.buf if n <= self.buf.numel() else torch.empty(n, dtype=self.work_dtype, device=self.device)
-        full = buf[:n].view(rows, ld)
+        if n > self.buf.numel():  # a long segment's row blocks: grown once, reused by every block
+            self.buf = torch.empty(n, dtype=self.work_dtype, device=self.device)
+        full = self.buf[:n].view(rows, ld)
         if ld > cols and self.buf_itemsize < 4 and self.device.type == "cpu":
             # oneDNN's half-precision GEMM (bf16 on AMX CPUs) reads a strided operand's row padding and masks it
             # by multiplication: finite padding leaves the result bit-identical, NaN bits in never-written memory
@@ -289,8 +290,6 @@ class Sweep:
         n = hi - lo
         c = Chunk(lo, hi, (0, n), (g,), True)
         block = min(p.batch, max(32, self.block_elems // self.row_stride(n)))
-        if block * self.row_stride(n) > self.buf.numel():  # grown once, reused by every block
-            self.buf = torch.empty(block * self.row_stride(n), dtype=self.work_dtype, device=self.device)
         # dW_seg accumulates over the row blocks: in place when dW is fp32, or half with at most HALF_ADD_BLOCKS
         # blocks (each addmm_ rounds the running sum once, fp32 inside the GEMM: a few roundings, against a fresh
         # [n, H] half GEMM output converted and added per block, which ran the bf16 CPU op at 1.87x its floor

@@ -17,6 +17,13 @@ def _run(p, backend, **kw):
     return kc_kernels.linear_soft_target_loss(x, w, b, backend=backend, **rest, **kw)
 
 
+def _round_to_bf16(p64):
+    """Round the float64 inputs to bf16 values in place, so that the bf16 run and the reference see the same numbers."""
+    for k in DIFF:
+        if p64.get(k) is not None:
+            p64[k] = p64[k].to(torch.bfloat16).double()
+
+
 def _check_against_reference(p64, dtype, *, memory_budget=None, **kw):
     """Run the reference in float64 and the cpu backend in ``dtype`` on the same values; compare all outputs."""
     pd = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() and k in DIFF + ("sample_weight",)
@@ -211,9 +218,7 @@ def test_cpu_long_segments_walked_in_row_blocks(mode, target_form, layout, scale
 
 def test_cpu_half_weights_with_long_segments_in_row_blocks(gen):
     p = make_problem(70, 8, 1000, gen=gen, K=4, sample_weight=True)
-    for k in DIFF:
-        if p.get(k) is not None:
-            p[k] = p[k].to(torch.bfloat16).double()
+    _round_to_bf16(p)
     _check_against_reference(p, torch.bfloat16, mode="softmax", memory_budget=4 * 70 * 256)
 
 
@@ -231,9 +236,7 @@ def test_cpu_half_scratch_padding_never_reaches_the_gradients(gen, monkeypatch):
 
     monkeypatch.setattr(chunked.Sweep, "__init__", nan_buffer)
     p = make_problem(70, 8, 1000, gen=gen, K=4, sample_weight=True)
-    for k in DIFF:
-        if p.get(k) is not None:
-            p[k] = p[k].to(torch.bfloat16).double()
+    _round_to_bf16(p)
     for budget in (4 * 70 * 256, None):  # row blocks of a long segment, and whole chunks
         _check_against_reference(p, torch.bfloat16, mode="softmax", memory_budget=budget)
 
@@ -252,8 +255,6 @@ def test_cpu_chunks_smaller_than_the_budget(mode, target_form, scale_kind, dtype
     p = make_problem(B, 8, 1500, G=3, gen=gen, K=4, scale_kind=scale_kind, target_form=target_form,
                      sample_weight=True)
     if dtype == torch.bfloat16:
-        for k in DIFF:
-            if p.get(k) is not None:
-                p[k] = p[k].to(torch.bfloat16).double()
+        _round_to_bf16(p)
     for budget in (4 * B * 2000, 4 * B * 700):  # every segment in one row block; several blocks
         _check_against_reference(p, dtype, mode=mode, memory_budget=budget)
