@@ -16,7 +16,9 @@
 #ifdef __CUDACC__
 #define KC_HD __host__ __device__ __forceinline__
 #else
-#define KC_HD inline
+// always inlined: inside the CPU's omp simd loops a call that the inliner declined (its growth budget runs out in
+// the large OpenMP bodies that instantiate many loops) stops the loop from vectorising
+#define KC_HD inline __attribute__((always_inline))
 #endif
 
 namespace kc {

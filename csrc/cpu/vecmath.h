@@ -10,7 +10,9 @@ namespace kc_cpu {
 // exp(x) = 2^n * e^r with n = round(x / ln 2) and |r| <= ln2 / 2; a degree-6 Taylor polynomial is accurate to
 // about 1.2e-7 relative there. Inputs are clamped to the normal float range: exp(-1e4) returns ~1e-38 rather than
 // 0, which no sum of these terms can notice.
-static inline float vexp(float x) {
+#define KC_VEC_INLINE inline __attribute__((always_inline))
+
+static KC_VEC_INLINE float vexp(float x) {
   x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
   const float n = std::floor(x * 1.44269504088896341f + 0.5f);
   float r = std::fma(n, -0.693145751953125f, x);  // ln2 split in two parts keeps r exact
@@ -30,7 +32,7 @@ static inline float vexp(float x) {
 // log1p(t) for t in [0, 1] (the only range softplus needs): log(1 + t) = 2 atanh(t / (2 + t)). Above sqrt(2) - 1
 // it uses log(1 + t) = ln 2 + log(1 + (t - 1) / 2), so the atanh argument stays below 0.172 and five odd terms
 // reach float precision. No 1 + t is formed, so tiny t keeps full relative accuracy.
-static inline float vlog1p_unit(float t) {
+static KC_VEC_INLINE float vlog1p_unit(float t) {
   const bool high = t > 0.41421356f;
   const float w = high ? (t - 1.0f) * 0.5f : t;
   const float s = w / (2.0f + w);
@@ -47,11 +49,11 @@ static inline float vlog1p_unit(float t) {
 // ---- bf16 storage (the upper 16 bits of an fp32), for bf16 scores buffers
 
 // bf16 -> fp32 is exact: the 16 bits become the upper half of the float.
-static inline float bf16_to_float(uint16_t h) { return __builtin_bit_cast(float, static_cast<uint32_t>(h) << 16); }
+static KC_VEC_INLINE float bf16_to_float(uint16_t h) { return __builtin_bit_cast(float, static_cast<uint32_t>(h) << 16); }
 
 // fp32 -> bf16 rounded to nearest, ties to even (as torch rounds); overflow rounds to +-inf. A NaN stays a (quiet)
 // NaN: the rounding add could carry its mantissa into the sign bit or the exponent, so it is selected apart.
-static inline uint16_t float_to_bf16(float f) {
+static KC_VEC_INLINE uint16_t float_to_bf16(float f) {
   const uint32_t b = __builtin_bit_cast(uint32_t, f);
   const uint32_t rounded = (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
   return static_cast<uint16_t>(f != f ? ((b >> 16) | 0x0040u) : rounded);
@@ -70,8 +72,8 @@ static inline void float_row_to_bf16(const float* __restrict src, uint16_t* __re
 
 // The math policy of the shared epilogue formulas (csrc/common/soft_target_math.h) on the CPU.
 struct VecMath {
-  static inline float exp(float x) { return vexp(x); }
-  static inline float log1p_unit(float t) { return vlog1p_unit(t); }
+  static KC_VEC_INLINE float exp(float x) { return vexp(x); }
+  static KC_VEC_INLINE float log1p_unit(float t) { return vlog1p_unit(t); }
 };
 
 }  // namespace kc_cpu
