@@ -309,6 +309,11 @@ class Sweep:
         if dw is not None and dw.data_ptr() != self.dw[lo:hi].data_ptr():
             self.dw[lo:hi].copy_(dw)
 
+    def _after_teacher(self) -> None:
+        after = getattr(self.ep, "after_teacher", None)
+        if after is not None:
+            after(self)
+
     def run(self, coef: Optional[torch.Tensor], needs: Sequence[str] = ("x", "weight", "bias", "logits", "scale")
             ) -> Tuple[torch.Tensor, Optional[Dict[str, Optional[torch.Tensor]]]]:
         """Per-row loss [B] (state dtype); with ``coef`` [B] also the gradients (of the inputs named in ``needs``)
@@ -340,14 +345,22 @@ class Sweep:
         final = PHASE_FINAL if (grads or not self.softmax) else 0
 
         steps = self.plan.steps
-        if self.softmax and p.teacher_logits is not None:
+        whole_phases = (PHASE_NORM if need_norm else 0) | (PHASE_STATS if need_stats else 0) | final
+        teacher = self.softmax and p.teacher_logits is not None
+        # an epilogue that fuses the teacher phase runs it in the same call as the other phases wherever a call
+        # holds whole segments (a whole chunk, or a long segment's row block): the teacher is read once, while its
+        # rows are in cache, instead of in a walk of its own
+        fused = teacher and getattr(self.ep, "fuses_teacher", False)
+        if fused:
+            whole_phases |= PHASE_TEACHER
+        if teacher:
             for step in steps:
+                if fused and (step[0].whole or (self.linear and (need_norm or need_stats))):
+                    continue
                 for c in step:
                     self.ep.run(self, c, None, PHASE_TEACHER, None, None)
-            after = getattr(self.ep, "after_teacher", None)
-            if after is not None:
-                after(self)
-        whole_phases = (PHASE_NORM if need_norm else 0) | (PHASE_STATS if need_stats else 0) | final
+            if not fused:
+                self._after_teacher()
         for step in steps:
             if step[0].whole:
                 c = step[0]
@@ -369,6 +382,8 @@ class Sweep:
                     if phase == PHASE_FINAL and grads:
                         self.accumulate_grads(c, u)
 
+        if fused:
+            self._after_teacher()
         st = self.state
         if self.softmax:
             lse = st[S_MAX] + torch.log(st[S_SUMEXP])

@@ -58,10 +58,13 @@ struct FinalSums {
 
 // The FINAL phase over one row piece of n classes: loss sums and, when GRAD, u overwritten by c * dL/du. Kept as a
 // leaf function over restrict pointers so that the compiler vectorises it for every template instance.
-template <int SK, bool SOFTMAX, bool DENSE, bool GRAD, bool BIAS_GRAD>
+// ``t``: sigmoid mode, the dense teacher's logits; softmax mode, the row's teacher exps (target = t[j] * zscale,
+// see teacher_targets). FROM_EXP: u holds exp(y - m) from the STATS phase of the same call (see stats_phase), so
+// softmax(y) = u * escale costs a multiply instead of an exp.
+template <int SK, bool SOFTMAX, bool DENSE, bool GRAD, bool BIAS_GRAD, bool FROM_EXP = false>
 FinalSums final_loop(float* __restrict u, const float* __restrict t, const float* __restrict sc,
                      const float* __restrict bias, int64_t n, float s_seg, float inv_nt, float inv_t, float t2,
-                     float tlse, float lse, float zmass, float c, float s_n2, double* __restrict ds,
+                     float zscale, float lse, float escale, float zmass, float c, float s_n2, double* __restrict ds,
                      double* __restrict db) {
   float sp = 0.f, zy = 0.f;
 #pragma omp simd reduction(+ : sp, zy)
@@ -72,8 +75,12 @@ FinalSums final_loop(float* __restrict u, const float* __restrict t, const float
     const float y = logit(uj, s, inv_nt, SK != kScaleNone ? bias[j] : 0.0f, inv_t);  // see fold_bias
     float q;
     if constexpr (SOFTMAX) {
-      const float z = DENSE ? teacher_target_softmax<VecMath>(t[j], inv_t, tlse) : 0.f;
-      q = q_softmax<VecMath>(y, lse, zmass, z, t2);
+      const float z = DENSE ? t[j] * zscale : 0.f;
+      if constexpr (FROM_EXP) {
+        q = t2 * (zmass * (uj * escale) - z);  // q_softmax with the stored exp
+      } else {
+        q = q_softmax<VecMath>(y, lse, zmass, z, t2);
+      }
       // every reduction variable is updated in every instance: one that is not makes GCC give up vectorising
       sp += q;
       zy += z;
@@ -110,11 +117,14 @@ struct RowPiece {
   float* urow;               // the row's scores (overwritten with the gradient in FINAL)
   const float* trow;         // the row's dense teacher logits, or null
   const float* bp;           // bias of the chunk's columns (zeros when the op has none)
+  float* tz;                 // softmax with a dense teacher: the row's teacher exps (see teacher_targets), else null
   double& st(int which) const { return a.state[(which * a.rows + b) * a.num_segments + g]; }
 };
 
-// TEACHER: the online log-sum-exp of the dense teacher's t / T over the segment.
-inline void teacher_phase(const RowPiece& r) {
+// TEACHER: the online log-sum-exp of the dense teacher's t / T over the segment. The piece's exp(t / T - m) are kept
+// in r.tz: when STATS and FINAL run in the same call (a whole segment), its targets are then one multiply each.
+// Returns m.
+inline float teacher_phase(const RowPiece& r) {
   const float inv_t = r.a.inv_t;
   float m = -std::numeric_limits<float>::infinity();
   int nan = 0;  // a NaN would vanish in the max: counted here, it poisons the sum (the driver reports it)
@@ -125,12 +135,31 @@ inline void teacher_phase(const RowPiece& r) {
     nan |= t != t;
   }
   float s = 0.f;
+  const float* __restrict t = r.trow;
+  float* __restrict tz = r.tz;
 #pragma omp simd reduction(+ : s)
-  for (int64_t j = r.lo; j < r.hi; ++j) s += teacher_target_softmax<VecMath>(r.trow[j], inv_t, m);
+  for (int64_t j = r.lo; j < r.hi; ++j) {
+    const float e = teacher_target_softmax<VecMath>(t[j], inv_t, m);
+    tz[j] = e;
+    s += e;
+  }
   if (nan) s = std::numeric_limits<float>::quiet_NaN();
   const MaxMerge<double> f = merge_max<double>(r.st(kTeacherMax), m);
   merge_sum<double>(r.st(kTeacherSumExp), s, f);
   r.st(kTeacherMax) = f.max;
+  return m;
+}
+
+// The softmax targets z_j = exp(t_j / T - tlse) of a piece, as r.tz[j] * (returned scale): from the exps the TEACHER
+// phase of this call left in r.tz (its max ``m``), else computed here (one exp each, shared by STATS and FINAL).
+inline float teacher_targets(const RowPiece& r, bool teacher_ran, float m, double tlse) {
+  if (teacher_ran) return static_cast<float>(exp_of(static_cast<double>(m) - tlse));
+  const float inv_t = r.a.inv_t, lse = static_cast<float>(tlse);
+  const float* __restrict t = r.trow;
+  float* __restrict tz = r.tz;
+#pragma omp simd
+  for (int64_t j = r.lo; j < r.hi; ++j) tz[j] = teacher_target_softmax<VecMath>(t[j], inv_t, lse);
+  return 1.0f;
 }
 
 // NORM: the segment's sum of squared scores (the self-paced scale's norm).
@@ -156,13 +185,15 @@ inline void fold_bias(const RowPiece& r) {
 }
 
 // STATS: the target sums, and the softmax log-sum-exp (or sigmoid sums) with the terms the scale's gradient needs.
-template <int SK, bool SOFTMAX, bool DENSE>
-void stats_phase(const RowPiece& r, const std::vector<Target>& targets, float inv_nt, float tlse) {
+// STORE (softmax without a scale, FINAL in the same call): each score is overwritten by its exp(y - m), which FINAL
+// turns into softmax(y) with a multiply (see final_loop). Returns m (softmax).
+template <int SK, bool SOFTMAX, bool DENSE, bool STORE = false>
+float stats_phase(const RowPiece& r, const std::vector<Target>& targets, float inv_nt, float zscale) {
   const SoftTargetChunk& a = r.a;
   const int64_t lo = r.lo, hi = r.hi, g = r.g;
   const float inv_t = a.inv_t;
   const float* urow = r.urow;
-  const float* trow = r.trow;
+  const float* trow = SOFTMAX ? r.tz : r.trow;
   const float* __restrict bp = r.bp;
   float zsum = 0.f, zy = 0.f, zu = 0.f, zyh = 0.f;
   if constexpr (DENSE) {
@@ -170,8 +201,7 @@ void stats_phase(const RowPiece& r, const std::vector<Target>& targets, float in
     for (int64_t j = lo; j < hi; ++j) {
       const float s = scale_at<SK>(a, g, j);
       const float up = scaled_score(urow[j], inv_nt);
-      const float z = SOFTMAX ? teacher_target_softmax<VecMath>(trow[j], inv_t, tlse)
-                              : teacher_target_sigmoid<VecMath>(trow[j], inv_t);
+      const float z = SOFTMAX ? trow[j] * zscale : teacher_target_sigmoid<VecMath>(trow[j], inv_t);
       zsum += z;
       zy += z * logit(urow[j], s, inv_nt, bias_of<SK>(bp, j), inv_t);
       zu += z * up;
@@ -199,20 +229,23 @@ void stats_phase(const RowPiece& r, const std::vector<Target>& targets, float in
     for (int64_t j = lo; j < hi; ++j)
       m = std::max(m, logit(urow[j], scale_at<SK>(a, g, j), inv_nt, bias_of<SK>(bp, j), inv_t));
     float se = 0.f, seu = 0.f, sey = 0.f;
+    float* __restrict ur = r.urow;
 #pragma omp simd reduction(+ : se, seu, sey)
     for (int64_t j = lo; j < hi; ++j) {
       const float s = scale_at<SK>(a, g, j);
-      const float up = scaled_score(urow[j], inv_nt);
-      const float e = VecMath::exp(logit(urow[j], s, inv_nt, bias_of<SK>(bp, j), inv_t) - m);
+      const float up = scaled_score(ur[j], inv_nt);
+      const float e = VecMath::exp(logit(ur[j], s, inv_nt, bias_of<SK>(bp, j), inv_t) - m);
       se += e;
       seu += e * up;
       sey += e * (s * up);
+      if constexpr (STORE) ur[j] = e;
     }
     const MaxMerge<double> f = merge_max<double>(r.st(kMax), m);
     merge_sum<double>(r.st(kSumExp), se, f);
     merge_sum<double>(r.st(kSumExpU), seu, f);
     merge_sum<double>(r.st(kSumExpY), sey, f);
     r.st(kMax) = f.max;
+    return m;
   } else {
     float squ = 0.f, sqy = 0.f;
 #pragma omp simd reduction(+ : squ, sqy)
@@ -226,21 +259,25 @@ void stats_phase(const RowPiece& r, const std::vector<Target>& targets, float in
     r.st(kSumExpU) += squ;
     r.st(kSumExpY) += sqy;
   }
+  return 0.f;
 }
 
 // FINAL: loss terms that are sums of elementwise functions, and (with coef) the gradient written over the scores.
+// ``from_exp``: the STATS phase of this call stored exp(y - m) over the scores (see stats_phase).
 template <int SK, bool SOFTMAX, bool DENSE>
-void final_phase(const RowPiece& r, const std::vector<Target>& targets, float inv_nt, float tlse, double* dscale_acc,
-                 double* dbias_acc, std::vector<float>& corr) {
+void final_phase(const RowPiece& r, const std::vector<Target>& targets, float inv_nt, float zscale, bool from_exp,
+                 float m, double* dscale_acc, double* dbias_acc, std::vector<float>& corr) {
   const SoftTargetChunk& a = r.a;
   const int64_t lo = r.lo, hi = r.hi, g = r.g, b = r.b;
   const bool need_stats = SOFTMAX || SK != kScaleNone;
   const float inv_t = a.inv_t, t2 = a.t2;
   float* urow = r.urow;
   const float* __restrict bp = r.bp;
-  float lse = 0.f, zmass = 0.f, s_n2 = 0.f;
+  float lse = 0.f, escale = 0.f, zmass = 0.f, s_n2 = 0.f;
   if constexpr (SOFTMAX) {
-    lse = static_cast<float>(log_sum_exp<double>(r.st(kMax), r.st(kSumExp)));
+    const double lse_d = log_sum_exp<double>(r.st(kMax), r.st(kSumExp));
+    lse = static_cast<float>(lse_d);
+    escale = static_cast<float>(exp_of(static_cast<double>(m) - lse_d));
     zmass = static_cast<float>(r.st(kZSum));
   }
   if constexpr (SK != kScaleNone) {
@@ -271,19 +308,32 @@ void final_phase(const RowPiece& r, const std::vector<Target>& targets, float in
 
   const float* sc = SK == kScaleClass ? a.scale + a.col0 + lo : nullptr;
   const float s_seg = SK == kScaleSegment ? a.scale[g] : 1.0f;
-  const float* tp = DENSE ? r.trow + lo : nullptr;
+  const float* tp = DENSE ? (SOFTMAX ? r.tz : r.trow) + lo : nullptr;
   FinalSums sums;
   if (a.coef == nullptr) {
     if constexpr (SOFTMAX) return;  // the softmax loss comes from the statistics alone
     sums = final_loop<SK, SOFTMAX, DENSE, false, false>(urow + lo, tp, sc, bp + lo, hi - lo, s_seg, inv_nt, inv_t,
-                                                       t2, tlse, lse, zmass, 0.f, s_n2, nullptr, nullptr);
+                                                       t2, zscale, lse, escale, zmass, 0.f, s_n2, nullptr, nullptr);
   } else {
-    sums = dbias_acc ? final_loop<SK, SOFTMAX, DENSE, true, true>(urow + lo, tp, sc, bp + lo, hi - lo, s_seg, inv_nt,
-                                                                  inv_t, t2, tlse, lse, zmass, c, s_n2,
-                                                                  dscale_acc + lo, dbias_acc + lo)
-                     : final_loop<SK, SOFTMAX, DENSE, true, false>(urow + lo, tp, sc, bp + lo, hi - lo, s_seg,
-                                                                   inv_nt, inv_t, t2, tlse, lse, zmass, c, s_n2,
-                                                                   dscale_acc + lo, nullptr);
+    double* ds = dscale_acc + lo;
+    double* db = dbias_acc ? dbias_acc + lo : nullptr;
+    if constexpr (SOFTMAX && SK == kScaleNone) {
+      if (from_exp) {
+        sums = db ? final_loop<SK, SOFTMAX, DENSE, true, true, true>(urow + lo, tp, sc, bp + lo, hi - lo, s_seg,
+                                                                     inv_nt, inv_t, t2, zscale, lse, escale, zmass,
+                                                                     c, s_n2, ds, db)
+                  : final_loop<SK, SOFTMAX, DENSE, true, false, true>(urow + lo, tp, sc, bp + lo, hi - lo, s_seg,
+                                                                      inv_nt, inv_t, t2, zscale, lse, escale, zmass,
+                                                                      c, s_n2, ds, nullptr);
+      }
+    }
+    if (!(SOFTMAX && SK == kScaleNone && from_exp)) {
+      sums = db ? final_loop<SK, SOFTMAX, DENSE, true, true>(urow + lo, tp, sc, bp + lo, hi - lo, s_seg, inv_nt,
+                                                             inv_t, t2, zscale, lse, escale, zmass, c, s_n2, ds, db)
+                : final_loop<SK, SOFTMAX, DENSE, true, false>(urow + lo, tp, sc, bp + lo, hi - lo, s_seg, inv_nt,
+                                                              inv_t, t2, zscale, lse, escale, zmass, c, s_n2, ds,
+                                                              nullptr);
+    }
   }
   if constexpr (!SOFTMAX) {
     a.softplus_sum[b] += sums.sp;
@@ -300,12 +350,16 @@ void final_phase(const RowPiece& r, const std::vector<Target>& targets, float in
 }
 
 // One row of the chunk: the requested phases, piece by piece, while the row is in cache.
-// ``urow`` is the row's fp32 scores: the buffer itself, or the fp32 copy of a bf16 row (see run).
+// ``urow`` is the row's fp32 scores: the buffer itself, or the fp32 copy of a bf16 row (see run). ``tz``: a row of
+// ncols floats for the teacher exps (softmax with a dense teacher), else null.
 template <int SK, bool SOFTMAX, bool DENSE>
 void run_row(const SoftTargetChunk& a, int64_t b, float* urow, const std::vector<Target>& targets,
              const std::vector<int64_t>& piece_first, const float* bias, double* dscale_acc, double* dbias_acc,
-             std::vector<float>& corr) {
+             std::vector<float>& corr, float* tz) {
   const bool need_stats = SOFTMAX || SK != kScaleNone;
+  // a whole segment in one call, softmax without a scale, gradient wanted: STATS leaves exp(y - m) for FINAL
+  const bool store_exp = SOFTMAX && SK == kScaleNone && a.coef != nullptr && (a.phases & kPhaseStats) &&
+                         (a.phases & kPhaseFinal);
   for (int64_t p = 0; p < a.npieces; ++p) {
     const RowPiece r{a,
                      b,
@@ -316,17 +370,29 @@ void run_row(const SoftTargetChunk& a, int64_t b, float* urow, const std::vector
                      piece_first[p + 1],
                      urow,
                      DENSE ? a.teacher + b * a.teacher_ld : nullptr,
-                     bias};
-    if (SOFTMAX && DENSE && (a.phases & kPhaseTeacher)) teacher_phase(r);
+                     bias,
+                     tz};
+    const bool teacher_ran = SOFTMAX && DENSE && (a.phases & kPhaseTeacher);
+    const float tmax = teacher_ran ? teacher_phase(r) : 0.f;
     if (SK != kScaleNone && (a.phases & kPhaseNorm)) norm_phase(r);
     if (!(a.phases & (kPhaseStats | kPhaseFinal))) continue;
 
     const float inv_nt = static_cast<float>(inv_norm_t<double>(SK != kScaleNone, r.st(kSumSq), a.inv_t));
-    const float tlse =
-        (SOFTMAX && DENSE) ? static_cast<float>(log_sum_exp<double>(r.st(kTeacherMax), r.st(kTeacherSumExp))) : 0.f;
+    float zscale = 0.f;
+    if constexpr (SOFTMAX && DENSE)
+      zscale = teacher_targets(r, teacher_ran, tmax, log_sum_exp<double>(r.st(kTeacherMax), r.st(kTeacherSumExp)));
     fold_bias<SK>(r);
-    if (need_stats && (a.phases & kPhaseStats)) stats_phase<SK, SOFTMAX, DENSE>(r, targets, inv_nt, tlse);
-    if (a.phases & kPhaseFinal) final_phase<SK, SOFTMAX, DENSE>(r, targets, inv_nt, tlse, dscale_acc, dbias_acc, corr);
+    float m = 0.f;
+    if (need_stats && (a.phases & kPhaseStats)) {
+      if constexpr (SOFTMAX && SK == kScaleNone) {
+        m = store_exp ? stats_phase<SK, SOFTMAX, DENSE, true>(r, targets, inv_nt, zscale)
+                      : stats_phase<SK, SOFTMAX, DENSE>(r, targets, inv_nt, zscale);
+      } else {
+        m = stats_phase<SK, SOFTMAX, DENSE>(r, targets, inv_nt, zscale);
+      }
+    }
+    if (a.phases & kPhaseFinal)
+      final_phase<SK, SOFTMAX, DENSE>(r, targets, inv_nt, zscale, store_exp, m, dscale_acc, dbias_acc, corr);
   }
 }
 
@@ -352,6 +418,7 @@ void run(const SoftTargetChunk& a) {
     std::vector<int64_t> piece_first(a.npieces + 1, 0);
     std::vector<float> corr;
     std::vector<float> row_f32(kWide && reads_u ? ncols : 0);
+    std::vector<float> tz(SOFTMAX && DENSE ? ncols : 0);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < a.rows; ++b) {
       targets.clear();
@@ -387,7 +454,7 @@ void run(const SoftTargetChunk& a) {
         urow = scores;
       }
       run_row<SK, SOFTMAX, DENSE>(a, b, urow, targets, piece_first, bias, dscale_acc.data(),
-                                  want_dbias ? dbias_acc.data() : nullptr, corr);
+                                  want_dbias ? dbias_acc.data() : nullptr, corr, tz.data());
       if constexpr (kWide) {
         if (writes_u) float_row_to_bf16(row_f32.data(), scores, ncols);
       }

@@ -64,6 +64,9 @@ class CpuEpilogue:
     # column chunks of at most 16 MiB: the sigmoid op at B=1024, H=512, V=100K ran 12% (bf16) and 5% (fp32)
     # faster than with 64 MiB chunks on a 2-core Xeon (4-128 MiB measured, 8-16 best)
     chunk_bytes = 16 << 20
+    # the teacher phase runs in the same call as STATS and FINAL where a call holds whole segments (one read of a
+    # dense teacher, while its rows are in cache; its exps are kept for the targets)
+    fuses_teacher = True
 
     @staticmethod
     def work_dtype(dtype: torch.dtype) -> torch.dtype:
