@@ -9,6 +9,7 @@ installed torch version and never pulls torch into pip's build isolation.
 """
 import glob
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -84,6 +85,10 @@ def native_flags() -> List[str]:
     # epilogue); KC_NATIVE=0 builds a portable binary instead.
     if os.environ.get("KC_NATIVE", "1") == "0":
         return []
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        # GCC keeps to 256-bit vectors on AVX-512 CPUs unless told otherwise; the epilogue's exp/log polynomials ran
+        # 20-25% faster in 512-bit lanes on a Xeon with AMX (CPUs without AVX-512 ignore the preference)
+        return ["-march=native", "-mprefer-vector-width=512"]
     return ["-march=native"]
 
 

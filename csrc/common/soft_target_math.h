@@ -30,6 +30,7 @@ constexpr double kNormEps = 1e-12;  // n = sqrt(sum u^2 + eps): a zero score row
 struct CudaMath {
   static __device__ __forceinline__ float exp(float x) { return __expf(x); }
   static __device__ __forceinline__ float log1p_unit(float t) { return log1pf(t); }
+  static __device__ __forceinline__ float inv_1_2(float x) { return 1.0f / x; }
 };
 #endif
 
@@ -44,7 +45,7 @@ struct SoftplusSigmoid {
 template <class M>
 KC_HD SoftplusSigmoid softplus_sigmoid(float y) {
   const float e = M::exp(-fabsf(y));
-  const float inv = 1.0f / (1.0f + e);
+  const float inv = M::inv_1_2(1.0f + e);
   return {(y > 0.0f ? y : 0.0f) + M::log1p_unit(e), y >= 0.0f ? inv : e * inv};
 }
 
@@ -56,7 +57,7 @@ KC_HD float softplus(float y) {
 template <class M>
 KC_HD float sigmoid(float y) {
   const float e = M::exp(-fabsf(y));
-  const float inv = 1.0f / (1.0f + e);
+  const float inv = M::inv_1_2(1.0f + e);
   return y >= 0.0f ? inv : e * inv;
 }
 
