@@ -24,8 +24,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from kc_kernels import hostmem
-
 # phases of an epilogue call (bitmask), state rows and per-(row, segment) constants: docs/epilogue.md
 PHASE_TEACHER, PHASE_NORM, PHASE_STATS, PHASE_FINAL = 1, 2, 4, 8
 (S_SUMSQ, S_MAX, S_SUMEXP, S_SUMEXP_U, S_SUMEXP_Y, S_ZSUM, S_ZY, S_ZU, S_ZYH, S_TMAX, S_TSUMEXP, S_R,
@@ -201,7 +199,7 @@ class Sweep:
             self.scale_kind = SCALE_SEGMENT if (p.scale.numel() == self.G and not p.scale_per_class) else SCALE_CLASS
             self.scale32 = p.scale.detach().float().contiguous()
         self.bias32 = None if p.bias is None else p.bias.detach().float().contiguous()
-        self.buf = hostmem.empty((p.batch * self.row_stride(self.capacity),), self.work_dtype, self.device)
+        self.buf = torch.empty(p.batch * self.row_stride(self.capacity), dtype=self.work_dtype, device=self.device)
         self._w_cached = (None, None)
         epilogue.prepare(self)
 
@@ -213,7 +211,7 @@ class Sweep:
         ld = self.row_stride(cols)
         n = rows * ld
         if n > self.buf.numel():  # a long segment's row blocks: grown once, reused by every block
-            self.buf = hostmem.empty((n,), self.work_dtype, self.device)
+            self.buf = torch.empty(n, dtype=self.work_dtype, device=self.device)
         full = self.buf[:n].view(rows, ld)
         if ld > cols and self.buf_itemsize < 4 and self.device.type == "cpu":
             # oneDNN's half-precision GEMM (bf16 on AMX CPUs) reads a strided operand's row padding and masks it
@@ -301,7 +299,7 @@ class Sweep:
         if coef is not None and self.dw is not None:
             in_place = (self.dw.dtype == torch.float32
                         or (self.dw.dtype == self.work_dtype and blocks <= HALF_ADD_BLOCKS))
-            dw = self.dw[lo:hi] if in_place else hostmem.empty((n, self.H), torch.float32, self.device)
+            dw = self.dw[lo:hi] if in_place else torch.empty(n, self.H, dtype=torch.float32, device=self.device)
         for r0 in range(0, p.batch, block):
             r1 = min(p.batch, r0 + block)
             u = self.logits(c, r0, r1)
@@ -334,12 +332,12 @@ class Sweep:
                 # dx accumulates over chunks: fp32 unless the GEMMs themselves are fp32
                 self.dx = torch.zeros(self.xw.shape, dtype=torch.float32, device=dev) if "x" in needs else None
                 wdt = torch.float32 if p.weight.dtype == torch.float64 else p.weight.dtype
-                self.dw = hostmem.empty(p.weight.shape, wdt, dev) if "weight" in needs else None
+                self.dw = torch.empty(p.weight.shape, dtype=wdt, device=dev) if "weight" in needs else None
                 self.db32 = (torch.zeros(p.num_classes, dtype=torch.float32, device=dev)
                              if p.bias is not None and "bias" in needs else None)
             else:
                 ldt = torch.float32 if p.logits.dtype == torch.float64 else p.logits.dtype
-                self.dlogits = hostmem.empty(p.logits.shape, ldt, dev)
+                self.dlogits = torch.empty(p.logits.shape, dtype=ldt, device=dev)
             self.dscale = (torch.zeros(p.num_classes, dtype=torch.float32, device=dev)
                            if self.scale_kind == SCALE_CLASS and "scale" in needs else None)
         need_norm = self.scale_kind != SCALE_NONE

@@ -17,8 +17,6 @@ from typing import Any, Dict, List, Optional, Protocol, Tuple
 
 import torch
 
-from kc_kernels import hostmem
-
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp64 stays fp64; everything else accumulates in fp32."""
@@ -120,7 +118,7 @@ def _expand(values: torch.Tensor, rows: torch.Tensor, like: torch.Tensor, sparse
             rows, order = torch.sort(rows)
             values = values[order]
         return torch.sparse_coo_tensor(rows[None], values, like.shape, is_coalesced=True, check_invariants=False)
-    out = hostmem.zeros_like(like)
+    out = torch.zeros_like(like, memory_format=torch.contiguous_format)
     out.index_copy_(0, rows, values)
     return out
 
@@ -230,7 +228,7 @@ def _dense_slots(x, weight, bias, needs: int, rg: RowGradients) -> Tuple[torch.T
         elif i == 0:
             slots.append(rg.dx.to(x.dtype))
         else:
-            out = hostmem.zeros_like(t)
+            out = torch.zeros_like(t, memory_format=torch.contiguous_format)
             for rows, values in zip(rg.rows, rg.dweight if i == 1 else rg.dbias):
                 if rg.distinct:
                     out.index_copy_(0, rows, values.to(t.dtype))
