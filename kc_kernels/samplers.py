@@ -18,7 +18,6 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
 import torch
 
 SAMPLERS = ("log_uniform", "uniform", "unigram")
@@ -98,16 +97,19 @@ def sample_candidates(sampler: str, num_sampled: int, num_classes: int, *, uniqu
     if sampler == "unigram" and int((probs > 0).sum()) < num_sampled:
         raise ValueError("class_counts has fewer non-zero classes than num_sampled")
     # Draw in blocks until num_sampled distinct ids appeared; keep the first num_sampled in draw order, which is
-    # what drawing one at a time and skipping repeats gives. numpy's single-threaded sort does the bookkeeping:
-    # torch's parallel sort is far slower on these small arrays when the cores are shared.
-    draws = np.empty(0, dtype=np.int64)
+    # what drawing one at a time and skipping repeats gives. A draw is the first of its id when the smallest
+    # position that id was drawn at (a scatter-min over the [V] classes) is its own: O(draws + V), no sort (the
+    # sorts of np.unique took 4.6 of the 5.6 ms that 8,192 log-uniform candidates out of 100K cost).
+    draws = torch.empty(0, dtype=torch.int64)
     block = max(2 * num_sampled, 64)
     while True:
-        draws = np.concatenate([draws, _draw(sampler, block, num_classes, probs, generator).numpy()])
-        uniq, first = np.unique(draws, return_index=True)  # first: index of each id's first occurrence
-        if len(uniq) >= num_sampled:
+        draws = torch.cat([draws, _draw(sampler, block, num_classes, probs, generator)])
+        pos = torch.arange(len(draws))
+        first = torch.full((num_classes,), len(draws), dtype=torch.int64)
+        first.scatter_reduce_(0, draws, pos, reduce="amin")
+        firsts = (first[draws] == pos).nonzero().squeeze(1)  # positions of first occurrences, in draw order
+        if len(firsts) >= num_sampled:
             break
         block *= 2
-    order = np.argsort(first, kind="stable")[:num_sampled]
-    num_tries = int(first[order[-1]]) + 1
-    return found(torch.from_numpy(uniq[order]), num_tries)
+    num_tries = int(firsts[num_sampled - 1]) + 1
+    return found(draws[firsts[:num_sampled]], num_tries)

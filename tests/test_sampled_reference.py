@@ -105,6 +105,26 @@ def test_unique_sampling_gives_distinct_ids_and_counts_tries(sampler):
     assert int(cand.ids.min()) >= 0 and int(cand.ids.max()) < 500
 
 
+@pytest.mark.parametrize("sampler,num_sampled,num_classes", [("log_uniform", 300, 1000), ("uniform", 7, 9),
+                                                            ("log_uniform", 1, 5)])
+def test_unique_sampling_keeps_the_first_distinct_draws_in_order(sampler, num_sampled, num_classes):
+    """Unique candidates are what drawing one id at a time and skipping repeats gives: the first num_sampled
+    distinct ids of the draw sequence, in order, and num_tries the draws it took (blocks of 2S, 4S, ... draws)."""
+    cand = samplers.sample_candidates(sampler, num_sampled, num_classes, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    seen, order, tries, block = set(), [], 0, max(2 * num_sampled, 64)
+    while len(order) < num_sampled:
+        for k in samplers._draw(sampler, block, num_classes, None, g).tolist():
+            if len(order) == num_sampled:
+                break
+            tries += 1
+            if k not in seen:
+                seen.add(k)
+                order.append(k)
+        block *= 2
+    assert cand.ids.tolist() == order and cand.num_tries == tries
+
+
 def test_sampling_is_reproducible_through_the_generator():
     a = samplers.sample_candidates("log_uniform", 50, 1000, generator=torch.Generator().manual_seed(7))
     b = samplers.sample_candidates("log_uniform", 50, 1000, generator=torch.Generator().manual_seed(7))

@@ -46,9 +46,10 @@ class _CpuSampledSoftmax:
         safe = labels.clamp(min=0)
         x = p.x.to(dt)
 
-        w_sampled = torch.zeros(padded_row_stride(S, torch.empty((), dtype=dt).element_size()), H,
+        w_sampled = torch.empty(padded_row_stride(S, torch.empty((), dtype=dt).element_size()), H,
                                 dtype=p.weight.dtype)
         torch.index_select(p.weight, 0, ids, out=w_sampled[:S])
+        w_sampled[S:] = 0.0  # only the padding rows: the others are written by the gather
         w_sampled = w_sampled.to(dt)
         w_true = p.weight.index_select(0, safe.reshape(-1)).to(dt).view(B, T, H)
         buf = x @ w_sampled.t()  # [B, S + padding]
