@@ -349,3 +349,36 @@ def test_benchmark_file_runs_at_a_tiny_shape():
                           os.path.join(root, "benchmarks", "bench_sampled_softmax.py")],
                          cwd=root, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+
+def test_cpu_row_passes_match_torch():
+    """The C++ row passes of the CPU sampled softmax against the torch expressions they replace: shift, max with
+    the true logits' max, exp in place (masked -inf exactly 0), padding zeroed; then row scale and column sums."""
+    from kc_kernels import _C
+
+    g = torch.Generator().manual_seed(0)
+    B, S, ld = 37, 1001, 1024
+    buf = torch.randn(B, ld, generator=g) * 3
+    buf[3, 17] = buf[5, 0] = -math.inf
+    shift = torch.randn(ld, generator=g)
+    true_max = torch.randn(B, generator=g) * 3
+    ref = buf[:, :S] + shift[:S]
+    ref_m = torch.maximum(ref.amax(1), true_max)
+    ref_e = (ref - ref_m[:, None]).exp()
+    m, total = torch.empty(B), torch.empty(B)
+    _C.sampled_rows_exp(buf.data_ptr(), ld, B, S, ld - S, shift.data_ptr(), true_max.data_ptr(), m.data_ptr(),
+                        total.data_ptr())
+    assert torch.equal(m, ref_m)
+    assert_close(buf[:, :S], ref_e, torch.float32, "exps")
+    assert buf[3, 17] == 0 and buf[5, 0] == 0 and not buf[:, S:].any()
+    assert_close(total, ref_e.sum(1), torch.float32, "row sums")
+    scale = torch.rand(B, generator=g)
+    colsum = torch.zeros(S)
+    _C.sampled_rows_scale(buf.data_ptr(), ld, B, S, scale.data_ptr(), colsum.data_ptr())
+    assert_close(buf[:, :S], ref_e * scale[:, None], torch.float32, "scaled")
+    assert_close(colsum, (ref_e.double() * scale.double()[:, None]).sum(0), torch.float32, "column sums")
+    with pytest.raises(ValueError, match="sampled_rows_exp: sizes"):
+        _C.sampled_rows_exp(buf.data_ptr(), ld, B, S, ld, shift.data_ptr(), true_max.data_ptr(), m.data_ptr(),
+                            total.data_ptr())
+    with pytest.raises(ValueError, match="sampled_rows_scale: u and row_scale"):
+        _C.sampled_rows_scale(buf.data_ptr(), ld, B, S, 0, 0)

@@ -110,6 +110,44 @@ PYBIND11_MODULE(_C, m) {
       py::arg("params"),
       "Fused soft-target epilogue over one chunk of logits (see csrc/cpu/soft_target.cpp), SoftTargetChunkParams "
       "given; raises ValueError naming a required field that is missing or a size that is out of range.");
+  m.def(
+      "sampled_rows_exp",
+      [](std::uintptr_t u, int64_t ld, int64_t rows, int64_t cols, int64_t pad_cols, std::uintptr_t shift,
+         std::uintptr_t extra_max, std::uintptr_t out_max, std::uintptr_t out_sum) {
+        if (rows < 0 || cols < 0 || pad_cols < 0 || ld < cols + pad_cols)
+          throw py::value_error("sampled_rows_exp: sizes out of range (need 0 <= cols + pad_cols <= ld)");
+        if (u == 0 || extra_max == 0 || out_max == 0 || out_sum == 0)
+          throw py::value_error("sampled_rows_exp: u, extra_max, out_max and out_sum are required (got address 0)");
+        kc_cpu::SampledRowsExp a;
+        a.u = reinterpret_cast<float*>(u);
+        a.ld = ld, a.rows = rows, a.cols = cols, a.pad_cols = pad_cols;
+        a.shift = reinterpret_cast<const float*>(shift);
+        a.extra_max = reinterpret_cast<const float*>(extra_max);
+        a.out_max = reinterpret_cast<float*>(out_max);
+        a.out_sum = reinterpret_cast<float*>(out_sum);
+        py::gil_scoped_release nogil;
+        kc_cpu::sampled_rows_exp(a);
+      },
+      py::arg("u"), py::arg("ld"), py::arg("rows"), py::arg("cols"), py::arg("pad_cols"), py::arg("shift"),
+      py::arg("extra_max"), py::arg("out_max"), py::arg("out_sum"),
+      "Sampled softmax forward row pass over fp32 logits (csrc/cpu/kc_cpu.h: SampledRowsExp); addresses as ints.");
+  m.def(
+      "sampled_rows_scale",
+      [](std::uintptr_t u, int64_t ld, int64_t rows, int64_t cols, std::uintptr_t row_scale, std::uintptr_t colsum) {
+        if (rows < 0 || cols < 0 || ld < cols)
+          throw py::value_error("sampled_rows_scale: sizes out of range (need 0 <= cols <= ld)");
+        if (u == 0 || row_scale == 0)
+          throw py::value_error("sampled_rows_scale: u and row_scale are required (got address 0)");
+        kc_cpu::SampledRowsScale a;
+        a.u = reinterpret_cast<float*>(u);
+        a.ld = ld, a.rows = rows, a.cols = cols;
+        a.row_scale = reinterpret_cast<const float*>(row_scale);
+        a.colsum = reinterpret_cast<float*>(colsum);
+        py::gil_scoped_release nogil;
+        kc_cpu::sampled_rows_scale(a);
+      },
+      py::arg("u"), py::arg("ld"), py::arg("rows"), py::arg("cols"), py::arg("row_scale"), py::arg("colsum"),
+      "Sampled softmax backward row pass (csrc/cpu/kc_cpu.h: SampledRowsScale); colsum 0 = no column sums.");
   kc::export_soft_target_layout(m);
   py::dict scores_dtypes;
   scores_dtypes["F32"] = static_cast<int>(kc_cpu::kScoresF32);

@@ -48,6 +48,28 @@ struct SoftTargetChunk {
 
 void soft_target_chunk(const SoftTargetChunk& args);
 
+// Sampled softmax, forward: per row b, u[b, :cols] (+ shift[:cols] when given) becomes exp(u - m_b), m_b the max of
+// the row and of extra_max[b] (the row's true logits); columns [cols, cols + pad_cols) are zeroed.
+// out_max[b] = m_b, out_sum[b] = the sum of the row's exps.
+struct SampledRowsExp {
+  float* u = nullptr;  // [rows, ld] fp32
+  int64_t ld = 0, rows = 0, cols = 0, pad_cols = 0;
+  const float* shift = nullptr;  // [cols] or null
+  const float* extra_max = nullptr;  // [rows]
+  float* out_max = nullptr;  // [rows]
+  float* out_sum = nullptr;  // [rows]
+};
+void sampled_rows_exp(const SampledRowsExp& args);
+
+// Sampled softmax, backward: u[b, :cols] *= row_scale[b]; colsum[j] += sum_b u[b, j] (fp64 per thread) when given.
+struct SampledRowsScale {
+  float* u = nullptr;  // [rows, ld] fp32
+  int64_t ld = 0, rows = 0, cols = 0;
+  const float* row_scale = nullptr;  // [rows]
+  float* colsum = nullptr;  // [cols] or null (accumulated)
+};
+void sampled_rows_scale(const SampledRowsScale& args);
+
 // Whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16): the bf16 GEMMs then run faster than fp32 ones.
 bool native_bf16();
 

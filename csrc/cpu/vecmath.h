@@ -65,6 +65,31 @@ static KC_VEC_INLINE float vlog1p_unit(float t) {
   return 2.0f * s * p + (high ? 0.69314718055994531f : 0.0f);
 }
 
+// max(init, value(j) for j in [lo, hi)), where a value that is NaN is skipped. A running max per lane: GCC left an
+// `omp simd reduction(max)` over std::max of plain loads scalar (vmaxss, 7x slower over a [1024, 8192] buffer),
+// while this elementwise select over 16 lanes vectorises whatever value() is.
+template <class F>
+static KC_VEC_INLINE float lane_max(int64_t lo, int64_t hi, float init, F value) {
+  constexpr int kLanes = 16;
+  float lane[kLanes];
+  for (int k = 0; k < kLanes; ++k) lane[k] = init;
+  int64_t j = lo;
+  for (; j + kLanes <= hi; j += kLanes) {
+#pragma omp simd
+    for (int k = 0; k < kLanes; ++k) {
+      const float v = value(j + k);
+      lane[k] = lane[k] < v ? v : lane[k];
+    }
+  }
+  float m = init;
+  for (; j < hi; ++j) {
+    const float v = value(j);
+    m = m < v ? v : m;
+  }
+  for (int k = 0; k < kLanes; ++k) m = m < lane[k] ? lane[k] : m;
+  return m;
+}
+
 // ---- bf16 storage (the upper 16 bits of an fp32), for bf16 scores buffers
 
 // bf16 -> fp32 is exact: the 16 bits become the upper half of the float.

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kc_kernels import _C
 from kc_kernels.chunked import padded_row_stride
 from kc_kernels.ops import sampled_softmax_autograd as autograd_
 from kc_kernels.ops.sampled_softmax_autograd import RowGradients
@@ -65,32 +66,46 @@ class _CpuSampledSoftmax:
                 shift = torch.zeros(buf.shape[1], dtype=dt)
             shift[:S] -= torch.log(sampled_expected.to(dt))
             true_logits -= torch.log(true_expected.to(dt))
-        if shift is not None:
-            buf += shift
         logits = buf[:, :S]  # a view: the work below happens in place in buf
         true_logits.masked_fill_(~valid, -math.inf)
-        if p.remove_accidental_hits:
+        if p.remove_accidental_hits:  # before the shift: -inf + shift stays -inf
             hit_rows, hit_cols = autograd_.accidental_hits(labels, ids)
             logits.index_put_((hit_rows, hit_cols), torch.tensor(-math.inf, dtype=dt))
 
         # every row has a valid true label, so the max is finite and the sum >= 1
-        m = torch.maximum(logits.amax(dim=1), true_logits.amax(dim=1))
-        prob = logits.sub_(m[:, None]).exp_()
+        true_max = true_logits.amax(dim=1)
+        if dt == torch.float32:  # one C++ pass per row: shift, max, exp in place, sum, padding zeroed
+            m, sampled_sum = torch.empty(B, dtype=dt), torch.empty(B, dtype=dt)
+            _C.sampled_rows_exp(buf.data_ptr(), buf.stride(0), B, S, buf.shape[1] - S,
+                                0 if shift is None else shift.data_ptr(), true_max.data_ptr(), m.data_ptr(),
+                                sampled_sum.data_ptr())
+        else:
+            if shift is not None:
+                logits += shift[:S]
+            m = torch.maximum(logits.amax(dim=1), true_max)
+            sampled_sum = logits.sub_(m[:, None]).exp_().sum(dim=1)
+            buf[:, S:] = 0.0  # padding columns take no part in the gradient GEMMs
         prob_true = (true_logits - m[:, None]).exp_()
-        total = prob.sum(dim=1) + prob_true.sum(dim=1)
+        total = sampled_sum + prob_true.sum(dim=1)
         target = valid.to(dt) / valid.sum(dim=1, keepdim=True).to(dt)
         picked = torch.where(valid, true_logits, torch.zeros((), dtype=dt)) * target
         per_row = m + torch.log(total) - picked.sum(dim=1)
         if not need_grad:
             return per_row, None
         inv_total = total.reciprocal_()
-        buf[:, S:] = 0.0  # padding columns take no part in the gradient GEMMs
         dlogit_true = prob_true.mul_(inv_total[:, None]).sub_(target)  # 0 - 0 where padded
         return per_row, _State(x, w_sampled, ids, w_true, labels, valid, buf, inv_total, dlogit_true)
 
     def gradients(self, s: _State, scale: torch.Tensor, need_x: bool) -> RowGradients:
         S = len(s.ids)
-        d = s.buf.mul_((s.inv_total * scale)[:, None])  # softmax normalisation and row scale in one pass
+        d = s.buf  # softmax normalisation and row scale in one pass, the bias gradient's column sums with it
+        row_scale = (s.inv_total * scale).to(d.dtype).contiguous()
+        if d.dtype == torch.float32:
+            dbias = torch.zeros(S, dtype=d.dtype)
+            _C.sampled_rows_scale(d.data_ptr(), d.stride(0), d.shape[0], S, row_scale.data_ptr(), dbias.data_ptr())
+        else:
+            d.mul_(row_scale[:, None])
+            dbias = d[:, :S].sum(dim=0)
         d_true = s.dlogit_true * scale[:, None]  # [B, T]
         dx = None
         if need_x:
@@ -100,7 +115,7 @@ class _CpuSampledSoftmax:
         d_pair = d_true[rows_b, rows_t]
         return RowGradients(dx, [s.ids, s.labels[rows_b, rows_t]],
                             [d.t()[:S] @ s.x, d_pair[:, None] * s.x[rows_b]],
-                            [d[:, :S].sum(dim=0), d_pair])
+                            [dbias, d_pair])
 
 
 _IMPL = _CpuSampledSoftmax()
