@@ -135,6 +135,40 @@ def plan_chunks(bounds: Sequence[int], capacity: int, grouped: bool) -> List[Lis
     return plan(tuple(bounds), capacity, grouped).steps
 
 
+# ---------------------------------------------------------------------------------------------- host scratch
+# A fresh scratch buffer per call is a fresh mapping on the host: glibc serves requests above 32 MiB with mmap and
+# unmaps them on free, so every call page-faulted its whole buffer again (a 64 MiB softmax row block: about 9 ms a
+# call on the 2-core Xeon; the sampled softmax's 33 MB buffer: 5 of its 118 ms). One buffer per dtype, up to
+# WORKSPACE_MAX_BYTES, is kept between calls on the host: a call takes it (two calls at once never share one; the
+# second allocates) and gives it back when done. GPU memory is cached by torch's allocator already.
+WORKSPACE_MAX_BYTES = 64 << 20
+_workspace: Dict[torch.dtype, torch.Tensor] = {}
+
+
+def take_workspace(numel: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """A 1-D buffer of at least ``numel`` elements (contents undefined): the kept host buffer when it is large
+    enough, else a new one."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        held = _workspace.pop(dtype, None)
+        if held is not None and held.numel() >= numel:
+            return held
+    return torch.empty(numel, dtype=dtype, device=device)
+
+
+def give_back_workspace(buf: torch.Tensor) -> None:
+    """Keep ``buf`` (a buffer from take_workspace, or a view of one, whose contents nobody reads any more) for the
+    next call."""
+    if buf._base is not None:  # a view: keep the whole buffer it was cut from
+        buf = buf._base
+    if buf.device.type != "cpu" or buf.numel() * buf.element_size() > WORKSPACE_MAX_BYTES or not buf.is_contiguous():
+        return
+    buf = buf.view(-1)
+    held = _workspace.get(buf.dtype)
+    if held is None or held.numel() < buf.numel():
+        _workspace[buf.dtype] = buf
+
+
 @dataclass
 class EpilogueArgs:
     """One epilogue call of a GPU backend: one chunk, one block of rows (docs/epilogue.md, "GPU epilogue")."""
@@ -199,7 +233,7 @@ class Sweep:
             self.scale_kind = SCALE_SEGMENT if (p.scale.numel() == self.G and not p.scale_per_class) else SCALE_CLASS
             self.scale32 = p.scale.detach().float().contiguous()
         self.bias32 = None if p.bias is None else p.bias.detach().float().contiguous()
-        self.buf = torch.empty(p.batch * self.row_stride(self.capacity), dtype=self.work_dtype, device=self.device)
+        self.buf = take_workspace(p.batch * self.row_stride(self.capacity), self.work_dtype, self.device)
         self._w_cached = (None, None)
         epilogue.prepare(self)
 
@@ -211,7 +245,7 @@ class Sweep:
         ld = self.row_stride(cols)
         n = rows * ld
         if n > self.buf.numel():  # a long segment's row blocks: grown once, reused by every block
-            self.buf = torch.empty(n, dtype=self.work_dtype, device=self.device)
+            self.buf = take_workspace(n, self.work_dtype, self.device)
         full = self.buf[:n].view(rows, ld)
         if ld > cols and self.buf_itemsize < 4 and self.device.type == "cpu":
             # oneDNN's half-precision GEMM (bf16 on AMX CPUs) reads a strided operand's row padding and masks it
@@ -382,6 +416,7 @@ class Sweep:
                     if phase == PHASE_FINAL and grads:
                         self.accumulate_grads(c, u)
 
+        give_back_workspace(self.buf)  # no output views it
         if fused:
             self._after_teacher()
         st = self.state

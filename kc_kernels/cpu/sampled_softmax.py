@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kc_kernels import _C
+from kc_kernels import _C, chunked
 from kc_kernels.chunked import padded_row_stride
 from kc_kernels.ops import sampled_softmax_autograd as autograd_
 from kc_kernels.ops.sampled_softmax_autograd import RowGradients
@@ -53,7 +53,15 @@ class _CpuSampledSoftmax:
         w_sampled[S:] = 0.0  # only the padding rows: the others are written by the gather
         w_sampled = w_sampled.to(dt)
         w_true = p.weight.index_select(0, safe.reshape(-1)).to(dt).view(B, T, H)
-        buf = x @ w_sampled.t()  # [B, S + padding]
+        # [B, S + padding]; on real tensors in the kept host scratch (given back once the gradient GEMMs have read
+        # it) and walked by the C++ row passes, under tracing (a compiled sparse_grad call) by torch ops
+        eager = chunked._eager(x) and chunked._eager(w_sampled)
+        if eager:
+            buf = chunked.take_workspace(B * w_sampled.shape[0], dt, "cpu")[:B * w_sampled.shape[0]]
+            buf = buf.view(B, w_sampled.shape[0])
+            torch.mm(x, w_sampled.t(), out=buf)
+        else:
+            buf = x @ w_sampled.t()
         true_logits = torch.bmm(w_true, x[:, :, None]).squeeze(2)  # [B, T]
         # bias and -log Q as one per-column shift: a single pass over the buffer
         shift = None
@@ -74,7 +82,7 @@ class _CpuSampledSoftmax:
 
         # every row has a valid true label, so the max is finite and the sum >= 1
         true_max = true_logits.amax(dim=1)
-        if dt == torch.float32:  # one C++ pass per row: shift, max, exp in place, sum, padding zeroed
+        if dt == torch.float32 and eager:  # one C++ pass per row: shift, max, exp in place, sum, padding zeroed
             m, sampled_sum = torch.empty(B, dtype=dt), torch.empty(B, dtype=dt)
             _C.sampled_rows_exp(buf.data_ptr(), buf.stride(0), B, S, buf.shape[1] - S,
                                 0 if shift is None else shift.data_ptr(), true_max.data_ptr(), m.data_ptr(),
@@ -91,6 +99,8 @@ class _CpuSampledSoftmax:
         picked = torch.where(valid, true_logits, torch.zeros((), dtype=dt)) * target
         per_row = m + torch.log(total) - picked.sum(dim=1)
         if not need_grad:
+            if eager:
+                chunked.give_back_workspace(buf)
             return per_row, None
         inv_total = total.reciprocal_()
         dlogit_true = prob_true.mul_(inv_total[:, None]).sub_(target)  # 0 - 0 where padded
@@ -100,7 +110,8 @@ class _CpuSampledSoftmax:
         S = len(s.ids)
         d = s.buf  # softmax normalisation and row scale in one pass, the bias gradient's column sums with it
         row_scale = (s.inv_total * scale).to(d.dtype).contiguous()
-        if d.dtype == torch.float32:
+        eager = chunked._eager(d)
+        if d.dtype == torch.float32 and eager:
             dbias = torch.zeros(S, dtype=d.dtype)
             _C.sampled_rows_scale(d.data_ptr(), d.stride(0), d.shape[0], S, row_scale.data_ptr(), dbias.data_ptr())
         else:
@@ -113,8 +124,11 @@ class _CpuSampledSoftmax:
             dx += torch.bmm(d_true[:, None, :], s.w_true).squeeze(1)
         rows_b, rows_t = s.valid.nonzero(as_tuple=True)
         d_pair = d_true[rows_b, rows_t]
-        return RowGradients(dx, [s.ids, s.labels[rows_b, rows_t]],
-                            [d.t()[:S] @ s.x, d_pair[:, None] * s.x[rows_b]],
+        dw_sampled = d.t()[:S] @ s.x
+        if eager:
+            chunked.give_back_workspace(s.buf)
+        s.buf = None  # gradients are made once (a second backward makes its state again)
+        return RowGradients(dx, [s.ids, s.labels[rows_b, rows_t]], [dw_sampled, d_pair[:, None] * s.x[rows_b]],
                             [dbias, d_pair])
 
 
