@@ -6,7 +6,8 @@ implementation can avoid (logits x W^T, dx = G W, dW = G^T x, over all V classes
 Peak memory is what the timed call adds above what was resident before it:
 - CUDA: torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus memory_allocated() before;
 - CPU: the process's resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs) minus the resident
-  set before the call: every byte the call makes resident (tensors, BLAS scratch, the gradients it returns).
+  set before the call: every byte the call makes resident (tensors, BLAS scratch, the gradients it returns); the
+  scratch kc keeps between calls is dropped before, so that it counts.
 ``extra_mb`` is that peak less the gradients the call returns (dx, dW, dbias), which every implementation must
 produce: the working memory of the implementation itself.
 """
@@ -120,6 +121,9 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> Tuple[float, 
         _sync(device)
         peak = torch.cuda.max_memory_allocated(device) - base
         return peak / 2 ** 20, _nbytes(out) / 2 ** 20
+    # kc keeps one host scratch buffer between calls (chunked.take_workspace): dropped first, so that the measured
+    # call allocates it again and it counts as working memory, as any implementation's scratch does
+    chunked._workspace.clear()
     _release_free_memory()
     try:
         with open("/proc/self/clear_refs", "w") as f:
