@@ -71,6 +71,9 @@ def run_soft_target(args, device, dtype, rows) -> None:
             p = common.make_problem(loss, B, H, V, device, dtype)
             impls = [(f"kc-{b}", common.kc_fn(p, b)) for b in kc_backends(device)
                      if not (b == "reference" and B * V > args.reference_max_elements)]
+            for mib in [int(m) for m in args.memory_budgets.split(",") if m.strip()]:
+                impls += [(f"kc-{b}-{mib}MiB", common.kc_fn(p, b, memory_budget=mib << 20))
+                          for b in kc_backends(device) if b != "reference"]
             if "eager" in args.peers:
                 impls.append(("torch-eager", common.eager_fn(p)))
             if "compile" in args.peers:
@@ -140,6 +143,8 @@ def main(argv=None) -> None:
     ap.add_argument("--peers", default="eager,cce,liger", help="eager, compile, cce, liger (comma separated)")
     ap.add_argument("--parts", default="soft-target,sampled,student")
     ap.add_argument("--num-sampled", type=int, default=8192)
+    ap.add_argument("--memory-budgets", default="",
+                    help="extra kc rows at these memory budgets (MiB, comma separated), e.g. 32,128,512")
     ap.add_argument("--rounds", type=int, default=7,
                     help="interleaved timing rounds per case (every implementation and the floor once a round)")
     ap.add_argument("--reference-max-elements", type=float, default=2.0e9,

@@ -204,10 +204,11 @@ def floor_fn(p: Problem) -> Callable[[], object]:
     return run
 
 
-def kc_fn(p: Problem, backend: str) -> Callable[[], object]:
+def kc_fn(p: Problem, backend: str, memory_budget: Optional[int] = None) -> Callable[[], object]:
     def run():
         zero_grads(p.x, p.weight, p.bias)
-        loss = kc_kernels.linear_soft_target_loss(p.x, p.weight, p.bias, backend=backend, **p.kwargs)
+        loss = kc_kernels.linear_soft_target_loss(p.x, p.weight, p.bias, backend=backend,
+                                                  memory_budget=memory_budget, **p.kwargs)
         loss.backward()
         return (p.x.grad, p.weight.grad, p.bias.grad)
 
