@@ -317,22 +317,20 @@ void final_phase(const RowPiece& r, const std::vector<Target>& targets, float in
   } else {
     double* ds = dscale_acc + lo;
     double* db = dbias_acc ? dbias_acc + lo : nullptr;
+    // the gradient loop with or without the bias gradient, FROM_EXP given as a std::bool_constant
+    const auto grad_loop = [&](auto from_exp_c) {
+      constexpr bool kFromExp = decltype(from_exp_c)::value;
+      return db ? final_loop<SK, SOFTMAX, DENSE, true, true, kFromExp>(urow + lo, tp, sc, bp + lo, hi - lo, s_seg,
+                                                                       inv_nt, inv_t, t2, zscale, lse, escale,
+                                                                       zmass, c, s_n2, ds, db)
+                : final_loop<SK, SOFTMAX, DENSE, true, false, kFromExp>(urow + lo, tp, sc, bp + lo, hi - lo, s_seg,
+                                                                        inv_nt, inv_t, t2, zscale, lse, escale,
+                                                                        zmass, c, s_n2, ds, nullptr);
+    };
     if constexpr (SOFTMAX && SK == kScaleNone) {
-      if (from_exp) {
-        sums = db ? final_loop<SK, SOFTMAX, DENSE, true, true, true>(urow + lo, tp, sc, bp + lo, hi - lo, s_seg,
-                                                                     inv_nt, inv_t, t2, zscale, lse, escale, zmass,
-                                                                     c, s_n2, ds, db)
-                  : final_loop<SK, SOFTMAX, DENSE, true, false, true>(urow + lo, tp, sc, bp + lo, hi - lo, s_seg,
-                                                                      inv_nt, inv_t, t2, zscale, lse, escale, zmass,
-                                                                      c, s_n2, ds, nullptr);
-      }
-    }
-    if (!(SOFTMAX && SK == kScaleNone && from_exp)) {
-      sums = db ? final_loop<SK, SOFTMAX, DENSE, true, true>(urow + lo, tp, sc, bp + lo, hi - lo, s_seg, inv_nt,
-                                                             inv_t, t2, zscale, lse, escale, zmass, c, s_n2, ds, db)
-                : final_loop<SK, SOFTMAX, DENSE, true, false>(urow + lo, tp, sc, bp + lo, hi - lo, s_seg, inv_nt,
-                                                              inv_t, t2, zscale, lse, escale, zmass, c, s_n2, ds,
-                                                              nullptr);
+      sums = from_exp ? grad_loop(std::true_type{}) : grad_loop(std::false_type{});
+    } else {
+      sums = grad_loop(std::false_type{});
     }
   }
   if constexpr (!SOFTMAX) {
