@@ -56,48 +56,145 @@ struct FinalSums {
   float zy;  // sigmoid mode: sum z y over dense targets (softmax mode: both unused)
 };
 
-// The FINAL phase over one row piece of n classes: loss sums and, when GRAD, u overwritten by c * dL/du. Kept as a
-// leaf function over restrict pointers so that the compiler vectorises it for every template instance.
-// ``t``: sigmoid mode, the dense teacher's logits; softmax mode, the row's teacher exps (target = t[j] * zscale,
-// see teacher_targets). FROM_EXP: u holds exp(y - m) from the STATS phase of the same call (see stats_phase), so
-// softmax(y) = u * escale costs a multiply instead of an exp.
-template <int SK, bool SOFTMAX, bool DENSE, bool GRAD, bool BIAS_GRAD, bool FROM_EXP = false>
-FinalSums final_loop(float* __restrict u, const float* __restrict t, const float* __restrict sc,
-                     const float* __restrict bias, int64_t n, float s_seg, float inv_nt, float inv_t, float t2,
-                     float zscale, float lse, float escale, float zmass, float c, float s_n2, double* __restrict ds,
-                     double* __restrict db) {
-  float sp = 0.f, zy = 0.f;
-#pragma omp simd reduction(+ : sp, zy)
-  for (int64_t j = 0; j < n; ++j) {
-    const float uj = u[j];
-    const float s = SK == kScaleClass ? sc[j] : s_seg;
-    const float up = scaled_score(uj, inv_nt);
-    const float y = logit(uj, s, inv_nt, SK != kScaleNone ? bias[j] : 0.0f, inv_t);  // see fold_bias
-    float q;
-    if constexpr (SOFTMAX) {
-      const float z = DENSE ? t[j] * zscale : 0.f;
-      if constexpr (FROM_EXP) {
-        q = t2 * (zmass * (uj * escale) - z);  // q_softmax with the stored exp
-      } else {
-        q = q_softmax<VecMath>(y, lse, zmass, z, t2);
-      }
-      // every reduction variable is updated in every instance: one that is not makes GCC give up vectorising
-      sp += q;
-      zy += z;
-    } else {
-      const SoftplusSigmoid f = softplus_sigmoid<VecMath>(y);  // one exp for both
-      sp += f.softplus;
-      const float z = DENSE ? teacher_target_sigmoid<VecMath>(t[j], inv_t) : 0.f;
-      zy += z * y;
-      q = q_sigmoid(f.sigmoid, z);
-    }
-    if constexpr (GRAD) {
-      u[j] = SK != kScaleNone ? logit_grad_scaled(c, s, inv_nt, q, uj, s_n2) : logit_grad_unscaled(c, q, inv_t);
-      if constexpr (BIAS_GRAD) db[j] += bias_grad(c, q, inv_t);
-      if constexpr (SK == kScaleClass) ds[j] += static_cast<double>(c) * q * up;
+// The logit gradient of one class written over its score (and its column-sum terms), shared by both modes' loops.
+template <int SK, bool BIAS_GRAD>
+KC_VEC_INLINE void write_grad(float* __restrict u, int64_t j, float uj, float s, float up, float q, float inv_nt,
+                              float inv_t, float c, float s_n2, double* __restrict ds, float* __restrict db) {
+  u[j] = SK != kScaleNone ? logit_grad_scaled(c, s, inv_nt, q, uj, s_n2) : logit_grad_unscaled(c, q, inv_t);
+  if constexpr (BIAS_GRAD) db[j] += bias_grad(c, q, inv_t);
+  if constexpr (SK == kScaleClass) ds[j] += static_cast<double>(c) * q * up;
+}
+
+// sum softplus(y) = sum max(y, 0) + log1p(e), e = exp(-|y|), over a row piece without a log per logit. For
+// e < 2^-8, log1p(e) = e - e^2/2 + e^3/3 (relative error below e^3/4 < 1.5e-8). The larger e (|y| < 5.5) use
+// sum log1p(e_j) = log prod (1 + e_j), with the 1 + e the sigmoid needs anyway: each of kLanes lanes multiplies its
+// factors fl(1 + e) (in [1, 2]) into a running product, whose exponent is moved into an integer every kRenormSteps
+// rounds (so it never overflows) and whose mantissa gets one log at the end. The rounding of fl(1 + e) is carried
+// exactly: fl(1 + e) - 1 is exact, so d = (fl(1 + e) - 1) - e is that rounding and log1p(e) = log fl(1 + e) -
+// d / fl(1 + e) to second order in d (<= 2^-24). Each product rounds by at most 2^-24 relative, i.e. 2^-24 absolute
+// on a term of at least log1p(2^-8) = 0.0039, random in sign. (A small e in the product would be lost in its
+// rounding, hence the series.)
+struct SoftplusLanes {
+  static constexpr int kLanes = 16;
+  static constexpr int kRenormSteps = 64;  // a lane's product of at most 65 factors in [1, 2] stays below 2^65
+  static constexpr float kSmall = 1.0f / 256.0f;
+  float lin[kLanes], series[kLanes], dlog[kLanes], prod[kLanes];
+  int32_t pexp[kLanes];
+
+  SoftplusLanes() {
+    for (int k = 0; k < kLanes; ++k) {
+      lin[k] = series[k] = dlog[k] = 0.f;
+      prod[k] = 1.f;
+      pexp[k] = 0;
     }
   }
-  return {sp, zy};
+  // softplus(y) into lane k, given e = exp(-|y|), one_e = 1 + e and inv = 1 / one_e
+  KC_VEC_INLINE void add(int k, float y, float e, float one_e, float inv) {
+    lin[k] += y > 0.0f ? y : 0.0f;
+    const bool small = e < kSmall;  // false for a NaN y (e is NaN): dlog, and so the sum, is NaN
+    series[k] += small ? e * std::fma(e, std::fma(e, 1.0f / 3.0f, -0.5f), 1.0f) : 0.0f;
+    prod[k] *= small ? 1.0f : one_e;
+    dlog[k] = std::fma(small ? 0.0f : (one_e - 1.0f) - e, inv, dlog[k]);
+  }
+  // the mantissa of each lane's product back to [1, 2), its exponent counted in pexp
+  KC_VEC_INLINE void renormalise() {
+#pragma omp simd
+    for (int k = 0; k < kLanes; ++k) {
+      const int32_t bits = __builtin_bit_cast(int32_t, prod[k]);
+      pexp[k] += (bits >> 23) - 127;
+      prod[k] = __builtin_bit_cast(float, (bits & 0x007fffff) | 0x3f800000);
+    }
+  }
+  float total() {
+    renormalise();
+    float sp = 0.f;
+    int32_t ex = 0;
+#pragma omp simd reduction(+ : sp, ex)
+    for (int k = 0; k < kLanes; ++k) {
+      sp += lin[k] + series[k] + VecMath::log1p_unit(prod[k] - 1.0f) - dlog[k];
+      ex += pexp[k];
+    }
+    return sp + static_cast<float>(ex) * 0.69314718055994531f;
+  }
+};
+
+// step(i, k) for i in [0, n), k the lane of i, kLanes at a time (a vector each) and then the tail.
+template <class Step>
+KC_VEC_INLINE void lane_walk(int64_t n, SoftplusLanes& sl, Step step) {
+  constexpr int kLanes = SoftplusLanes::kLanes;
+  int64_t i = 0;
+  for (int rounds = 0; i + kLanes <= n; i += kLanes) {
+#pragma omp simd
+    for (int k = 0; k < kLanes; ++k) step(i + k, k);
+    if (++rounds == SoftplusLanes::kRenormSteps) {
+      sl.renormalise();
+      rounds = 0;
+    }
+  }
+  for (int k = 0; i + k < n; ++k) step(i + k, k);  // one more factor in some lanes
+}
+
+// The FINAL phase over one row piece of n classes: loss sums and, when GRAD, u overwritten by c * dL/du. A leaf
+// function over restrict pointers (noinline: inlined into the callers' OpenMP bodies, GCC failed to if-convert the
+// sigmoid's lane loop), vectorised for every template instance.
+// ``t``: sigmoid mode, the dense teacher's logits; softmax mode, the row's teacher exps (target = t[j] * zscale,
+// see teacher_targets). FROM_STATS: the STATS phase of the same call left what FINAL would recompute (see
+// stats_phase): softmax, exp(y - m) over the scores, so softmax(y) = u * escale is a multiply instead of an exp;
+// sigmoid, sigmoid(y) in ``sg`` and the softplus sum already counted (no exp, no loss sums here).
+template <int SK, bool SOFTMAX, bool DENSE, bool GRAD, bool BIAS_GRAD, bool FROM_STATS = false>
+__attribute__((noinline)) FinalSums final_loop(float* __restrict u, const float* __restrict t,
+                                               const float* __restrict sg, const float* __restrict sc,
+                                               const float* __restrict bias, int64_t n, float s_seg, float inv_nt,
+                                               float inv_t, float t2, float zscale, float lse, float escale,
+                                               float zmass, float c, float s_n2, double* __restrict ds,
+                                               float* __restrict db) {
+  if constexpr (SOFTMAX || FROM_STATS) {
+    float sq = 0.f, zs = 0.f;
+#pragma omp simd reduction(+ : sq, zs)
+    for (int64_t j = 0; j < n; ++j) {
+      const float uj = u[j];
+      const float s = SK == kScaleClass ? sc[j] : s_seg;
+      const float up = scaled_score(uj, inv_nt);
+      const float y = logit(uj, s, inv_nt, SK != kScaleNone ? bias[j] : 0.0f, inv_t);  // see fold_bias
+      float q;
+      if constexpr (SOFTMAX) {
+        const float z = DENSE ? t[j] * zscale : 0.f;
+        q = FROM_STATS ? t2 * (zmass * (uj * escale) - z)  // q_softmax with the stored exp
+                       : q_softmax<VecMath>(y, lse, zmass, z, t2);
+        // every reduction variable is updated in every instance: one that is not makes GCC give up vectorising
+        sq += q;
+        zs += z;
+      } else {
+        const float z = DENSE ? teacher_target_sigmoid<VecMath>(t[j], inv_t) : 0.f;
+        q = q_sigmoid(sg[j], z);
+        sq += q;
+        zs += z * y;
+      }
+      if constexpr (GRAD) write_grad<SK, BIAS_GRAD>(u, j, uj, s, up, q, inv_nt, inv_t, c, s_n2, ds, db);
+    }
+    return {SOFTMAX ? sq : 0.f, zs};
+  } else {
+    SoftplusLanes sl;
+    float zy[SoftplusLanes::kLanes] = {};
+    lane_walk(n, sl, [&](int64_t j, int k) __attribute__((always_inline)) {
+      const float uj = u[j];
+      const float s = SK == kScaleClass ? sc[j] : s_seg;
+      const float up = scaled_score(uj, inv_nt);
+      const float y = logit(uj, s, inv_nt, SK != kScaleNone ? bias[j] : 0.0f, inv_t);
+      const float e = VecMath::exp(-std::fabs(y));
+      const float one_e = 1.0f + e;
+      const float inv = VecMath::inv_1_2(one_e);
+      sl.add(k, y, e, one_e, inv);
+      const float z = DENSE ? teacher_target_sigmoid<VecMath>(t[j], inv_t) : 0.f;
+      zy[k] += z * y;
+      const float q = q_sigmoid(y >= 0.0f ? inv : e * inv, z);
+      if constexpr (GRAD) write_grad<SK, BIAS_GRAD>(u, j, uj, s, up, q, inv_nt, inv_t, c, s_n2, ds, db);
+    });
+    float zs = 0.f;
+#pragma omp simd reduction(+ : zs)
+    for (int k = 0; k < SoftplusLanes::kLanes; ++k) zs += zy[k];
+    return {sl.total(), zs};
+  }
 }
 
 // The bias as the loops read it: under a scale the class prior enters y after the normalisation; without one it
@@ -118,6 +215,7 @@ struct RowPiece {
   const float* trow;         // the row's dense teacher logits, or null
   const float* bp;           // bias of the chunk's columns (zeros when the op has none)
   float* tz;                 // softmax with a dense teacher: the row's teacher exps (see teacher_targets), else null
+  float* sg;                 // sigmoid under a scale: the row's sigmoid(y) from STATS for FINAL (see run_row), or null
   double& st(int which) const { return a.state[(which * a.rows + b) * a.num_segments + g]; }
 };
 
@@ -185,10 +283,11 @@ inline void fold_bias(const RowPiece& r) {
 }
 
 // STATS: the target sums, and the softmax log-sum-exp (or sigmoid sums) with the terms the scale's gradient needs.
-// STORE (softmax without a scale, FINAL in the same call): each score is overwritten by its exp(y - m), which FINAL
-// turns into softmax(y) with a multiply (see final_loop). Returns m (softmax).
+// STORE (FINAL with a gradient in the same call): softmax without a scale, each score is overwritten by its
+// exp(y - m), which FINAL turns into softmax(y) with a multiply; sigmoid under a scale, sigmoid(y) goes to r.sg and
+// the softplus sum is counted here, so that FINAL has no exp to compute (see final_loop). Returns m (softmax).
 template <int SK, bool SOFTMAX, bool DENSE, bool STORE = false>
-float stats_phase(const RowPiece& r, const std::vector<Target>& targets, float inv_nt, float zscale) {
+__attribute__((noinline)) float stats_phase(const RowPiece& r, const std::vector<Target>& targets, float inv_nt, float zscale) {
   const SoftTargetChunk& a = r.a;
   const int64_t lo = r.lo, hi = r.hi, g = r.g;
   const float inv_t = a.inv_t;
@@ -246,6 +345,36 @@ float stats_phase(const RowPiece& r, const std::vector<Target>& targets, float i
     merge_sum<double>(r.st(kSumExpY), sey, f);
     r.st(kMax) = f.max;
     return m;
+  } else if constexpr (STORE) {
+    static_assert(SK != kScaleNone, "sigmoid without a scale has no STATS phase");
+    // sigmoid(y) kept in r.sg for FINAL, and the loss's softplus sum counted here, from the same exp
+    SoftplusLanes sl;
+    float squ[SoftplusLanes::kLanes] = {}, sqy[SoftplusLanes::kLanes] = {};
+    float* __restrict sgrow = r.sg + lo;
+    const float* __restrict ur = urow + lo;
+    const float* __restrict bl = bp + lo;
+    lane_walk(hi - lo, sl, [&](int64_t i, int k) __attribute__((always_inline)) {
+      const float s = scale_at<SK>(a, g, lo + i);
+      const float up = scaled_score(ur[i], inv_nt);
+      const float y = logit(ur[i], s, inv_nt, bl[i], inv_t);
+      const float e = VecMath::exp(-std::fabs(y));
+      const float one_e = 1.0f + e;
+      const float inv = VecMath::inv_1_2(one_e);
+      sl.add(k, y, e, one_e, inv);
+      const float sgm = y >= 0.0f ? inv : e * inv;  // = sigmoid<VecMath>(y)
+      sgrow[i] = sgm;
+      squ[k] += sgm * up;
+      sqy[k] += sgm * (s * up);
+    });
+    float su = 0.f, sy = 0.f;
+#pragma omp simd reduction(+ : su, sy)
+    for (int k = 0; k < SoftplusLanes::kLanes; ++k) {
+      su += squ[k];
+      sy += sqy[k];
+    }
+    r.st(kSumExpU) += su;
+    r.st(kSumExpY) += sy;
+    a.softplus_sum[r.b] += sl.total();
   } else {
     float squ = 0.f, sqy = 0.f;
 #pragma omp simd reduction(+ : squ, sqy)
@@ -263,10 +392,10 @@ float stats_phase(const RowPiece& r, const std::vector<Target>& targets, float i
 }
 
 // FINAL: loss terms that are sums of elementwise functions, and (with coef) the gradient written over the scores.
-// ``from_exp``: the STATS phase of this call stored exp(y - m) over the scores (see stats_phase).
+// ``from_stats``: the STATS phase of this call stored what the gradient loop reads (see stats_phase).
 template <int SK, bool SOFTMAX, bool DENSE>
-void final_phase(const RowPiece& r, const std::vector<Target>& targets, float inv_nt, float zscale, bool from_exp,
-                 float m, double* dscale_acc, double* dbias_acc, std::vector<float>& corr) {
+void final_phase(const RowPiece& r, const std::vector<Target>& targets, float inv_nt, float zscale, bool from_stats,
+                 float m, double* dscale_acc, float* dbias_acc, std::vector<float>& corr) {
   const SoftTargetChunk& a = r.a;
   const int64_t lo = r.lo, hi = r.hi, g = r.g, b = r.b;
   const bool need_stats = SOFTMAX || SK != kScaleNone;
@@ -312,23 +441,25 @@ void final_phase(const RowPiece& r, const std::vector<Target>& targets, float in
   FinalSums sums;
   if (a.coef == nullptr) {
     if constexpr (SOFTMAX) return;  // the softmax loss comes from the statistics alone
-    sums = final_loop<SK, SOFTMAX, DENSE, false, false>(urow + lo, tp, sc, bp + lo, hi - lo, s_seg, inv_nt, inv_t,
-                                                       t2, zscale, lse, escale, zmass, 0.f, s_n2, nullptr, nullptr);
+    sums = final_loop<SK, SOFTMAX, DENSE, false, false>(urow + lo, tp, nullptr, sc, bp + lo, hi - lo, s_seg, inv_nt,
+                                                       inv_t, t2, zscale, lse, escale, zmass, 0.f, s_n2, nullptr,
+                                                       nullptr);
   } else {
     double* ds = dscale_acc + lo;
-    double* db = dbias_acc ? dbias_acc + lo : nullptr;
-    // the gradient loop with or without the bias gradient, FROM_EXP given as a std::bool_constant
-    const auto grad_loop = [&](auto from_exp_c) {
-      constexpr bool kFromExp = decltype(from_exp_c)::value;
-      return db ? final_loop<SK, SOFTMAX, DENSE, true, true, kFromExp>(urow + lo, tp, sc, bp + lo, hi - lo, s_seg,
-                                                                       inv_nt, inv_t, t2, zscale, lse, escale,
-                                                                       zmass, c, s_n2, ds, db)
-                : final_loop<SK, SOFTMAX, DENSE, true, false, kFromExp>(urow + lo, tp, sc, bp + lo, hi - lo, s_seg,
-                                                                        inv_nt, inv_t, t2, zscale, lse, escale,
-                                                                        zmass, c, s_n2, ds, nullptr);
+    float* db = dbias_acc ? dbias_acc + lo : nullptr;
+    const float* sg = r.sg ? r.sg + lo : nullptr;
+    // the gradient loop with or without the bias gradient, FROM_STATS given as a std::bool_constant
+    const auto grad_loop = [&](auto from_stats_c) {
+      constexpr bool kFrom = decltype(from_stats_c)::value;
+      return db ? final_loop<SK, SOFTMAX, DENSE, true, true, kFrom>(urow + lo, tp, sg, sc, bp + lo, hi - lo, s_seg,
+                                                                    inv_nt, inv_t, t2, zscale, lse, escale, zmass, c,
+                                                                    s_n2, ds, db)
+                : final_loop<SK, SOFTMAX, DENSE, true, false, kFrom>(urow + lo, tp, sg, sc, bp + lo, hi - lo, s_seg,
+                                                                     inv_nt, inv_t, t2, zscale, lse, escale, zmass,
+                                                                     c, s_n2, ds, nullptr);
     };
-    if constexpr (SOFTMAX && SK == kScaleNone) {
-      sums = from_exp ? grad_loop(std::true_type{}) : grad_loop(std::false_type{});
+    if constexpr ((SOFTMAX && SK == kScaleNone) || (!SOFTMAX && SK != kScaleNone)) {
+      sums = from_stats ? grad_loop(std::true_type{}) : grad_loop(std::false_type{});
     } else {
       sums = grad_loop(std::false_type{});
     }
@@ -349,15 +480,17 @@ void final_phase(const RowPiece& r, const std::vector<Target>& targets, float in
 
 // One row of the chunk: the requested phases, piece by piece, while the row is in cache.
 // ``urow`` is the row's fp32 scores: the buffer itself, or the fp32 copy of a bf16 row (see run). ``tz``: a row of
-// ncols floats for the teacher exps (softmax with a dense teacher), else null.
+// ncols floats for the teacher exps (softmax with a dense teacher), else null; ``sg``: a row of ncols floats for the
+// sigmoids (sigmoid under a scale), else null.
 template <int SK, bool SOFTMAX, bool DENSE>
 void run_row(const SoftTargetChunk& a, int64_t b, float* urow, const std::vector<Target>& targets,
-             const std::vector<int64_t>& piece_first, const float* bias, double* dscale_acc, double* dbias_acc,
-             std::vector<float>& corr, float* tz) {
+             const std::vector<int64_t>& piece_first, const float* bias, double* dscale_acc, float* dbias_acc,
+             std::vector<float>& corr, float* tz, float* sg) {
   const bool need_stats = SOFTMAX || SK != kScaleNone;
-  // a whole segment in one call, softmax without a scale, gradient wanted: STATS leaves exp(y - m) for FINAL
-  const bool store_exp = SOFTMAX && SK == kScaleNone && a.coef != nullptr && (a.phases & kPhaseStats) &&
-                         (a.phases & kPhaseFinal);
+  // a whole segment in one call with a gradient wanted: softmax without a scale, STATS leaves exp(y - m) for FINAL;
+  // sigmoid under a scale, sigmoid(y) (and counts the loss)
+  constexpr bool kCanStore = (SOFTMAX && SK == kScaleNone) || (!SOFTMAX && SK != kScaleNone);
+  const bool store = kCanStore && a.coef != nullptr && (a.phases & kPhaseStats) && (a.phases & kPhaseFinal);
   for (int64_t p = 0; p < a.npieces; ++p) {
     const RowPiece r{a,
                      b,
@@ -369,7 +502,8 @@ void run_row(const SoftTargetChunk& a, int64_t b, float* urow, const std::vector
                      urow,
                      DENSE ? a.teacher + b * a.teacher_ld : nullptr,
                      bias,
-                     tz};
+                     tz,
+                     sg};
     const bool teacher_ran = SOFTMAX && DENSE && (a.phases & kPhaseTeacher);
     const float tmax = teacher_ran ? teacher_phase(r) : 0.f;
     if (SK != kScaleNone && (a.phases & kPhaseNorm)) norm_phase(r);
@@ -382,15 +516,26 @@ void run_row(const SoftTargetChunk& a, int64_t b, float* urow, const std::vector
     fold_bias<SK>(r);
     float m = 0.f;
     if (need_stats && (a.phases & kPhaseStats)) {
-      if constexpr (SOFTMAX && SK == kScaleNone) {
-        m = store_exp ? stats_phase<SK, SOFTMAX, DENSE, true>(r, targets, inv_nt, zscale)
-                      : stats_phase<SK, SOFTMAX, DENSE>(r, targets, inv_nt, zscale);
+      if constexpr (kCanStore) {
+        m = store ? stats_phase<SK, SOFTMAX, DENSE, true>(r, targets, inv_nt, zscale)
+                  : stats_phase<SK, SOFTMAX, DENSE>(r, targets, inv_nt, zscale);
       } else {
         m = stats_phase<SK, SOFTMAX, DENSE>(r, targets, inv_nt, zscale);
       }
     }
     if (a.phases & kPhaseFinal)
-      final_phase<SK, SOFTMAX, DENSE>(r, targets, inv_nt, zscale, store_exp, m, dscale_acc, dbias_acc, corr);
+      final_phase<SK, SOFTMAX, DENSE>(r, targets, inv_nt, zscale, store, m, dscale_acc, dbias_acc, corr);
+  }
+}
+
+constexpr int kBiasFoldRows = 32;
+
+// acc += part, part = 0.
+inline void fold_into(double* __restrict acc, float* __restrict part, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    acc[j] += part[j];
+    part[j] = 0.f;
   }
 }
 
@@ -411,12 +556,18 @@ void run(const SoftTargetChunk& a) {
 #pragma omp parallel
   {
     std::vector<double> dscale_acc(class_grad ? ncols : 0, 0.0);
-    std::vector<double> dbias_acc(want_dbias ? ncols : 0, 0.0);  // per thread: rows are split across threads
+    // the bias gradient's column sums, per thread (rows are split across threads): each row's terms go into float
+    // sums that are folded into double ones every kBiasFoldRows rows (a double add per logit in the gradient loop
+    // halved its vector width)
+    std::vector<double> dbias_acc(want_dbias ? ncols : 0, 0.0);
+    std::vector<float> dbias_rows(want_dbias ? ncols : 0, 0.f);
+    int rows_unfolded = 0;
     std::vector<Target> targets;
     std::vector<int64_t> piece_first(a.npieces + 1, 0);
     std::vector<float> corr;
     std::vector<float> row_f32(kWide && reads_u ? ncols : 0);
     std::vector<float> tz(SOFTMAX && DENSE ? ncols : 0);
+    std::vector<float> sg(!SOFTMAX && SK != kScaleNone ? ncols : 0);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < a.rows; ++b) {
       targets.clear();
@@ -452,7 +603,11 @@ void run(const SoftTargetChunk& a) {
         urow = scores;
       }
       run_row<SK, SOFTMAX, DENSE>(a, b, urow, targets, piece_first, bias, dscale_acc.data(),
-                                  want_dbias ? dbias_acc.data() : nullptr, corr, tz.data());
+                                  want_dbias ? dbias_rows.data() : nullptr, corr, tz.data(), sg.data());
+      if (want_dbias && ++rows_unfolded == kBiasFoldRows) {
+        fold_into(dbias_acc.data(), dbias_rows.data(), ncols);
+        rows_unfolded = 0;
+      }
       if constexpr (kWide) {
         if (writes_u) float_row_to_bf16(row_f32.data(), scores, ncols);
       }
@@ -462,6 +617,7 @@ void run(const SoftTargetChunk& a) {
       for (int64_t j = 0; j < ncols; ++j) a.dscale_class[j] += static_cast<float>(dscale_acc[j]);
     }
     if (want_dbias) {
+      fold_into(dbias_acc.data(), dbias_rows.data(), ncols);
 #pragma omp critical
       for (int64_t j = 0; j < ncols; ++j) a.dbias[j] += static_cast<float>(dbias_acc[j]);
     }
