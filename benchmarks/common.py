@@ -121,9 +121,9 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> Tuple[float, 
         _sync(device)
         peak = torch.cuda.max_memory_allocated(device) - base
         return peak / 2 ** 20, _nbytes(out) / 2 ** 20
-    # kc keeps one host scratch buffer between calls (chunked.take_workspace): dropped first, so that the measured
-    # call allocates it again and it counts as working memory, as any implementation's scratch does
-    chunked._workspace.clear()
+    # kc keeps host buffers between calls (a scratch buffer, the memory of its last large gradient outputs): dropped
+    # first, so that the measured call allocates them again and they count as any implementation's memory does
+    chunked.release_host_buffers()
     _release_free_memory()
     try:
         with open("/proc/self/clear_refs", "w") as f:

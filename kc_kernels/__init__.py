@@ -7,6 +7,7 @@ Backends: reference (plain PyTorch), cpu (C++/OpenMP, chunked over classes), tri
 ``kc_kernels.backends()`` tells which can run here and why not.
 """
 from kc_kernels import reference
+from kc_kernels.chunked import release_host_buffers
 from kc_kernels.dispatch import backends, built_libraries
 from kc_kernels.distributed import shard_classes, vocab_parallel_linear_soft_target_loss
 from kc_kernels.modules import LinearSoftTargetLoss, SampledSoftmaxLoss
@@ -23,5 +24,6 @@ __all__ = [
     "SampledSoftmaxLoss",
     "backends",
     "built_libraries",
+    "release_host_buffers",
     "reference",
 ]

@@ -18,6 +18,8 @@ so the forward computes the loss alone and the backward op walks again.
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -167,6 +169,54 @@ def give_back_workspace(buf: torch.Tensor) -> None:
     held = _workspace.get(buf.dtype)
     if held is None or held.numel() < buf.numel():
         _workspace[buf.dtype] = buf
+
+
+# The same holds for the op's large gradient outputs (dW [V, H], or dlogits [B, V] of soft_target_loss): a training
+# loop drops them every step (optimizer.zero_grad() sets them to None) and the next call asked glibc for 200 MB
+# again, whose first touch by the gradient GEMMs page-faulted it in: 50-60 ms of a 1.1 s step at V=100K, H=512.
+# So the storage of the last such output of each shape and dtype is kept (as a tensor of its own over the same
+# memory) and handed out again once nothing else refers to it: the storage's reference count is then the kept
+# tensor's and the query's. A gradient still held (accumulation, a reference kept by the user, two calls before
+# one backward) makes a new buffer. While the gradient lives, the kept tensor costs nothing (the memory is the
+# gradient's); after it, its size, like a caching allocator. KEPT_OUTPUTS most recent shapes are kept.
+KEPT_OUTPUT_MIN_BYTES = 16 << 20
+KEPT_OUTPUTS = 4
+_kept_outputs: "OrderedDict[Tuple, torch.Tensor]" = OrderedDict()
+_kept_lock = threading.Lock()
+_use_count = getattr(torch._C, "_storage_Use_Count", None)  # a storage's reference count (absent: nothing kept)
+
+
+def _alias(t: torch.Tensor) -> torch.Tensor:
+    """A tensor of its own (not a view: no _base) over t's memory."""
+    return torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+
+
+def output_buffer(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """An uninitialised tensor for a gradient output the op writes in full (see above for the host's kept ones)."""
+    device = torch.device(device)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if device.type != "cpu" or nbytes < KEPT_OUTPUT_MIN_BYTES or KEPT_OUTPUTS <= 0 or _use_count is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    key = (tuple(shape), dtype)
+    with _kept_lock:  # the check and the handing out in one step: two threads never get the same memory
+        kept = _kept_outputs.get(key)
+        if kept is not None and _use_count(kept.untyped_storage()._cdata) == 2:
+            _kept_outputs.move_to_end(key)
+            return _alias(kept)
+        out = torch.empty(shape, dtype=dtype)
+        _kept_outputs[key] = _alias(out)
+        _kept_outputs.move_to_end(key)
+        while len(_kept_outputs) > KEPT_OUTPUTS:
+            _kept_outputs.popitem(last=False)
+        return out
+
+
+def release_host_buffers() -> None:
+    """Drop the host memory kept between calls: the scratch buffers and the kept gradient outputs (the memory of a
+    gradient that is still alive stays with it)."""
+    with _kept_lock:
+        _workspace.clear()
+        _kept_outputs.clear()
 
 
 @dataclass
@@ -366,12 +416,12 @@ class Sweep:
                 # dx accumulates over chunks: fp32 unless the GEMMs themselves are fp32
                 self.dx = torch.zeros(self.xw.shape, dtype=torch.float32, device=dev) if "x" in needs else None
                 wdt = torch.float32 if p.weight.dtype == torch.float64 else p.weight.dtype
-                self.dw = torch.empty(p.weight.shape, dtype=wdt, device=dev) if "weight" in needs else None
+                self.dw = output_buffer(p.weight.shape, wdt, dev) if "weight" in needs else None
                 self.db32 = (torch.zeros(p.num_classes, dtype=torch.float32, device=dev)
                              if p.bias is not None and "bias" in needs else None)
             else:
                 ldt = torch.float32 if p.logits.dtype == torch.float64 else p.logits.dtype
-                self.dlogits = torch.empty(p.logits.shape, dtype=ldt, device=dev)
+                self.dlogits = output_buffer(p.logits.shape, ldt, dev)
             self.dscale = (torch.zeros(p.num_classes, dtype=torch.float32, device=dev)
                            if self.scale_kind == SCALE_CLASS and "scale" in needs else None)
         need_norm = self.scale_kind != SCALE_NONE

@@ -321,3 +321,72 @@ def test_sigmoid_loss_sums_100k_classes_to_float_accuracy(scaled):
             assert rel < 2e-6, (shift, spread, rel)
             grad_rel = ((got_u.grad.double() - want_u.grad).abs().max() / want_u.grad.abs().max()).item()
             assert grad_rel < 2e-6, (shift, spread, grad_rel)
+
+
+def test_kept_gradient_outputs_are_reused_only_when_nothing_else_holds_them(monkeypatch):
+    """A large gradient output (dW) of the last call is handed out again once the caller dropped it, so a training
+    loop does not map and fault in a fresh [V, H] buffer every step; a gradient still referenced anywhere (kept by
+    the user, being accumulated into, or made by a second call before one backward) never is."""
+    monkeypatch.setattr(chunked, "KEPT_OUTPUT_MIN_BYTES", 1)
+    kc_kernels.release_host_buffers()
+    g = torch.Generator().manual_seed(6)
+    B, H, V = 9, 16, 700
+    x = torch.randn(B, H, generator=g)
+    w = torch.randn(V, H, generator=g).requires_grad_()
+    idx = torch.randint(0, V, (B, 3), generator=g)
+    val = torch.rand(B, 3, generator=g)
+
+    def loss():
+        return kc_kernels.linear_soft_target_loss(x, w, target_index=idx, target_value=val, backend="cpu")
+
+    loss().backward()
+    first, want = w.grad.data_ptr(), w.grad.clone()
+    w.grad = None
+    loss().backward()
+    assert w.grad.data_ptr() == first and torch.equal(w.grad, want)  # reused, same bits
+    held = w.grad
+    w.grad = None
+    loss().backward()
+    assert w.grad.data_ptr() != held.data_ptr() and torch.equal(held, want)  # a held gradient is left alone
+    loss().backward()  # accumulation into the existing gradient
+    torch.testing.assert_close(w.grad, 2 * want)
+    w.grad = held = None
+    (loss() + loss()).backward()  # two calls before one backward: two buffers
+    torch.testing.assert_close(w.grad, 2 * want)
+
+    u = (x @ w.detach().t()).requires_grad_()  # soft_target_loss keeps its [B, V] dlogits the same way
+    kc_kernels.soft_target_loss(u, target_index=idx, target_value=val, backend="cpu").backward()
+    first, want = u.grad.data_ptr(), u.grad.clone()
+    u.grad = None
+    kc_kernels.soft_target_loss(u, target_index=idx, target_value=val, backend="cpu").backward()
+    assert u.grad.data_ptr() == first and torch.equal(u.grad, want)
+    kc_kernels.release_host_buffers()
+    assert not chunked._kept_outputs
+
+
+def test_kept_dense_sampled_gradient_is_zeroed_again(monkeypatch):
+    """The sampled softmax's dense weight gradient reuses the kept buffer of the last call, which holds that call's
+    rows: only this call's sampled and true rows may be nonzero."""
+    monkeypatch.setattr(chunked, "KEPT_OUTPUT_MIN_BYTES", 1)
+    g = torch.Generator().manual_seed(8)
+    B, H, V, S = 6, 8, 300, 20
+    x = torch.randn(B, H, generator=g)
+    w = torch.randn(V, H, generator=g).requires_grad_()
+    labels = torch.randint(0, V, (B,), generator=g)
+    ptrs = []
+    for draw in range(3):
+        ids = torch.randperm(V, generator=g)[:S]
+        sampled = (ids, torch.full((B,), 0.1), torch.full((S,), 0.1))
+        kc_kernels.sampled_softmax_loss(x, w, None, labels, sampled=sampled, num_sampled=S,
+                                        backend="cpu").backward()
+        touched = torch.zeros(V, dtype=torch.bool)
+        touched[ids] = True
+        touched[labels] = True
+        assert not w.grad[~touched].any()
+        want = torch.autograd.grad(kc_kernels.sampled_softmax_loss(x, w, None, labels, sampled=sampled,
+                                                                   num_sampled=S, backend="reference"), w)[0]
+        torch.testing.assert_close(w.grad, want)
+        ptrs.append(w.grad.data_ptr())
+        w.grad = None
+    assert ptrs[1] == ptrs[0]  # the kept buffer, rows of the first draw included, was reused
+    kc_kernels.release_host_buffers()

@@ -17,6 +17,8 @@ from typing import Any, Dict, List, Optional, Protocol, Tuple
 
 import torch
 
+from kc_kernels.chunked import output_buffer
+
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp64 stays fp64; everything else accumulates in fp32."""
@@ -118,7 +120,7 @@ def _expand(values: torch.Tensor, rows: torch.Tensor, like: torch.Tensor, sparse
             rows, order = torch.sort(rows)
             values = values[order]
         return torch.sparse_coo_tensor(rows[None], values, like.shape, is_coalesced=True, check_invariants=False)
-    out = torch.zeros_like(like, memory_format=torch.contiguous_format)
+    out = output_buffer(like.shape, like.dtype, like.device).zero_()  # a kept host buffer: see chunked
     out.index_copy_(0, rows, values)
     return out
 
@@ -228,7 +230,7 @@ def _dense_slots(x, weight, bias, needs: int, rg: RowGradients) -> Tuple[torch.T
         elif i == 0:
             slots.append(rg.dx.to(x.dtype))
         else:
-            out = torch.zeros_like(t, memory_format=torch.contiguous_format)
+            out = output_buffer(t.shape, t.dtype, t.device).zero_()
             for rows, values in zip(rg.rows, rg.dweight if i == 1 else rg.dbias):
                 if rg.distinct:
                     out.index_copy_(0, rows, values.to(t.dtype))
