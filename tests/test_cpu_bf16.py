@@ -194,58 +194,66 @@ def test_bf16_scores_epilogue_is_exactly_the_fp32_one(mode, target_form, scale_k
 
 
 # ---------------------------------------------------------------------------------------- the fp32 path unchanged
-# Digests (sha256, 16 hex digits) of the loss and gradients of fp32 problems, recorded with the build before the bf16
-# path existed (`python -m tests.test_cpu_bf16` prints them). The bits depend on the CPU (vector width, BLAS
-# kernels), the thread count and the torch build, so they are compared where those match the recording machine.
-GOLDEN_MACHINE = ("AMD EPYC", "AVX512", 2, "2.13.0+cpu")
+# Digests (sha256, 16 hex digits) of the loss and gradients of fp32 problems, recorded on one machine
+# (`python -m tests.test_cpu_bf16` prints its tuple and the digests). They guard the fp32 arithmetic of the CPU
+# path against unintended changes (a refactor, the bf16 translation unit, build flags): an intended change (a new
+# formula) records them again, and says so. The bits depend on the CPU (vector width, BLAS kernels), the thread
+# count and the torch build, so they are compared only where those match the recording machine.
+GOLDEN_MACHINE = ('Intel(R) Xeon(R) Processor', 'fbb863ef93cd', 'AVX512', 2, '2.13.0+cpu')
 GOLDEN = {
-    ('sigmoid', 'sparse', None, None, 'logits'): '960f2b9dd1b193e2',
-    ('sigmoid', 'sparse', None, 5120, 'logits'): '960f2b9dd1b193e2',
-    ('sigmoid', 'sparse', None, None, 'linear'): 'c96aadff4e9270c9',
-    ('sigmoid', 'sparse', 'segment', None, 'logits'): '26ca5d1061edcd7e',
-    ('sigmoid', 'sparse', 'segment', 5120, 'logits'): '6b03b11406a99da9',
-    ('sigmoid', 'sparse', 'segment', None, 'linear'): '8e20c299cddf4ca7',
-    ('sigmoid', 'sparse', 'class', None, 'logits'): '2cc3e38c449fef60',
-    ('sigmoid', 'sparse', 'class', 5120, 'logits'): '2c68192d9f7bfe2a',
-    ('sigmoid', 'sparse', 'class', None, 'linear'): 'c1752ed2d188d98b',
-    ('sigmoid', 'dense', None, None, 'logits'): '05a1955070686d7a',
-    ('sigmoid', 'dense', None, 5120, 'logits'): '210ce509bbf7e7c6',
-    ('sigmoid', 'dense', None, None, 'linear'): '00709cecac8418b4',
-    ('sigmoid', 'dense', 'segment', None, 'logits'): '6d9bf58b8c1ad3ab',
-    ('sigmoid', 'dense', 'segment', 5120, 'logits'): 'd7d58771825180ae',
-    ('sigmoid', 'dense', 'segment', None, 'linear'): '81ab3b7d69e32ecd',
-    ('sigmoid', 'dense', 'class', None, 'logits'): 'b3abe6b4f4807280',
-    ('sigmoid', 'dense', 'class', 5120, 'logits'): 'a85f3e532cdc5037',
-    ('sigmoid', 'dense', 'class', None, 'linear'): 'a0bcbbdd71b62bca',
-    ('softmax', 'sparse', None, None, 'logits'): '40a179ca37daec91',
-    ('softmax', 'sparse', None, 5120, 'logits'): '40a179ca37daec91',
-    ('softmax', 'sparse', None, None, 'linear'): '6c7a573fca6dc421',
-    ('softmax', 'sparse', 'segment', None, 'logits'): '871b0b3103eb5268',
-    ('softmax', 'sparse', 'segment', 5120, 'logits'): 'f85da3d00ac0a645',
-    ('softmax', 'sparse', 'segment', None, 'linear'): '2cd8af250e44dbb9',
-    ('softmax', 'sparse', 'class', None, 'logits'): 'c0ffcc00e6a004e2',
-    ('softmax', 'sparse', 'class', 5120, 'logits'): '9e4f13e9b9d45c5f',
-    ('softmax', 'sparse', 'class', None, 'linear'): 'bffc43facc9cb2f6',
-    ('softmax', 'dense', None, None, 'logits'): '2e51a3fded206951',
-    ('softmax', 'dense', None, 5120, 'logits'): 'b9fb4da99294d19e',
-    ('softmax', 'dense', None, None, 'linear'): 'dbd94f575c788118',
-    ('softmax', 'dense', 'segment', None, 'logits'): '67504317e784833c',
-    ('softmax', 'dense', 'segment', 5120, 'logits'): '4a9c4019493bfdb9',
-    ('softmax', 'dense', 'segment', None, 'linear'): '2973b29c36fe709e',
-    ('softmax', 'dense', 'class', None, 'logits'): '495d36c61e1c699e',
-    ('softmax', 'dense', 'class', 5120, 'logits'): '4d0acbb2c8a77a8b',
-    ('softmax', 'dense', 'class', None, 'linear'): 'ce9ca2cc60f57e3b',
+    ('sigmoid', 'sparse', None, None, 'logits'): '838be73b6c89426f',
+    ('sigmoid', 'sparse', None, 5120, 'logits'): '838be73b6c89426f',
+    ('sigmoid', 'sparse', None, None, 'linear'): 'fe778478cdb6373a',
+    ('sigmoid', 'sparse', 'segment', None, 'logits'): '6d296956f3cd0748',
+    ('sigmoid', 'sparse', 'segment', 5120, 'logits'): '197c7a7122f3fcc3',
+    ('sigmoid', 'sparse', 'segment', None, 'linear'): '59f661b0470e6da5',
+    ('sigmoid', 'sparse', 'class', None, 'logits'): '9b17c5f18f784091',
+    ('sigmoid', 'sparse', 'class', 5120, 'logits'): '626f841da71a625f',
+    ('sigmoid', 'sparse', 'class', None, 'linear'): 'acc80ff24399ff07',
+    ('sigmoid', 'dense', None, None, 'logits'): '0318e889de87110f',
+    ('sigmoid', 'dense', None, 5120, 'logits'): '0318e889de87110f',
+    ('sigmoid', 'dense', None, None, 'linear'): 'b7b14798dcc92ad6',
+    ('sigmoid', 'dense', 'segment', None, 'logits'): 'ab90c0f9e80b9cec',
+    ('sigmoid', 'dense', 'segment', 5120, 'logits'): '5138220af36a1931',
+    ('sigmoid', 'dense', 'segment', None, 'linear'): '777e98f1f644b8b5',
+    ('sigmoid', 'dense', 'class', None, 'logits'): '24c0ba1f2256c58d',
+    ('sigmoid', 'dense', 'class', 5120, 'logits'): '571606ee87bf75ce',
+    ('sigmoid', 'dense', 'class', None, 'linear'): 'e96a3fa5a5315461',
+    ('softmax', 'sparse', None, None, 'logits'): 'd3c57a962dd3a6d3',
+    ('softmax', 'sparse', None, 5120, 'logits'): '8b658736cce21afa',
+    ('softmax', 'sparse', None, None, 'linear'): 'e3525375c365ec9a',
+    ('softmax', 'sparse', 'segment', None, 'logits'): 'bc333b081924b686',
+    ('softmax', 'sparse', 'segment', 5120, 'logits'): '602eefc38eef1d75',
+    ('softmax', 'sparse', 'segment', None, 'linear'): 'b8f181ccacdf05d8',
+    ('softmax', 'sparse', 'class', None, 'logits'): 'ace57e6413b9879f',
+    ('softmax', 'sparse', 'class', 5120, 'logits'): '999d9d85134b1d83',
+    ('softmax', 'sparse', 'class', None, 'linear'): '32dc532f4140d759',
+    ('softmax', 'dense', None, None, 'logits'): '4a78ea331eccd6b9',
+    ('softmax', 'dense', None, 5120, 'logits'): 'f7edbd829b6e9360',
+    ('softmax', 'dense', None, None, 'linear'): 'bd00c4be8572b0af',
+    ('softmax', 'dense', 'segment', None, 'logits'): '967585ca2ed1bf49',
+    ('softmax', 'dense', 'segment', 5120, 'logits'): 'bed03037d62e9a17',
+    ('softmax', 'dense', 'segment', None, 'linear'): 'bdbba5636e94f4c7',
+    ('softmax', 'dense', 'class', None, 'logits'): 'cd32ad036ff9cac4',
+    ('softmax', 'dense', 'class', 5120, 'logits'): '50469bc503ff99d2',
+    ('softmax', 'dense', 'class', None, 'linear'): '823a104f050ca62b',
 }
 
 
 def _machine():
-    model = ""
+    """The recording machine's identity: CPU model, the CPU's feature flags and cache size (a VM's model name is
+    often generic, and -march=native compiles for the flags), torch's vector ISA, threads and torch version."""
+    model, cpu = "", ""
     try:
         with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+            info = f.read().split("\n\n")[0].splitlines()
+        fields = {ln.split(":", 1)[0].strip(): ln.split(":", 1)[1].strip() for ln in info if ":" in ln}
+        model = fields.get("model name", "")
+        flags = " ".join(sorted(fields.get("flags", "").split()))
+        cpu = hashlib.sha256(f"{flags}|{fields.get('cache size', '')}".encode()).hexdigest()[:12]
     except OSError:
         pass
-    return (model, torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(), torch.__version__)
+    return (model, cpu, torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(), torch.__version__)
 
 
 def _digest(ts):
