@@ -56,6 +56,10 @@ struct FinalSums {
   float zy;  // sigmoid mode: sum z y over dense targets (softmax mode: both unused)
 };
 
+// Whether the bias has been added to the scores (see fold_bias): a softmax without a scale.
+template <int SK, bool SOFTMAX>
+constexpr bool kBiasFolded = SOFTMAX && SK == kScaleNone;
+
 // The logit gradient of one class written over its score (and its column-sum terms), shared by both modes' loops.
 template <int SK, bool BIAS_GRAD>
 KC_VEC_INLINE void write_grad(float* __restrict u, int64_t j, float uj, float s, float up, float q, float inv_nt,
@@ -155,7 +159,7 @@ __attribute__((noinline)) FinalSums final_loop(float* __restrict u, const float*
       const float uj = u[j];
       const float s = SK == kScaleClass ? sc[j] : s_seg;
       const float up = scaled_score(uj, inv_nt);
-      const float y = logit(uj, s, inv_nt, SK != kScaleNone ? bias[j] : 0.0f, inv_t);  // see fold_bias
+      const float y = logit(uj, s, inv_nt, kBiasFolded<SK, SOFTMAX> ? 0.0f : bias[j], inv_t);  // see fold_bias
       float q;
       if constexpr (SOFTMAX) {
         const float z = DENSE ? t[j] * zscale : 0.f;
@@ -180,7 +184,7 @@ __attribute__((noinline)) FinalSums final_loop(float* __restrict u, const float*
       const float uj = u[j];
       const float s = SK == kScaleClass ? sc[j] : s_seg;
       const float up = scaled_score(uj, inv_nt);
-      const float y = logit(uj, s, inv_nt, SK != kScaleNone ? bias[j] : 0.0f, inv_t);
+      const float y = logit(uj, s, inv_nt, bias[j], inv_t);
       const float e = VecMath::exp(-std::fabs(y));
       const float one_e = 1.0f + e;
       const float inv = VecMath::inv_1_2(one_e);
@@ -197,11 +201,11 @@ __attribute__((noinline)) FinalSums final_loop(float* __restrict u, const float*
   }
 }
 
-// The bias as the loops read it: under a scale the class prior enters y after the normalisation; without one it
-// has already been added to u (see run_row), so it is 0 here and the compiler drops the load.
-template <int SK>
+// The bias as the loops read it: under a scale the class prior enters y after the normalisation; a softmax without
+// one has it in u already (see fold_bias), so it is 0 here and the compiler drops the load.
+template <int SK, bool SOFTMAX>
 inline float bias_of(const float* __restrict bp, int64_t j) {
-  if constexpr (SK == kScaleNone) return 0.0f;
+  if constexpr (kBiasFolded<SK, SOFTMAX>) return 0.0f;
   return bp[j];
 }
 
@@ -268,11 +272,12 @@ inline void norm_phase(const RowPiece& r) {
   r.st(kSumSq) += s;
 }
 
-// Without a scale y = (u + b) / T and dl/du = dl/db, so the bias is added to u once here and the loops of STATS and
-// FINAL read no bias stream (they see a bias of 0 at compile time, see bias_of); the gradient overwrites u anyway.
-template <int SK>
+// A softmax without a scale has y = (u + b) / T and dl/du = dl/db, so the bias is added to u once here and its
+// three loops (max, exps, gradient) read no bias stream (they see a bias of 0 at compile time, see bias_of); the
+// gradient overwrites u anyway. The sigmoid without a scale has one loop: it reads the bias there.
+template <int SK, bool SOFTMAX>
 inline void fold_bias(const RowPiece& r) {
-  if constexpr (SK == kScaleNone) {
+  if constexpr (kBiasFolded<SK, SOFTMAX>) {
     if (r.a.bias != nullptr) {
       float* __restrict u = r.urow;
       const float* __restrict bp = r.bp;
@@ -302,7 +307,7 @@ __attribute__((noinline)) float stats_phase(const RowPiece& r, const std::vector
       const float up = scaled_score(urow[j], inv_nt);
       const float z = SOFTMAX ? trow[j] * zscale : teacher_target_sigmoid<VecMath>(trow[j], inv_t);
       zsum += z;
-      zy += z * logit(urow[j], s, inv_nt, bias_of<SK>(bp, j), inv_t);
+      zy += z * logit(urow[j], s, inv_nt, bias_of<SK, SOFTMAX>(bp, j), inv_t);
       zu += z * up;
       zyh += z * (s * up);
     }
@@ -313,7 +318,7 @@ __attribute__((noinline)) float stats_phase(const RowPiece& r, const std::vector
       const float s = scale_at<SK>(a, g, j);
       const float up = scaled_score(urow[j], inv_nt);
       zsum += v;
-      zy += v * logit(urow[j], s, inv_nt, bias_of<SK>(bp, j), inv_t);
+      zy += v * logit(urow[j], s, inv_nt, bias_of<SK, SOFTMAX>(bp, j), inv_t);
       zu += v * up;
       zyh += v * (s * up);
     }
@@ -326,14 +331,14 @@ __attribute__((noinline)) float stats_phase(const RowPiece& r, const std::vector
     float m = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : m)
     for (int64_t j = lo; j < hi; ++j)
-      m = std::max(m, logit(urow[j], scale_at<SK>(a, g, j), inv_nt, bias_of<SK>(bp, j), inv_t));
+      m = std::max(m, logit(urow[j], scale_at<SK>(a, g, j), inv_nt, bias_of<SK, SOFTMAX>(bp, j), inv_t));
     float se = 0.f, seu = 0.f, sey = 0.f;
     float* __restrict ur = r.urow;
 #pragma omp simd reduction(+ : se, seu, sey)
     for (int64_t j = lo; j < hi; ++j) {
       const float s = scale_at<SK>(a, g, j);
       const float up = scaled_score(ur[j], inv_nt);
-      const float e = VecMath::exp(logit(ur[j], s, inv_nt, bias_of<SK>(bp, j), inv_t) - m);
+      const float e = VecMath::exp(logit(ur[j], s, inv_nt, bias_of<SK, SOFTMAX>(bp, j), inv_t) - m);
       se += e;
       seu += e * up;
       sey += e * (s * up);
@@ -381,7 +386,7 @@ __attribute__((noinline)) float stats_phase(const RowPiece& r, const std::vector
     for (int64_t j = lo; j < hi; ++j) {
       const float s = scale_at<SK>(a, g, j);
       const float up = scaled_score(urow[j], inv_nt);
-      const float sg = sigmoid<VecMath>(logit(urow[j], s, inv_nt, bias_of<SK>(bp, j), inv_t));
+      const float sg = sigmoid<VecMath>(logit(urow[j], s, inv_nt, bias_of<SK, SOFTMAX>(bp, j), inv_t));
       squ += sg * up;
       sqy += sg * (s * up);
     }
@@ -428,7 +433,7 @@ void final_phase(const RowPiece& r, const std::vector<Target>& targets, float in
       const float v = targets[t].value;
       const float s = scale_at<SK>(a, g, j);
       const float up = scaled_score(urow[j], inv_nt);
-      zy += v * logit(urow[j], s, inv_nt, bias_of<SK>(bp, j), inv_t);
+      zy += v * logit(urow[j], s, inv_nt, bias_of<SK, SOFTMAX>(bp, j), inv_t);
       corr[t] = c * dqz * v * s * inv_nt;  // coef (dq/dz) v a_j
       if (SK == kScaleClass && a.coef) dscale_acc[j] += static_cast<double>(c) * dqz * v * up;
     }
@@ -513,7 +518,7 @@ void run_row(const SoftTargetChunk& a, int64_t b, float* urow, const std::vector
     float zscale = 0.f;
     if constexpr (SOFTMAX && DENSE)
       zscale = teacher_targets(r, teacher_ran, tmax, log_sum_exp<double>(r.st(kTeacherMax), r.st(kTeacherSumExp)));
-    fold_bias<SK>(r);
+    fold_bias<SK, SOFTMAX>(r);
     float m = 0.f;
     if (need_stats && (a.phases & kPhaseStats)) {
       if constexpr (kCanStore) {
