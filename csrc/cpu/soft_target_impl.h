@@ -287,6 +287,14 @@ inline void fold_bias(const RowPiece& r) {
   }
 }
 
+// The target sums of STATS into the state.
+inline void add_target_sums(const RowPiece& r, float zsum, float zy, float zu, float zyh) {
+  r.st(kZSum) += zsum;
+  r.st(kZY) += zy;
+  r.st(kZU) += zu;
+  r.st(kZYScaled) += zyh;
+}
+
 // STATS: the target sums, and the softmax log-sum-exp (or sigmoid sums) with the terms the scale's gradient needs.
 // STORE (FINAL with a gradient in the same call): softmax without a scale, each score is overwritten by its
 // exp(y - m), which FINAL turns into softmax(y) with a multiply; sigmoid under a scale, sigmoid(y) goes to r.sg and
@@ -300,18 +308,18 @@ __attribute__((noinline)) float stats_phase(const RowPiece& r, const std::vector
   const float* trow = SOFTMAX ? r.tz : r.trow;
   const float* __restrict bp = r.bp;
   float zsum = 0.f, zy = 0.f, zu = 0.f, zyh = 0.f;
-  if constexpr (DENSE) {
+  if constexpr (DENSE && !SOFTMAX) {  // (a softmax sums its dense targets in its exp loop below)
 #pragma omp simd reduction(+ : zsum, zy, zu, zyh)
     for (int64_t j = lo; j < hi; ++j) {
       const float s = scale_at<SK>(a, g, j);
       const float up = scaled_score(urow[j], inv_nt);
-      const float z = SOFTMAX ? trow[j] * zscale : teacher_target_sigmoid<VecMath>(trow[j], inv_t);
+      const float z = teacher_target_sigmoid<VecMath>(trow[j], inv_t);
       zsum += z;
       zy += z * logit(urow[j], s, inv_nt, bias_of<SK, SOFTMAX>(bp, j), inv_t);
       zu += z * up;
       zyh += z * (s * up);
     }
-  } else {
+  } else if constexpr (!DENSE) {
     for (int64_t t = r.t_begin; t < r.t_end; ++t) {
       const int64_t j = targets[t].col;
       const float v = targets[t].value;
@@ -323,10 +331,6 @@ __attribute__((noinline)) float stats_phase(const RowPiece& r, const std::vector
       zyh += v * (s * up);
     }
   }
-  r.st(kZSum) += zsum;
-  r.st(kZY) += zy;
-  r.st(kZU) += zu;
-  r.st(kZYScaled) += zyh;
   if constexpr (SOFTMAX) {
     float m = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : m)
@@ -334,14 +338,23 @@ __attribute__((noinline)) float stats_phase(const RowPiece& r, const std::vector
       m = std::max(m, logit(urow[j], scale_at<SK>(a, g, j), inv_nt, bias_of<SK, SOFTMAX>(bp, j), inv_t));
     float se = 0.f, seu = 0.f, sey = 0.f;
     float* __restrict ur = r.urow;
-#pragma omp simd reduction(+ : se, seu, sey)
+    const float* __restrict tz = r.tz;
+#pragma omp simd reduction(+ : se, seu, sey, zsum, zy, zu, zyh)
     for (int64_t j = lo; j < hi; ++j) {
       const float s = scale_at<SK>(a, g, j);
       const float up = scaled_score(ur[j], inv_nt);
-      const float e = VecMath::exp(logit(ur[j], s, inv_nt, bias_of<SK, SOFTMAX>(bp, j), inv_t) - m);
+      const float y = logit(ur[j], s, inv_nt, bias_of<SK, SOFTMAX>(bp, j), inv_t);
+      const float e = VecMath::exp(y - m);
       se += e;
       seu += e * up;
       sey += e * (s * up);
+      // the dense targets' sums (sparse ones were summed above; every reduction is updated in every instance, or
+      // GCC gives up vectorising)
+      const float z = DENSE ? tz[j] * zscale : 0.0f;
+      zsum += z;
+      zy += z * y;
+      zu += z * up;
+      zyh += z * (s * up);
       if constexpr (STORE) ur[j] = e;
     }
     const MaxMerge<double> f = merge_max<double>(r.st(kMax), m);
@@ -349,6 +362,7 @@ __attribute__((noinline)) float stats_phase(const RowPiece& r, const std::vector
     merge_sum<double>(r.st(kSumExpU), seu, f);
     merge_sum<double>(r.st(kSumExpY), sey, f);
     r.st(kMax) = f.max;
+    add_target_sums(r, zsum, zy, zu, zyh);
     return m;
   } else if constexpr (STORE) {
     static_assert(SK != kScaleNone, "sigmoid without a scale has no STATS phase");
@@ -393,6 +407,7 @@ __attribute__((noinline)) float stats_phase(const RowPiece& r, const std::vector
     r.st(kSumExpU) += squ;
     r.st(kSumExpY) += sqy;
   }
+  add_target_sums(r, zsum, zy, zu, zyh);
   return 0.f;
 }
 
