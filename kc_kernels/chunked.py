@@ -200,7 +200,9 @@ def output_buffer(shape, dtype: torch.dtype, device) -> torch.Tensor:
     key = (tuple(shape), dtype)
     with _kept_lock:  # the check and the handing out in one step: two threads never get the same memory
         kept = _kept_outputs.get(key)
-        if kept is not None and _use_count(kept.untyped_storage()._cdata) == 2:
+        held = None if kept is None else kept.untyped_storage()
+        # referenced by the kept tensor and by ``held`` only, and still its size (nobody resized it)
+        if held is not None and _use_count(held._cdata) == 2 and held.nbytes() >= nbytes:
             _kept_outputs.move_to_end(key)
             return _alias(kept)
         out = torch.empty(shape, dtype=dtype)

@@ -353,6 +353,10 @@ def test_kept_gradient_outputs_are_reused_only_when_nothing_else_holds_them(monk
     w.grad = held = None
     (loss() + loss()).backward()  # two calls before one backward: two buffers
     torch.testing.assert_close(w.grad, 2 * want)
+    w.grad.untyped_storage().resize_(0)  # memory taken away from under the kept tensor: not reused
+    w.grad = None
+    loss().backward()
+    assert torch.equal(w.grad, want)
 
     u = (x @ w.detach().t()).requires_grad_()  # soft_target_loss keeps its [B, V] dlogits the same way
     kc_kernels.soft_target_loss(u, target_index=idx, target_value=val, backend="cpu").backward()
