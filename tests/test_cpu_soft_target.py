@@ -394,3 +394,20 @@ def test_kept_dense_sampled_gradient_is_zeroed_again(monkeypatch):
         w.grad = None
     assert ptrs[1] == ptrs[0]  # the kept buffer, rows of the first draw included, was reused
     kc_kernels.release_host_buffers()
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_a_nan_logit_makes_its_row_loss_nan(scaled):
+    """The sigmoid loss's renormalised product would drop a NaN factor (its exponent bits are cleared): the NaN
+    reaches the row's loss through the rounding term instead, and only that row's."""
+    g = torch.Generator().manual_seed(12)
+    B, V = 3, 5000
+    u = torch.randn(B, V, generator=g)
+    u[1, 1234] = math.nan
+    kw = dict(target_index=torch.randint(0, V, (B, 2), generator=g), target_value=torch.rand(B, 2, generator=g),
+              mode="sigmoid", reduction="none", backend="cpu")
+    if scaled:
+        kw.update(segments=torch.tensor([0, 2000, V]), scale=torch.tensor([2.0, 3.0]))
+    for grad in (False, True):
+        loss = kc_kernels.soft_target_loss(u.clone().requires_grad_(grad), **kw)
+        assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()
