@@ -2,8 +2,8 @@
 
     python -m pytest benchmarks/bench_soft_target.py --benchmark-enable [-k paper]
 
-Rows carry extra_info: peak MB (see benchmarks/common.py) and, for the op rows, the floor measured in the same
-session. `python -m benchmarks` prints the same measurements as one table and writes JSON.
+Rows carry extra_info: peak MB (see benchmarks/common.py) and, for the op rows, the floor measured in the same pytest
+run. `python -m benchmarks` prints the same measurements as one table and writes JSON.
 """
 import pytest
 import torch

@@ -1,5 +1,5 @@
 """The GPU check's dry run: benchmarks/gpu.sh --dry-run drives benchmarks/gpu_check.py through every step on the
-CPU at tiny shapes, so that the one prepared GPU run cannot rot between the sessions that have a GPU."""
+CPU at tiny shapes, so that the prepared GPU run cannot rot between the occasions a GPU is at hand."""
 import json
 import os
 import subprocess
