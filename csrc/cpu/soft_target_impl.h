@@ -60,6 +60,11 @@ struct FinalSums {
 template <int SK, bool SOFTMAX>
 constexpr bool kBiasFolded = SOFTMAX && SK == kScaleNone;
 
+// Whether STATS can leave FINAL what it would recompute (see stats_phase, STORE): a softmax without a scale (its
+// exps) or a sigmoid under one (its sigmoids and loss).
+template <int SK, bool SOFTMAX>
+constexpr bool kStatsStores = SOFTMAX == (SK == kScaleNone);
+
 // The logit gradient of one class written over its score (and its column-sum terms), shared by both modes' loops.
 template <int SK, bool BIAS_GRAD>
 KC_VEC_INLINE void write_grad(float* __restrict u, int64_t j, float uj, float s, float up, float q, float inv_nt,
@@ -92,8 +97,11 @@ struct SoftplusLanes {
       pexp[k] = 0;
     }
   }
-  // softplus(y) into lane k, given e = exp(-|y|), one_e = 1 + e and inv = 1 / one_e
-  KC_VEC_INLINE void add(int k, float y, float e, float one_e, float inv) {
+  // softplus(y) into lane k; sets e = exp(-|y|) and inv = 1 / (1 + e), which the caller's sigmoid(y) is made of
+  KC_VEC_INLINE void add(int k, float y, float& e, float& inv) {
+    e = VecMath::exp(-std::fabs(y));
+    const float one_e = 1.0f + e;
+    inv = VecMath::inv_1_2(one_e);
     lin[k] += y > 0.0f ? y : 0.0f;
     const bool small = e < kSmall;  // false for a NaN y (e is NaN): dlog, and so the sum, is NaN
     series[k] += small ? e * std::fma(e, std::fma(e, 1.0f / 3.0f, -0.5f), 1.0f) : 0.0f;
@@ -185,10 +193,8 @@ __attribute__((noinline)) FinalSums final_loop(float* __restrict u, const float*
       const float s = SK == kScaleClass ? sc[j] : s_seg;
       const float up = scaled_score(uj, inv_nt);
       const float y = logit(uj, s, inv_nt, bias[j], inv_t);
-      const float e = VecMath::exp(-std::fabs(y));
-      const float one_e = 1.0f + e;
-      const float inv = VecMath::inv_1_2(one_e);
-      sl.add(k, y, e, one_e, inv);
+      float e, inv;
+      sl.add(k, y, e, inv);
       const float z = DENSE ? teacher_target_sigmoid<VecMath>(t[j], inv_t) : 0.f;
       zy[k] += z * y;
       const float q = q_sigmoid(y >= 0.0f ? inv : e * inv, z);
@@ -376,10 +382,8 @@ __attribute__((noinline)) float stats_phase(const RowPiece& r, const std::vector
       const float s = scale_at<SK>(a, g, lo + i);
       const float up = scaled_score(ur[i], inv_nt);
       const float y = logit(ur[i], s, inv_nt, bl[i], inv_t);
-      const float e = VecMath::exp(-std::fabs(y));
-      const float one_e = 1.0f + e;
-      const float inv = VecMath::inv_1_2(one_e);
-      sl.add(k, y, e, one_e, inv);
+      float e, inv;
+      sl.add(k, y, e, inv);
       const float sgm = y >= 0.0f ? inv : e * inv;  // = sigmoid<VecMath>(y)
       sgrow[i] = sgm;
       squ[k] += sgm * up;
@@ -478,7 +482,7 @@ void final_phase(const RowPiece& r, const std::vector<Target>& targets, float in
                                                                      inv_nt, inv_t, t2, zscale, lse, escale, zmass,
                                                                      c, s_n2, ds, nullptr);
     };
-    if constexpr ((SOFTMAX && SK == kScaleNone) || (!SOFTMAX && SK != kScaleNone)) {
+    if constexpr (kStatsStores<SK, SOFTMAX>) {
       sums = from_stats ? grad_loop(std::true_type{}) : grad_loop(std::false_type{});
     } else {
       sums = grad_loop(std::false_type{});
@@ -509,8 +513,7 @@ void run_row(const SoftTargetChunk& a, int64_t b, float* urow, const std::vector
   const bool need_stats = SOFTMAX || SK != kScaleNone;
   // a whole segment in one call with a gradient wanted: softmax without a scale, STATS leaves exp(y - m) for FINAL;
   // sigmoid under a scale, sigmoid(y) (and counts the loss)
-  constexpr bool kCanStore = (SOFTMAX && SK == kScaleNone) || (!SOFTMAX && SK != kScaleNone);
-  const bool store = kCanStore && a.coef != nullptr && (a.phases & kPhaseStats) && (a.phases & kPhaseFinal);
+  const bool store = kStatsStores<SK, SOFTMAX> && a.coef != nullptr && (a.phases & kPhaseStats) && (a.phases & kPhaseFinal);
   for (int64_t p = 0; p < a.npieces; ++p) {
     const RowPiece r{a,
                      b,
@@ -536,7 +539,7 @@ void run_row(const SoftTargetChunk& a, int64_t b, float* urow, const std::vector
     fold_bias<SK, SOFTMAX>(r);
     float m = 0.f;
     if (need_stats && (a.phases & kPhaseStats)) {
-      if constexpr (kCanStore) {
+      if constexpr (kStatsStores<SK, SOFTMAX>) {
         m = store ? stats_phase<SK, SOFTMAX, DENSE, true>(r, targets, inv_nt, zscale)
                   : stats_phase<SK, SOFTMAX, DENSE>(r, targets, inv_nt, zscale);
       } else {
