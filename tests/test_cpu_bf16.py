@@ -194,49 +194,89 @@ def test_bf16_scores_epilogue_is_exactly_the_fp32_one(mode, target_form, scale_k
 
 
 # ---------------------------------------------------------------------------------------- the fp32 path unchanged
-# Digests (sha256, 16 hex digits) of the loss and gradients of fp32 problems, recorded on one machine
-# (`python -m tests.test_cpu_bf16` prints its tuple and the digests). They guard the fp32 arithmetic of the CPU
+# Digests (sha256, 16 hex digits) of the loss and gradients of fp32 problems, recorded per machine
+# (`python -m tests.test_cpu_bf16` prints the machine's key and its digests). They guard the fp32 arithmetic of the CPU
 # path against unintended changes (a refactor, the bf16 translation unit, build flags): an intended change (a new
 # formula) records them again, and says so. The bits depend on the CPU (vector width, BLAS kernels), the thread
-# count and the torch build, so they are compared only where those match the recording machine.
-GOLDEN_MACHINE = ('Intel(R) Xeon(R) Processor', 'fbb863ef93cd', 'AVX512', 2, '2.13.0+cpu')
+# count and the torch build, so they are kept per machine (keyed by _machine()) and compared where this machine
+# has a row.
 GOLDEN = {
-    ('sigmoid', 'sparse', None, None, 'logits'): '838be73b6c89426f',
-    ('sigmoid', 'sparse', None, 5120, 'logits'): '838be73b6c89426f',
-    ('sigmoid', 'sparse', None, None, 'linear'): 'f6fbbad34103f7d2',
-    ('sigmoid', 'sparse', 'segment', None, 'logits'): '6d296956f3cd0748',
-    ('sigmoid', 'sparse', 'segment', 5120, 'logits'): '197c7a7122f3fcc3',
-    ('sigmoid', 'sparse', 'segment', None, 'linear'): '59f661b0470e6da5',
-    ('sigmoid', 'sparse', 'class', None, 'logits'): '9b17c5f18f784091',
-    ('sigmoid', 'sparse', 'class', 5120, 'logits'): '626f841da71a625f',
-    ('sigmoid', 'sparse', 'class', None, 'linear'): 'acc80ff24399ff07',
-    ('sigmoid', 'dense', None, None, 'logits'): '0318e889de87110f',
-    ('sigmoid', 'dense', None, 5120, 'logits'): '0318e889de87110f',
-    ('sigmoid', 'dense', None, None, 'linear'): 'c3c806bda42a7b8e',
-    ('sigmoid', 'dense', 'segment', None, 'logits'): 'ab90c0f9e80b9cec',
-    ('sigmoid', 'dense', 'segment', 5120, 'logits'): '5138220af36a1931',
-    ('sigmoid', 'dense', 'segment', None, 'linear'): '777e98f1f644b8b5',
-    ('sigmoid', 'dense', 'class', None, 'logits'): '24c0ba1f2256c58d',
-    ('sigmoid', 'dense', 'class', 5120, 'logits'): '571606ee87bf75ce',
-    ('sigmoid', 'dense', 'class', None, 'linear'): 'e96a3fa5a5315461',
-    ('softmax', 'sparse', None, None, 'logits'): 'd3c57a962dd3a6d3',
-    ('softmax', 'sparse', None, 5120, 'logits'): '8b658736cce21afa',
-    ('softmax', 'sparse', None, None, 'linear'): 'e3525375c365ec9a',
-    ('softmax', 'sparse', 'segment', None, 'logits'): 'bc333b081924b686',
-    ('softmax', 'sparse', 'segment', 5120, 'logits'): '602eefc38eef1d75',
-    ('softmax', 'sparse', 'segment', None, 'linear'): 'b8f181ccacdf05d8',
-    ('softmax', 'sparse', 'class', None, 'logits'): 'ace57e6413b9879f',
-    ('softmax', 'sparse', 'class', 5120, 'logits'): '999d9d85134b1d83',
-    ('softmax', 'sparse', 'class', None, 'linear'): '32dc532f4140d759',
-    ('softmax', 'dense', None, None, 'logits'): '4a78ea331eccd6b9',
-    ('softmax', 'dense', None, 5120, 'logits'): 'f7edbd829b6e9360',
-    ('softmax', 'dense', None, None, 'linear'): 'bd00c4be8572b0af',
-    ('softmax', 'dense', 'segment', None, 'logits'): '967585ca2ed1bf49',
-    ('softmax', 'dense', 'segment', 5120, 'logits'): 'bed03037d62e9a17',
-    ('softmax', 'dense', 'segment', None, 'linear'): 'bdbba5636e94f4c7',
-    ('softmax', 'dense', 'class', None, 'logits'): 'cd32ad036ff9cac4',
-    ('softmax', 'dense', 'class', 5120, 'logits'): '50469bc503ff99d2',
-    ('softmax', 'dense', 'class', None, 'linear'): '823a104f050ca62b',
+    ('Intel(R) Xeon(R) Processor', 'fbb863ef93cd', 'AVX512', 2, '2.13.0+cpu'): {
+        ('sigmoid', 'sparse', None, None, 'logits'): '838be73b6c89426f',
+        ('sigmoid', 'sparse', None, 5120, 'logits'): '838be73b6c89426f',
+        ('sigmoid', 'sparse', None, None, 'linear'): 'f6fbbad34103f7d2',
+        ('sigmoid', 'sparse', 'segment', None, 'logits'): '6d296956f3cd0748',
+        ('sigmoid', 'sparse', 'segment', 5120, 'logits'): '197c7a7122f3fcc3',
+        ('sigmoid', 'sparse', 'segment', None, 'linear'): '59f661b0470e6da5',
+        ('sigmoid', 'sparse', 'class', None, 'logits'): '9b17c5f18f784091',
+        ('sigmoid', 'sparse', 'class', 5120, 'logits'): '626f841da71a625f',
+        ('sigmoid', 'sparse', 'class', None, 'linear'): 'acc80ff24399ff07',
+        ('sigmoid', 'dense', None, None, 'logits'): '0318e889de87110f',
+        ('sigmoid', 'dense', None, 5120, 'logits'): '0318e889de87110f',
+        ('sigmoid', 'dense', None, None, 'linear'): 'c3c806bda42a7b8e',
+        ('sigmoid', 'dense', 'segment', None, 'logits'): 'ab90c0f9e80b9cec',
+        ('sigmoid', 'dense', 'segment', 5120, 'logits'): '5138220af36a1931',
+        ('sigmoid', 'dense', 'segment', None, 'linear'): '777e98f1f644b8b5',
+        ('sigmoid', 'dense', 'class', None, 'logits'): '24c0ba1f2256c58d',
+        ('sigmoid', 'dense', 'class', 5120, 'logits'): '571606ee87bf75ce',
+        ('sigmoid', 'dense', 'class', None, 'linear'): 'e96a3fa5a5315461',
+        ('softmax', 'sparse', None, None, 'logits'): 'd3c57a962dd3a6d3',
+        ('softmax', 'sparse', None, 5120, 'logits'): '8b658736cce21afa',
+        ('softmax', 'sparse', None, None, 'linear'): 'e3525375c365ec9a',
+        ('softmax', 'sparse', 'segment', None, 'logits'): 'bc333b081924b686',
+        ('softmax', 'sparse', 'segment', 5120, 'logits'): '602eefc38eef1d75',
+        ('softmax', 'sparse', 'segment', None, 'linear'): 'b8f181ccacdf05d8',
+        ('softmax', 'sparse', 'class', None, 'logits'): 'ace57e6413b9879f',
+        ('softmax', 'sparse', 'class', 5120, 'logits'): '999d9d85134b1d83',
+        ('softmax', 'sparse', 'class', None, 'linear'): '32dc532f4140d759',
+        ('softmax', 'dense', None, None, 'logits'): '4a78ea331eccd6b9',
+        ('softmax', 'dense', None, 5120, 'logits'): 'f7edbd829b6e9360',
+        ('softmax', 'dense', None, None, 'linear'): 'bd00c4be8572b0af',
+        ('softmax', 'dense', 'segment', None, 'logits'): '967585ca2ed1bf49',
+        ('softmax', 'dense', 'segment', 5120, 'logits'): 'bed03037d62e9a17',
+        ('softmax', 'dense', 'segment', None, 'linear'): 'bdbba5636e94f4c7',
+        ('softmax', 'dense', 'class', None, 'logits'): 'cd32ad036ff9cac4',
+        ('softmax', 'dense', 'class', 5120, 'logits'): '50469bc503ff99d2',
+        ('softmax', 'dense', 'class', None, 'linear'): '823a104f050ca62b',
+    },
+    ('AMD EPYC', '81c21573e385', 'AVX512', 2, '2.13.0+cpu'): {
+        ('sigmoid', 'sparse', None, None, 'logits'): '960f2b9dd1b193e2',
+        ('sigmoid', 'sparse', None, 5120, 'logits'): '960f2b9dd1b193e2',
+        ('sigmoid', 'sparse', None, None, 'linear'): '8ce03a07f2e8ee6e',
+        ('sigmoid', 'sparse', 'segment', None, 'logits'): '6709965fb444a870',
+        ('sigmoid', 'sparse', 'segment', 5120, 'logits'): 'f46ac3283c8547e7',
+        ('sigmoid', 'sparse', 'segment', None, 'linear'): '08ca02c15f2d1624',
+        ('sigmoid', 'sparse', 'class', None, 'logits'): 'bbd6ae7d3c984537',
+        ('sigmoid', 'sparse', 'class', 5120, 'logits'): 'f60148b302d996cd',
+        ('sigmoid', 'sparse', 'class', None, 'linear'): 'bc5ad30de10e7180',
+        ('sigmoid', 'dense', None, None, 'logits'): '64410cf90290019b',
+        ('sigmoid', 'dense', None, 5120, 'logits'): '64410cf90290019b',
+        ('sigmoid', 'dense', None, None, 'linear'): 'c05e04a6e5c89a6f',
+        ('sigmoid', 'dense', 'segment', None, 'logits'): '37c1a9140a9fc920',
+        ('sigmoid', 'dense', 'segment', 5120, 'logits'): '94f68347801a3b4f',
+        ('sigmoid', 'dense', 'segment', None, 'linear'): '9474b0991aad4238',
+        ('sigmoid', 'dense', 'class', None, 'logits'): '2026ff0d198db170',
+        ('sigmoid', 'dense', 'class', 5120, 'logits'): 'e210ae7fc0d64c66',
+        ('sigmoid', 'dense', 'class', None, 'linear'): '76ce76fdf10ff05b',
+        ('softmax', 'sparse', None, None, 'logits'): '73d78139cd2d95a5',
+        ('softmax', 'sparse', None, 5120, 'logits'): '7cee5ee114dfea16',
+        ('softmax', 'sparse', None, None, 'linear'): '8b0e0bfd01a78d74',
+        ('softmax', 'sparse', 'segment', None, 'logits'): '871b0b3103eb5268',
+        ('softmax', 'sparse', 'segment', 5120, 'logits'): 'f85da3d00ac0a645',
+        ('softmax', 'sparse', 'segment', None, 'linear'): '25f5a23f46df838b',
+        ('softmax', 'sparse', 'class', None, 'logits'): 'c0ffcc00e6a004e2',
+        ('softmax', 'sparse', 'class', 5120, 'logits'): '9e4f13e9b9d45c5f',
+        ('softmax', 'sparse', 'class', None, 'linear'): 'b64ea71825a6a077',
+        ('softmax', 'dense', None, None, 'logits'): 'f3a862ec502ded3a',
+        ('softmax', 'dense', None, 5120, 'logits'): 'a14d60718068cd8a',
+        ('softmax', 'dense', None, None, 'linear'): '9ed67ac892dd4044',
+        ('softmax', 'dense', 'segment', None, 'logits'): 'b52dc6b645b2ad9b',
+        ('softmax', 'dense', 'segment', 5120, 'logits'): 'e2d8cbd3d706fe67',
+        ('softmax', 'dense', 'segment', None, 'linear'): 'e1a58073fac47801',
+        ('softmax', 'dense', 'class', None, 'logits'): 'fc5d160fefabb14e',
+        ('softmax', 'dense', 'class', 5120, 'logits'): '2be6997083629d30',
+        ('softmax', 'dense', 'class', None, 'linear'): '72c7f6194dccd03f',
+    },
 }
 
 
@@ -285,15 +325,17 @@ def golden_digests():
     return out
 
 
-@pytest.mark.skipif(_machine() != GOLDEN_MACHINE, reason="fp32 digests were recorded on another CPU/torch/threads")
+@pytest.mark.skipif(_machine() not in GOLDEN, reason="no fp32 digests recorded for this CPU/torch/threads")
 def test_fp32_path_bits_unchanged():
+    golden = GOLDEN[_machine()]
     got = golden_digests()
-    assert set(got) == set(GOLDEN)
-    wrong = [k for k in GOLDEN if got[k] != GOLDEN[k]]
+    assert set(got) == set(golden)
+    wrong = [k for k in golden if got[k] != golden[k]]
     assert not wrong, f"fp32 results changed bits in {wrong}"
 
 
 if __name__ == "__main__":
-    print(_machine())
+    print(f"    {_machine()!r}: {{")
     for key, value in golden_digests().items():
-        print(f"    {key!r}: {value!r},")
+        print(f"        {key!r}: {value!r},")
+    print("    },")
