@@ -145,29 +145,35 @@ def sampled_logits(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
 
     labels is [B, T] with -1 padding; sampled = (ids [S], true_expected [B, T], sampled_expected [S]). Padded
     labels and accidental hits get a logit of -inf (they drop out of the softmax); each valid true label has
-    target 1 / num_true.
+    target 1 / num_true. Values the op front refuses but a direct call of the custom op can pass are masked, never
+    read: a label outside [0, V) is padding, a sampled id outside [0, V) a column of logit -inf (no gradient).
     """
     dt = _compute_dtype(x)
     ids, true_expected, sampled_expected = sampled
-    valid = labels >= 0
+    V = weight.shape[0]
+    valid = (labels >= 0) & (labels < V)
     safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    ids = ids.long()
+    ids_ok = (ids >= 0) & (ids < V)
+    ids_safe = torch.where(ids_ok, ids, torch.zeros_like(ids))
     xf, wf = x.to(dt), weight.to(dt)
     true_w = wf[safe]  # [B, T, H]
     true_logits = torch.einsum("bh,bth->bt", xf, true_w)
-    samp_logits = xf @ wf[ids.long()].t()  # [B, S]
+    samp_logits = xf @ wf[ids_safe].t()  # [B, S]
     if bias is not None:
         bf = bias.to(dt)
         true_logits = true_logits + bf[safe]
-        samp_logits = samp_logits + bf[ids.long()]
+        samp_logits = samp_logits + bf[ids_safe]
     if subtract_log_q:
         true_logits = true_logits - torch.log(true_expected.to(dt))
         samp_logits = samp_logits - torch.log(sampled_expected.to(dt))
     neg_inf = torch.tensor(-math.inf, dtype=dt, device=x.device)
     true_logits = torch.where(valid, true_logits, neg_inf)
+    samp_logits = torch.where(ids_ok[None, :], samp_logits, neg_inf)
     if remove_accidental_hits:
-        hit = ((labels.long()[:, :, None] == ids.long()[None, None, :]) & valid[:, :, None]).any(dim=1)  # [B, S]
+        hit = ((labels.long()[:, :, None] == ids[None, None, :]) & valid[:, :, None]).any(dim=1)  # [B, S]
         samp_logits = torch.where(hit, neg_inf, samp_logits)
-    num_true = valid.sum(dim=1, keepdim=True).to(dt)
+    num_true = valid.sum(dim=1, keepdim=True).clamp(min=1).to(dt)  # a row without a valid label: targets all 0
     targets = torch.cat([valid.to(dt) / num_true, torch.zeros_like(samp_logits)], dim=1)
     return torch.cat([true_logits, samp_logits], dim=1), targets
 

@@ -39,8 +39,8 @@ class _CpuSampledSoftmax:
     def forward(self, p, need_grad: bool):
         dt = autograd_.compute_dtype(p.x.dtype)
         labels, true_expected = autograd_.labels_2d(p)
-        ids, _, sampled_expected = p.sampled
-        ids = ids.long()
+        ids, ids_ok = autograd_.sampled_ids(p)
+        sampled_expected = p.sampled[2]
         B, T = labels.shape
         S, H = len(ids), p.x.shape[1]
         valid = labels >= 0
@@ -74,13 +74,17 @@ class _CpuSampledSoftmax:
                 shift = torch.zeros(buf.shape[1], dtype=dt)
             shift[:S] -= torch.log(sampled_expected.to(dt))
             true_logits -= torch.log(true_expected.to(dt))
+        if not eager or not bool(ids_ok.all()):  # ids out of range (a direct op call): masked by the shift
+            if shift is None:
+                shift = torch.zeros(buf.shape[1], dtype=dt)
+            shift[:S].masked_fill_(~ids_ok, -math.inf)
         logits = buf[:, :S]  # a view: the work below happens in place in buf
         true_logits.masked_fill_(~valid, -math.inf)
         if p.remove_accidental_hits:  # before the shift: -inf + shift stays -inf
             hit_rows, hit_cols = autograd_.accidental_hits(labels, ids)
             logits.index_put_((hit_rows, hit_cols), torch.tensor(-math.inf, dtype=dt))
 
-        # every row has a valid true label, so the max is finite and the sum >= 1
+        # the front gives every row a valid true label (then the max is finite and the sum >= 1)
         true_max = true_logits.amax(dim=1)
         if dt == torch.float32 and eager:  # one C++ pass per row: shift, max, exp in place, sum, padding zeroed
             m, sampled_sum = torch.empty(B, dtype=dt), torch.empty(B, dtype=dt)
@@ -95,7 +99,7 @@ class _CpuSampledSoftmax:
             buf[:, S:] = 0.0  # padding columns take no part in the gradient GEMMs
         prob_true = (true_logits - m[:, None]).exp_()
         total = sampled_sum + prob_true.sum(dim=1)
-        target = valid.to(dt) / valid.sum(dim=1, keepdim=True).to(dt)
+        target = valid.to(dt) / valid.sum(dim=1, keepdim=True).clamp(min=1).to(dt)
         picked = torch.where(valid, true_logits, torch.zeros((), dtype=dt)) * target
         per_row = m + torch.log(total) - picked.sum(dim=1)
         if not need_grad:

@@ -54,7 +54,7 @@ def _softmax_rows(true_logits: torch.Tensor, sampled_logits: torch.Tensor, loss:
 class _CudaSampledSoftmax:
     def forward(self, p, need_grad: bool):
         labels, true_expected = autograd_.labels_2d(p)
-        ids = p.sampled[0].long()
+        ids, ids_ok = autograd_.sampled_ids(p)  # gathered in range; the columns of ids outside get -inf below
         valid = labels >= 0
         label_rows = labels.clamp(min=0)
         x = p.x.float().contiguous()
@@ -70,6 +70,7 @@ class _CudaSampledSoftmax:
             sampled_logits -= torch.log(p.sampled[2].float())
             true_logits -= torch.log(true_expected.float())
         true_logits.masked_fill_(~valid, -math.inf)
+        sampled_logits.masked_fill_(~ids_ok[None, :], -math.inf)
         if p.remove_accidental_hits:
             hit_rows, hit_cols = autograd_.accidental_hits(labels, ids)
             sampled_logits.index_put_((hit_rows, hit_cols), torch.tensor(-math.inf, device=x.device))

@@ -12,6 +12,7 @@ import torch
 from kc_kernels import dispatch as _dispatch_mod
 from kc_kernels import samplers
 from kc_kernels.ops import amp, checks
+from kc_kernels.ops import sampled_softmax_autograd as _op  # noqa: F401  (defines kc_kernels::sampled_softmax)
 from kc_kernels.ops.soft_target import REDUCTIONS
 
 

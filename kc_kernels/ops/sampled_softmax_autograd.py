@@ -26,11 +26,23 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def labels_2d(p) -> Tuple[torch.Tensor, torch.Tensor]:
-    """labels [B, T] (int64, -1 padding) and true expected counts [B, T]."""
+    """labels [B, T] (int64, -1 padding) and true expected counts [B, T]. A label outside [0, V) becomes padding:
+    the op front refuses one where value checks run, a direct call of the op (a compiled graph) is masked, never
+    read out of bounds (kc_kernels.reference.sampled_logits)."""
     labels, true_expected = p.labels, p.sampled[1]
     if labels.dim() == 1:
         labels, true_expected = labels[:, None], true_expected.reshape(-1, 1)
-    return labels.long(), true_expected
+    labels = labels.long()
+    in_range = (labels >= 0) & (labels < p.weight.shape[0])
+    return torch.where(in_range, labels, torch.full_like(labels, -1)), true_expected
+
+
+def sampled_ids(p) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(sampled ids as int64 with any id outside [0, V) replaced by 0, the [S] mask of the ids in range): a
+    backend gathers with the first and gives the columns outside the mask a logit of -inf (no gradient)."""
+    ids = p.sampled[0].long()
+    in_range = (ids >= 0) & (ids < p.weight.shape[0])
+    return torch.where(in_range, ids, torch.zeros_like(ids)), in_range
 
 
 def accidental_hits(labels: torch.Tensor, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -9,8 +9,11 @@
 - ``_sampled_softmax_dx_kernel`` / ``_sampled_softmax_dw_kernel``: dx = dlogits @ W_S (+ the true rows) and
   dW_S = dlogits^T @ x, one output tile per program.
 
-Offsets are int64: ids * H passes 2^31 at 100K classes. Masked logits are -inf; the running max starts at a finite
-floor so that exp(m_old - m_new) never sees -inf - -inf. Accumulation is in ACC (fp32, or fp64 for fp64 inputs).
+Offsets are int64: ids * H passes 2^31 at 100K classes. Every weight row read through a sampled id or a label is
+masked by 0 <= id < V, not only by position: a direct call of the op with ids out of range reads nothing out of
+bounds (an id outside is a column of logit -inf, a label outside is padding, as kc_kernels.reference defines).
+Masked logits are -inf; the running max starts at a finite floor so that exp(m_old - m_new) never sees -inf - -inf.
+Accumulation is in ACC (fp32, or fp64 for fp64 inputs).
 """
 from __future__ import annotations
 
@@ -21,13 +24,14 @@ MAX_FLOOR = tl.constexpr(-1.0e30)  # below any real logit; keeps the online resc
 
 
 @triton.jit
-def _sampled_logits_tile(x_ptr, w_ptr, bias_ptr, logq_ptr, labels_ptr, rows, row_mask, cols, ids, s_mask, H, T,
+def _sampled_logits_tile(x_ptr, w_ptr, bias_ptr, logq_ptr, labels_ptr, rows, row_mask, cols, ids, s_mask, H, T, V,
                          stride_x, stride_w,
                          HAS_BIAS: tl.constexpr, SUBTRACT_LOG_Q: tl.constexpr, REMOVE_HITS: tl.constexpr,
                          IEEE: tl.constexpr, ACC: tl.constexpr,
                          BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr):
     """Sampled logits [BLOCK_B, BLOCK_S] in ACC for rows and sampled positions cols (ids = ids[cols]);
-    out-of-range columns and accidental hits are -inf."""
+    out-of-range columns, ids outside [0, V) and accidental hits are -inf."""
+    s_mask = s_mask & (ids >= 0) & (ids < V)
     acc = tl.zeros((BLOCK_B, BLOCK_S), dtype=ACC)
     for h0 in range(0, H, BLOCK_H):
         hs = h0 + tl.arange(0, BLOCK_H)
@@ -53,7 +57,7 @@ def _sampled_logits_tile(x_ptr, w_ptr, bias_ptr, logq_ptr, labels_ptr, rows, row
 
 @triton.jit
 def _sampled_softmax_fwd_kernel(x_ptr, w_ptr, bias_ptr, ids_ptr, logq_s_ptr, labels_ptr, logq_t_ptr,
-                                lse_part_ptr, picked_ptr, true_logit_ptr, B, S, H, T, tiles_per_split,
+                                lse_part_ptr, picked_ptr, true_logit_ptr, B, S, H, T, V, tiles_per_split,
                                 stride_x, stride_w,
                                 HAS_BIAS: tl.constexpr, SUBTRACT_LOG_Q: tl.constexpr, REMOVE_HITS: tl.constexpr,
                                 IEEE: tl.constexpr, ACC: tl.constexpr,
@@ -72,7 +76,7 @@ def _sampled_softmax_fwd_kernel(x_ptr, w_ptr, bias_ptr, ids_ptr, logq_s_ptr, lab
         # true logits: one weight row per (row, label), a row-wise dot
         for t in range(T):
             lab = tl.load(labels_ptr + rows * T + t, mask=row_mask, other=-1)
-            valid = lab >= 0
+            valid = (lab >= 0) & (lab < V)
             lab_safe = tl.where(valid, lab, 0)
             dot = tl.zeros((BLOCK_B,), dtype=ACC)
             for h0 in range(0, H, BLOCK_H):
@@ -102,7 +106,7 @@ def _sampled_softmax_fwd_kernel(x_ptr, w_ptr, bias_ptr, ids_ptr, logq_s_ptr, lab
         s_mask = cols < s_end
         ids = tl.load(ids_ptr + cols, mask=s_mask, other=0)
         logits = _sampled_logits_tile(x_ptr, w_ptr, bias_ptr, logq_s_ptr, labels_ptr, rows, row_mask, cols, ids,
-                                      s_mask, H, T, stride_x, stride_w, HAS_BIAS, SUBTRACT_LOG_Q, REMOVE_HITS,
+                                      s_mask, H, T, V, stride_x, stride_w, HAS_BIAS, SUBTRACT_LOG_Q, REMOVE_HITS,
                                       IEEE, ACC, BLOCK_B, BLOCK_S, BLOCK_H)
         m_new = tl.maximum(m, tl.max(logits, axis=1))
         total = total * tl.exp(m - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), axis=1)
@@ -112,7 +116,7 @@ def _sampled_softmax_fwd_kernel(x_ptr, w_ptr, bias_ptr, ids_ptr, logq_s_ptr, lab
 
 @triton.jit
 def _sampled_softmax_dlogits_kernel(x_ptr, w_ptr, bias_ptr, ids_ptr, logq_s_ptr, labels_ptr, lse_ptr, scale_ptr,
-                                    dlogits_ptr, B, S, H, T, stride_x, stride_w,
+                                    dlogits_ptr, B, S, H, T, V, stride_x, stride_w,
                                     HAS_BIAS: tl.constexpr, SUBTRACT_LOG_Q: tl.constexpr,
                                     REMOVE_HITS: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr,
                                     BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr):
@@ -121,7 +125,7 @@ def _sampled_softmax_dlogits_kernel(x_ptr, w_ptr, bias_ptr, ids_ptr, logq_s_ptr,
     row_mask, s_mask = rows < B, cols < S
     ids = tl.load(ids_ptr + cols, mask=s_mask, other=0)
     logits = _sampled_logits_tile(x_ptr, w_ptr, bias_ptr, logq_s_ptr, labels_ptr, rows, row_mask, cols, ids, s_mask,
-                                  H, T, stride_x, stride_w, HAS_BIAS, SUBTRACT_LOG_Q, REMOVE_HITS, IEEE, ACC,
+                                  H, T, V, stride_x, stride_w, HAS_BIAS, SUBTRACT_LOG_Q, REMOVE_HITS, IEEE, ACC,
                                   BLOCK_B, BLOCK_S, BLOCK_H)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0)
@@ -130,7 +134,7 @@ def _sampled_softmax_dlogits_kernel(x_ptr, w_ptr, bias_ptr, ids_ptr, logq_s_ptr,
 
 
 @triton.jit
-def _sampled_softmax_dx_kernel(dlogits_ptr, d_true_ptr, w_ptr, ids_ptr, labels_ptr, dx_ptr, B, S, H, T, stride_w,
+def _sampled_softmax_dx_kernel(dlogits_ptr, d_true_ptr, w_ptr, ids_ptr, labels_ptr, dx_ptr, B, S, H, T, V, stride_w,
                                IEEE: tl.constexpr, ACC: tl.constexpr,
                                BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr):
     """dx[rows, hs] = dlogits[rows, :] @ W[ids, hs] + sum_t d_true[rows, t] * W[labels[rows, t], hs]."""
@@ -144,7 +148,8 @@ def _sampled_softmax_dx_kernel(dlogits_ptr, d_true_ptr, w_ptr, ids_ptr, labels_p
         ids = tl.load(ids_ptr + cols, mask=s_mask, other=0)
         d = tl.load(dlogits_ptr + rows[:, None] * S + cols[None, :], mask=row_mask[:, None] & s_mask[None, :],
                     other=0.0)
-        wt = tl.load(w_ptr + ids[:, None] * stride_w + hs[None, :], mask=s_mask[:, None] & h_mask[None, :],
+        w_mask = s_mask & (ids >= 0) & (ids < V)
+        wt = tl.load(w_ptr + ids[:, None] * stride_w + hs[None, :], mask=w_mask[:, None] & h_mask[None, :],
                      other=0.0).to(ACC)
         if IEEE:
             acc = tl.dot(d, wt, acc=acc, input_precision="ieee", out_dtype=ACC)
@@ -152,7 +157,7 @@ def _sampled_softmax_dx_kernel(dlogits_ptr, d_true_ptr, w_ptr, ids_ptr, labels_p
             acc = tl.dot(d, wt, acc=acc, out_dtype=ACC)
     for t in range(T):
         lab = tl.load(labels_ptr + rows * T + t, mask=row_mask, other=-1)
-        valid = lab >= 0
+        valid = (lab >= 0) & (lab < V)
         dt = tl.load(d_true_ptr + rows * T + t, mask=valid, other=0.0)
         wt = tl.load(w_ptr + tl.where(valid, lab, 0)[:, None] * stride_w + hs[None, :],
                      mask=valid[:, None] & h_mask[None, :], other=0.0).to(ACC)

@@ -79,8 +79,9 @@ class _TritonSampledSoftmax:
         acc_dtype = autograd_.compute_dtype(x.dtype)
         labels, true_expected = autograd_.labels_2d(p)
         labels = labels.contiguous()
-        ids = p.sampled[0].long().contiguous()
+        ids = p.sampled[0].long().contiguous()  # read as given: the kernels mask ids outside [0, V)
         B, T = labels.shape
+        V = weight.shape[0]
         S, H = len(ids), x.shape[1]
         dev = x.device
         has_bias = p.bias is not None
@@ -101,7 +102,7 @@ class _TritonSampledSoftmax:
                       IEEE=x.dtype in (torch.float32, torch.float64), ACC=_ACC.get(x.dtype, tl.float32),
                       BLOCK_B=BB, BLOCK_S=BS, BLOCK_H=BH)
         _sampled_softmax_fwd_kernel[(row_blocks, splits)](
-            x, weight, bias, ids, logq_s, labels, logq_t, lse_part, picked, true_logits, B, S, H, T,
+            x, weight, bias, ids, logq_s, labels, logq_t, lse_part, picked, true_logits, B, S, H, T, V,
             tiles_per_split, x.stride(0), weight.stride(0), num_warps=warps, **consts)
         lse = torch.logsumexp(lse_part, dim=0) if splits > 1 else lse_part[0]
         per_row = lse - picked
@@ -120,10 +121,10 @@ class _TritonSampledSoftmax:
         scale = scale.to(acc_dtype).contiguous()
         dlogits = torch.empty(B, S, dtype=acc_dtype, device=x.device)
         _sampled_softmax_dlogits_kernel[(triton.cdiv(B, BB), triton.cdiv(S, BS))](
-            x, weight, s.bias, s.ids, s.logq_sampled, labels, s.lse, scale, dlogits, B, S, H, T,
+            x, weight, s.bias, s.ids, s.logq_sampled, labels, s.lse, scale, dlogits, B, S, H, T, weight.shape[0],
             x.stride(0), weight.stride(0), **c)
         # the true columns: softmax minus 1/num_true (exp(-inf) = 0 where padded)
-        num_true = s.valid.sum(dim=1, keepdim=True).to(acc_dtype)
+        num_true = s.valid.sum(dim=1, keepdim=True).clamp(min=1).to(acc_dtype)
         d_true = (torch.exp(s.true_logits - s.lse[:, None]) - s.valid.to(acc_dtype) / num_true) * scale[:, None]
         d_true = d_true.contiguous()
         gemm = dict(IEEE=c["IEEE"], ACC=c["ACC"], BLOCK_B=BB, BLOCK_S=BS, BLOCK_H=BH, num_warps=c["num_warps"])
@@ -131,13 +132,15 @@ class _TritonSampledSoftmax:
         if need_x:
             dx = torch.empty(B, H, dtype=acc_dtype, device=x.device)
             _sampled_softmax_dx_kernel[(triton.cdiv(B, BB), triton.cdiv(H, BH))](
-                dlogits, d_true, weight, s.ids, labels, dx, B, S, H, T, weight.stride(0), **gemm)
+                dlogits, d_true, weight, s.ids, labels, dx, B, S, H, T, weight.shape[0], weight.stride(0), **gemm)
         dw_sampled = torch.empty(S, H, dtype=acc_dtype, device=x.device)
         _sampled_softmax_dw_kernel[(triton.cdiv(S, BS), triton.cdiv(H, BH))](
             dlogits, x, dw_sampled, B, S, H, x.stride(0), **gemm)
         d_true_valid = d_true[s.valid]
         x_rows = x.to(acc_dtype)[:, None, :].expand(-1, T, -1)[s.valid]
-        return RowGradients(dx, [s.ids, labels[s.valid]], [dw_sampled, x_rows.mul_(d_true_valid[:, None])],
+        # an id outside [0, V) has a zero column of dlogits: its (zero) weight-gradient row goes to class 0
+        ids = torch.where((s.ids >= 0) & (s.ids < weight.shape[0]), s.ids, torch.zeros_like(s.ids))
+        return RowGradients(dx, [ids, labels[s.valid]], [dw_sampled, x_rows.mul_(d_true_valid[:, None])],
                             [dlogits.sum(dim=0), d_true_valid])
 
 
