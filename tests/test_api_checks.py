@@ -152,3 +152,75 @@ def test_sampled_softmax_loss_rejects(case, mutate, arg):
         kw.pop("num_sampled")
     with pytest.raises(ValueError, match=rf"^{arg}\b"):
         kc_kernels.sampled_softmax_loss(x, w, b, labels, **kw)
+
+
+class _NoHostReads:
+    """While active, reading a tensor's value on the host (bool, int, float, item, tolist) fails the test."""
+
+    NAMES = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist")
+
+    def __init__(self, monkeypatch):
+        self.mp = monkeypatch
+
+    def __enter__(self):
+        def refuse(*args, **kwargs):
+            raise AssertionError("a value check read a tensor on the host")
+
+        for name in self.NAMES:
+            self.mp.setattr(torch.Tensor, name, refuse)
+
+    def __exit__(self, *exc):
+        for name in self.NAMES:
+            self.mp.undo()
+        return False
+
+
+ASYNC_BAD = [
+    ("target_index", lambda p: {**p, "target_index": p["target_index"].clamp(max=9).index_fill(1, torch.tensor([0]),
+                                                                                                  10)}),
+    ("target_value", lambda p: {**p, "target_value": p["target_value"].index_fill(1, torch.tensor([1]),
+                                                                                  float("nan"))}),
+    ("target_value", lambda p: {**p, "target_value": p["target_value"] - 2.0}),
+    ("teacher_logits", lambda p: {**{k: v for k, v in p.items() if k not in ("target_index", "target_value")},
+                                  "teacher_logits": torch.randn(4, 10).index_fill(1, torch.tensor([3]),
+                                                                                  float("nan"))}),
+    ("sample_weight", lambda p: {**p, "sample_weight": torch.tensor([1.0, float("nan"), 1.0, 1.0])}),
+]
+
+
+@pytest.mark.parametrize("name,mutate", ASYNC_BAD, ids=[f"{n}-{i}" for i, (n, _) in enumerate(ASYNC_BAD)])
+def test_async_value_checks_are_device_assertions(monkeypatch, name, mutate):
+    """KC_CHECK_VALUES=async: every value check is a device-side assertion (torch._assert_async) queued without a
+    host read, so on a GPU it costs no synchronisation and a bad value surfaces at the next natural sync. On CPU
+    tensors the assertion fires at once: a RuntimeError whose message starts with the argument."""
+    monkeypatch.setenv("KC_CHECK_VALUES", "async")
+    from kc_kernels.ops import checks
+
+    assert checks.values_mode(torch.device("cuda")) == "async" and not checks.values_enabled(torch.device("cpu"))
+    p = mutate(base())
+    p["segments"] = p["segments"].tolist()  # a layout, read once per tensor on a GPU: not a value check
+    queued = []
+    real = torch._assert_async
+    monkeypatch.setattr(torch, "_assert_async", lambda ok, msg: queued.append(msg) or real(ok, msg))
+    with _NoHostReads(monkeypatch), pytest.raises(RuntimeError, match=f"^{name}: "):
+        kc_kernels.linear_soft_target_loss(p.pop("x"), p.pop("weight"), p.pop("bias"), backend="reference", **p)
+    assert queued and queued[-1].startswith(f"{name}: ")
+
+
+def test_async_value_checks_pass_good_values_and_cover_sampled_softmax(monkeypatch):
+    monkeypatch.setenv("KC_CHECK_VALUES", "async")
+    p = base()
+    x, w, b = p.pop("x"), p.pop("weight"), p.pop("bias")
+    good = kc_kernels.linear_soft_target_loss(x, w, b, backend="cpu", **p)
+    monkeypatch.setenv("KC_CHECK_VALUES", "1")
+    assert torch.equal(good, kc_kernels.linear_soft_target_loss(x, w, b, backend="cpu", **p))
+    monkeypatch.setenv("KC_CHECK_VALUES", "async")
+    sampled = (torch.tensor([1, 2, 3]), torch.ones(4), torch.ones(3))
+    with pytest.raises(RuntimeError, match="^labels: "):
+        kc_kernels.sampled_softmax_loss(x, w, b, torch.tensor([0, 1, 10, 2]), sampled=sampled, backend="cpu")
+    with pytest.raises(RuntimeError, match="^sampled: "):
+        kc_kernels.sampled_softmax_loss(x, w, b, torch.tensor([0, 1, 9, 2]),
+                                        sampled=(torch.tensor([1, 12, 3]),) + sampled[1:], backend="cpu")
+    monkeypatch.setenv("KC_CHECK_VALUES", "sometimes")
+    with pytest.raises(ValueError, match="KC_CHECK_VALUES"):
+        kc_kernels.linear_soft_target_loss(x, w, b, backend="cpu", **p)

@@ -72,21 +72,50 @@ def choice(name: str, v, options: Sequence[str]) -> str:
     return v
 
 
-def values_enabled(device: torch.device) -> bool:
-    """Whether the checks that read tensor values (NaN, index range, negative targets) run.
+VALUES_ENV = "KC_CHECK_VALUES"
 
-    They need the data on the host, which on a GPU is a synchronisation per check, so by default they run for CPU
-    tensors only. KC_CHECK_VALUES=1 turns them on everywhere, KC_CHECK_VALUES=0 off everywhere. They are always off
-    while torch.compile traces (a data-dependent branch would break the graph). Invalid indices are never read or
-    written by any backend, checked or not: they are ignored."""
+
+def values_mode(device) -> str:
+    """How the checks that read tensor values (NaN, index range, negative targets) run: "sync", "async" or "off".
+
+    "sync" reads the data on the host and raises ValueError naming the argument; on a GPU that is a
+    synchronisation per check, so by default it is the mode of CPU tensors only and GPU tensors get "off".
+    KC_CHECK_VALUES=1 makes every device "sync", KC_CHECK_VALUES=0 every device "off", and KC_CHECK_VALUES=async
+    every device "async": each check is a device-side assertion (``torch._assert_async``) queued with the op's own
+    work, which costs a few reductions and no host synchronisation; a failure is reported at the next point where
+    the host waits for the device anyway (loss.item(), an optimizer step that reads a value, a copy to the host)
+    as a RuntimeError whose message starts with the argument. (On a CUDA device a failed device-side assertion
+    also ends the process's CUDA context, as every CUDA assertion does.) On CPU tensors "async" raises at once.
+    Checks are always off while torch.compile traces (a data-dependent branch would break the graph). Invalid
+    indices are never read or written by any backend, checked or not: they are ignored."""
     if torch.compiler.is_compiling():
-        return False
+        return "off"
     if torch.device(device).type == "meta":
-        return False  # meta tensors hold no values to read
-    flag = os.environ.get("KC_CHECK_VALUES", "").strip()
+        return "off"  # meta tensors hold no values to read
+    flag = os.environ.get(VALUES_ENV, "").strip().lower()
+    if flag == "async":
+        return "async"
     if flag in ("0", "1"):
-        return flag == "1"
-    return torch.device(device).type == "cpu"
+        return "sync" if flag == "1" else "off"
+    if flag:
+        fail(VALUES_ENV, f"must be 0, 1 or async, got {flag!r}")
+    return "sync" if torch.device(device).type == "cpu" else "off"
+
+
+def values_enabled(device) -> bool:
+    """Whether the value checks read the data on the host (``values_mode(device) == "sync"``)."""
+    return values_mode(device) == "sync"
+
+
+def assert_later(name: str, ok: torch.Tensor, msg: str) -> None:
+    """An "async" value check: ``ok`` (a bool tensor computed on the data's device) must hold; no host sync."""
+    torch._assert_async(ok, f"{name}: {msg}")
+
+
+def index_range_later(name: str, t: torch.Tensor, num_classes: int, allow_padding: bool = True) -> None:
+    low = -1 if allow_padding else 0
+    assert_later(name, ((t >= low) & (t < num_classes)).all(),
+                 f"values must be in [{low}, {num_classes}) (a device-side check failed)")
 
 
 # offsets of segment tensors that live on a GPU, by (address, version, length, device): reading them is a

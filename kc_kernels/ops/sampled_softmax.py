@@ -4,6 +4,7 @@ Semantics follow TensorFlow's tf.nn.sampled_softmax_loss (see kc_kernels/sampler
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -41,18 +42,33 @@ def _check_sampled(sampled, labels: torch.Tensor, num_classes: int, x: torch.Ten
         checks.same_device("sampled", t, x, "x")
     if len(ids) == 0:
         checks.fail("sampled", "ids is empty")
-    if not torch.compiler.is_compiling():  # value checks read the data: skipped while tracing
+    values = _values(x)
+    if values == "sync":
         checks.index_range("sampled", ids, num_classes, allow_padding=False)
+    elif values == "async":
+        checks.index_range_later("sampled", ids, num_classes, allow_padding=False)
     if tuple(true_expected.shape) != tuple(labels.shape):
         checks.fail("sampled", f"true_expected has shape {tuple(true_expected.shape)}, labels {tuple(labels.shape)}")
     if tuple(sampled_expected.shape) != tuple(ids.shape):
         checks.fail("sampled", f"sampled_expected has shape {tuple(sampled_expected.shape)}, ids {tuple(ids.shape)}")
-    if torch.compiler.is_compiling():
-        return ids.long(), true_expected, sampled_expected
-    valid = labels >= 0
-    if bool((true_expected[valid] <= 0).any()) or bool((sampled_expected <= 0).any()):
-        checks.fail("sampled", "expected counts must be > 0")
+    if values == "sync":
+        valid = labels >= 0
+        if bool((true_expected[valid] <= 0).any()) or bool((sampled_expected <= 0).any()):
+            checks.fail("sampled", "expected counts must be > 0")
+    elif values == "async":
+        ok = ((true_expected > 0) | (labels < 0)).all() & (sampled_expected > 0).all()
+        checks.assert_later("sampled", ok, "expected counts must be > 0 (a device-side check failed)")
     return ids.long(), true_expected, sampled_expected
+
+
+def _values(x: torch.Tensor) -> str:
+    """The value checks' mode (checks.values_mode): this op's checks read the data on every device by default
+    (they are few and small), "async" queues them on the device, and nothing reads values while tracing."""
+    mode = checks.values_mode(x.device)
+    if mode == "off" and not torch.compiler.is_compiling() and x.device.type != "meta" \
+            and os.environ.get(checks.VALUES_ENV, "").strip() != "0":
+        return "sync"
+    return mode
 
 
 def sampled_softmax_loss(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
@@ -101,10 +117,15 @@ def sampled_softmax_loss(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     if labels.shape[0] != x.shape[0]:
         checks.fail("labels", f"has {labels.shape[0]} rows but x has {x.shape[0]}")
     labels2 = labels if labels.dim() == 2 else labels[:, None]
-    if not torch.compiler.is_compiling():  # value checks read the data: skipped while tracing
+    values = _values(x)
+    if values == "sync":
         checks.index_range("labels", labels, V)
-    if not torch.compiler.is_compiling() and labels2.numel() and bool(((labels2 >= 0).sum(dim=1) == 0).any()):
-        checks.fail("labels", "every row needs at least one label (a row is all -1 padding)")
+        if labels2.numel() and bool(((labels2 >= 0).sum(dim=1) == 0).any()):
+            checks.fail("labels", "every row needs at least one label (a row is all -1 padding)")
+    elif values == "async":
+        checks.index_range_later("labels", labels, V)
+        checks.assert_later("labels", (labels2 >= 0).any(dim=1).all(),
+                            "every row needs at least one label (a device-side check failed)")
     checks.choice("reduction", reduction, REDUCTIONS)
     if sample_weight is not None:
         checks.tensor("sample_weight", sample_weight, dims=(1,), floating=True)

@@ -1,7 +1,8 @@
 """Public front of the fused linear + soft-target loss: argument checks once, then backend dispatch.
 
 Semantics: docs/ops.md and kc_kernels/reference.py. Checks that read tensor values run by default for CPU tensors
-only (see checks.values_enabled): on a GPU they would synchronise with the host in every call.
+only (see checks.values_mode): on a GPU they would synchronise with the host in every call, unless they are
+queued as device-side assertions (KC_CHECK_VALUES=async).
 """
 from __future__ import annotations
 
@@ -81,14 +82,19 @@ def _check_targets(p: SoftTargetProblem, ref: torch.Tensor, ref_name: str, targe
         if target_value.shape != target_index.shape:
             checks.fail("target_value", f"shape {tuple(target_value.shape)} differs from target_index "
                                         f"{tuple(target_index.shape)}")
-        if checks.values_enabled(ref.device):
+        values = checks.values_mode(ref.device)
+        if values == "sync":
             checks.index_range("target_index", target_index, V)
-        if target_value.numel() and checks.values_enabled(ref.device):
+        if target_value.numel() and values == "sync":
             if bool(torch.isnan(target_value).any()):
                 checks.fail("target_value", "contains NaN")
             if bool((target_value < 0).any()):
                 checks.fail("target_value", "contains negative values (targets are probabilities or weights >= 0)")
             checks.finite("target_value", target_value)
+        if values == "async":
+            checks.index_range_later("target_index", target_index, V)
+            checks.assert_later("target_value", (torch.isfinite(target_value) & (target_value >= 0)).all(),
+                                "contains NaN, infinite or negative values (a device-side check failed)")
         p.target_index, p.target_value = target_index, target_value
     else:
         checks.tensor("teacher_logits", teacher_logits, dims=(2,), floating=True)
@@ -96,7 +102,11 @@ def _check_targets(p: SoftTargetProblem, ref: torch.Tensor, ref_name: str, targe
         checks.shape("teacher_logits", teacher_logits, (B, V), "batch x classes")
         # the NaN check reads all B x V values: a backend whose own pass over the teacher reports NaN does it there
         # (a function attribute ``checks_teacher_nan``: the modes it does it in), the others get it in _dispatch
-        p.check_teacher_nan = checks.values_enabled(ref.device)
+        values = checks.values_mode(ref.device)
+        p.check_teacher_nan = values == "sync"
+        if values == "async":
+            checks.assert_later("teacher_logits", ~torch.isnan(teacher_logits).any(),
+                                "contains NaN (a device-side check failed)")
         p.teacher_logits = teacher_logits
 
 
@@ -121,8 +131,12 @@ def _check_common(p: SoftTargetProblem, ref: torch.Tensor, ref_name: str, *, tar
         checks.tensor("sample_weight", sample_weight, dims=(1,), floating=True)
         checks.same_device("sample_weight", sample_weight, ref, ref_name)
         checks.shape("sample_weight", sample_weight, (p.batch,), "one weight per row")
-        if checks.values_enabled(ref.device) and bool(torch.isnan(sample_weight).any()):
+        values = checks.values_mode(ref.device)
+        if values == "sync" and bool(torch.isnan(sample_weight).any()):
             checks.fail("sample_weight", "contains NaN")
+        if values == "async":
+            checks.assert_later("sample_weight", ~torch.isnan(sample_weight).any(),
+                                "contains NaN (a device-side check failed)")
         p.sample_weight = sample_weight
 
 
