@@ -430,7 +430,10 @@ class Sweep:
         need_stats = self.softmax or need_norm
         final = PHASE_FINAL if (grads or not self.softmax) else 0
 
-        steps = self.plan.steps
+        # an empty batch walks nothing: zero loss rows, zero gradients (dW is an uninitialised output otherwise)
+        steps = self.plan.steps if B else []
+        if not B and self.dw is not None:
+            self.dw.zero_()
         whole_phases = (PHASE_NORM if need_norm else 0) | (PHASE_STATS if need_stats else 0) | final
         teacher = self.softmax and p.teacher_logits is not None
         # an epilogue that fuses the teacher phase runs it in the same call as the other phases wherever a call
@@ -512,7 +515,7 @@ def reduce_rows(loss_rows: torch.Tensor, p) -> torch.Tensor:
     if p.reduction == "none":
         return loss_rows
     s = loss_rows.sum()
-    return s / p.batch if p.reduction == "mean" else s
+    return s / max(p.batch, 1) if p.reduction == "mean" else s  # the mean of no rows is 0, as its gradient
 
 
 # ---------------------------------------------------------------------------------------------- the custom ops

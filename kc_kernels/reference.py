@@ -85,7 +85,7 @@ def reduce_loss(per_row: torch.Tensor, sample_weight: Optional[torch.Tensor], re
         return per_row
     if reduction == "sum":
         return per_row.sum()
-    return per_row.sum() / per_row.shape[0]
+    return per_row.sum() / max(per_row.shape[0], 1)  # an empty batch: loss 0 and zero gradients, not 0/0
 
 
 def soft_target_loss(logits: torch.Tensor, *, target_index=None, target_value=None, teacher_logits=None,

@@ -93,6 +93,26 @@ class RowGradients:
     distinct: bool = False  # the rows of all parts are already distinct: no summing needed
 
 
+class _EmptyBatch:
+    """The impl of every backend for B = 0: loss 0 (no rows) and zero gradients, without calling a kernel."""
+
+    def forward(self, p, need_grad: bool) -> Tuple[torch.Tensor, Any]:
+        return p.x.new_zeros(0, dtype=compute_dtype(p.x.dtype)), p
+
+    def gradients(self, p, scale: torch.Tensor, need_x: bool) -> "RowGradients":
+        dt, H = compute_dtype(p.x.dtype), p.x.shape[1]
+        none = torch.zeros(0, dtype=torch.long, device=p.x.device)
+        return RowGradients(p.x.new_zeros(0, H, dtype=dt) if need_x else None, [none],
+                            [p.x.new_zeros(0, H, dtype=dt)], [p.x.new_zeros(0, dtype=dt)], distinct=True)
+
+
+EMPTY_BATCH = _EmptyBatch()
+
+
+def _for_batch(impl: SampledSoftmaxImpl, x: torch.Tensor) -> SampledSoftmaxImpl:
+    return EMPTY_BATCH if x.shape[0] == 0 else impl
+
+
 @dataclass
 class _Grads:
     dx: Optional[torch.Tensor]
@@ -142,6 +162,7 @@ class SampledSoftmaxFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, p, impl: SampledSoftmaxImpl):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_grad = need_x or need_w or (bias is not None and need_b)
+        impl = _for_batch(impl, x)
         per_row, state = impl.forward(p, need_grad)
         B = x.shape[0]
         scale = row_scale(p, B, per_row.dtype)
@@ -267,7 +288,7 @@ def sampled_softmax(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     dx, dweight, dbias), an empty placeholder where no gradient was asked for."""
     p = _problem(x, weight, bias, labels, ids, true_expected, sampled_expected, sample_weight,
                  remove_accidental_hits, subtract_log_q, reduction)
-    impl = _impl(backend)
+    impl = _for_batch(_impl(backend), x)
     need_x, need_w, need_b = _needs_bits(needs, bias)
     need_grad = reduction != "none" and (need_x or need_w or need_b)
     per_row, state = impl.forward(p, need_grad)
@@ -298,7 +319,7 @@ def sampled_softmax_backward(grad_loss: torch.Tensor, x: torch.Tensor, weight: t
     now), or a backward whose saved gradients were already used."""
     p = _problem(x, weight, bias, labels, ids, true_expected, sampled_expected, sample_weight,
                  remove_accidental_hits, subtract_log_q, reduction)
-    impl = _impl(backend)
+    impl = _for_batch(_impl(backend), x)
     need_x, need_w, need_b = _needs_bits(needs, bias)
     per_row, state = impl.forward(p, True)
     scale = row_scale(p, x.shape[0], per_row.dtype) * grad_loss.to(per_row.dtype)
