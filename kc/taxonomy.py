@@ -6,6 +6,7 @@ each vertical is one contiguous range, which is what kc_kernels calls a segment.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -109,16 +110,18 @@ class Taxonomy:
                  "parent": self.names[self.parent[c]] if self.parent[c] >= 0 else ""} for c in range(self.num_classes)]
 
     def save(self, path: str) -> None:
+        """Writes the taxonomy as CSV (or JSON for a .json path) atomically: the old file or the whole new one."""
+        from kc import checkpoint
+
         rows = self.to_rows()
-        tmp = path + ".tmp"
-        with open(tmp, "w", newline="") as f:
-            if path.endswith(".json"):
-                json.dump(rows, f)
-            else:
-                w = csv.DictWriter(f, fieldnames=["class", "vertical", "parent"])
-                w.writeheader()
-                w.writerows(rows)
-        os.replace(tmp, path)
+        if path.endswith(".json"):
+            checkpoint.write_text(path, json.dumps(rows))
+            return
+        buf = io.StringIO(newline="")
+        w = csv.DictWriter(buf, fieldnames=["class", "vertical", "parent"])
+        w.writeheader()
+        w.writerows(rows)
+        checkpoint.write_text(path, buf.getvalue())
 
     def summary(self) -> str:
         sizes = self.vertical_sizes()

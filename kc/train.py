@@ -7,6 +7,7 @@ history) is rewritten atomically every epoch and every `CHECKPOINT_SECONDS`, so 
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from typing import Callable, Dict, Optional, Tuple
@@ -123,7 +124,7 @@ def _lr_factor(step: int, total: int) -> float:
     if step < warm:
         return (step + 1) / warm
     t = (step - warm) / max(1, total - warm)
-    return 0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * t))
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t))  # a float: the optimizer's state is saved
 
 
 def train_student(cfg, taxonomy: Taxonomy, train: SampleSet, run: str, path: str, seed: int,
