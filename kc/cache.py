@@ -11,6 +11,7 @@ refused with its name, never streamed.
 from __future__ import annotations
 
 import os
+import re
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -23,6 +24,7 @@ from kc.taxonomy import Taxonomy
 
 FORMAT = 1
 INDEX_FILE, VALUE_FILE, MANIFEST_FILE = "index.npy", "value.npy", "manifest.json"
+CACHE_NAMES = re.compile(r"(index|value)\.npy")
 IDENTITY_KEYS = ("format", "top_k", "num_samples", "num_classes", "segments", "teachers", "data")
 
 
@@ -151,20 +153,20 @@ class TeacherCache:
             if bad:
                 raise CacheMismatch(f"{directory}: the teacher cache does not match this run: " + "; ".join(bad)
                                     + ". Rebuild it with `kc cache`.")
-        for name, want in (self.manifest.get("files") or {}).items():
-            p = os.path.join(directory, name)
-            got = _file_info(p) if os.path.exists(p) else {"bytes": None}
-            if got["bytes"] != want["bytes"]:
-                raise CacheDamaged(f"{p}: teacher cache file is truncated or missing ({got['bytes']} bytes, manifest "
-                                   f"says {want['bytes']}); rebuild the cache with `kc cache --out ...`")
-            if got["sha256"] != want["sha256"]:
-                raise CacheDamaged(f"{p}: teacher cache file is corrupted (SHA-256 differs from the manifest's); "
-                                   "rebuild the cache with `kc cache --out ...`")
+        files = self.manifest.get("files")
+        if not isinstance(files, dict) or set(files) != {INDEX_FILE, VALUE_FILE}:
+            raise CacheDamaged(f"{mpath}: the manifest does not list the digests of {INDEX_FILE} and {VALUE_FILE}; "
+                               "rebuild the cache with `kc cache --out ...`")
+        for name in (INDEX_FILE, VALUE_FILE):
+            try:
+                checkpoint.listed_file(directory, name, files[name], mpath, CACHE_NAMES)
+            except ValueError as e:
+                raise CacheDamaged(f"teacher cache file {e}; rebuild the cache with `kc cache --out ...`") from None
         arrays = []
         for name in (INDEX_FILE, VALUE_FILE):
             p = os.path.join(directory, name)
             try:
-                arrays.append(np.load(p, mmap_mode="r"))
+                arrays.append(np.load(p, mmap_mode="r", allow_pickle=False))
             except (ValueError, OSError) as e:
                 raise CacheDamaged(f"{p}: unreadable teacher cache file ({e}); rebuild it with `kc cache`") from None
         self.index, self.value = arrays
@@ -172,6 +174,9 @@ class TeacherCache:
         if self.index.shape != (n, k) or self.value.shape != (n, k):
             raise CacheMismatch(f"{directory}: arrays of shape {self.index.shape}/{self.value.shape}, manifest "
                                 f"says ({n}, {k})")
+        if self.index.dtype != np.int32 or self.value.dtype != np.float16:
+            raise CacheDamaged(f"{directory}: arrays of dtype {self.index.dtype}/{self.value.dtype}, a cache holds "
+                               "int32/float16")
 
     @property
     def top_k(self) -> int:

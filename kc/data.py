@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Tuple
 
@@ -102,27 +103,31 @@ def _shard_paths(directory: str) -> List[str]:
 SHARD_SUFFIXES = (".indptr.npy", ".indices.npy", ".features.npy")
 
 
+SHARD_NAMES = re.compile(r"shard-[0-9]{5}\.(features|indptr|indices)\.npy")
+
+
 def check_shard_files(directory: str) -> None:
-    """Where the directory has an index.json with file sizes and SHA-256s (shards written by ShardWriter), every
-    listed file must be there with that size and digest: DataError naming the first that is not."""
+    """Where the directory has an index.json (shards written by ShardWriter), it must list every shard file by
+    its plain name with its size and SHA-256, and every listed file must be there with that size and digest:
+    DataError naming the first that is not."""
     ipath = os.path.join(directory, "index.json")
     if not os.path.exists(ipath):
         return
     try:
-        files = checkpoint.read_json(ipath).get("files") or {}
+        index = checkpoint.read_json(ipath)
     except checkpoint.DamagedFile as e:
         raise DataError(str(e)) from None
-    for name, want in sorted(files.items()):
-        p = os.path.join(directory, name)
-        size = os.path.getsize(p) if os.path.exists(p) else None
-        if size != want["bytes"]:
-            raise DataError(f"{p}: shard file is truncated or missing ({size} bytes, {ipath} says {want['bytes']}); "
-                            "rerun `kc data` (synthetic data) or restore the file")
-        if checkpoint.file_sha256(p) != want["sha256"]:
-            raise DataError(f"{p}: shard file is corrupted (SHA-256 differs from {ipath}); rerun `kc data` "
-                            "(synthetic data) or restore the file")
+    files = index.get("files") if isinstance(index, dict) else None
+    if not isinstance(files, dict) or not files:
+        raise DataError(f"{ipath}: lists no shard files with their digests; rerun `kc data` (synthetic data) or "
+                        "rewrite the shards with kc.data.ShardWriter")
+    for name, want in sorted(files.items(), key=lambda kv: str(kv[0])):
+        try:
+            checkpoint.listed_file(directory, name, want, ipath, SHARD_NAMES)
+        except ValueError as e:
+            raise DataError(f"shard file {e}; rerun `kc data` (synthetic data) or restore the file") from None
     extra = sorted(set(os.path.basename(q) for q in _shard_paths(directory)) - set(files))
-    if files and extra:
+    if extra:
         raise DataError(f"{directory}: shard files not listed in {ipath}: {', '.join(extra)}")
 
 
@@ -143,8 +148,10 @@ class FeatureShards(SampleSet):
             stem = p[: -len(".features.npy")]
             arrays = []
             for q, mmap in ((p, "r"), (stem + ".indptr.npy", None), (stem + ".indices.npy", None)):
+                if not os.path.isfile(q):  # a device or fifo would hang the reader
+                    raise DataError(f"{q}: missing or not a regular file")
                 try:
-                    arrays.append(np.load(q, mmap_mode=mmap))
+                    arrays.append(np.load(q, mmap_mode=mmap, allow_pickle=False))
                 except (ValueError, OSError, EOFError) as e:
                     raise DataError(f"{q}: unreadable shard file, truncated or corrupted? ({e})") from None
             f, ptr, ind = arrays[0], arrays[1].astype(np.int64), arrays[2].astype(np.int32)
@@ -193,14 +200,8 @@ class ShardWriter:
         stem = os.path.join(self.directory, f"shard-{self.count:05d}")
         for suffix, arr in zip(SHARD_SUFFIXES, (indptr.astype(np.int64), indices.astype(np.int32),
                                                 features.astype(np.float32))):
-            tmp = stem + suffix + ".tmp.npy"
-            try:
-                np.save(tmp, arr)
-                os.replace(tmp, stem + suffix)  # features last: a shard is visible only when complete
-            except OSError as e:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-                raise checkpoint.write_error(stem + suffix, e) from e
+            # features last: a shard is visible only when complete
+            checkpoint.write_array(stem + suffix, arr)
             self.files[os.path.basename(stem + suffix)] = {"bytes": os.path.getsize(stem + suffix),
                                                            "sha256": checkpoint.file_sha256(stem + suffix)}
             checkpoint.crash_point()
