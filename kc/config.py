@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union, get_args, get_origin, get_type_hints
 
@@ -176,7 +178,13 @@ def _coerce(path: str, typ, value):
     if typ is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            value = math.inf
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}: expected a finite number, got {value!r}")
+        return value
     if typ is str:
         if not isinstance(value, str):
             raise ConfigError(f"{path}: expected a string, got {value!r}")
@@ -187,10 +195,10 @@ def _coerce(path: str, typ, value):
 def _from_dict(cls, data: Dict[str, Any], path: str = ""):
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(map(repr, set(data) - names))
     if unknown:
         where = path or "config"
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
     kwargs = {k: _coerce(f"{path}.{k}" if path else k, hints[k], v) for k, v in data.items()}
     return cls(**kwargs)
 
@@ -211,6 +219,46 @@ def from_dict(data: Dict[str, Any]) -> RunConfig:
     return cfg
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def read_yaml(path: str) -> Dict[str, Any]:
+    """A YAML config file as a mapping (empty file: {}); ConfigError naming the file for anything else."""
+    where = f"config file {path}"
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"{where} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{where} is a folder, not a file") from None
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot read it ({e.strerror or e})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{where} is larger than {MAX_CONFIG_BYTES >> 20} MiB; not a config")
+    try:
+        loaded = yaml.safe_load(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where} is not UTF-8 text") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{where} is not valid YAML: {what}{at}") from None
+    except RecursionError:
+        raise ConfigError(f"{where} is not valid YAML: nested too deeply") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping, got {type(loaded).__name__}")
+    return loaded
+
+
+def read_saved(path: str) -> Dict[str, Any]:
+    """The config a run folder holds (config.yaml), as a mapping."""
+    return read_yaml(path)
+
+
 def load(preset: str = "default", path: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None) -> RunConfig:
     """A preset, overlaid by a YAML file's keys, overlaid by overrides (e.g. {"seed": 3})."""
     from kc.presets import PRESETS
@@ -219,21 +267,21 @@ def load(preset: str = "default", path: Optional[str] = None, overrides: Optiona
         raise ConfigError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
     data = copy.deepcopy(PRESETS[preset])
     if path is not None:
-        try:
-            with open(path) as f:
-                loaded = yaml.safe_load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path}: the top level must be a mapping, got {type(loaded).__name__}")
-        data = _merge(data, loaded)
+        data = _merge(data, read_yaml(path))
     if overrides:
         data = _merge(data, overrides)
     return from_dict(data)
+
+
+def load_saved(path: str, overrides: Optional[Dict[str, Any]] = None) -> RunConfig:
+    """The config saved in a run folder (its config.yaml), overlaid by overrides: what `--resume` alone uses."""
+    data = read_saved(path)
+    if overrides:
+        data = _merge(data, overrides)
+    try:
+        return from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def _positive(path: str, value, allow_zero: bool = False):
@@ -246,8 +294,16 @@ def _choice(path: str, value, options):
         raise ConfigError(f"{path}: must be one of {list(options)}, got {value!r}")
 
 
+MAX_SEED = 2**32  # seeds feed NumPy and torch generators, and torch's takes 64 bits after kc's arithmetic
+
+
 def validate(cfg: RunConfig) -> None:
     t, d, sp, st = cfg.taxonomy, cfg.data, cfg.specialists, cfg.student
+    if not 0 <= cfg.seed < MAX_SEED:
+        raise ConfigError(f"seed: must be in [0, 2**32), got {cfg.seed}")
+    _positive("threads", cfg.threads, allow_zero=True)
+    for path, v in (("specialists.weight_decay", sp.weight_decay), ("student.weight_decay", st.weight_decay)):
+        _positive(path, v, allow_zero=True)
     _positive("taxonomy.num_verticals", t.num_verticals)
     _positive("taxonomy.num_classes", t.num_classes)
     if t.file is None and t.num_classes < 2 * t.num_verticals:
@@ -328,5 +384,112 @@ def validate(cfg: RunConfig) -> None:
     for k in ("row_chunk", "class_chunk", "timing_batch"):
         _positive(f"eval.{k}", getattr(cfg.eval, k))
     _choice("backend", cfg.backend, ("auto", "reference", "cpu", "triton", "cuda"))
-    if not (cfg.device == "cpu" or cfg.device.startswith("cuda")):
+    if not (cfg.device == "cpu" or cfg.device == "cuda" or
+            (cfg.device.startswith("cuda:") and cfg.device[5:].isdigit() and len(cfg.device) < 12)):
         raise ConfigError(f"device: must be 'cpu' or 'cuda[:n]', got {cfg.device!r}")
+    check_fits(cfg)
+
+
+# ---------------------------------------------------------------------------------------------- memory
+def physical_memory() -> Optional[int]:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def memory_terms(cfg: RunConfig) -> List[tuple]:
+    """(bytes, keys) of the largest memory needs of a run, estimated from its sizes alone (Python integers, so
+    absurd sizes cannot overflow), the keys that set each. Upper bounds of the order of what the stages hold at
+    once; a taxonomy file's or real data's sizes are unknown here and count as small."""
+    t, d, sp, st, ev = cfg.taxonomy, cfg.data, cfg.specialists, cfg.student, cfg.eval
+    generated = t.file is None
+    N = t.num_classes if generated else 0
+    M = t.num_verticals if generated else 1
+    D = 3 * d.image_size ** 2 if d.kind == "images" else d.feature_dim
+    rows = N * (d.train_per_class + d.test_per_class) if d.kind == "synthetic" else 0
+    terms = [
+        # names, ancestor lists and per-class arrays of the taxonomy; the generator's class codes
+        (N * (400 + 4 * d.subspace_dim * (1 + d.modes)), ["taxonomy.num_classes"]),
+        (M * (200 + 4 * D * (d.subspace_dim + 1)), ["taxonomy.num_verticals", "data.feature_dim",
+                                                     "data.subspace_dim"]),
+        # row order, labels (CSR) and their copies
+        (64 * rows, ["data.train_per_class" if d.train_per_class >= d.test_per_class else "data.test_per_class",
+                     "taxonomy.num_classes"]),
+        # one shard of features in the making, with its temporaries
+        (16 * min(d.shard_size, max(rows, 1)) * D, ["data.shard_size", "data.feature_dim"]),
+    ]
+    widths = [D] + list(sp.hidden)
+    body = sum(a * b for a, b in zip(widths, widths[1:]))
+    # every teacher is loaded at once to fill the cache and to be evaluated; one is trained with Adam (x4)
+    terms += [(4 * M * body + 16 * body, ["specialists.hidden", "taxonomy.num_verticals"]),
+              (20 * widths[-1] * N, ["taxonomy.num_classes", "specialists.hidden"])]
+    bb = [D] + list(st.backbone_hidden) + [st.sb]
+    backbone = sum(a * b for a, b in zip(bb, bb[1:]))
+    terms += [  # student parameters, gradients and Adam's moments (x4 floats)
+        (16 * backbone, ["student.backbone_hidden", "student.sb", "data.feature_dim"]),
+        (16 * st.sb * (st.s1 + st.s1s + st.s1i * M), ["student.sb", "student.s1", "student.s1s", "student.s1i"]),
+        (16 * ((st.s1s + st.s1i) * st.s2 * M + st.s2 * N), ["taxonomy.num_classes", "student.s2"]),
+        (16 * st.s2_fc * (st.s1 + N), ["taxonomy.num_classes", "student.s2_fc"]),
+    ]
+    act = D + sum(sp.hidden) + sum(st.backbone_hidden) + st.sb + st.s1 + st.s1s + st.s2_fc + (st.s1i + st.s2) * M
+    terms += [  # activations of a batch (forward and backward), targets
+        (16 * sp.batch_size * act, ["specialists.batch_size"]),
+        (16 * st.batch_size * (act + 2 * cfg.cache.top_k), ["student.batch_size", "cache.top_k"]),
+        (16 * cfg.cache.batch_size * (act + cfg.cache.top_k), ["cache.batch_size", "cache.top_k"]),
+        # evaluation: a block of scores, the test scores of a chunk of classes, a timing batch
+        (12 * ev.row_chunk * ev.class_chunk, ["eval.row_chunk", "eval.class_chunk"]),
+        (12 * N * d.test_per_class * min(ev.class_chunk, max(N, 1)) if d.kind == "synthetic" else 0,
+         ["taxonomy.num_classes", "data.test_per_class", "eval.class_chunk"]),
+        (8 * ev.timing_batch * (N + act), ["eval.timing_batch", "taxonomy.num_classes"]),
+    ]
+    return terms
+
+
+def check_fits(cfg: RunConfig, available: Optional[int] = None) -> None:
+    """ConfigError naming the key when the run's estimated memory exceeds this machine's: checked before any
+    allocation, so an absurd size is refused at once instead of failing deep in NumPy or running for hours."""
+    available = physical_memory() if available is None else available
+    if not available:
+        return
+    terms = memory_terms(cfg)
+    total = sum(b for b, _ in terms)
+    if total <= available:
+        return
+    big, keys = max(terms, key=lambda t: t[0])
+    values = {k: _value(cfg, k) for k in keys}
+    named = ", ".join(f"{k}={v}" for k, v in values.items())
+    raise ConfigError(f"{_blame(cfg)}: a run of this size needs about {_gib(total)} of memory, more than this "
+                      f"machine's {_gib(available)} (largest part: {_gib(big)} from {named}); choose smaller sizes")
+
+
+def _value(cfg: RunConfig, key: str):
+    obj = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+SIZE_KEYS = ("taxonomy.num_classes", "taxonomy.num_verticals", "data.train_per_class", "data.test_per_class",
+             "data.feature_dim", "data.subspace_dim", "data.modes", "data.shard_size", "data.image_size",
+             "specialists.hidden", "specialists.batch_size", "cache.top_k", "cache.batch_size",
+             "student.backbone_hidden", "student.sb", "student.s1", "student.s2", "student.s1s", "student.s1i",
+             "student.s2_fc", "student.batch_size", "eval.row_chunk", "eval.class_chunk", "eval.timing_batch")
+
+
+def _blame(cfg: RunConfig) -> str:
+    """The size key whose return to its default value shrinks the estimate most: the one that made it large."""
+    usual = RunConfig()
+    best, key = None, SIZE_KEYS[0]
+    for k in SIZE_KEYS:
+        trial = copy.deepcopy(cfg)
+        section, name = k.split(".")
+        setattr(getattr(trial, section), name, _value(usual, k))
+        total = sum(b for b, _ in memory_terms(trial))
+        if best is None or total < best:
+            best, key = total, k
+    return key
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.3g} GiB" if n < 2**70 else f"2^{n.bit_length() - 1} bytes"

@@ -20,6 +20,7 @@ from kc.report import label
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
 METRICS = ("map", "map_vertical_avg")
+MAX_SEEDS = 1000
 
 
 def parse_seeds(text: str) -> List[int]:
@@ -29,11 +30,15 @@ def parse_seeds(text: str) -> List[int]:
         part = part.strip()
         if not part:
             continue
-        if "-" in part:
-            a, b = part.split("-", 1)
+        a, dash, b = part.partition("-")
+        if not (a.isascii() and a.isdigit()) or (dash and not (b.isascii() and b.isdigit())):
+            raise ValueError(f"--seeds: {part!r} is not a seed or a range of seeds >= 0 (e.g. 0,1,2 or 0-4)")
+        if dash:
             lo, hi = int(a), int(b)
             if hi < lo:
                 raise ValueError(f"--seeds: empty range {part!r}")
+            if hi - lo >= MAX_SEEDS:
+                raise ValueError(f"--seeds: {part!r} is more than {MAX_SEEDS} seeds")
             out += list(range(lo, hi + 1))
         else:
             out.append(int(part))
