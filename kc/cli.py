@@ -2,17 +2,19 @@
 
     kc run                          # the default preset into ./kc-out
     kc run --preset eft-100k --out runs/eft
-    kc run --resume --out kc-out    # after an interruption: skips finished stages, keeps finished work
+    kc run --resume --out kc-out    # after an interruption: the saved config, finished stages and work kept
     kc run --seeds 0,1,2 --out runs/s   # one run per seed in runs/s/seed-N, then runs/s/summary.md
     kc student --config my.yaml --seed 3 --out kc-out
 """
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
 from typing import List, Optional
 
-from kc import checkpoint, config, pipeline, seeds
+from kc import checkpoint, config, pipeline, runfolder, seeds
 from kc import distributed as kcdist
 from kc.cache import CacheMismatch
 from kc.data import DataError
@@ -34,8 +36,9 @@ def _parser() -> argparse.ArgumentParser:
              "config": "print the resolved config as YAML"}
     for name, h in helps.items():
         s = sub.add_parser(name, help=h, description=h)
-        s.add_argument("--preset", default="default",
-                       help="default | eft-100k | wordnet-small | tiny (default: default)")
+        s.add_argument("--preset", default=None,
+                       help="default | eft-100k | wordnet-small | tiny (default: the config saved in --out when "
+                            "there is one, else default)")
         s.add_argument("--config", default=None, help="YAML file overriding the preset's keys")
         s.add_argument("--seed", type=int, default=None, help="overrides the config's seed")
         s.add_argument("--out", default="kc-out", help="output directory (default: kc-out)")
@@ -61,11 +64,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             overrides["seed"] = args.seed
         if args.threads is not None:
             overrides["threads"] = args.threads
-        if args.command != "config":  # under torchrun with W > 1: join the process group (kc/distributed.py)
-            try:
-                kcdist.init(config.load(args.preset, args.config, overrides).device)
-            except ValueError as e:
-                raise config.ConfigError(str(e)) from None
+        seed_list = None
         if getattr(args, "seeds", None):
             if args.seed is not None:
                 raise config.ConfigError("--seed and --seeds: give one of them")
@@ -73,8 +72,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                 seed_list = seeds.parse_seeds(args.seeds)
             except ValueError as e:
                 raise config.ConfigError(str(e)) from None
+        if args.command != "config":  # under torchrun with W > 1: join the process group (kc/distributed.py)
+            cfg = _config(args, overrides, seeds.seed_dir(args.out, seed_list[0]) if seed_list else args.out)
+            try:
+                kcdist.init(cfg.device)
+            except ValueError as e:
+                raise config.ConfigError(str(e)) from None
+        if seed_list:
             return _multi_seed(args, overrides, seed_list)
-        cfg = config.load(args.preset, args.config, overrides)
+        cfg = _config(args, overrides, args.out)
         if args.command == "config":
             print(cfg.to_yaml(), end="")
             return 0
@@ -87,14 +93,48 @@ def main(argv: Optional[List[str]] = None) -> int:
             pipeline.run_stage(ws, args.command, resume=args.resume)
         return 0
     except (config.ConfigError, TaxonomyError, DataError, CacheMismatch, pipeline.StageError,
-            FileNotFoundError, TrainingCollapsed, checkpoint.DamagedFile, OSError) as e:
-        print(f"kc: error: {e}", file=sys.stderr)
+            runfolder.RunFolderError, FileNotFoundError, TrainingCollapsed, checkpoint.DamagedFile, OSError) as e:
+        _error(e)
         return 2
     except KeyboardInterrupt:
-        print("kc: interrupted; continue with --resume", file=sys.stderr)
+        print(f"kc: interrupted; continue with: {resume_command(args)}", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - the command line reports every failure in one line
+        _error(f"{type(e).__name__}: {e}")
+        return 2
     finally:
+        runfolder.release()
         kcdist.shutdown()
+
+
+def _error(e) -> None:
+    print("kc: error: " + " ".join(str(e).split()), file=sys.stderr)
+
+
+def _config(args, overrides, out: str) -> config.RunConfig:
+    """--preset and --config when given; else the config saved in a run folder of kc's at out (so that
+    `kc run --resume --out DIR` continues DIR's run as it was started); else the default preset."""
+    saved = os.path.join(out, "config.yaml")
+    if (args.preset is None and args.config is None and os.path.isfile(saved)
+            and os.path.isfile(os.path.join(out, runfolder.MARKER))):
+        return config.load_saved(saved, overrides)
+    return config.load(args.preset or "default", args.config, overrides)
+
+
+def resume_command(args) -> str:
+    """The command that continues an interrupted one: the saved config is read from --out, so --out (and
+    --seeds) suffice once config.yaml is there; before that, the original config arguments are kept."""
+    cmd = ["kc", args.command, "--resume", "--out", os.path.abspath(args.out)]
+    if getattr(args, "seeds", None):
+        cmd += ["--seeds", args.seeds]
+        saved = os.path.join(seeds.seed_dir(args.out, seeds.parse_seeds(args.seeds)[0]), "config.yaml")
+    else:
+        saved = os.path.join(args.out, "config.yaml")
+    if not os.path.isfile(saved):
+        for flag, value in (("--preset", args.preset), ("--config", args.config), ("--seed", args.seed)):
+            if value is not None:
+                cmd += [flag, os.path.abspath(value) if flag == "--config" else str(value)]
+    return " ".join(shlex.quote(c) for c in cmd)
 
 
 def _progress(args):
@@ -104,18 +144,21 @@ def _progress(args):
 
 def _multi_seed(args, overrides, seed_list) -> int:
     """Every seed's run (or report) in OUT/seed-N, then the summary over seeds."""
-    import os
-
+    if kcdist.is_main():  # OUT holds the seeds' folders and the summary: kc's folder too
+        runfolder.claim(args.out)
+        runfolder.lock(args.out)
     for s in seed_list:
-        cfg = config.load(args.preset, args.config, dict(overrides, seed=s))
+        out = seeds.seed_dir(args.out, s)
+        cfg = _config(args, dict(overrides, seed=s), out)
         pipeline.configure_torch(cfg)
-        ws = pipeline.Workspace(seeds.seed_dir(args.out, s), cfg, _progress(args))
+        ws = pipeline.Workspace(out, cfg, _progress(args))
         ws.open()
         pipeline.log(f"seed {s} ({seed_list.index(s) + 1} of {len(seed_list)}) in {ws.out}")
         if args.command == "run":
             pipeline.run_all(ws, resume=args.resume)
         else:
             pipeline.run_stage(ws, "report", resume=args.resume)
+        ws.close()
     if not kcdist.is_main():
         return 0
     files = seeds.write_summary(args.out, seed_list)

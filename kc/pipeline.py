@@ -1,6 +1,7 @@
 """The stages of a run and the output directory they share.
 
-    out/config.yaml        the run's config (a resumed run must match it)
+    out/.kc-run, .kc-lock  kc's marker and the one-run-at-a-time lock (kc/runfolder.py)
+    out/config.yaml        the run's config (a resumed run must match it; `--resume` alone reads it)
     out/state.json         which stages are finished
     out/taxonomy.csv       the label space
     out/data/{train,test}  feature shards (synthetic data; real data is read where data.path points)
@@ -12,27 +13,27 @@
     out/report/            results.md, results.json, loss_curves.png, map_per_vertical.png
 
 Every stage reuses the finished part of an interrupted run of itself when asked to resume: teachers, cache
-verticals, student epochs (and the position inside an epoch), evaluated models.
+verticals, student epochs (and the position inside an epoch), evaluated models. A stage writes into
+`<its folder>.kc-build/` and swaps it in by rename once complete, so its previous results stay whole until then.
 """
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import time
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
-import yaml
 
 from kc import cache as cache_mod
-from kc import checkpoint, config, data, evaluate, models, report, taxonomy, teachers, train
+from kc import checkpoint, config, data, evaluate, models, report, runfolder, taxonomy, teachers, train
 from kc import distributed as kcdist
 
 STAGES = ("data", "specialists", "cache", "student", "eval", "report")
 # under torchrun: stages every rank runs its part of; the others run on rank 0 while the rest wait
 PARALLEL_STAGES = ("specialists", "student")
+STAGE_DIRS = ("data", "specialists", "cache", "cache-bayes", "students", "eval", "report")
 
 
 class StageError(RuntimeError):
@@ -73,15 +74,19 @@ class Workspace:
 
     # ------------------------------------------------------------------ state
     def open(self) -> None:
-        """Creates the directory or checks that it holds this same run (same config)."""
+        """Claims and locks the folder (kc/runfolder.py), finishes what a killed run left half done, and creates
+        it for this run or checks that it holds this same run (same config)."""
         main = kcdist.is_main()
-        if not main:  # under torchrun rank 0 creates the directory and writes config.yaml first
+        if main:  # under torchrun rank 0 claims the folder and writes config.yaml while the others wait
+            runfolder.claim(self.out)
+            runfolder.lock(self.out)
+            if runfolder.recover(self.out, STAGE_DIRS):
+                log(f"removed the temporary files of an interrupted write in {self.out}")
+        else:
             kcdist.barrier()
-        os.makedirs(self.out, exist_ok=True)
         cpath = os.path.join(self.out, "config.yaml")
         if os.path.exists(cpath):
-            with open(cpath) as f:
-                saved = yaml.safe_load(f) or {}
+            saved = config.read_saved(cpath)
             try:  # keys added to the config since that run was made take their defaults, as that run did
                 saved = config.from_dict(saved).to_dict()
             except (config.ConfigError, TypeError, ValueError):
@@ -92,12 +97,13 @@ class Workspace:
             if diff:
                 raise StageError(f"{self.out} holds a run with another config (differs in: {', '.join(diff)}); "
                                  "use another --out, or the same preset/config/seed as that run")
-        else:
+        elif main:
             checkpoint.write_text(cpath, self.cfg.to_yaml())
-        if main and checkpoint.remove_temporaries(self.out):
-            log(f"removed the temporary files of an interrupted write in {self.out}")
         if main:
             kcdist.barrier()
+
+    def close(self) -> None:
+        runfolder.release(self.out)
 
     def state(self) -> Dict:
         if os.path.exists(self.state_path):
@@ -134,8 +140,8 @@ class Workspace:
             self._splits[name] = data.open_split(d.kind, os.path.join(root, name), self.taxonomy(), d.image_size)
         return self._splits[name]
 
-    def student_path(self, run: str) -> str:
-        return os.path.join(self.students_dir, f"{run}.pt")
+    def student_path(self, run: str, directory: Optional[str] = None) -> str:
+        return os.path.join(directory or self.students_dir, f"{run}.pt")
 
     def expected_cache(self, bayes: bool = False) -> Dict:
         tax, tr = self.taxonomy(), self.split("train")
@@ -159,7 +165,9 @@ def stage_data(ws: Workspace, resume: bool) -> Dict:
     ws._tax, ws._splits = tax, {}
     log(f"taxonomy: {tax.summary()}")
     if cfg.data.kind == "synthetic":
-        sizes = data.write_synthetic(ws.data_dir, tax, cfg.data, cfg.seed, ws.progress)
+        sizes = data.write_synthetic(runfolder.begin(ws.data_dir, resume=False), tax, cfg.data, cfg.seed,
+                                     ws.progress)
+        runfolder.commit(ws.data_dir)
     else:
         root = cfg.data.path
         sizes = {}
@@ -173,9 +181,9 @@ def stage_specialists(ws: Workspace, resume: bool) -> Dict:
     tax, tr = ws.taxonomy(), ws.split("train")
     if kcdist.active():
         return _specialists_split(ws, resume)
-    if not resume and os.path.isdir(ws.specialists_dir):
-        shutil.rmtree(ws.specialists_dir)
-    teachers.train_specialists(ws.cfg, tax, tr, ws.specialists_dir, ws.cfg.seed, ws.progress, resume=resume)
+    d = runfolder.begin(ws.specialists_dir, resume)
+    teachers.train_specialists(ws.cfg, tax, tr, d, ws.cfg.seed, ws.progress, resume=resume)
+    runfolder.commit(ws.specialists_dir)
     return {"teachers": tax.num_verticals}
 
 
@@ -183,41 +191,43 @@ def _specialists_split(ws: Workspace, resume: bool) -> Dict:
     """Under torchrun: each rank trains the teachers of its head shard's verticals (a teacher depends only on
     the seed and its vertical, so they are the single-process teachers)."""
     tax, tr = ws.taxonomy(), ws.split("train")
-    if kcdist.is_main() and not resume and os.path.isdir(ws.specialists_dir):
-        shutil.rmtree(ws.specialists_dir)
+    if kcdist.is_main():
+        runfolder.begin(ws.specialists_dir, resume)
     kcdist.barrier()
-    os.makedirs(ws.specialists_dir, exist_ok=True)
+    d = ws.specialists_dir + runfolder.BUILD
     mine = kcdist.my_verticals(tax.segments.tolist())
     for v in mine:
-        path = teachers.teacher_path(ws.specialists_dir, v)
+        path = teachers.teacher_path(d, v)
         if not (resume and os.path.exists(path)):
             model = teachers.train_specialist(ws.cfg, tax, tr, v, ws.cfg.seed, ws.progress)
             checkpoint.save({"vertical": v, "state": model.state_dict(), "num_classes": len(tax.classes_of(v))},
                             path)
     log(f"specialists: rank 0 trained verticals {mine.start}-{mine.stop - 1}, {kcdist.world()} ranks in all")
+    kcdist.barrier()  # every teacher written before the folder is swapped in
+    if kcdist.is_main():
+        runfolder.commit(ws.specialists_dir)
     return {"teachers": tax.num_verticals}
 
 
 def stage_cache(ws: Workspace, resume: bool) -> Dict:
     ws.require("specialists")
     tax, tr = ws.taxonomy(), ws.split("train")
-    if not resume and os.path.isdir(ws.cache_dir):
-        shutil.rmtree(ws.cache_dir)
     ts = teachers.load_specialists(ws.cfg, tax, tr.input_shape, ws.specialists_dir)
-    m = cache_mod.build(ws.cache_dir, ts, tax, tr, ws.expected_cache(), ws.cfg.cache.batch_size, ws.cfg.device,
-                        ws.progress)
-    size = sum(os.path.getsize(os.path.join(ws.cache_dir, f)) for f in (cache_mod.INDEX_FILE, cache_mod.VALUE_FILE))
+    d = runfolder.begin(ws.cache_dir, resume, adopt="copy")  # the arrays are memmaps written in place
+    m = cache_mod.build(d, ts, tax, tr, ws.expected_cache(), ws.cfg.cache.batch_size, ws.cfg.device, ws.progress)
+    size = sum(os.path.getsize(os.path.join(d, f)) for f in (cache_mod.INDEX_FILE, cache_mod.VALUE_FILE))
     log(f"teacher cache: top-{m['top_k']} of {m['num_samples']} samples, {size / 2**20:.1f} MiB")
-    info = {"top_k": m["top_k"], "bytes": size, "teacher_recall": teacher_recall(ws.cache_dir, tr)}
+    info = {"top_k": m["top_k"], "bytes": size, "teacher_recall": teacher_recall(d, tr)}
     log(f"teacher cache: the true class is in the top-{m['top_k']} of {100 * info['teacher_recall']:.1f}% of rows")
     if ws.uses_bayes():
-        if not resume and os.path.isdir(ws.bayes_cache_dir):
-            shutil.rmtree(ws.bayes_cache_dir)
-        cache_mod.build(ws.bayes_cache_dir, teachers.bayes_teachers(ws.generator(), tax.num_verticals), tax, tr,
+        b = runfolder.begin(ws.bayes_cache_dir, resume, adopt="copy")
+        cache_mod.build(b, teachers.bayes_teachers(ws.generator(), tax.num_verticals), tax, tr,
                         ws.expected_cache(bayes=True), ws.cfg.cache.batch_size, "cpu", ws.progress)
-        info["bayes_teacher_recall"] = teacher_recall(ws.bayes_cache_dir, tr)
+        info["bayes_teacher_recall"] = teacher_recall(b, tr)
         log(f"Bayes teacher cache: true class in the top-{m['top_k']} of "
             f"{100 * info['bayes_teacher_recall']:.1f}% of rows")
+        runfolder.commit(ws.bayes_cache_dir)
+    runfolder.commit(ws.cache_dir)
     return info
 
 
@@ -241,17 +251,19 @@ def stage_student(ws: Workspace, resume: bool) -> Dict:
         caches["specialists"] = cache_mod.TeacherCache(ws.cache_dir, ws.expected_cache())
     if ws.uses_bayes():
         caches["bayes"] = cache_mod.TeacherCache(ws.bayes_cache_dir, ws.expected_cache(bayes=True))
-    os.makedirs(ws.students_dir, exist_ok=True)
+    if kcdist.is_main():
+        runfolder.begin(ws.students_dir, resume)
+    kcdist.barrier()  # no rank may read a stale checkpoint
+    d = ws.students_dir + runfolder.BUILD
     out = {}
     for run in runs:
-        path = ws.student_path(run)
-        if not resume and kcdist.is_main() and os.path.exists(path):
-            os.remove(path)
-        kcdist.barrier()  # no rank may read a stale checkpoint of this run
         cache = caches.get("bayes" if run.startswith("bayes_") else "specialists")
-        res = train.train_student(cfg, tax, tr, run, path, cfg.seed, cache, ws.progress)
+        res = train.train_student(cfg, tax, tr, run, ws.student_path(run, d), cfg.seed, cache, ws.progress)
         out[run] = {"seconds": round(res["seconds"], 2), "final_loss": res["history"]["epoch_loss"][-1]}
         log(f"student {run}: final epoch loss {out[run]['final_loss']:.4f} ({res['seconds']:.1f}s)")
+    kcdist.barrier()  # rank 0 has written every checkpoint
+    if kcdist.is_main():
+        runfolder.commit(ws.students_dir)
     return out
 
 
@@ -306,10 +318,10 @@ def evaluated_models(ws: Workspace) -> List[str]:
 
 def stage_eval(ws: Workspace, resume: bool) -> Dict:
     ws.require("student")
-    os.makedirs(ws.eval_dir, exist_ok=True)
+    d = runfolder.begin(ws.eval_dir, resume)
     out = {}
     for run in evaluated_models(ws):
-        path = os.path.join(ws.eval_dir, f"{run}.json")
+        path = os.path.join(d, f"{run}.json")
         if resume and os.path.exists(path):
             res = checkpoint.read_json(path)
         else:
@@ -321,6 +333,7 @@ def stage_eval(ws: Workspace, resume: bool) -> Dict:
         out[run] = res["map"]
         log(f"eval {report.label(run)}: mAP {100 * res['map']:.2f}%, top-1 {100 * res['top1']:.2f}%, "
             f"top-5 {100 * res['top5']:.2f}% ({res['eval_seconds']:.1f}s)")
+    runfolder.commit(ws.eval_dir)
     return {"map": out}
 
 
@@ -336,7 +349,9 @@ def stage_report(ws: Workspace, resume: bool) -> Dict:
                "config": cfg.to_dict(),
                "stage_seconds": {k: v.get("seconds") for k, v in ws.state()["stages"].items()},
                "models": evals}
-    files = report.write(results, {r: h for r, h in histories.items() if h}, ws.report_dir)
+    written = report.write(results, {r: h for r, h in histories.items() if h}, runfolder.begin(ws.report_dir, False))
+    runfolder.commit(ws.report_dir)
+    files = {k: os.path.join(ws.report_dir, os.path.basename(p)) for k, p in written.items()}
     print(report.markdown(results))
     log("report: " + ", ".join(os.path.relpath(p, os.getcwd()) for p in files.values()))
     return {"files": files}
@@ -394,6 +409,14 @@ def configure_torch(cfg: config.RunConfig) -> None:
         torch.set_num_threads(cfg.threads)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise config.ConfigError(f"device: {cfg.device!r} requested but no CUDA device is available")
+    if cfg.backend != "auto":
+        import kc_kernels
+
+        found = kc_kernels.backends()
+        if found.get(cfg.backend) is not True:
+            usable = ", ".join(["auto"] + [b for b, ok in found.items() if ok is True])
+            why = getattr(found.get(cfg.backend), "reason", "unknown backend")
+            raise config.ConfigError(f"backend: {cfg.backend!r} cannot run here ({why}); usable here: {usable}")
     np.seterr(invalid="ignore")
     if sys.version_info < (3, 9):  # pragma: no cover
         raise RuntimeError("kc needs Python 3.9+")

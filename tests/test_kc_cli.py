@@ -1,11 +1,12 @@
 import json
 import os
+import shlex
 import subprocess
 import sys
 
 import pytest
 
-from kc import checkpoint, cli, models, train
+from kc import checkpoint, cli, models, runfolder, train
 
 
 def kc(*args):
@@ -87,23 +88,28 @@ def test_resume_after_interrupted_student_stage(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(models.Student, "loss", dying_loss)
     assert kc("run", "--preset", "tiny", "--out", out) == 130
+    err = capsys.readouterr().err
     st = checkpoint.read_json(os.path.join(out, "state.json"))["stages"]
     assert st["cache"]["done"] and "student" not in st
-    partial = checkpoint.load(os.path.join(out, "students", "generalist-fc_sc.pt"))["state"]
+    building = os.path.join(out, "students.kc-build")  # the stage's folder is swapped in once complete
+    partial = checkpoint.load(os.path.join(building, "generalist-fc_sc.pt"))["state"]
     assert not partial["done"] and partial["epoch"] * 3 + partial["step"] > 0
+    assert not os.path.exists(os.path.join(out, "students"))
     teacher = os.path.join(out, "specialists", "vertical-000.pt")
-    first_student = os.path.join(out, "students", "generalist-fc_fc.pt")
-    mtimes = os.path.getmtime(teacher), os.path.getmtime(first_student)
+    mtimes = os.path.getmtime(teacher), os.path.getmtime(os.path.join(building, "generalist-fc_fc.pt"))
 
+    # the message gives the whole command: the config is read from the folder, no preset needed
+    assert err.strip() == f"kc: interrupted; continue with: kc run --resume --out {out}"
     monkeypatch.setattr(models.Student, "loss", real_loss)
     calls["n"] = 0
-    capsys.readouterr()
-    assert kc("run", "--preset", "tiny", "--out", out, "--resume") == 0
+    assert cli.main(shlex.split(err.split("continue with: ")[1])[1:] + ["--no-progress"]) == 0
     log = capsys.readouterr().out
     assert "stage specialists: already done" in log and "stage cache: already done" in log
+    first_student = os.path.join(out, "students", "generalist-fc_fc.pt")
     assert (os.path.getmtime(teacher), os.path.getmtime(first_student)) == mtimes
     done = checkpoint.load(os.path.join(out, "students", "generalist-fc_sc.pt"))["state"]
     assert done["done"] and done["history"]["step"] == sorted(set(done["history"]["step"]))
+    assert not os.path.exists(building)
 
 
 @pytest.mark.parametrize("yaml_text, message", [
@@ -230,6 +236,7 @@ def test_a_run_made_before_a_config_key_existed_still_resumes(tmp_path):
     cfg = config.load()
     old = cfg.to_dict()
     old["taxonomy"].pop("source", None)
+    (tmp_path / runfolder.MARKER).write_text("")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
     pipeline.Workspace(str(tmp_path), cfg).open()
     old["seed"] = cfg.seed + 1

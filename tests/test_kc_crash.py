@@ -113,8 +113,9 @@ def test_kill_in_every_stage_and_resume_gives_the_same_report(baseline, tmp_path
     want = numbers(base)
     assert numbers(hooked) == want, log_a
     assert numbers(timed) == want, log_b
-    for out in (hooked, timed):  # no temporary file is left behind
-        assert not [f for _, _, fs in os.walk(out) for f in fs if f.endswith(".tmp") or ".tmp." in f]
+    for out in (hooked, timed):  # no temporary file or half-swapped stage folder is left behind
+        assert not [f for _, _, fs in os.walk(out) for f in fs if checkpoint.is_temporary(f) or ".tmp" in f]
+        assert not [d for d in os.listdir(out) if d.endswith((".kc-build", ".kc-old", ".kc-adopt"))]
 
 
 # ---------------------------------------------------------------------------------------------- damaged files
