@@ -30,7 +30,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from kc_kernels.distributed import _record, shard_classes, vocab_parallel_linear_soft_target_loss
+from kc_kernels.distributed import shard_classes, vocab_parallel_linear_soft_target_loss
+from kc_kernels.distributed.accounting import record
 
 # seconds a rank may wait for the others (rank 0 alone runs data, cache, eval and report meanwhile)
 DEFAULT_TIMEOUT_SECONDS = 6 * 3600
@@ -280,7 +281,7 @@ class StudentShards:
         if not grads:
             return
         flat = torch.cat([g.reshape(-1) for g in grads])
-        _record("grad_replicated", flat)
+        record("grad_replicated", flat)
         dist.all_reduce(flat)
         o = 0
         for g in grads:
