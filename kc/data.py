@@ -234,6 +234,9 @@ class ImageFolder(SampleSet):
             imgs = sorted(f for f in filenames if f.lower().endswith(IMAGE_EXTENSIONS))
             if not imgs:
                 continue
+            odd = [f for f in imgs if not os.path.isfile(os.path.join(dirpath, f))]
+            if odd:  # a device or fifo would block the reader
+                raise DataError(f"{os.path.join(dirpath, odd[0])}: not a regular file")
             name = os.path.relpath(dirpath, root).replace(os.sep, "/")
             if name not in index:
                 raise DataError(f"{dirpath}: folder {name!r} is not a class of the taxonomy")

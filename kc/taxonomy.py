@@ -171,6 +171,8 @@ def load(path: str) -> Taxonomy:
     """A taxonomy from CSV (header: class,vertical,parent) or JSON (a list of such objects)."""
     if not os.path.exists(path):
         raise TaxonomyError(f"taxonomy file {path} does not exist")
+    if not os.path.isfile(path):  # a device or fifo would be read for ever
+        raise TaxonomyError(f"taxonomy file {path} is not a regular file")
     if path.endswith(".json"):
         try:
             with open(path) as f:

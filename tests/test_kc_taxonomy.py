@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -68,3 +69,9 @@ def test_bad_files(tmp_path):
     c.write_text("name,group\na,b\n")
     with pytest.raises(TaxonomyError, match="header"):
         taxonomy.load(str(c))
+
+
+def test_a_taxonomy_file_that_is_not_a_regular_file_is_refused(tmp_path):
+    os.symlink("/dev/zero", tmp_path / "tax.json")
+    with pytest.raises(TaxonomyError, match="not a regular file"):
+        taxonomy.load(str(tmp_path / "tax.json"))
