@@ -1,6 +1,6 @@
 """One training step (forward + backward to x, weight, bias) of sampled softmax against the full softmax, on CPU.
 
-Shape: B=1024, H=512, V=100_000, num_sampled=8192, fp32 (override with KC_BENCH_SAMPLED="B,H,V,S").
+Shape: B=1024, H=512, V=100_000, num_sampled=8192, fp32 (another with --sampled-shape B,H,V,S).
 The full softmax is linear_soft_target_loss(mode="softmax") with one-hot targets, on the reference and cpu
 backends; the sampled step includes drawing the candidates (log-uniform, unique). "gemm floor" rows time the
 three GEMMs a step needs (logits, dx, dW) at the sampled and at the full class count.
@@ -12,7 +12,7 @@ resident set just before: every byte the step makes resident (torch tensors, BLA
 not only torch's allocations. Gradients are set to None before every step (untimed), so each step allocates its
 gradients afresh.
 
-    python -m pytest benchmarks/bench_sampled_softmax.py --benchmark-enable
+    python -m pytest benchmarks/bench_sampled_softmax.py --benchmark-enable [--sampled-shape 1024,512,100000,8192]
 """
 from __future__ import annotations
 
@@ -30,8 +30,6 @@ import kc_kernels
 from benchmarks.common import peak_memory_mb
 from kc_kernels import dispatch
 
-SHAPE = tuple(int(v) for v in os.environ.get("KC_BENCH_SAMPLED", "1024,512,100000,8192").split(","))
-B, H, V, S = SHAPE
 RESULTS_FILE = Path(__file__).parent / "results" / "sampled_softmax_cpu.json"
 _rows = {}
 
@@ -43,7 +41,14 @@ def peak_step_mb(step, clear) -> float:
 
 
 @pytest.fixture(scope="module")
-def inputs() -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def shape(request: pytest.FixtureRequest) -> Tuple[int, int, int, int]:
+    """(B, H, V, S) from --sampled-shape (benchmarks/conftest.py)."""
+    return request.config.getoption("--sampled-shape")
+
+
+@pytest.fixture(scope="module")
+def inputs(shape) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, H, V, _ = shape
     g = torch.Generator().manual_seed(0)
     x = torch.randn(B, H, generator=g).requires_grad_()
     w = (torch.randn(V, H, generator=g) / H ** 0.5).requires_grad_()
@@ -55,7 +60,8 @@ def inputs() -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def report(request: pytest.FixtureRequest) -> Iterator[None]:
+def report(request: pytest.FixtureRequest, shape) -> Iterator[None]:
+    B, H, V, S = shape
     yield
     if not _rows:
         return
@@ -80,9 +86,10 @@ def report(request: pytest.FixtureRequest) -> Iterator[None]:
             "rows": _rows}, indent=1) + "\n")
 
 
-def _make_step(case: str, inputs):
+def _make_step(case: str, inputs, shape):
     """(step, clear): clear drops the gradients, so that every step allocates its own."""
     x, w, b, labels = inputs
+    B, _, V, S = shape
 
     def clear():
         x.grad = w.grad = b.grad = None
@@ -123,8 +130,9 @@ CASES = ["gemm floor (S)", "sampled/cpu", "sampled/cpu/sparse", "sampled/referen
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_training_step(benchmark, inputs, case) -> None:
-    step, clear = _make_step(case, inputs)
+def test_training_step(benchmark, inputs, shape, case) -> None:
+    B, H, V, S = shape
+    step, clear = _make_step(case, inputs, shape)
     step()  # warm-up outside the memory measurement (first-touch of lazily built state)
     peak = peak_step_mb(step, clear)
     benchmark.extra_info.update(peak_mb=peak, shape=dict(B=B, H=H, V=V, S=S))
