@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+import kc_kernels
 from kc_kernels.distributed import shard_classes, vocab_parallel_linear_soft_target_loss
 from kc_kernels.distributed.accounting import record
 
@@ -294,16 +295,12 @@ class StudentShards:
         """Logits less the bias of this rank's classes [B, hi - lo] (``Student.scores`` restricted to the shard)."""
         h = model(x)
         lo, _ = self.class_range
-        out = []
-        for v in self.verticals:
-            c0, c1 = self.segments[v], self.segments[v + 1]
-            hv = h[:, v] if h.dim() == 3 else h
-            u = hv @ model.head.weight[c0 - lo:c1 - lo].t()
-            if model.scale is not None:
-                g = model.scale[v] if model.scale_kind == "vertical" else model.scale[c0 - lo:c1 - lo]
-                u = g * u / torch.sqrt((u * u).sum(1, keepdim=True) + 1e-12)
-            out.append(u)
-        return torch.cat(out, dim=1)
+        v0, v1 = self.verticals.start, self.verticals.stop
+        scale = model.scale
+        if scale is not None and model.scale_kind == "vertical":
+            scale = scale[v0:v1]  # replicated per vertical; a per-class scale is already the shard's
+        return kc_kernels.soft_target_logits(h[:, v0:v1] if h.dim() == 3 else h, model.head.weight, None,
+                                             [o - lo for o in self.segments[v0:v1 + 1]], scale)
 
     @torch.no_grad()
     def health(self, model: nn.Module, x: torch.Tensor) -> Dict[str, float]:

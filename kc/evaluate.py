@@ -14,6 +14,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
+import kc_kernels
 from kc.data import SampleSet
 from kc.models import Specialist, Student
 from kc.taxonomy import Taxonomy
@@ -63,10 +64,11 @@ def _batched(fn, data: SampleSet, row_chunk: int, device) -> torch.Tensor:
 
 class StudentScorer(Scorer):
     """Holds the student's hidden units of every test row ([N, s2] or [N, M, s2], small) and the per-vertical
-    norms the self-paced scale divides by; logits are computed block by block from them."""
+    norms the self-paced scale divides by; logits (kc_kernels.soft_target_logits) are computed block by block
+    from them."""
 
     def __init__(self, model: Student, data: SampleSet, row_chunk: int, device="cpu"):
-        self.model, self.seg = model, model.segments.tolist()
+        self.model, self.seg, self.row_chunk = model, model.segments.tolist(), row_chunk
         self.num_classes = model.num_classes
         with torch.no_grad():
             self.h = _batched(model.hidden, data, row_chunk, device)
@@ -85,17 +87,18 @@ class StudentScorer(Scorer):
                         self.norm[r:r + row_chunk, v] = torch.sqrt(sq + 1e-12).float()
 
     @torch.no_grad()
-    def _scaled(self, h, v, c0, c1, norm):
-        u = self.model.raw_block(h, c0, c1, v)
-        return self.model.logits_of(u, None if norm is None else norm[:, v:v + 1], v, c0, c1)
-
     def block(self, v, c0, c1) -> torch.Tensor:
-        return self._scaled(self.h, v, c0, c1, self.norm)
+        m = self.model
+        h = self.h[:, v] if self.h.dim() == 3 else self.h
+        return kc_kernels.soft_target_logits(h, m.head.weight[c0:c1], m.head.bias[c0:c1], scale=m.gamma(v, c0, c1),
+                                             norms=None if self.norm is None else self.norm[:, v:v + 1],
+                                             block=self.row_chunk)
 
+    @torch.no_grad()
     def rows(self, r0, r1) -> torch.Tensor:
-        h, norm = self.h[r0:r1], None if self.norm is None else self.norm[r0:r1]
-        return torch.cat([self._scaled(h, v, self.seg[v], self.seg[v + 1], norm)
-                          for v in range(len(self.seg) - 1)], dim=1)
+        m = self.model
+        return kc_kernels.soft_target_logits(self.h[r0:r1], m.head.weight, m.head.bias, self.seg, m.scale,
+                                             norms=None if self.norm is None else self.norm[r0:r1])
 
 
 class SpecialistScorer(Scorer):

@@ -217,35 +217,18 @@ class Student(nn.Module):
             mode="sigmoid", segments=self.segments, scale=self.scale, sample_weight=sample_weight,
             backend=self.backend)
 
-    def raw_block(self, h, c0: int, c1: int, vertical: int) -> torch.Tensor:
-        """Raw scores u = h.w of classes [c0, c1) (inside one vertical) for hidden rows h, without the bias (the
-        bias is added after the self-paced scale, see ``logits_of``)."""
-        hv = h[:, vertical] if h.dim() == 3 else h
-        return hv @ self.head.weight[c0:c1].t()
-
-    def logits_of(self, u, norm, vertical: int, c0: int, c1: int) -> torch.Tensor:
-        """Logits y of raw scores u of classes [c0, c1): gamma u / ||u||_vertical + bias under the self-paced
-        scale (``norm`` [B, 1] is the vertical's L2 norm of u), u + bias without it."""
-        g = self.gamma(vertical, c0, c1)
-        y = u if g is None else g * u / norm
-        return y + self.head.bias[c0:c1]
-
     def gamma(self, vertical: int, c0: int, c1: int) -> Optional[torch.Tensor]:
+        """The self-paced scale of classes [c0, c1) of ``vertical`` as one segment's: [1] per vertical,
+        [c1 - c0] per class; None without a scale."""
         if self.scale is None:
             return None
-        return self.scale[vertical] if self.scale_kind == "vertical" else self.scale[c0:c1]
+        return self.scale[vertical:vertical + 1] if self.scale_kind == "vertical" else self.scale[c0:c1]
 
     @torch.no_grad()
     def scores(self, x) -> torch.Tensor:
-        """Dense logits y [B, N] (after the self-paced scale): for small problems and tests."""
-        h = self(x)
-        seg = self.segments.tolist()
-        out = []
-        for v in range(len(seg) - 1):
-            u = self.raw_block(h, seg[v], seg[v + 1], v)
-            norm = torch.sqrt((u * u).sum(1, keepdim=True) + 1e-12)
-            out.append(self.logits_of(u, norm, v, seg[v], seg[v + 1]))
-        return torch.cat(out, dim=1)
+        """Dense logits y [B, N] (after the self-paced scale; kc_kernels.soft_target_logits): for small problems
+        and tests."""
+        return kc_kernels.soft_target_logits(self(x), self.head.weight, self.head.bias, self.segments, self.scale)
 
 
 def initial_log_scale(sizes: torch.Tensor, rule: str = "sqrt", k: float = 1.0, value: float = 10.0) -> torch.Tensor:

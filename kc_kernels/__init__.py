@@ -10,6 +10,7 @@ from kc_kernels import reference
 from kc_kernels.chunked import release_host_buffers
 from kc_kernels.dispatch import backends, built_libraries
 from kc_kernels.distributed import shard_classes, vocab_parallel_linear_soft_target_loss
+from kc_kernels.logits import soft_target_logits
 from kc_kernels.modules import LinearSoftTargetLoss, SampledSoftmaxLoss
 from kc_kernels.ops import linear_soft_target_loss, sampled_softmax_loss, soft_target_loss
 
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "linear_soft_target_loss",
     "soft_target_loss",
+    "soft_target_logits",
     "sampled_softmax_loss",
     "vocab_parallel_linear_soft_target_loss",
     "shard_classes",

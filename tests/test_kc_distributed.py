@@ -103,6 +103,9 @@ def _step_worker(rank, world, init_file, backend="gloo"):
             expected = {k: v for k, v in expected.items() if k not in ("total", "logits_avoided")}
             assert measured == expected, f"bytes {what}: measured {measured}, computed {expected}"
 
+            # the shard's logits (less the bias) are the one-process student's on its classes
+            _close(shards.scores_minus_bias(part, x), (full.scores(x) - full.head.bias.detach())[:, lo:hi],
+                   f"scores {what}")
             h_ref, h = train.health(full, x), shards.health(part, x)
             assert abs(h["dead"] - h_ref["dead"]) < 1e-9 and abs(h["spread"] - h_ref["spread"]) < 1e-5, (h, h_ref)
 

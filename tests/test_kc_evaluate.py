@@ -1,9 +1,12 @@
+import copy
+
 import numpy as np
 import pytest
 import torch
 
 from kc import evaluate, taxonomy
 from kc.data import Labels
+from tests.test_logits import reference_logits
 
 
 def test_brute_force_ap_known_values():
@@ -85,6 +88,10 @@ def test_student_scorer_matches_dense_scores():
         def inputs(self, idx):
             return x[torch.from_numpy(np.asarray(idx))]
 
+    class Rows64(Rows):
+        def inputs(self, idx):
+            return super().inputs(idx).double()
+
     for head in ("fc_fc", "fc_sc"):
         for scale in ("none", "vertical"):
             torch.manual_seed(0)
@@ -95,3 +102,7 @@ def test_student_scorer_matches_dense_scores():
                              for v in range(tax.num_verticals)], 1)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(sc.rows(5, 17), want[5:17], rtol=1e-5, atol=1e-5)
+            if scale == "none":  # no norms from the Gram matrix: the reference's logits of its hidden units, bitwise
+                m64, sc64 = copy.deepcopy(m).double(), evaluate.StudentScorer(copy.deepcopy(m).double(), Rows64(), 7)
+                want64 = reference_logits(sc64.h, m64.head.weight, m64.head.bias, m64.segments)
+                assert torch.equal(sc64.rows(0, x.shape[0]), want64)

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import numpy as np
@@ -7,6 +8,7 @@ import torch
 import kc_kernels
 from kc import config, models, taxonomy
 from kc_kernels import reference
+from tests.test_logits import reference_logits
 
 SIZES = dict(sb=12, s1=10, s2=6, s1s=9, s1i=5, s2_fc=7, shared=2)
 
@@ -64,6 +66,10 @@ def test_student_loss_is_the_reference_loss_of_its_scores(scale, head):
     y = s.scores(x)  # scaled logits
     want = reference.soft_target_loss(y, target_index=idx, target_value=val)
     assert torch.allclose(loss, want, rtol=1e-4, atol=1e-4)
+    # in float64 the student's scores are the reference's logits, bit for bit
+    s64, x64 = copy.deepcopy(s).double(), x.double()
+    assert torch.equal(s64.scores(x64), reference_logits(s64(x64), s64.head.weight, s64.head.bias, s64.segments,
+                                                         s64.scale))
     loss.backward()
     if scale != "none":
         assert s.log_scale.grad is not None and torch.isfinite(s.log_scale.grad).all()
