@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -102,17 +102,27 @@ def _chunks(pieces: Sequence[Piece], chunk: int, device) -> List[_Chunk]:
     return out
 
 
+class _Inputs(NamedTuple):
+    """The differentiable inputs of a walk (None where absent), whole or one chunk's part of them."""
+
+    x: Any  # [B, H]; grouped: [B, G, H] whole, {segment: x[:, segment]} for a chunk
+    weight: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+    scale: Optional[torch.Tensor]  # a per-segment scale stays whole in a chunk's part
+    logits: Optional[torch.Tensor]
+
+
 @dataclass
 class _Stats:
     """The reduced row statistics [B, width]: the sums of u^2 and of exp(y - max), the max, the teacher's lse."""
 
-    sum_sq: Optional[torch.Tensor] = None
+    sum_of_squares: Optional[torch.Tensor] = None
     sum_exp: Optional[torch.Tensor] = None
     max: Optional[torch.Tensor] = None
     teacher_lse: Optional[torch.Tensor] = None
 
-    def norm(self, sum_sq=None):
-        s = self.sum_sq if sum_sq is None else sum_sq
+    def norm(self, sum_of_squares=None):
+        s = self.sum_of_squares if sum_of_squares is None else sum_of_squares
         return None if s is None else torch.sqrt(s + NORM_EPS)
 
     def lse(self, sum_exp=None):
@@ -122,7 +132,7 @@ class _Stats:
 
 @dataclass
 class _Walk:
-    """Everything a walk reads besides the differentiable tensors (x, weight, bias, scale, logits)."""
+    """Everything a walk reads besides the differentiable inputs."""
 
     terms: Terms
     temperature: float
@@ -137,24 +147,33 @@ class _Walk:
     reduce: Reduce
 
     # ------------------------------------------------------------------------------ one chunk's math
-    def scores(self, c: _Chunk, x, weight, logits) -> torch.Tensor:
-        dt = self.dtype
-        if logits is not None:
-            return logits.to(dt)
-        w = weight.to(dt)
-        if torch.is_tensor(x):
-            return x.to(dt) @ w.t()
-        # grouped: x is a {segment: [B, H]} of this chunk's groups
-        return torch.cat([x[s].to(dt) @ w[c0 - c.a:c1 - c.a].t() for c0, c1, s in c.pieces], dim=1)
+    def part(self, c: _Chunk, t: _Inputs) -> _Inputs:
+        """Chunk c's part of the inputs."""
+        xs = None
+        if t.x is not None:
+            xs = t.x if t.x.dim() == 2 else {s: t.x[:, s] for _, _, s in c.pieces}
+        return _Inputs(xs, None if t.weight is None else t.weight[c.a:c.b],
+                       None if t.bias is None else t.bias[c.a:c.b],
+                       t.scale if t.scale is None or self.scale_per_segment else t.scale[c.a:c.b],
+                       None if t.logits is None else t.logits[:, c.a:c.b])
 
-    def logits(self, c: _Chunk, u, bias, scale, norm) -> torch.Tensor:
+    def scores(self, c: _Chunk, t: _Inputs) -> torch.Tensor:
+        dt = self.dtype
+        if t.logits is not None:
+            return t.logits.to(dt)
+        w = t.weight.to(dt)
+        if torch.is_tensor(t.x):
+            return t.x.to(dt) @ w.t()
+        return torch.cat([t.x[s].to(dt) @ w[c0 - c.a:c1 - c.a].t() for c0, c1, s in c.pieces], dim=1)
+
+    def logits(self, c: _Chunk, u: torch.Tensor, t: _Inputs, norm) -> torch.Tensor:
         y = u
-        if scale is not None:
-            gamma = scale.to(self.dtype)
+        if t.scale is not None:
+            gamma = t.scale.to(self.dtype)
             gamma = gamma[c.segments] if self.scale_per_segment else gamma
             y = gamma * u / norm[:, c.columns]
-        if bias is not None:
-            y = y + bias.to(self.dtype)  # a class prior: never normalised together with x.w
+        if t.bias is not None:
+            y = y + t.bias.to(self.dtype)  # a class prior: never normalised together with x.w
         return y / self.temperature
 
     def targets(self, c: _Chunk, B: int, device, teacher_lse) -> torch.Tensor:
@@ -173,46 +192,35 @@ class _Walk:
         """[B, chunk] -> [B, width]: each row's sum over the classes of each statistics column."""
         return v.new_zeros(v.shape[0], self.width).index_add(1, c.columns, v)
 
-    def objective(self, c: _Chunk, u, bias, scale, stats: _Stats, norm, lse, grad_rows,
-                  grad_sum_exp=None, grad_sum_sq=None) -> torch.Tensor:
-        """sum_b grad_rows[b] * loss_b of the chunk's classes, plus the statistics' contributions weighted by the
-        gradients with respect to them (the vector-Jacobian product a chunk adds in backward)."""
-        y = self.logits(c, u, bias, scale, norm)
+    def objective(self, c: _Chunk, t: _Inputs, stats: _Stats, norm, lse, g, grad_sum_exp=None,
+                  grad_sum_of_squares=None) -> torch.Tensor:
+        """sum_b g_b l_b over the chunk's classes, plus the chunk's share of the statistics weighted by the
+        gradients with respect to them: what a chunk contributes to the backward pass."""
+        u = self.scores(c, t)
+        y = self.logits(c, u, t, norm)
         z = self.targets(c, u.shape[0], u.device, stats.teacher_lse)
         terms = self.terms.loss(y, z, None if lse is None else lse[:, c.columns])
-        out = (grad_rows[:, None] * terms).sum() * self.temperature ** self.terms.temperature_power
+        out = (g[:, None] * terms).sum() * self.temperature ** self.terms.temperature_power
         if grad_sum_exp is not None:
             out = out + (grad_sum_exp[:, c.columns] * torch.exp(y - stats.max[:, c.columns])).sum()
-        if grad_sum_sq is not None:
-            out = out + (grad_sum_sq[:, c.columns] * u * u).sum()
+        if grad_sum_of_squares is not None:
+            out = out + (grad_sum_of_squares[:, c.columns] * u * u).sum()
         return out
 
     # ------------------------------------------------------------------------------ forward passes
-    def inputs(self, c: _Chunk, x, weight, bias, scale, logits):
-        """The chunk's part of the differentiable inputs: x (grouped: {segment: x[:, segment]}), weight, bias,
-        scale (whole when per segment) and logits."""
-        xs = None
-        if x is not None:
-            xs = x if x.dim() == 2 else {s: x[:, s] for _, _, s in c.pieces}
-        return (xs, None if weight is None else weight[c.a:c.b], None if bias is None else bias[c.a:c.b],
-                scale if scale is None or self.scale_per_segment else scale[c.a:c.b],
-                None if logits is None else logits[:, c.a:c.b])
-
-    def statistics(self, x, weight, bias, scale, logits, B: int, device) -> _Stats:
-        dt, W = self.dtype, self.width
+    def statistics(self, t: _Inputs, B: int, device) -> _Stats:
         stats = _Stats()
-        if scale is not None:
-            sq = torch.zeros(B, W, dtype=dt, device=device)
+        if t.scale is not None:
+            sq = torch.zeros(B, self.width, dtype=self.dtype, device=device)
             for c in self.chunks:
-                xs, w, _, _, lg = self.inputs(c, x, weight, bias, scale, logits)
-                u = self.scores(c, xs, w, lg)
+                u = self.scores(c, self.part(c, t))
                 sq += self.column_sum(c, u * u)
-            stats.sum_sq = self.reduce("sum_of_squares", sq, "sum")
+            stats.sum_of_squares = self.reduce("sum_of_squares", sq, "sum")
         if self.terms.segment_lse:
-            self._log_sum_exp(stats, x, weight, bias, scale, logits, B, device)
+            self._log_sum_exp(stats, t, B, device)
         return stats
 
-    def _log_sum_exp(self, stats: _Stats, x, weight, bias, scale, logits, B: int, device) -> None:
+    def _log_sum_exp(self, stats: _Stats, t: _Inputs, B: int, device) -> None:
         """Each column's max and sum of exp(y - max) (and a dense teacher's, in columns W..2W), kept online over
         the chunks, then merged over the reduce: max first, then the sums rescaled to it."""
         dt, W = self.dtype, self.width
@@ -230,8 +238,8 @@ class _Walk:
             mx.copy_(new)
 
         for c in self.chunks:
-            xs, w, b, s, lg = self.inputs(c, x, weight, bias, scale, logits)
-            merge(c.columns, self.logits(c, self.scores(c, xs, w, lg), b, s, norm))
+            part = self.part(c, t)
+            merge(c.columns, self.logits(c, self.scores(c, part), part, norm))
             if dense:
                 merge(c.columns + W, self.teacher_logits[:, c.a:c.b].to(dt) / self.temperature)
         local = mx.clone()
@@ -243,93 +251,72 @@ class _Walk:
         if dense:
             stats.teacher_lse = mx[:, W:] + torch.log(se[:, W:])
 
-    def loss_rows(self, x, weight, bias, scale, logits, stats: _Stats, B: int, device) -> torch.Tensor:
+    def loss_rows(self, t: _Inputs, stats: _Stats, B: int, device) -> torch.Tensor:
         rows = torch.zeros(B, dtype=self.dtype, device=device)
         norm, lse = stats.norm(), stats.lse()
         for c in self.chunks:
-            xs, w, b, s, lg = self.inputs(c, x, weight, bias, scale, logits)
-            y = self.logits(c, self.scores(c, xs, w, lg), b, s, norm)
+            part = self.part(c, t)
+            y = self.logits(c, self.scores(c, part), part, norm)
             z = self.targets(c, B, device, stats.teacher_lse)
             rows += self.terms.loss(y, z, None if lse is None else lse[:, c.columns]).sum(dim=1)
         return rows * self.temperature ** self.terms.temperature_power
 
     # ------------------------------------------------------------------------------ backward passes
-    def statistic_grad(self, which: str, x, weight, bias, scale, logits, stats: _Stats, g, grad_sum_exp):
-        """d(sum_b g_b l_b)/d(statistic) for ``which`` in ("sum_exp", "sum_sq"), the later statistic's gradient
-        (grad_sum_exp) already known: one pass over the chunks, the statistic a leaf and the inputs constants."""
-        total = getattr(stats, which)
-        leaf = total.detach().requires_grad_(True)
+    def statistic_grad(self, name: str, t: _Inputs, stats: _Stats, g, grad_sum_exp=None) -> torch.Tensor:
+        """d(sum_b g_b l_b) / d(statistic ``name``), "sum_exp" or "sum_of_squares", every later statistic's
+        gradient given: one pass over the chunks, the statistic a leaf and the inputs constants; then reduced."""
+        leaf = getattr(stats, name).detach().requires_grad_(True)
         with torch.enable_grad():
-            norm = stats.norm(leaf) if which == "sum_sq" else stats.norm()
-            lse = stats.lse(leaf) if which == "sum_exp" else stats.lse()
-            # the finalised statistic as its own leaf, so each chunk's graph ends there; chained to ``leaf`` once
-            fin = norm if which == "sum_sq" else lse
-            fin_leaf = fin.detach().requires_grad_(True)
-            d_fin = torch.zeros_like(fin)
-            for c in self.chunks:
-                xs, w, b, s, lg = self.inputs(c, x, weight, bias, scale, logits)
-                with torch.no_grad():
-                    u = self.scores(c, xs, w, lg)
-                obj = self.objective(c, u, b, s, stats,
-                                     fin_leaf if which == "sum_sq" else norm,
-                                     fin_leaf if which == "sum_exp" else lse, g,
-                                     grad_sum_exp=grad_sum_exp if which == "sum_sq" else None)
-                d_fin += torch.autograd.grad(obj, fin_leaf)[0]
-            d = torch.autograd.grad(fin, leaf, d_fin)[0]
-        return self.reduce("grad_" + ("sum_exp" if which == "sum_exp" else "sum_of_squares"), d, "sum")
+            final = stats.norm(leaf) if name == "sum_of_squares" else stats.lse(leaf)
+        # each chunk's graph ends at the finished statistic (norm or lse), chained to the sum once at the end
+        final_leaf = final.detach().requires_grad_(True)
+        norm = final_leaf if name == "sum_of_squares" else stats.norm()
+        lse = final_leaf if name == "sum_exp" else stats.lse()
+        d_final = torch.zeros_like(final)
+        for c in self.chunks:
+            with torch.enable_grad():
+                obj = self.objective(c, self.part(c, t), stats, norm, lse, g, grad_sum_exp=grad_sum_exp)
+                d_final += torch.autograd.grad(obj, final_leaf)[0]
+        d = torch.autograd.grad(final, leaf, d_final)[0]
+        return self.reduce("grad_" + name, d, "sum")
 
-    def input_grads(self, x, weight, bias, scale, logits, stats: _Stats, g, grad_sum_exp, grad_sum_sq, needs):
-        """Gradients of sum_b g_b l_b with respect to x, weight, bias, scale, logits (None where not needed): one
-        pass over the chunks, each chunk's slices leaves and the statistics constants (their dependence on the
-        inputs is carried by grad_sum_exp and grad_sum_sq)."""
-        dt = self.dtype
-        grads = [None if t is None or not need else torch.zeros(t.shape, dtype=dt, device=t.device)
-                 for t, need in zip((x, weight, bias, scale, logits), needs)]
+    def input_grads(self, t: _Inputs, needs: Sequence[bool], stats: _Stats, g, grad_sum_exp,
+                    grad_sum_of_squares) -> List[Optional[torch.Tensor]]:
+        """Gradients of sum_b g_b l_b with respect to the inputs (None where not needed): one pass over the
+        chunks, each chunk's part of the inputs leaves and the statistics constants (the statistics' dependence on
+        the inputs is carried by their gradients)."""
+        grads = [None if v is None or not need else torch.zeros(v.shape, dtype=self.dtype, device=v.device)
+                 for v, need in zip(t, needs)]
         dx, dw, db, ds, dl = grads
         norm, lse = stats.norm(), stats.lse()
-        scale_leaf = None
-        if scale is not None and self.scale_per_segment:
-            scale_leaf = scale.detach().requires_grad_(needs[3])
         for c in self.chunks:
-            xs, w, b, s, lg = self.inputs(c, x, weight, bias, scale, logits)
+            part = self.part(c, t)
+            pairs = []  # (leaf, the view of its gradient that it adds to)
 
-            def leaf(t, need):
-                return None if t is None else t.detach().requires_grad_(need)
+            def leaf(v, dest):
+                if v is None or dest is None:
+                    return v  # no gradient wanted: a constant
+                v = v.detach().requires_grad_(True)
+                pairs.append((v, dest))
+                return v
 
-            xs = None if xs is None else (leaf(xs, needs[0]) if torch.is_tensor(xs)
-                                          else {k: leaf(v, needs[0]) for k, v in xs.items()})
-            w, b, lg = leaf(w, needs[1]), leaf(b, needs[2]), leaf(lg, needs[4])
-            s = scale_leaf if self.scale_per_segment else leaf(s, needs[3])
+            xs = part.x
+            if torch.is_tensor(xs):
+                xs = leaf(xs, dx)
+            elif xs is not None:
+                xs = {s: leaf(v, None if dx is None else dx[:, s]) for s, v in xs.items()}
+            part = _Inputs(xs, leaf(part.weight, None if dw is None else dw[c.a:c.b]),
+                           leaf(part.bias, None if db is None else db[c.a:c.b]),
+                           leaf(part.scale, None if ds is None else ds if self.scale_per_segment else ds[c.a:c.b]),
+                           leaf(part.logits, None if dl is None else dl[:, c.a:c.b]))
+            if not pairs:
+                continue
             with torch.enable_grad():
-                u = self.scores(c, xs, w, lg)
-                obj = self.objective(c, u, b, s, stats, norm, lse, g, grad_sum_exp, grad_sum_sq)
-                wrt = {}
-                if dx is not None:
-                    wrt.update({("x", k): v for k, v in (xs.items() if isinstance(xs, dict) else [(None, xs)])})
-                for name, t, d in (("w", w, dw), ("b", b, db), ("s", s, ds), ("l", lg, dl)):
-                    if d is not None and t is not None:
-                        wrt[name] = t
-                if not wrt:
-                    continue
-                got = dict(zip(wrt, torch.autograd.grad(obj, list(wrt.values()), allow_unused=True)))
-            for key, d in got.items():
-                if d is None:
-                    continue
-                if key == "w":
-                    dw[c.a:c.b] += d
-                elif key == "b":
-                    db[c.a:c.b] += d
-                elif key == "l":
-                    dl[:, c.a:c.b] += d
-                elif key == "s":
-                    if self.scale_per_segment:
-                        ds += d
-                    else:
-                        ds[c.a:c.b] += d
-                elif key[1] is None:
-                    dx += d
-                else:
-                    dx[:, key[1]] += d
+                obj = self.objective(c, part, stats, norm, lse, g, grad_sum_exp, grad_sum_of_squares)
+                got = torch.autograd.grad(obj, [v for v, _ in pairs], allow_unused=True)
+            for (_, dest), d in zip(pairs, got):
+                if d is not None:
+                    dest += d
         return grads
 
 
@@ -339,10 +326,10 @@ class _SoftTargetRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, walk: _Walk, x, weight, bias, scale, logits):
+        t = _Inputs(x, weight, bias, scale, logits)
         src = x if x is not None else logits
-        B = src.shape[0]
-        stats = walk.statistics(x, weight, bias, scale, logits, B, src.device)
-        rows = walk.loss_rows(x, weight, bias, scale, logits, stats, B, src.device)
+        stats = walk.statistics(t, src.shape[0], src.device)
+        rows = walk.loss_rows(t, stats, src.shape[0], src.device)
         ctx.walk, ctx.stats = walk, stats
         ctx.save_for_backward(x, weight, bias, scale, logits)
         return rows
@@ -350,18 +337,16 @@ class _SoftTargetRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_rows):
         walk, stats = ctx.walk, ctx.stats
-        x, weight, bias, scale, logits = (None if t is None else t.detach() for t in ctx.saved_tensors)
+        t = _Inputs(*(None if v is None else v.detach() for v in ctx.saved_tensors))
         g = grad_rows.to(walk.dtype)
         # every rank runs the same passes and reduces, whatever it holds (the reduces are collectives)
-        grad_sum_exp = grad_sum_sq = None
+        grad_sum_exp = grad_sum_of_squares = None
         if stats.sum_exp is not None:
-            grad_sum_exp = walk.statistic_grad("sum_exp", x, weight, bias, scale, logits, stats, g, None)
-        if stats.sum_sq is not None:
-            grad_sum_sq = walk.statistic_grad("sum_sq", x, weight, bias, scale, logits, stats, g, grad_sum_exp)
-        needs = ctx.needs_input_grad[1:]
-        grads = walk.input_grads(x, weight, bias, scale, logits, stats, g, grad_sum_exp, grad_sum_sq, needs)
-        out = [None if d is None else d.to(t.dtype) for d, t in zip(grads, (x, weight, bias, scale, logits))]
-        return (None, *out)
+            grad_sum_exp = walk.statistic_grad("sum_exp", t, stats, g)
+        if stats.sum_of_squares is not None:
+            grad_sum_of_squares = walk.statistic_grad("sum_of_squares", t, stats, g, grad_sum_exp)
+        grads = walk.input_grads(t, ctx.needs_input_grad[1:], stats, g, grad_sum_exp, grad_sum_of_squares)
+        return (None, *(None if d is None else d.to(v.dtype) for d, v in zip(grads, t)))
 
 
 def chunk_columns(batch: int, dtype: torch.dtype, memory_budget: Optional[int]) -> int:
