@@ -27,7 +27,7 @@ __all__ = ["TERMS", "Terms", "Piece", "no_reduce", "soft_target_rows", "linear_s
            "soft_target_loss"]
 
 NORM_EPS = 1e-12  # added to the segment's sum of squares under the self-paced scale (kc_kernels/reference.py)
-DEFAULT_MEMORY_BUDGET = 64 << 20  # bytes of [B, chunk] temporaries
+DEFAULT_MEMORY_BUDGET = 16 << 20  # bytes of [B, chunk] temporaries (small enough to stay near the cache)
 _TEMPS = 8  # [B, chunk] temporaries alive at once in a chunk's backward (u, y, z, exp, the loss terms, gradients)
 
 
@@ -79,6 +79,14 @@ class _Chunk:
     pieces: Tuple[Tuple[int, int, int], ...]  # (c0, c1, segment) inside [a, b)
     columns: torch.Tensor  # [b - a] statistics column of each class
     segments: torch.Tensor  # [b - a] segment of each class
+
+    def per_class(self, stat: torch.Tensor) -> torch.Tensor:
+        """A [B, width] row statistic read per class, [B, b - a]; a chunk inside one segment broadcasts its
+        column instead of gathering it."""
+        if len(self.pieces) == 1:
+            col = int(self.columns[0])
+            return stat[:, col:col + 1]
+        return stat[:, self.columns]
 
 
 def _chunks(pieces: Sequence[Piece], chunk: int, device) -> List[_Chunk]:
@@ -170,8 +178,9 @@ class _Walk:
         y = u
         if t.scale is not None:
             gamma = t.scale.to(self.dtype)
-            gamma = gamma[c.segments] if self.scale_per_segment else gamma
-            y = gamma * u / norm[:, c.columns]
+            if self.scale_per_segment:
+                gamma = gamma[c.pieces[0][2]] if len(c.pieces) == 1 else gamma[c.segments]
+            y = gamma * u / c.per_class(norm)
         if t.bias is not None:
             y = y + t.bias.to(self.dtype)  # a class prior: never normalised together with x.w
         return y / self.temperature
@@ -180,7 +189,7 @@ class _Walk:
         dt = self.dtype
         if self.teacher_logits is not None:
             t = self.teacher_logits[:, c.a:c.b].to(dt) / self.temperature
-            return self.terms.target(t, None if teacher_lse is None else teacher_lse[:, c.columns])
+            return self.terms.target(t, None if teacher_lse is None else c.per_class(teacher_lse))
         idx = self.target_index - (c.a + self.target_offset)
         inside = (idx >= 0) & (idx < c.b - c.a)  # padding (-1) and other shards' classes fall outside
         z = torch.zeros(B, c.b - c.a, dtype=dt, device=device)
@@ -199,12 +208,12 @@ class _Walk:
         u = self.scores(c, t)
         y = self.logits(c, u, t, norm)
         z = self.targets(c, u.shape[0], u.device, stats.teacher_lse)
-        terms = self.terms.loss(y, z, None if lse is None else lse[:, c.columns])
+        terms = self.terms.loss(y, z, None if lse is None else c.per_class(lse))
         out = (g[:, None] * terms).sum() * self.temperature ** self.terms.temperature_power
         if grad_sum_exp is not None:
-            out = out + (grad_sum_exp[:, c.columns] * torch.exp(y - stats.max[:, c.columns])).sum()
+            out = out + (c.per_class(grad_sum_exp) * torch.exp(y - c.per_class(stats.max))).sum()
         if grad_sum_of_squares is not None:
-            out = out + (grad_sum_of_squares[:, c.columns] * u * u).sum()
+            out = out + (c.per_class(grad_sum_of_squares) * u * u).sum()
         return out
 
     # ------------------------------------------------------------------------------ forward passes
@@ -258,7 +267,7 @@ class _Walk:
             part = self.part(c, t)
             y = self.logits(c, self.scores(c, part), part, norm)
             z = self.targets(c, B, device, stats.teacher_lse)
-            rows += self.terms.loss(y, z, None if lse is None else lse[:, c.columns]).sum(dim=1)
+            rows += self.terms.loss(y, z, None if lse is None else c.per_class(lse)).sum(dim=1)
         return rows * self.temperature ** self.terms.temperature_power
 
     # ------------------------------------------------------------------------------ backward passes
@@ -394,11 +403,11 @@ def _rows(p, x, weight, bias, logits) -> torch.Tensor:
     return reference.reduce_loss(rows, p.sample_weight, p.reduction)
 
 
-def linear_soft_target_loss(p) -> torch.Tensor:
+def linear_soft_target_loss(p, backend: str = "portable") -> torch.Tensor:
     """The ``portable`` backend of linear_soft_target_loss, on a validated problem (kc_kernels.ops)."""
     return _rows(p, p.x, p.weight, p.bias, None)
 
 
-def soft_target_loss(p) -> torch.Tensor:
+def soft_target_loss(p, backend: str = "portable") -> torch.Tensor:
     """The ``portable`` backend of soft_target_loss (given raw scores; no bias)."""
     return _rows(p, None, None, None, p.logits)
