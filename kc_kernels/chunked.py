@@ -11,9 +11,9 @@ walked in blocks of rows that each hold the whole segment (one GEMM per block, d
 for given logits (soft_target_loss) it is walked once per phase instead.
 
 One torch.library op (``kc_kernels::chunked_soft_target``, with a fake implementation and its autograd) serves
-every backend; a backend supplies an ``Epilogue`` (kc_kernels/cpu/soft_target.py, kc_kernels/gpu_epilogue.py),
-registered under its name. With reduction="none" the per-row weights of the gradient are only known in backward,
-so the forward computes the loss alone and the backward op walks again.
+every backend; a backend supplies an ``Epilogue`` (kc_kernels/cpu/epilogue.py, kc_kernels/gpu_epilogue.py), named
+in its row of the backend table (kc_kernels/dispatch.py). With reduction="none" the per-row weights of the
+gradient are only known in backward, so the forward computes the loss alone and the backward op walks again.
 """
 from __future__ import annotations
 
@@ -253,9 +253,10 @@ class EpilogueArgs:
 
 class Sweep:
     """One walk over the classes of a validated problem: the loss statistics and, when ``coef`` is given, the
-    gradients. ``epilogue`` is the backend's (see kc_kernels/cpu/soft_target.py for the interface)."""
+    gradients. ``epilogue`` is the backend's (see kc_kernels/cpu/epilogue.py for the interface)."""
 
     def __init__(self, p, epilogue, memory_budget: int):
+        memory_budget = memory_budget or epilogue.default_memory_budget  # 0: the epilogue's default
         self.p, self.ep = p, epilogue
         self.G = p.num_segments
         self.linear = p.logits is None
@@ -521,20 +522,15 @@ def reduce_rows(loss_rows: torch.Tensor, p) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- the custom ops
 # The walk is one torch.library op, so torch.compile and torch.export see a single opaque node with a fake
 # (shape-only) implementation instead of tracing into the driver. Problems are not op arguments: the op takes the
-# tensors and primitives a problem is made of, and the backend's name (its epilogue is looked up here).
+# tensors and primitives a problem is made of, and the backend's name (its epilogue is looked up in the table).
 
-EPILOGUES: Dict[str, object] = {}  # backend name -> epilogue, registered by each backend module on import
 GRAD_INPUTS = 4  # gradient slots of the op: (x or logits, weight, bias, scale)
-
-
-def register_epilogue(name: str, epilogue: object) -> None:
-    EPILOGUES[name] = epilogue
 
 
 def _epilogue(name: str) -> object:
     from kc_kernels import dispatch
 
-    return dispatch.registered(EPILOGUES, name, "soft_target")
+    return dispatch.epilogue("soft_target_loss", name)
 
 
 def _problem(inp, weight, bias, scale, target_index, target_value, teacher_logits, sample_weight, bounds, mode,
@@ -698,10 +694,10 @@ def _call(p, inp: torch.Tensor, weight, bias, backend: str, memory_budget: int) 
     return out[0]
 
 
-def linear_soft_target_loss(p, backend: str, memory_budget: int) -> torch.Tensor:
-    """The op on a validated problem, walked by ``backend``'s epilogue (registered with register_epilogue)."""
-    return _call(p, p.x, p.weight, p.bias, backend, memory_budget)
+def linear_soft_target_loss(p, backend: str) -> torch.Tensor:
+    """The op on a validated problem, walked by ``backend``'s epilogue (its row in kc_kernels/dispatch.py)."""
+    return _call(p, p.x, p.weight, p.bias, backend, p.memory_budget or 0)
 
 
-def soft_target_loss(p, backend: str, memory_budget: int) -> torch.Tensor:
-    return _call(p, p.logits, None, None, backend, memory_budget)
+def soft_target_loss(p, backend: str) -> torch.Tensor:
+    return _call(p, p.logits, None, None, backend, p.memory_budget or 0)

@@ -1,25 +1,102 @@
-"""Backend registry: which implementations exist, which can run here, and which one an op call uses.
+"""The backend table: which implementation runs each op on which backend, devices and dtypes, in one place.
 
-Each backend is a module exposing functions named after the ops it implements (``linear_soft_target_loss``,
-``soft_target_loss``, ``sampled_softmax_loss``), each taking the validated problem built by kc_kernels.ops. Modules
-are imported lazily, so ``import kc_kernels`` never imports triton.
+Every row is a frozen record (``Row``) that names its code as "module:attr" strings; nothing is imported until a
+call needs it (``import kc_kernels`` never imports triton), and a row's objects are loaded once and kept. The op
+fronts (kc_kernels/ops/) call ``resolve`` with the backend a caller asked for, or ``auto``; the custom ops, which
+receive the backend as a string, look their epilogue up here with ``epilogue``. To add a backend to an op, add a row.
 """
 from __future__ import annotations
 
 import importlib
 import os
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, Dict, Tuple, TypeVar
+from typing import Any, Dict, FrozenSet, Optional, Tuple
 
 import torch
 
-BACKEND_MODULES = {
-    "reference": "kc_kernels.ops._reference_backend",
-    "cpu": "kc_kernels.cpu",
-    "triton": "kc_kernels.triton",
-    "cuda": "kc_kernels.cuda",
-}
-BACKENDS = tuple(BACKEND_MODULES) + ("auto",)
+OPS = ("linear_soft_target_loss", "soft_target_loss", "sampled_softmax_loss")
+BACKEND_NAMES = ("reference", "cpu", "triton", "cuda")
+BACKENDS = BACKEND_NAMES + ("auto",)
+
+ALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+HALF_AND_SINGLE = (torch.float32, torch.float16, torch.bfloat16)
+
+# Capabilities a row may declare (what the code around it may rely on).
+TEACHER_NAN_SOFTMAX = "reports a NaN teacher in softmax mode"  # its teacher pass does the front's NaN check
+INTERPRETED_ON_CPU = "takes CPU tensors under TRITON_INTERPRET=1"  # how the Triton kernels run in CPU tests
+CAPABILITIES = frozenset({TEACHER_NAN_SOFTMAX, INTERPRETED_ON_CPU})
+
+
+@dataclass(frozen=True)
+class Row:
+    """One implementation of one op on one backend.
+
+    ``implementation`` is what the op front calls with the validated problem and the backend's name;
+    ``epilogue`` is the backend's part that the shared implementation calls (a chunked-driver Epilogue for the
+    soft-target ops, a SampledSoftmaxImpl for sampled softmax), None where the implementation is all of it."""
+
+    op: str
+    backend: str
+    implementation: str  # "module:attr"
+    epilogue: Optional[str]  # "module:attr"
+    devices: Tuple[str, ...]  # device types of the tensors it takes
+    dtypes: Tuple[torch.dtype, ...]  # input dtypes it takes; ``auto`` passes over a row for any other
+    capabilities: FrozenSet[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        if self.op not in OPS:
+            raise ValueError(f"Row.op: unknown op {self.op!r}")
+        if self.backend not in BACKEND_NAMES:
+            raise ValueError(f"Row.backend: unknown backend {self.backend!r}")
+        for what, ref in (("implementation", self.implementation), ("epilogue", self.epilogue)):
+            if ref is not None and (ref.count(":") != 1 or not all(ref.split(":"))):
+                raise ValueError(f"Row.{what}: expected 'module:attr', got {ref!r}")
+        unknown = set(self.capabilities) - CAPABILITIES
+        if unknown:
+            raise ValueError(f"Row.capabilities: unknown {sorted(unknown)}")
+
+    def takes(self, device_type: str) -> bool:
+        return device_type in self.devices or (
+            device_type == "cpu" and INTERPRETED_ON_CPU in self.capabilities
+            and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+_REF = "kc_kernels.ops._reference_backend"
+_CHUNKED = "kc_kernels.chunked"
+_SAMPLED = "kc_kernels.ops.sampled_softmax_autograd:run"
+_ANY_DEVICE = ("cpu", "cuda", "meta")
+_TRITON = frozenset({INTERPRETED_ON_CPU})
+
+TABLE: Tuple[Row, ...] = (
+    Row("linear_soft_target_loss", "reference", f"{_REF}:linear_soft_target_loss", None, _ANY_DEVICE, ALL_DTYPES),
+    Row("soft_target_loss", "reference", f"{_REF}:soft_target_loss", None, _ANY_DEVICE, ALL_DTYPES),
+    Row("sampled_softmax_loss", "reference", f"{_REF}:sampled_softmax_loss", None, _ANY_DEVICE, ALL_DTYPES),
+    Row("linear_soft_target_loss", "cpu", f"{_CHUNKED}:linear_soft_target_loss", "kc_kernels.cpu.epilogue:EPILOGUE",
+        ("cpu",), ALL_DTYPES, frozenset({TEACHER_NAN_SOFTMAX})),
+    Row("soft_target_loss", "cpu", f"{_CHUNKED}:soft_target_loss", "kc_kernels.cpu.epilogue:EPILOGUE",
+        ("cpu",), ALL_DTYPES, frozenset({TEACHER_NAN_SOFTMAX})),
+    Row("sampled_softmax_loss", "cpu", _SAMPLED, "kc_kernels.cpu.sampled_softmax:IMPL", ("cpu",), ALL_DTYPES),
+    Row("linear_soft_target_loss", "triton", f"{_CHUNKED}:linear_soft_target_loss",
+        "kc_kernels.triton.epilogue:EPILOGUE", ("cuda",), HALF_AND_SINGLE, _TRITON),
+    Row("soft_target_loss", "triton", f"{_CHUNKED}:soft_target_loss", "kc_kernels.triton.epilogue:EPILOGUE",
+        ("cuda",), HALF_AND_SINGLE, _TRITON),
+    # fp64 accumulates in fp64 in the Triton sampled-softmax kernels
+    Row("sampled_softmax_loss", "triton", _SAMPLED, "kc_kernels.triton.sampled_softmax:IMPL", ("cuda",), ALL_DTYPES,
+        _TRITON),
+    Row("linear_soft_target_loss", "cuda", f"{_CHUNKED}:linear_soft_target_loss", "kc_kernels.cuda.epilogue:EPILOGUE",
+        ("cuda",), HALF_AND_SINGLE),
+    Row("soft_target_loss", "cuda", f"{_CHUNKED}:soft_target_loss", "kc_kernels.cuda.epilogue:EPILOGUE",
+        ("cuda",), HALF_AND_SINGLE),
+    Row("sampled_softmax_loss", "cuda", _SAMPLED, "kc_kernels.cuda.sampled_softmax:IMPL", ("cuda",),
+        HALF_AND_SINGLE),
+)
+_ROWS: Dict[Tuple[str, str], Row] = {(r.op, r.backend): r for r in TABLE}
+assert len(_ROWS) == len(TABLE), "one row per (op, backend)"
+
+# what ``auto`` tries, in order, for tensors on each device type
+AUTO_ORDER = {"cuda": ("triton", "cuda", "reference")}
+AUTO_ORDER_DEFAULT = ("cpu", "reference")
 
 
 class Unavailable:
@@ -28,21 +105,22 @@ class Unavailable:
     def __init__(self, reason: str):
         self.reason = reason
 
-    def __bool__(self):
+    def __bool__(self) -> bool:
         return False
 
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> bool:
         return other is False or (isinstance(other, Unavailable) and other.reason == self.reason)
 
-    def __hash__(self):
+    def __hash__(self) -> int:
         return hash(False)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"False ({self.reason})"
 
 
 @lru_cache(maxsize=None)
-def _probe(name: str):
+def _probe(name: str) -> Any:
+    """True, or Unavailable(reason): whether backend ``name`` can run in this process."""
     if name == "reference":
         return True
     if name == "cpu":
@@ -72,9 +150,9 @@ def _probe(name: str):
     raise KeyError(name)
 
 
-def backends() -> Dict[str, object]:
+def backends() -> Dict[str, Any]:
     """{"reference": True, "cpu": True, "triton": ..., "cuda": ...}; a False entry carries its reason."""
-    return {name: _probe(name) for name in BACKEND_MODULES}
+    return {name: _probe(name) for name in BACKEND_NAMES}
 
 
 def built_libraries() -> Dict[str, bool]:
@@ -89,91 +167,85 @@ def built_libraries() -> Dict[str, bool]:
     return out
 
 
-_Registered = TypeVar("_Registered")
+@lru_cache(maxsize=None)
+def load(ref: str) -> Any:
+    """The object a "module:attr" string names (imported on first use, then kept)."""
+    module, attr = ref.split(":")
+    return getattr(importlib.import_module(module), attr)
 
 
-def registered(registry: Dict[str, _Registered], backend: str, op_module: str) -> _Registered:
-    """``registry[backend]``: what a backend's op module registers on import (an epilogue, a sampled-softmax impl),
-    importing ``<backend package>.<op_module>`` first when it has not registered itself yet."""
-    if backend not in registry:
-        importlib.import_module(f"{BACKEND_MODULES[backend]}.{op_module}")
-    return registry[backend]
-
-
-OP_MODULES = {
-    "linear_soft_target_loss": "soft_target",
-    "soft_target_loss": "soft_target",
-    "sampled_softmax_loss": "sampled_softmax",
-}
-
-
-def lazy_ops(package: str) -> Callable[[str], Callable]:
-    """A module ``__getattr__`` for a backend package: op ``name`` is looked up in ``package.<its module>``, and an
-    op whose module does not exist (yet) is simply absent."""
-
-    def __getattr__(name):
-        module = OP_MODULES.get(name)
-        if module is None:
-            raise AttributeError(name)
-        try:
-            mod = importlib.import_module(f"{package}.{module}")
-        except ModuleNotFoundError as e:
-            if e.name == f"{package}.{module}":
-                raise AttributeError(name) from None
-            raise
-        return getattr(mod, name)
-
-    return __getattr__
-
-
-def _implementation(name: str, op: str):
+def row(op: str, backend: str) -> Row:
     try:
-        module = importlib.import_module(BACKEND_MODULES[name])
-    except ModuleNotFoundError as e:
-        if e.name == BACKEND_MODULES[name]:
-            return None
-        raise
-    try:
-        return getattr(module, op)
-    except AttributeError:
-        return None
+        return _ROWS[(op, backend)]
+    except KeyError:
+        raise NotImplementedError(f"backend {backend!r} does not implement {op}") from None
 
 
-def _resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype = None) -> Tuple[str, Callable]:
+def epilogue(op: str, backend: str) -> Any:
+    """The backend's part of ``op`` (see Row), loaded."""
+    ref = row(op, backend).epilogue
+    if ref is None:
+        raise NotImplementedError(f"backend {backend!r} has no epilogue for {op}")
+    return load(ref)
+
+
+def _lookup(op: str, backend: str, device_type: str, dtype: Optional[torch.dtype]) -> Row:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
         status = _probe(backend)
         if not status:
             raise RuntimeError(f"backend {backend!r} is not available: {status.reason}")
-        fn = _implementation(backend, op)
-        if fn is None:
-            raise NotImplementedError(f"backend {backend!r} does not implement {op}")
-        return backend, fn
-    order = ("triton", "cuda", "reference") if device.type == "cuda" else ("cpu", "reference")
-    for name in order:
-        if _probe(name) and (device.type == "cuda" or name != "triton"):
-            fn = _implementation(name, op)
-            if fn is not None and (dtype is None or dtype in getattr(fn, "dtypes", (dtype,))):
-                return name, fn
-    raise RuntimeError(f"no backend implements {op}")  # unreachable: reference implements every op
+        return row(op, backend)
+    for name in AUTO_ORDER.get(device_type, AUTO_ORDER_DEFAULT):
+        r = _ROWS.get((op, name))
+        if r is not None and _probe(name) and device_type in r.devices and (dtype is None or dtype in r.dtypes):
+            return r
+    return row(op, "reference")
 
 
-# implementations by (op, backend name), filled by _resolve_name
-_RESOLVED: Dict[Tuple[str, str], Callable] = {}
+@lru_cache(maxsize=None)
+def _resolve_cached(op: str, backend: str, device_type: str, dtype: Optional[torch.dtype]) -> Row:
+    return _lookup(op, backend, device_type, dtype)
+
+
+# the implementations of resolved rows, by their "module:attr": a plain dict, which torch.compile reads as a constant
+_IMPLEMENTATIONS: Dict[str, Any] = {}
 
 
 @torch.compiler.assume_constant_result
-def _resolve_name(op: str, backend: str, device_type: str, dtype: torch.dtype = None) -> str:
+def _resolve_name(op: str, backend: str, device_type: str, dtype: Optional[torch.dtype] = None) -> str:
     """The name of the backend that runs ``op``. torch.compile runs this at trace time and keeps the name as a
     constant: the imports and probes behind it are not traceable, and their answer does not change."""
-    name, fn = _resolve(op, backend, torch.device(device_type), dtype)
-    _RESOLVED[(op, name)] = fn
-    return name
+    r = _resolve_cached(op, backend, device_type, dtype)
+    _IMPLEMENTATIONS[r.implementation] = load(r.implementation)
+    return r.backend
 
 
-def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype = None) -> Tuple[str, Callable]:
-    """The (name, function) that runs ``op`` for tensors on ``device``. With ``auto``, an implementation that
-    declares the ``dtypes`` it supports (a function attribute) is passed over for any other dtype."""
+def resolve(op: str, backend: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> Tuple[str, Row]:
+    """(backend name, its row) of the implementation that runs ``op`` for tensors on ``device`` of ``dtype``.
+    With ``auto`` the first available row in AUTO_ORDER that takes the device and dtype."""
     name = _resolve_name(op, backend, device.type, dtype)
-    return name, _RESOLVED[(op, name)]
+    return name, _ROWS[(op, name)]
+
+
+def implementation(r: Row) -> Any:
+    """The loaded implementation of a row that ``resolve`` returned."""
+    return _IMPLEMENTATIONS[r.implementation]
+
+
+def check_inputs(r: Row, name: str, t: torch.Tensor) -> None:
+    """ValueError naming the argument when ``t`` (the op's first input) is on a device or of a dtype the row does
+    not take (an explicitly named backend; ``auto`` never picks such a row)."""
+    if not r.takes(t.device.type):
+        where = "CUDA tensors" if r.devices == ("cuda",) else f"{'/'.join(r.devices)} tensors"
+        if INTERPRETED_ON_CPU in r.capabilities:
+            where += " (or TRITON_INTERPRET=1)"
+        if r.devices == ("cpu",):
+            where = "CPU tensors"
+        raise ValueError(f"{name}: the {r.backend} backend takes {where}, got a tensor on {t.device}")
+    if t.dtype not in r.dtypes:
+        names = [str(d).replace("torch.", "") for d in r.dtypes]
+        names = ", ".join(names[:-1]) + " or " + names[-1]
+        raise ValueError(f"{name}: the {r.backend} backend takes {names}, not {str(t.dtype).replace('torch.', '')} "
+                         "(use backend='cpu' or 'reference' for float64)")

@@ -8,11 +8,10 @@ device value on the host: no synchronisation in the hot path.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
-from kc_kernels import chunked
 from kc_kernels.chunked import (
     C_INV_NT,
     C_LSE,
@@ -62,6 +61,7 @@ class DeviceEpilogue:
     """The driver's epilogue interface over a backend's two kernels."""
 
     state_dtype = torch.float32
+    default_memory_budget = 512 << 20  # bytes of the [B, chunk] scores buffer and the partial sums on a GPU
 
     def __init__(self, kernels):
         self.k = kernels
@@ -161,32 +161,3 @@ class DeviceEpilogue:
             sw.db32[c.lo:c.hi] += a.col_part[0].sum(dim=0)
         if want_dscale:
             sw.dscale[c.lo:c.hi] += a.col_part[1].sum(dim=0)
-
-
-DEFAULT_MEMORY_BUDGET = 512 << 20  # bytes of the [B, chunk] scores buffer and the partial sums on a GPU
-
-
-def entry_points(backend: str, kernels, *, cuda_tensors_only: bool) -> Tuple[Callable, Callable]:
-    """(linear_soft_target_loss, soft_target_loss) of a GPU backend whose epilogue is ``kernels``: registers the
-    epilogue with the driver and refuses float64 (and, with ``cuda_tensors_only``, tensors off the GPU) naming the
-    argument. Both functions declare the dtypes ``auto`` may send them."""
-    chunked.register_epilogue(backend, DeviceEpilogue(kernels))
-
-    def check(name: str, t: torch.Tensor) -> None:
-        if t.dtype == torch.float64:
-            raise ValueError(f"{name}: the {backend} backend takes float32, float16 or bfloat16, not float64 "
-                             "(use backend='cpu' or 'reference' for float64)")
-        if cuda_tensors_only and t.device.type != "cuda":
-            raise ValueError(f"{name}: the {backend} backend takes CUDA tensors, got a tensor on {t.device}")
-
-    def linear_soft_target_loss(p) -> torch.Tensor:
-        check("x", p.x)
-        return chunked.linear_soft_target_loss(p, backend, p.memory_budget or DEFAULT_MEMORY_BUDGET)
-
-    def soft_target_loss(p) -> torch.Tensor:
-        check("logits", p.logits)
-        return chunked.soft_target_loss(p, backend, p.memory_budget or DEFAULT_MEMORY_BUDGET)
-
-    # what `auto` may send here (float64 goes to another backend)
-    linear_soft_target_loss.dtypes = soft_target_loss.dtypes = WORK_DTYPES
-    return linear_soft_target_loss, soft_target_loss

@@ -527,7 +527,7 @@ def precision(c: dict) -> Tuple[float, float, float]:
 
 
 def _cpu_work_dtype(dt: torch.dtype) -> torch.dtype:
-    from kc_kernels.cpu.soft_target import CpuEpilogue
+    from kc_kernels.cpu.epilogue import CpuEpilogue
 
     return CpuEpilogue.work_dtype(dt)
 

@@ -76,13 +76,34 @@ def test_sampled_softmax_module_passes_sparse_grad(gen):
     assert set(w.grad.coalesce().indices()[0].tolist()) <= set(range(50))
 
 
-def test_auto_passes_over_an_implementation_that_lacks_the_dtype(monkeypatch):
+def test_auto_passes_over_a_row_that_lacks_the_dtype(monkeypatch):
     from kc_kernels import dispatch
 
-    fn = dispatch._implementation("triton", "linear_soft_target_loss")
-    assert torch.float64 not in fn.dtypes
+    assert torch.float64 not in dispatch.row("linear_soft_target_loss", "triton").dtypes
     monkeypatch.setattr(dispatch, "_probe", lambda name: True)
-    name, _ = dispatch.resolve("linear_soft_target_loss", "auto", torch.device("cuda"), torch.float64)
-    assert name != "triton"
-    name, _ = dispatch.resolve("linear_soft_target_loss", "auto", torch.device("cuda"), torch.bfloat16)
-    assert name == "triton"
+    assert dispatch._lookup("linear_soft_target_loss", "auto", "cuda", torch.float64).backend == "reference"
+    assert dispatch._lookup("linear_soft_target_loss", "auto", "cuda", torch.bfloat16).backend == "triton"
+    assert dispatch._lookup("sampled_softmax_loss", "auto", "cuda", torch.float64).backend == "triton"
+
+
+def test_backend_table_rows_are_frozen_and_checked():
+    import dataclasses
+
+    from kc_kernels import dispatch
+
+    assert {(r.op, r.backend) for r in dispatch.TABLE} == {
+        (op, b) for op in dispatch.OPS for b in dispatch.BACKEND_NAMES}
+    r = dispatch.row("soft_target_loss", "cpu")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.backend = "triton"
+    with pytest.raises(ValueError, match="implementation"):
+        dataclasses.replace(r, implementation="kc_kernels.chunked.soft_target_loss")
+    with pytest.raises(ValueError, match="capabilities"):
+        dataclasses.replace(r, capabilities=frozenset({"fast"}))
+    for row in dispatch.TABLE:  # every name in the table exists (imported only for backends that run here)
+        if dispatch.backends()[row.backend]:
+            assert callable(dispatch.load(row.implementation))
+            if row.epilogue is not None:
+                assert dispatch.load(row.epilogue) is not None
+    with pytest.raises(NotImplementedError, match="reference"):
+        dispatch.epilogue("soft_target_loss", "reference")

@@ -25,7 +25,7 @@ import torch
 
 import kc_kernels
 from kc_kernels import _C
-from kc_kernels.cpu import soft_target as cpu_st
+from kc_kernels.cpu import epilogue as cpu_st
 from tests.helpers import grads, make_problem, rel_err
 
 U = 2.0 ** -9

@@ -250,7 +250,7 @@ def test_cpu_half_scratch_padding_never_reaches_the_gradients(gen, monkeypatch):
 def test_cpu_chunks_smaller_than_the_budget(mode, target_form, scale_kind, dtype, gen, monkeypatch):
     """Column chunks capped by the epilogue's chunk_bytes while the budget is larger: a segment longer than a chunk
     is walked in row blocks over the whole budget (the scratch buffer grown once), the rest in small chunks."""
-    from kc_kernels.cpu.soft_target import CpuEpilogue
+    from kc_kernels.cpu.epilogue import CpuEpilogue
 
     B = 37
     monkeypatch.setattr(CpuEpilogue, "chunk_bytes", 4 * B * 300)

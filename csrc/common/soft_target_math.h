@@ -1,5 +1,5 @@
 // Per-element and per-(row, segment) math of the soft-target epilogue (docs/epilogue.md, "Math"), shared by the
-// CPU epilogue (csrc/cpu/soft_target.cpp) and the CUDA one (csrc/cuda/soft_target.cu) so both evaluate the same
+// CPU epilogue (csrc/cpu/soft_target_impl.h) and the CUDA one (csrc/cuda/soft_target.cu) so both evaluate the same
 // formulas in the same order.
 //
 // The per-element functions sit inside the CPU's `omp simd` loops, so they are branch-free (selects only) and take

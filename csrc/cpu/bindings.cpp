@@ -1,6 +1,6 @@
 // pybind11 bindings of the CPU kernels. The kernel's params struct (kc_cpu::SoftTargetChunk) is a Python class with
 // named fields; buffer fields are host addresses as integers (tensor.data_ptr(), 0 = absent). The Python side
-// (kc_kernels/cpu/soft_target.py) checks device, dtype and contiguity of every tensor before taking its address;
+// (kc_kernels/cpu/epilogue.py) checks device, dtype and contiguity of every tensor before taking its address;
 // soft_target_chunk checks the fields the kernel cannot run without and raises ValueError before it runs. No torch
 // headers are needed here.
 #include <pybind11/pybind11.h>
@@ -108,7 +108,7 @@ PYBIND11_MODULE(_C, m) {
         kc_cpu::soft_target_chunk(p);
       },
       py::arg("params"),
-      "Fused soft-target epilogue over one chunk of logits (see csrc/cpu/soft_target.cpp), SoftTargetChunkParams "
+      "Fused soft-target epilogue over one chunk of logits (see csrc/cpu/soft_target_impl.h), SoftTargetChunkParams "
       "given; raises ValueError naming a required field that is missing or a size that is out of range.");
   m.def(
       "sampled_rows_exp",

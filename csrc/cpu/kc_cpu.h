@@ -7,7 +7,7 @@
 
 namespace kc_cpu {
 
-// ---- fused epilogue of the chunked linear + soft-target loss (soft_target.cpp)
+// ---- fused epilogue of the chunked linear + soft-target loss (soft_target_impl.h)
 
 // Phases, state rows and scale kinds are shared with the CUDA epilogue and the driver
 // (csrc/common/soft_target_layout.h): kPhase*, kSumSq..kS, kNumStates, kScale*.

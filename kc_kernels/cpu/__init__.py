@@ -1,5 +1,2 @@
-"""The ``cpu`` backend. Each op family lives in its own module (soft_target, sampled_softmax); an op whose module
-does not exist is simply not implemented by this backend (kc_kernels.dispatch then falls back or reports it)."""
-from kc_kernels.dispatch import lazy_ops
-
-__getattr__ = lazy_ops(__name__)
+"""The ``cpu`` backend: the chunked driver's C++/OpenMP epilogue (epilogue.py) and sampled softmax
+(sampled_softmax.py), both over kc_kernels._C (csrc/cpu). What runs where: kc_kernels/dispatch.py."""

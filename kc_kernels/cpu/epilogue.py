@@ -1,5 +1,5 @@
-"""CPU backend of the (linear +) soft-target loss: the chunked driver (kc_kernels/chunked.py) with a C++/OpenMP
-epilogue (csrc/cpu/soft_target.cpp).
+"""The cpu backend's epilogue of the chunked driver (kc_kernels/chunked.py): the C++/OpenMP loops of
+csrc/cpu/soft_target_impl.h (compiled in csrc/cpu/soft_target.cpp and, for bf16 scores, soft_target_bf16.cpp).
 
 Per chunk of classes: one BLAS GEMM for the raw scores, one pass of the fused C++ epilogue that accumulates the
 loss statistics and overwrites the scores with the scaled logit gradient, then the gradient GEMMs. The work dtype
@@ -21,11 +21,8 @@ import torch
 from kc_kernels import _C, chunked
 from kc_kernels.chunked import PHASE_FINAL, Chunk
 from kc_kernels.ops import checks
-from kc_kernels.ops.soft_target import SoftTargetProblem
 
 chunked.check_layout(_C, "kc_kernels._C")
-
-DEFAULT_MEMORY_BUDGET = 64 << 20  # bytes for the chunk of logits (and of teacher logits)
 
 
 def _ptr(t: Optional[torch.Tensor]) -> int:
@@ -61,6 +58,7 @@ class CpuEpilogue:
     ``prepare`` (once per walk) and ``run`` (one chunk, one block of rows, some phases)."""
 
     state_dtype = torch.float64
+    default_memory_budget = 64 << 20  # bytes for the chunk of logits (and of teacher logits)
     # column chunks of at most 16 MiB: the sigmoid op at B=1024, H=512, V=100K ran 12% (bf16) and 5% (fp32)
     # faster than with 64 MiB chunks on a 2-core Xeon (4-128 MiB measured, 8-16 best)
     chunk_bytes = 16 << 20
@@ -166,31 +164,3 @@ class CpuEpilogue:
 
 
 EPILOGUE = CpuEpilogue()
-chunked.register_epilogue("cpu", EPILOGUE)
-
-
-_TENSORS = ("x", "weight", "bias", "logits", "target_index", "target_value", "teacher_logits", "scale",
-            "sample_weight")
-
-
-def _check_on_cpu(p: SoftTargetProblem) -> None:
-    """The C++ epilogue is handed host addresses: a tensor on another device must never reach it."""
-    for name in _TENSORS:
-        t = getattr(p, name)
-        if t is not None and t.device.type != "cpu":
-            raise ValueError(f"{name}: the cpu backend takes CPU tensors, got a tensor on {t.device}")
-
-
-def linear_soft_target_loss(p: SoftTargetProblem) -> torch.Tensor:
-    _check_on_cpu(p)
-    return chunked.linear_soft_target_loss(p, "cpu", p.memory_budget or DEFAULT_MEMORY_BUDGET)
-
-
-def soft_target_loss(p: SoftTargetProblem) -> torch.Tensor:
-    _check_on_cpu(p)
-    return chunked.soft_target_loss(p, "cpu", p.memory_budget or DEFAULT_MEMORY_BUDGET)
-
-
-# softmax runs a teacher phase (CpuEpilogue.after_teacher); sigmoid reads each teacher logit only in the final pass
-linear_soft_target_loss.checks_teacher_nan = ("softmax",)
-soft_target_loss.checks_teacher_nan = ("softmax",)

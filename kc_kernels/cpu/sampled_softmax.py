@@ -136,11 +136,4 @@ class _CpuSampledSoftmax:
                             [dbias, d_pair])
 
 
-_IMPL = _CpuSampledSoftmax()
-autograd_.register_impl("cpu", _IMPL)
-
-
-def sampled_softmax_loss(p) -> torch.Tensor:
-    if p.x.device.type != "cpu":
-        raise ValueError(f"x: the cpu backend takes CPU tensors, got device {p.x.device}")
-    return autograd_.run(p, _IMPL, "cpu")
+IMPL = _CpuSampledSoftmax()

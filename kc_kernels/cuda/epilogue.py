@@ -13,14 +13,16 @@ or written out of bounds.
 """
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import torch
 
 from kc_kernels import _cuda, chunked
 from kc_kernels.chunked import NUM_CONSTS, NUM_STATES, PHASE_NORM, PHASE_STATS, PHASE_TEACHER, EpilogueArgs
+from kc_kernels.gpu_epilogue import DeviceEpilogue
 
-__all__ = ["TILE", "row_stats", "final"]
+__all__ = ["TILE", "row_stats", "final", "EPILOGUE"]
 
 TILE = tuple(_cuda.TILE)  # (BLOCK_R, BLOCK_C) of the final kernel: the driver sizes row_part and col_part with it
 
@@ -140,3 +142,6 @@ def final(a: EpilogueArgs) -> None:
     with torch.cuda.device(_device(a)):
         p.stream = _stream(_device(a))
         _cuda.soft_target_final(p)
+
+
+EPILOGUE = DeviceEpilogue(sys.modules[__name__])  # the driver's interface over the two kernels above

@@ -20,7 +20,7 @@ from kc_kernels import _cuda
 from kc_kernels.ops import sampled_softmax_autograd as autograd_
 from kc_kernels.ops.sampled_softmax_autograd import RowGradients
 
-__all__ = ["sampled_softmax_loss"]
+__all__ = ["IMPL"]
 
 
 @dataclass
@@ -95,18 +95,4 @@ class _CudaSampledSoftmax:
                             [d_sampled.sum(dim=0), d_true_valid])
 
 
-_IMPL = _CudaSampledSoftmax()
-autograd_.register_impl("cuda", _IMPL)
-
-
-def sampled_softmax_loss(p) -> torch.Tensor:
-    if p.x.device.type != "cuda":
-        raise ValueError(f"x: the cuda backend takes CUDA tensors, got device {p.x.device}")
-    if p.x.dtype == torch.float64:
-        raise ValueError("x: the cuda backend takes float32, float16 or bfloat16, not float64 "
-                         "(use backend='cpu' or 'reference' for float64)")
-    return autograd_.run(p, _IMPL, "cuda")
-
-
-# what `auto` may send here (float64 goes to another backend)
-sampled_softmax_loss.dtypes = (torch.float32, torch.float16, torch.bfloat16)
+IMPL = _CudaSampledSoftmax()

@@ -4,14 +4,12 @@ Semantics follow TensorFlow's tf.nn.sampled_softmax_loss (see kc_kernels/sampler
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
 
-from kc_kernels import dispatch as _dispatch_mod
-from kc_kernels import samplers
+from kc_kernels import dispatch, samplers
 from kc_kernels.ops import amp, checks
 from kc_kernels.ops import sampled_softmax_autograd as _op  # noqa: F401  (defines kc_kernels::sampled_softmax)
 from kc_kernels.ops.soft_target import REDUCTIONS
@@ -62,13 +60,12 @@ def _check_sampled(sampled, labels: torch.Tensor, num_classes: int, x: torch.Ten
 
 
 def _values(x: torch.Tensor) -> str:
-    """The value checks' mode (checks.values_mode): this op's checks read the data on every device by default
-    (they are few and small), "async" queues them on the device, and nothing reads values while tracing."""
+    """The mode of this op's value checks: they are few and small, so they read the data on every device
+    ("sync"), unless KC_CHECK_VALUES=async queues them on the device; nothing reads values while tracing."""
     mode = checks.values_mode(x.device)
-    if mode == "off" and not torch.compiler.is_compiling() and x.device.type != "meta" \
-            and os.environ.get(checks.VALUES_ENV, "").strip() != "0":
-        return "sync"
-    return mode
+    if mode == "async" or torch.compiler.is_compiling() or x.device.type == "meta":
+        return mode
+    return "sync"
 
 
 def sampled_softmax_loss(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
@@ -164,6 +161,7 @@ def sampled_softmax_loss(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
                               remove_accidental_hits=bool(remove_accidental_hits),
                               subtract_log_q=bool(subtract_log_q), reduction=reduction, sample_weight=sample_weight,
                               sparse_grad=bool(sparse_grad))
-    _, fn = _dispatch_mod.resolve("sampled_softmax_loss", backend, x.device)
+    name, row = dispatch.resolve("sampled_softmax_loss", backend, x.device, x.dtype)
+    dispatch.check_inputs(row, "x", x)
     with amp.disabled(x.device.type):
-        return fn(p)
+        return dispatch.implementation(row)(p, name)

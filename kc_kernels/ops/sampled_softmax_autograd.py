@@ -13,7 +13,7 @@ mix rows in the weight gradient, so the gradients wait for the backward call.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Protocol, Tuple
+from typing import Any, List, Optional, Protocol, Tuple
 
 import torch
 
@@ -205,21 +205,16 @@ def apply(p, impl: SampledSoftmaxImpl) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- the custom op
 # With dense gradients the computation is one torch.library op, so torch.compile and torch.export see a single
 # opaque node with a fake (shape-only) implementation. The op takes the tensors and flags a problem is made of and
-# the backend's name (its SampledSoftmaxImpl is looked up here). Sparse COO gradients do not fit an op's schema,
-# so sparse_grad keeps SampledSoftmaxFunction above.
+# the backend's name (its SampledSoftmaxImpl is its row's epilogue in kc_kernels/dispatch.py). Sparse COO
+# gradients do not fit an op's schema, so sparse_grad keeps SampledSoftmaxFunction above.
 
-IMPLS: Dict[str, SampledSoftmaxImpl] = {}  # backend name -> impl, registered by each backend module on import
 _TENSOR_ARGS = 8  # x .. sample_weight; then remove_accidental_hits, subtract_log_q, reduction, backend, needs
-
-
-def register_impl(name: str, impl: SampledSoftmaxImpl) -> None:
-    IMPLS[name] = impl
 
 
 def _impl(name: str) -> SampledSoftmaxImpl:
     from kc_kernels import dispatch
 
-    return dispatch.registered(IMPLS, name, "sampled_softmax")
+    return dispatch.epilogue("sampled_softmax_loss", name)
 
 
 def _problem(x, weight, bias, labels, ids, true_expected, sampled_expected, sample_weight, remove_accidental_hits,
@@ -342,7 +337,7 @@ _register_autograd()
 
 
 def call_op(p, backend: str) -> torch.Tensor:
-    """The op on a validated problem with dense gradients, computed by ``backend``'s impl (see register_impl)."""
+    """The op on a validated problem with dense gradients, computed by ``backend``'s impl."""
     from kc_kernels.chunked import needs_mask
 
     needs = needs_mask(p.x, p.weight, p.bias)
@@ -352,8 +347,9 @@ def call_op(p, backend: str) -> torch.Tensor:
     return out[0]
 
 
-def run(p, impl: SampledSoftmaxImpl, backend: str) -> torch.Tensor:
-    """A backend's entry: sparse gradients through SampledSoftmaxFunction, dense ones through the custom op."""
+def run(p, backend: str) -> torch.Tensor:
+    """The implementation of every sampled-softmax row but the reference: sparse gradients through
+    SampledSoftmaxFunction, dense ones through the custom op."""
     if p.sparse_grad:
-        return apply(p, impl)
+        return apply(p, _impl(backend))
     return call_op(p, backend)

@@ -11,7 +11,7 @@ from typing import List, Optional
 
 import torch
 
-from kc_kernels import dispatch as _dispatch_mod
+from kc_kernels import dispatch
 from kc_kernels.ops import amp, checks
 
 MODES = ("sigmoid", "softmax")
@@ -101,7 +101,7 @@ def _check_targets(p: SoftTargetProblem, ref: torch.Tensor, ref_name: str, targe
         checks.same_device("teacher_logits", teacher_logits, ref, ref_name)
         checks.shape("teacher_logits", teacher_logits, (B, V), "batch x classes")
         # the NaN check reads all B x V values: a backend whose own pass over the teacher reports NaN does it there
-        # (a function attribute ``checks_teacher_nan``: the modes it does it in), the others get it in _dispatch
+        # (its row's capability TEACHER_NAN_SOFTMAX), the others get it in _dispatch
         values = checks.values_mode(ref.device)
         p.check_teacher_nan = values == "sync"
         if values == "async":
@@ -149,12 +149,14 @@ def _check_budget(memory_budget) -> Optional[int]:
 
 
 def _dispatch(op: str, p: SoftTargetProblem, backend: str, device: torch.device) -> torch.Tensor:
-    _, fn = _dispatch_mod.resolve(op, backend, device, (p.x if p.x is not None else p.logits).dtype)
-    if p.check_teacher_nan and p.mode not in getattr(fn, "checks_teacher_nan", ()):
+    inp = p.x if p.x is not None else p.logits
+    name, row = dispatch.resolve(op, backend, device, inp.dtype)
+    dispatch.check_inputs(row, "x" if p.x is not None else "logits", inp)
+    if p.check_teacher_nan and not (p.mode == "softmax" and dispatch.TEACHER_NAN_SOFTMAX in row.capabilities):
         if bool(torch.isnan(p.teacher_logits).any()):
             checks.fail("teacher_logits", "contains NaN")
     with amp.disabled(device.type):
-        return fn(p)
+        return dispatch.implementation(row)(p, name)
 
 
 def linear_soft_target_loss(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,

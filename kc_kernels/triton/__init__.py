@@ -1,5 +1,2 @@
-"""The ``triton`` backend. Each op family lives in its own module (soft_target, sampled_softmax); an op whose module
-does not exist is simply not implemented by this backend (kc_kernels.dispatch then falls back or reports it)."""
-from kc_kernels.dispatch import lazy_ops
-
-__getattr__ = lazy_ops(__name__)
+"""The ``triton`` backend: the chunked driver's Triton epilogue (epilogue.py) and sampled softmax
+(sampled_softmax.py). What runs where: kc_kernels/dispatch.py."""

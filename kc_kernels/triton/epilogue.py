@@ -16,6 +16,8 @@ benchmarking run would corrupt them; the tile is fixed anyway since it sizes the
 """
 from __future__ import annotations
 
+import sys
+
 import triton
 import triton.language as tl
 
@@ -41,9 +43,10 @@ from kc_kernels.chunked import (
     S_ZY,
     S_ZYH,
 )
+from kc_kernels.gpu_epilogue import DeviceEpilogue
 from kc_kernels.triton._soft_target_tiles import interpreted, sigmoid, softplus_and_sigmoid, sparse_cursor, sparse_tile
 
-__all__ = ["TILE", "row_stats", "final"]
+__all__ = ["TILE", "row_stats", "final", "EPILOGUE"]
 
 # One config each (see above). TILE = (BLOCK_R, BLOCK_C) of final: the driver sizes row_part and col_part with it.
 # On the GPU 8 elements a thread (32 x 128 at 16 warps) keep the final tile's ~10 live fp32 values under 128 registers
@@ -477,3 +480,6 @@ def final(a) -> None:
         HAS_SCALE=a.scale is not None, HAS_BIAS=a.bias is not None, HAS_COEF=has_coef,
         WANT_DBIAS=want_dbias, WANT_DSCALE=want_dscale,
         BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_FINAL_WARPS)
+
+
+EPILOGUE = DeviceEpilogue(sys.modules[__name__])  # the driver's interface over the two kernels above

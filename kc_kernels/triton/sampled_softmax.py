@@ -144,11 +144,4 @@ class _TritonSampledSoftmax:
                             [dlogits.sum(dim=0), d_true_valid])
 
 
-_IMPL = _TritonSampledSoftmax()
-autograd_.register_impl("triton", _IMPL)
-
-
-def sampled_softmax_loss(p) -> torch.Tensor:
-    if p.x.device.type != "cuda" and not _INTERPRET:
-        raise ValueError(f"x: the triton backend takes CUDA tensors (or TRITON_INTERPRET=1), got {p.x.device}")
-    return autograd_.run(p, _IMPL, "triton")
+IMPL = _TritonSampledSoftmax()
