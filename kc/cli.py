@@ -75,7 +75,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command != "config":  # under torchrun with W > 1: join the process group (kc/distributed.py)
             cfg = _config(args, overrides, seeds.seed_dir(args.out, seed_list[0]) if seed_list else args.out)
             try:
-                kcdist.init(cfg.device)
+                kcdist.init(cfg.device, cfg.dist_timeout)
             except ValueError as e:
                 raise config.ConfigError(str(e)) from None
         if seed_list:

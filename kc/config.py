@@ -26,6 +26,8 @@ METHODS = ("generalist", "distilled", "self_paced", "bayes_distilled", "bayes_se
 SCALE_INITS = ("sqrt", "sqrt_log", "fixed")
 BIAS_INITS = ("prior", "uniform")
 SCALES = ("none", "vertical", "class")
+# keys that change how fast a run goes or how often it saves, never its results: a run may resume with others
+RUNTIME_KEYS = ("threads", "checkpoint_seconds", "dist_timeout")
 DATA_KINDS = ("synthetic", "features", "images")
 TAXONOMY_SOURCES = ("generate", "wordnet")
 BACKBONES = ("mlp", "cnn")
@@ -133,6 +135,10 @@ class RunConfig:
     device: str = "cpu"
     backend: str = "auto"  # kc_kernels backend of the loss
     threads: int = 1  # torch threads (0 = torch's default); small models gain nothing from more
+    # seconds between a student's checkpoints inside an epoch (0: after every step); every epoch's end is saved too
+    checkpoint_seconds: float = 60.0
+    # under torchrun: seconds a rank waits for the others (rank 0 alone runs data, cache, eval and report meanwhile)
+    dist_timeout: float = 6 * 3600.0
     taxonomy: TaxonomyConfig = field(default_factory=TaxonomyConfig)
     data: DataConfig = field(default_factory=DataConfig)
     specialists: SpecialistConfig = field(default_factory=SpecialistConfig)
@@ -302,6 +308,8 @@ def validate(cfg: RunConfig) -> None:
     if not 0 <= cfg.seed < MAX_SEED:
         raise ConfigError(f"seed: must be in [0, 2**32), got {cfg.seed}")
     _positive("threads", cfg.threads, allow_zero=True)
+    _positive("checkpoint_seconds", cfg.checkpoint_seconds, allow_zero=True)
+    _positive("dist_timeout", cfg.dist_timeout)
     for path, v in (("specialists.weight_decay", sp.weight_decay), ("student.weight_decay", st.weight_decay)):
         _positive(path, v, allow_zero=True)
     _positive("taxonomy.num_verticals", t.num_verticals)

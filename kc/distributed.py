@@ -34,22 +34,9 @@ import kc_kernels
 from kc_kernels.distributed import shard_classes, vocab_parallel_linear_soft_target_loss
 from kc_kernels.distributed.accounting import record
 
-# seconds a rank may wait for the others (rank 0 alone runs data, cache, eval and report meanwhile)
+# seconds a rank may wait for the others (rank 0 alone runs data, cache, eval and report meanwhile): the config's
+# dist_timeout
 DEFAULT_TIMEOUT_SECONDS = 6 * 3600
-
-
-def timeout_seconds() -> float:
-    """KC_DIST_TIMEOUT (seconds), default 6 hours."""
-    raw = os.environ.get("KC_DIST_TIMEOUT", "")
-    if not raw:
-        return DEFAULT_TIMEOUT_SECONDS
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise ValueError(f"KC_DIST_TIMEOUT: expected a positive number of seconds, got {raw!r}")
-    return value
 
 
 # ---------------------------------------------------------------------------------------------- process group
@@ -62,7 +49,7 @@ def launched_world() -> int:
         raise ValueError(f"WORLD_SIZE: expected an integer, got {os.environ['WORLD_SIZE']!r}") from None
 
 
-def init(device: str) -> None:
+def init(device: str, timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS) -> None:
     """Joins the default process group when started by torchrun with more than one process; else does nothing.
     CPU runs use gloo, CUDA runs NCCL with one GPU per process (that of LOCAL_RANK)."""
     if launched_world() <= 1 or dist.is_initialized():
@@ -78,7 +65,7 @@ def init(device: str) -> None:
         backend = "nccl"
     else:
         backend = "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_seconds()))
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_seconds))
 
 
 def shutdown() -> None:

@@ -27,7 +27,20 @@ import numpy as np
 import torch
 
 from kc import cache as cache_mod
-from kc import checkpoint, config, data, evaluate, models, report, runfolder, taxonomy, teachers, train
+from kc import (
+    checkpoint,
+    config,
+    data,
+    evaluate,
+    label_space,
+    models,
+    report,
+    runfolder,
+    synthetic,
+    taxonomy,
+    teachers,
+    train,
+)
 from kc import distributed as kcdist
 
 STAGES = ("data", "specialists", "cache", "student", "eval", "report")
@@ -92,8 +105,8 @@ class Workspace:
             except (config.ConfigError, TypeError, ValueError):
                 pass  # compared as written: the difference is reported below
             mine = self.cfg.to_dict()
-            # the thread count changes speed, not results: a run may resume with another
-            diff = sorted(k for k in set(saved) | set(mine) if k != "threads" and saved.get(k) != mine.get(k))
+            diff = sorted(k for k in set(saved) | set(mine)
+                          if k not in config.RUNTIME_KEYS and saved.get(k) != mine.get(k))
             if diff:
                 raise StageError(f"{self.out} holds a run with another config (differs in: {', '.join(diff)}); "
                                  "use another --out, or the same preset/config/seed as that run")
@@ -149,8 +162,8 @@ class Workspace:
                 else teachers.checksums(self.specialists_dir, tax.num_verticals))
         return cache_mod.expected_manifest(tax, tr, self.cfg.cache.top_k, sums, data.fingerprint(tr))
 
-    def generator(self) -> data.SyntheticGenerator:
-        return data.SyntheticGenerator(self.taxonomy(), self.cfg.data, self.cfg.seed)
+    def generator(self) -> synthetic.SyntheticGenerator:
+        return synthetic.SyntheticGenerator(self.taxonomy(), self.cfg.data, self.cfg.seed)
 
     def uses_bayes(self) -> bool:
         return any(m.startswith("bayes_") for m in self.cfg.student.methods)
@@ -160,12 +173,12 @@ class Workspace:
 
 def stage_data(ws: Workspace, resume: bool) -> Dict:
     cfg = ws.cfg
-    tax = taxonomy.from_config(cfg.taxonomy, cfg.seed)  # a file, WordNet subtrees or a generated taxonomy
+    tax = label_space.from_config(cfg.taxonomy, cfg.seed)  # a file, WordNet subtrees or a generated taxonomy
     tax.save(os.path.join(ws.out, "taxonomy.csv"))
     ws._tax, ws._splits = tax, {}
     log(f"taxonomy: {tax.summary()}")
     if cfg.data.kind == "synthetic":
-        sizes = data.write_synthetic(runfolder.begin(ws.data_dir, resume=False), tax, cfg.data, cfg.seed,
+        sizes = synthetic.write_synthetic(runfolder.begin(ws.data_dir, resume=False), tax, cfg.data, cfg.seed,
                                      ws.progress)
         runfolder.commit(ws.data_dir)
     else:

@@ -218,20 +218,3 @@ def generate(num_verticals: int, num_classes: int, *, coarse_fraction: float = 0
             parent.append(offset + int(owner[j]))
         offset += n_v
     return Taxonomy(names, vnames, np.concatenate([[0], np.cumsum(sizes)]), np.array(parent))
-
-
-def from_config(t, seed: int) -> Taxonomy:
-    """The label space a run's `taxonomy:` config (kc.config.TaxonomyConfig) describes: its file when one is
-    given, else WordNet subtrees (source: wordnet) or a generated two-level taxonomy (source: generate)."""
-    if t.file:
-        return load(t.file)
-    if t.source == "wordnet":
-        from kc import wordnet
-
-        return wordnet.taxonomy_from_wordnet(t.wordnet_path, num_verticals=t.num_verticals, max_classes=t.num_classes,
-                                             min_size=t.vertical_min_classes, max_size=t.vertical_max_classes,
-                                             under=t.wordnet_under, instances=t.wordnet_instances)
-    if t.source != "generate":
-        raise TaxonomyError(f"taxonomy.source: must be 'generate' or 'wordnet', got {t.source!r}")
-    return generate(t.num_verticals, t.num_classes, coarse_fraction=t.coarse_fraction, size_spread=t.size_spread,
-                    seed=seed)

@@ -3,7 +3,8 @@ self-paced scale), all through one call of kc_kernels.linear_soft_target_loss pe
 
 Distillation targets are the cached teacher top-K concatenated with the hard labels; the op adds duplicates, so
 z = (1 - w) * teacher + w * hard stays in [0, 1]. The checkpoint (model, optimizer, position in the epoch, loss
-history) is rewritten atomically every epoch and every `CHECKPOINT_SECONDS`, so a killed run resumes mid-stage.
+history) is rewritten atomically every epoch and every `checkpoint_seconds` (config), so a killed run resumes
+mid-stage.
 """
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ from kc.data import SampleSet
 from kc.models import Student, build_student
 from kc.taxonomy import Taxonomy
 
-CHECKPOINT_SECONDS = float(os.environ.get("KC_CHECKPOINT_SECONDS", 60.0))  # 0: after every step (tests)
 CURVE_POINTS_PER_EPOCH = 20
 HEALTH_CHECKS_PER_EPOCH = 4
 PROBE_ELEMENTS = 1 << 24  # probe rows x classes scored by a health check
@@ -210,7 +210,7 @@ def train_student(cfg, taxonomy: Taxonomy, train: SampleSet, run: str, path: str
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(epoch=e + 1, loss=f"{lv:.3f}", refresh=False)
-            due = time.time() - last_save > CHECKPOINT_SECONDS and s + 1 < steps
+            due = time.time() - last_save > cfg.checkpoint_seconds and s + 1 < steps
             if due if shards is None else kcdist.agree(due):  # every rank joins the gather of a save
                 state.update(epoch_sum=epoch_sum, run_sum=run_sum, run_cnt=run_cnt)
                 state["seconds"] += time.time() - t0

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from kc import cache, checkpoint, config, data, taxonomy, teachers
+from kc import cache, checkpoint, config, data, synthetic, taxonomy, teachers
 from kc.cache import CacheMismatch, TeacherCache
 
 
@@ -13,7 +13,7 @@ def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("cache")
     cfg = config.load("tiny", overrides={"specialists": {"epochs": 1}})
     tax = taxonomy.generate(3, 30, seed=0)
-    data.write_synthetic(str(d / "data"), tax, cfg.data, seed=0)
+    synthetic.write_synthetic(str(d / "data"), tax, cfg.data, seed=0)
     train = data.FeatureShards(str(d / "data" / "train"), tax.num_classes)
     paths = teachers.train_specialists(cfg, tax, train, str(d / "teachers"), seed=0)
     return d, cfg, tax, train, paths

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from kc import checkpoint, cli, models, runfolder, train
+from kc import checkpoint, cli, models, runfolder
 
 
 def kc(*args):
@@ -76,7 +76,8 @@ def test_stages_one_by_one(tmp_path, capsys):
 
 def test_resume_after_interrupted_student_stage(tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "o")
-    monkeypatch.setattr(train, "CHECKPOINT_SECONDS", 0.0)  # checkpoint after every step
+    every_step = tmp_path / "every-step.yaml"
+    every_step.write_text("checkpoint_seconds: 0\n")  # a checkpoint after every step
     real_loss = models.Student.loss
     calls = {"n": 0}
 
@@ -87,7 +88,7 @@ def test_resume_after_interrupted_student_stage(tmp_path, monkeypatch, capsys):
         return real_loss(self, *a, **k)
 
     monkeypatch.setattr(models.Student, "loss", dying_loss)
-    assert kc("run", "--preset", "tiny", "--out", out) == 130
+    assert kc("run", "--preset", "tiny", "--config", str(every_step), "--out", out) == 130
     err = capsys.readouterr().err
     st = checkpoint.read_json(os.path.join(out, "state.json"))["stages"]
     assert st["cache"]["done"] and "student" not in st

@@ -1,6 +1,7 @@
 """Every config value is validated: a bad one is a one-line error naming its key (exit 2 from the command line),
 before anything is allocated or written; a seeded fuzz of the default config finds no other outcome."""
 import copy
+import dataclasses
 import math
 import os
 import re
@@ -16,8 +17,9 @@ import kc_kernels
 from kc import config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KEY = re.compile(r"^(config|seed|threads|device|backend|name|(taxonomy|data|specialists|cache|student|eval)"
-                 r"(\.[a-z0-9_]+(\[\d+\])?)*)\b")
+# a message starts with the key it is about: a top-level field, or a dotted path into a section
+FIELDS = "|".join(f.name for f in dataclasses.fields(config.RunConfig))
+KEY = re.compile(rf"^(config|({FIELDS})(\.[a-z0-9_]+(\[\d+\])?)*)\b")
 
 
 def kc_cli(*args, timeout=60):

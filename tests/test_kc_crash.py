@@ -26,14 +26,16 @@ from kc.cache import TeacherCache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING = ("stage_seconds", "train_seconds", "eval_seconds", "ms_per_sample")
-# KC_CHECKPOINT_SECONDS=0: students checkpoint after every step, so kills land between mid-epoch checkpoints
-ENV = dict(os.environ, KC_CHECKPOINT_SECONDS="0", PYTHONUNBUFFERED="1")
+ENV = dict(os.environ, PYTHONUNBUFFERED="1")
 ENV.pop("KC_TEST_KILL_AT", None)
 
 
 def kc_args(out, resume=False):
-    return [sys.executable, "-m", "kc", "run", "--preset", "tiny", "--threads", "1", "--no-progress", "--out", out] + (
-        ["--resume"] if resume else [])
+    """tiny with checkpoint_seconds: 0 (students checkpoint after every step, so kills land between mid-epoch
+    checkpoints); a resume reads the config saved in out."""
+    first = ["--preset", "tiny", "--config", os.path.join(ROOT, "tests", "data", "every-step.yaml")]
+    return [sys.executable, "-m", "kc", "run", "--threads", "1", "--no-progress", "--out", out] + (
+        ["--resume"] if resume else first)
 
 
 def numbers(out):

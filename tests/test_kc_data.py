@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from kc import config, data, taxonomy
+from kc import config, synthetic, taxonomy
 from kc.data import DataError, FeatureShards, ImageFolder, Labels, ShardWriter
 
 
@@ -16,9 +16,9 @@ def small_cfg(**kw):
 
 def test_generator_is_deterministic_and_streams(tax):
     cfg = small_cfg()
-    a = list(data.SyntheticGenerator(tax, cfg, seed=5).stream("train", 16))
-    b = list(data.SyntheticGenerator(tax, cfg, seed=5).stream("train", 16))
-    c = list(data.SyntheticGenerator(tax, cfg, seed=6).stream("train", 16))
+    a = list(synthetic.SyntheticGenerator(tax, cfg, seed=5).stream("train", 16))
+    b = list(synthetic.SyntheticGenerator(tax, cfg, seed=5).stream("train", 16))
+    c = list(synthetic.SyntheticGenerator(tax, cfg, seed=6).stream("train", 16))
     assert len(a) > 1 and all(x[0].shape[0] <= 16 for x in a)
     for (fa, pa, ia), (fb, pb, ib) in zip(a, b):
         assert np.array_equal(fa, fb) and np.array_equal(pa, pb) and np.array_equal(ia, ib)
@@ -29,7 +29,7 @@ def test_generator_is_deterministic_and_streams(tax):
 
 def test_generator_labels_carry_ancestors_and_siblings_are_close(tax):
     cfg = small_cfg()
-    gen = data.SyntheticGenerator(tax, cfg, seed=0)
+    gen = synthetic.SyntheticGenerator(tax, cfg, seed=0)
     feats, ptr, ind = next(gen.stream("test", 1000))
     for r in range(len(ptr) - 1):
         row = ind[ptr[r]:ptr[r + 1]].tolist()
@@ -46,7 +46,7 @@ def test_generator_labels_carry_ancestors_and_siblings_are_close(tax):
 
 def test_label_noise_moves_labels_to_siblings(tax):
     cfg = small_cfg(label_noise=0.5)
-    gen = data.SyntheticGenerator(tax, cfg, seed=0)
+    gen = synthetic.SyntheticGenerator(tax, cfg, seed=0)
     fine = np.repeat(tax.leaves(), 20)
     _, ptr, ind = gen.make(fine, np.random.default_rng(0), label_noise=0.5)
     got = ind[ptr[:-1]]
@@ -135,7 +135,7 @@ def test_image_folder_errors(tmp_path, tax):
 
 def test_bayes_posterior_is_the_generators_density(tax):
     cfg = small_cfg(modes=2, mode_spread=0.5)
-    gen = data.SyntheticGenerator(tax, cfg, seed=3)
+    gen = synthetic.SyntheticGenerator(tax, cfg, seed=3)
     fine = np.repeat(tax.leaves(), 3)
     x, _, _ = gen.make(fine, np.random.default_rng(1))
     v = 1

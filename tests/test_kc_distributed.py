@@ -150,19 +150,18 @@ def test_vertical_shards_hold_whole_verticals():
     assert kcdist.row_counts(7, 3) == [3, 2, 2] and kcdist.row_counts(1, 2) == [1, 0]
 
 
-def test_bad_timeout_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("KC_DIST_TIMEOUT", "soon")
-    with pytest.raises(ValueError, match="KC_DIST_TIMEOUT"):
-        kcdist.timeout_seconds()
-    monkeypatch.setenv("KC_DIST_TIMEOUT", "90")
-    assert kcdist.timeout_seconds() == 90.0
+def test_bad_timeout_is_a_clear_error():
+    with pytest.raises(config.ConfigError, match="dist_timeout"):
+        config.load("tiny", overrides={"dist_timeout": 0})
+    assert config.load("tiny", overrides={"dist_timeout": 90}).dist_timeout == 90.0
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
 
 def _cfg():
     """tiny with a per-class scale (sharded with the output layer, Adam moments included) and 5 steps an epoch."""
-    return config.load("tiny", overrides={"student": {"scale": "class", "batch_size": 32}})
+    return config.load("tiny", overrides={"student": {"scale": "class", "batch_size": 32},
+                                          "checkpoint_seconds": 0.0})  # a checkpoint after every step
 
 
 def _train(out, path, stop_at=None):
@@ -171,7 +170,6 @@ def _train(out, path, stop_at=None):
     ws = pipeline.Workspace(out, cfg)
     tax, tr = ws.taxonomy(), ws.split("train")
     cache = TeacherCache(ws.cache_dir, ws.expected_cache())
-    train.CHECKPOINT_SECONDS = 0.0  # a checkpoint after every step
     if stop_at is not None:
         real, calls = kcdist.StudentShards.loss, {"n": 0}
 
@@ -205,8 +203,7 @@ def workspace(tmp_path_factory):
     return out
 
 
-def test_checkpoint_of_two_processes_resumes_on_one_and_on_three(workspace, monkeypatch):
-    monkeypatch.setattr(train, "CHECKPOINT_SECONDS", 0.0)
+def test_checkpoint_of_two_processes_resumes_on_one_and_on_three(workspace):
     ref_path = os.path.join(workspace, "ref.pt")
     _train(workspace, ref_path)  # one process, uninterrupted
     ref = checkpoint.load(ref_path)
@@ -277,8 +274,9 @@ def test_torchrun_two_processes_tiny_run_reports_the_one_process_numbers_and_res
     # torchrun then stops rank 1), resumed by one process: the one-process report
     killed = str(tmp_path / "killed")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                        "-m", "kc", "run", "--preset", "tiny", "--threads", "1", "--no-progress", "--out", killed],
-                       cwd=ROOT, env=dict(env, KC_CHECKPOINT_SECONDS="0", KC_TEST_KILL_AT="student:20"),
+                        "-m", "kc", "run", "--preset", "tiny", "--config", os.path.join(ROOT, "tests", "data",
+                        "every-step.yaml"), "--threads", "1", "--no-progress", "--out", killed],
+                       cwd=ROOT, env=dict(env, KC_TEST_KILL_AT="student:20"),
                        capture_output=True, text=True, timeout=240)
     assert r.returncode != 0 and not os.path.exists(os.path.join(killed, "report")), r.stdout[-3000:]
     stages = checkpoint.read_json(os.path.join(killed, "state.json"))["stages"]

@@ -167,12 +167,12 @@ def test_health_sees_a_collapsed_student():
 
 
 def test_training_stops_with_a_clear_message_when_collapsed(tmp_path):
-    from kc import data, train
+    from kc import data, synthetic, train
 
     tax = taxonomy.generate(3, 30, seed=0)
     # a spread limit above 1 can never be met: the first check must stop training
     cfg = config.load("tiny", overrides={"student": {"collapse_spread": 2.0, "epochs": 1}})
-    data.write_synthetic(str(tmp_path / "d"), tax, cfg.data, seed=0)
+    synthetic.write_synthetic(str(tmp_path / "d"), tax, cfg.data, seed=0)
     tr = data.FeatureShards(str(tmp_path / "d" / "train"), tax.num_classes)
     with pytest.raises(train.TrainingCollapsed, match="generalist-fc_sc collapsed at epoch 1"):
         train.train_student(cfg, tax, tr, "generalist-fc_sc", str(tmp_path / "s.pt"), seed=0)

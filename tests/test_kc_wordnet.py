@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from kc import cli, config, taxonomy, wordnet
+from kc import cli, config, label_space, taxonomy, wordnet
 from kc.taxonomy import TaxonomyError
 from kc.wordnet import WordNetError
 
@@ -266,17 +266,17 @@ def _wordnet_cfg(path=EXCERPT, **taxonomy_keys):
 
 def test_from_config_wordnet_and_generate():
     cfg = config.load("tiny", overrides=_wordnet_cfg())
-    tax = taxonomy.from_config(cfg.taxonomy, cfg.seed)
+    tax = label_space.from_config(cfg.taxonomy, cfg.seed)
     assert sorted(tax.vertical_names) == ["piciform_bird", "self-propelled_vehicle", "turtle"]
-    assert taxonomy.from_config(cfg.taxonomy, 7).names == tax.names  # WordNet's selection ignores the seed
+    assert label_space.from_config(cfg.taxonomy, 7).names == tax.names  # WordNet's selection ignores the seed
     cfg = config.load("tiny", overrides=_wordnet_cfg(wordnet_under="n01466257"))  # chordate: no vehicles
-    assert "self-propelled_vehicle" not in taxonomy.from_config(cfg.taxonomy, 0).vertical_names
+    assert "self-propelled_vehicle" not in label_space.from_config(cfg.taxonomy, 0).vertical_names
     cfg = config.load("tiny", overrides=_wordnet_cfg(num_verticals=1, num_classes=30, vertical_min_classes=12,
                                                      vertical_max_classes=16, wordnet_under="planet",
                                                      wordnet_instances=True))
-    assert taxonomy.from_config(cfg.taxonomy, 0).vertical_names == ["planet"]  # 16 synsets with its instances
+    assert label_space.from_config(cfg.taxonomy, 0).vertical_names == ["planet"]  # 16 synsets with its instances
     gen = config.load("tiny")
-    assert taxonomy.from_config(gen.taxonomy, 3).names == taxonomy.generate(3, 30, coarse_fraction=0.15,
+    assert label_space.from_config(gen.taxonomy, 3).names == taxonomy.generate(3, 30, coarse_fraction=0.15,
                                                                             size_spread=0.85, seed=3).names
 
 
@@ -306,7 +306,7 @@ def test_missing_file_is_a_clear_error(tmp_path, capsys):
     missing = str(tmp_path / "data.noun")
     cfg = config.load("tiny", overrides=_wordnet_cfg(path=missing))
     with pytest.raises(WordNetError, match="taxonomy.wordnet_path.*wordnet-base"):
-        taxonomy.from_config(cfg.taxonomy, 0)
+        label_space.from_config(cfg.taxonomy, 0)
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text(yaml.safe_dump(_wordnet_cfg(path=missing)))
     assert cli.main(["data", "--preset", "tiny", "--config", str(cfg_path), "--out", str(tmp_path / "o"),

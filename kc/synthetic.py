@@ -1,0 +1,166 @@
+"""The seeded synthetic hierarchical generator: rows whose difficulty has the shape Knowledge Concentration
+addresses (verticals in overlapping subspaces, confusable siblings), written as feature shards by
+write_synthetic, and the generator's Bayes-optimal posterior (the best any model can do on its data).
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterator, Optional, Tuple
+
+import numpy as np
+
+from kc.data import ShardWriter
+from kc.taxonomy import Taxonomy
+
+
+class SyntheticGenerator:
+    """Seeded hierarchical data whose difficulty has the shape the method addresses.
+
+    Each vertical owns a random `subspace_dim`-dimensional subspace of the feature space (subspaces of different
+    verticals overlap) and a center. A class has a code in its vertical's subspace: a coarse class a random code,
+    a fine class its parent's code plus a smaller offset, so siblings sit close and are confusable under the
+    sample noise, which makes a teacher's probabilities over siblings informative (not one-hot). A fine-grained
+    decision needs the vertical's whole subspace, and all verticals together need far more dimensions than the
+    feature space has: a head whose last hidden layer is narrow cannot separate every vertical at once, while
+    one network per vertical (a specialist) or per-vertical blocks (SC layers) can. Verticals also differ in
+    size and noise, so they are learnt at different paces.
+    """
+
+    SPLITS = {"train": 1, "test": 2}
+
+    def __init__(self, taxonomy: Taxonomy, cfg, seed: int):
+        self.tax, self.cfg, self.seed = taxonomy, cfg, seed
+        D, d, M = cfg.feature_dim, cfg.subspace_dim, taxonomy.num_verticals
+        rng = np.random.default_rng([seed, 7])
+        self.center = rng.standard_normal((M, D)).astype(np.float32)
+        self.center *= cfg.vertical_separation / np.linalg.norm(self.center, axis=1, keepdims=True)
+        self.basis = np.stack([np.linalg.qr(rng.standard_normal((D, d)))[0] for _ in range(M)]).astype(np.float32)
+        self.noise = (cfg.noise * (1 + cfg.noise_spread * rng.uniform(-1, 1, M))).astype(np.float32)
+        depth = np.array([len(taxonomy.ancestors(c)) for c in range(taxonomy.num_classes)])
+        self.code = np.zeros((taxonomy.num_classes, d), dtype=np.float32)
+        for level in range(depth.max() + 1):  # parents before children
+            cls = np.flatnonzero(depth == level)
+            if level == 0:
+                self.code[cls] = cfg.coarse_spread * rng.standard_normal((len(cls), d))
+            else:
+                spread = cfg.sibling_spread * 0.5 ** (level - 1)
+                self.code[cls] = self.code[taxonomy.parent[cls]] + spread * rng.standard_normal((len(cls), d))
+        # each coarse class appears in a few "poses" (shared by its fine classes): classes are multi-modal, so
+        # separating them takes non-linear capacity, not a linear read-out of the features
+        root = np.array([([c] + taxonomy.ancestors(c))[-1] for c in range(taxonomy.num_classes)])
+        self.root = root
+        mode_code = cfg.mode_spread * rng.standard_normal((taxonomy.num_classes, cfg.modes, d))
+        self.mode_code = mode_code.astype(np.float32)
+        self.siblings = {}
+
+    def fine_classes(self, split: str) -> np.ndarray:
+        """The fine (leaf) class of every row of a split, in row order."""
+        per = self.cfg.train_per_class if split == "train" else self.cfg.test_per_class
+        rows = np.repeat(self.tax.leaves(), per)
+        return np.random.default_rng([self.seed, self.SPLITS[split], 0]).permutation(rows)
+
+    def stream(self, split: str, chunk: int) -> Iterator[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(features [n, D] float32, indptr, indices) chunk by chunk; chunk i depends only on (seed, split, i)."""
+        fine = self.fine_classes(split)
+        for i, start in enumerate(range(0, len(fine), chunk)):
+            yield self.make(fine[start:start + chunk], np.random.default_rng([self.seed, self.SPLITS[split], 1 + i]),
+                            label_noise=self.cfg.label_noise if split == "train" else 0.0)
+
+    def make(self, fine: np.ndarray, rng: np.random.Generator,
+             label_noise: float = 0.0) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        cfg, tax = self.cfg, self.tax
+        n, D, d = len(fine), cfg.feature_dim, cfg.subspace_dim
+        vert = tax.vertical_of[fine]
+        x = cfg.isotropic_noise * rng.standard_normal((n, D)).astype(np.float32)
+        local = rng.standard_normal((n, d)).astype(np.float32)
+        mode = rng.integers(cfg.modes, size=n)
+        for v in np.unique(vert):
+            m = vert == v
+            z = self.code[fine[m]] + self.mode_code[self.root[fine[m]], mode[m]] + self.noise[v] * local[m]
+            x[m] += self.center[v] + z @ self.basis[v].T
+        labelled = fine.copy()
+        if label_noise > 0:
+            flip = np.flatnonzero(rng.random(n) < label_noise)
+            for r in flip:  # an annotator's mistake: a sibling of the true class
+                sib = self._siblings(int(fine[r]))
+                if len(sib):
+                    labelled[r] = sib[rng.integers(len(sib))]
+        lab = [tax.labels_of(int(c)) for c in labelled]
+        indptr = np.concatenate([[0], np.cumsum([len(x) for x in lab])]).astype(np.int64)
+        return x, indptr, np.concatenate(lab).astype(np.int32)
+
+    # ------------------------------------------------------------------ the Bayes-optimal posterior
+    # A row of leaf c in vertical v is x = center_v + B_v (code_c + mode + noise_v * z) + iso * e, z and e standard
+    # normal: Gaussian with covariance S_v = iso^2 I + noise_v^2 B_v B_v^T (B_v orthonormal columns), one Gaussian
+    # per pose. With r = x - center_v: -2 log N(x) = |r - B c|^2 / iso^2 - a_v |B^T r - c|^2 + log det S_v + const,
+    # a_v = noise_v^2 / (iso^2 (iso^2 + noise_v^2)), which takes two GEMMs per vertical.
+
+    def _leaves_of(self, v: int) -> np.ndarray:
+        c = np.asarray(self.tax.classes_of(v))
+        return c[self.tax.is_leaf[c]]
+
+    def leaf_log_joint(self, x: np.ndarray, v: int) -> np.ndarray:
+        """log p(x, c) for every leaf c of vertical v (prior: leaves equally likely): [n, leaves of v]."""
+        cfg = self.cfg
+        iso2 = max(cfg.isotropic_noise, 1e-3) ** 2
+        n2 = float(self.noise[v]) ** 2
+        a = n2 / (iso2 * (iso2 + n2))
+        D, d = cfg.feature_dim, cfg.subspace_dim
+        logdet = (D - d) * np.log(iso2) + d * np.log(iso2 + n2)
+        leaves = self._leaves_of(v)
+        r = x.astype(np.float64) - self.center[v]
+        p = r @ self.basis[v].astype(np.float64)  # [n, d]
+        rr = (r * r).sum(1, keepdims=True)
+        pp = (p * p).sum(1, keepdims=True)
+        out = None
+        for m in range(cfg.modes):
+            code = (self.code[leaves] + self.mode_code[self.root[leaves], m]).astype(np.float64)  # [L, d]
+            cc = (code * code).sum(1)[None]
+            pc = p @ code.T
+            # |r - B c|^2 = rr - 2 p.c + cc;  |p - c|^2 = pp - 2 p.c + cc
+            q = (rr - 2 * pc + cc) / iso2 - a * (pp - 2 * pc + cc)
+            lm = -0.5 * (q + logdet) - np.log(cfg.modes)
+            out = lm if out is None else np.logaddexp(out, lm)
+        n_leaves = int(self.tax.is_leaf.sum())
+        return out - np.log(n_leaves)
+
+    def class_log_posterior(self, x: np.ndarray, v: int, log_z: Optional[np.ndarray] = None) -> np.ndarray:
+        """log P(k | x) for every class k of vertical v (a parent: the sum over its leaves): [n, N_v]. log_z [n]:
+        log p(x) over all verticals; None conditions on the row belonging to v (what v's teacher is asked)."""
+        lj = self.leaf_log_joint(x, v)
+        m = lj.max(1, keepdims=True)
+        if log_z is None:
+            log_z = (m + np.log(np.exp(lj - m).sum(1, keepdims=True)))[:, 0]
+        rel = np.exp(lj - m)  # [n, L]
+        c0 = int(self.tax.segments[v])
+        leaves = self._leaves_of(v)
+        member = np.zeros((len(leaves), len(self.tax.classes_of(v))))  # leaf -> every class it is a sample of
+        for i, c in enumerate(leaves):
+            member[i, np.asarray(self.tax.labels_of(int(c))) - c0] = 1.0
+        with np.errstate(divide="ignore"):
+            return np.log(rel @ member) + m - log_z[:, None]
+
+    def _siblings(self, c: int) -> np.ndarray:
+        if c not in self.siblings:
+            p = self.tax.parent[c]
+            sib = np.flatnonzero((self.tax.parent == p) & self.tax.is_leaf) if p >= 0 else np.zeros(0, int)
+            self.siblings[c] = sib[sib != c]
+        return self.siblings[c]
+
+
+def write_synthetic(directory: str, taxonomy: Taxonomy, cfg, seed: int, progress=None) -> dict:
+    """Generates train/ and test/ feature shards under directory, streaming shard by shard."""
+    gen = SyntheticGenerator(taxonomy, cfg, seed)
+    sizes = {}
+    for split in ("train", "test"):
+        writer = ShardWriter(os.path.join(directory, split))
+        n = len(gen.fine_classes(split))
+        chunks = gen.stream(split, cfg.shard_size)
+        if progress is not None:
+            chunks = progress(chunks, total=-(-n // cfg.shard_size), desc=f"data {split}", unit="shard")
+        for feats, ptr, ind in chunks:
+            writer.write(feats, ptr, ind)
+        writer.close({"split": split, "feature_dim": cfg.feature_dim, "num_classes": taxonomy.num_classes,
+                      "seed": seed})
+        sizes[split] = writer.rows
+    return sizes
