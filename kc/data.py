@@ -186,13 +186,16 @@ class FeatureShards(SampleSet):
 
 
 class ShardWriter:
-    """Writes rows as shards, one chunk at a time, so a split of any size never sits in memory."""
+    """Writes rows as shards, one chunk at a time, so a split of any size never sits in memory. The directory must
+    hold no shards yet: shards already there are refused, never deleted (kc writes a split into a fresh folder)."""
 
     def __init__(self, directory: str):
         self.directory = directory
         os.makedirs(directory, exist_ok=True)
-        for p in glob.glob(os.path.join(directory, "shard-*")) + glob.glob(os.path.join(directory, "index.json")):
-            os.remove(p)  # a half-written split from an interrupted run
+        found = glob.glob(os.path.join(directory, "shard-*")) + glob.glob(os.path.join(directory, "index.json"))
+        if found:
+            raise DataError(f"{directory} already holds shards ({os.path.basename(sorted(found)[0])}, ...); write "
+                            "into a new folder")
         self.count = 0
         self.rows = 0
         self.files = {}

@@ -84,14 +84,17 @@ def test_feature_shards_round_trip(tmp_path, tax):
 def test_feature_shards_bad_data(tmp_path, tax):
     with pytest.raises(DataError, match="no feature shards"):
         FeatureShards(str(tmp_path), tax.num_classes)
-    w = ShardWriter(str(tmp_path))
+    w = ShardWriter(str(tmp_path / "a"))
     w.write(np.zeros((2, 3), np.float32), np.array([0, 1, 2]), np.array([0, 999]))
     with pytest.raises(DataError, match="label ids"):
-        FeatureShards(str(tmp_path), tax.num_classes)
-    w = ShardWriter(str(tmp_path))
+        FeatureShards(str(tmp_path / "a"), tax.num_classes)
+    with pytest.raises(DataError, match="already holds shards"):  # refused, not deleted
+        ShardWriter(str(tmp_path / "a"))
+    assert (tmp_path / "a" / "shard-00000.features.npy").exists()
+    w = ShardWriter(str(tmp_path / "b"))
     w.write(np.zeros((2, 3), np.float32), np.array([0, 1]), np.array([0]))
     with pytest.raises(DataError, match="rows"):
-        FeatureShards(str(tmp_path), tax.num_classes)
+        FeatureShards(str(tmp_path / "b"), tax.num_classes)
 
 
 def test_labels_rows():
