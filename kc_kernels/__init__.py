@@ -3,7 +3,8 @@
     import kc_kernels
     loss = kc_kernels.linear_soft_target_loss(x, weight, bias, target_index=idx, target_value=val)
 
-Backends: reference (plain PyTorch), cpu (C++/OpenMP, chunked over classes), triton (GPU), cuda (CUDA C++);
+Backends: reference (plain PyTorch), cpu (C++/OpenMP, chunked over classes), triton (GPU), cuda (CUDA C++),
+portable (plain PyTorch chunked over classes, any device);
 ``kc_kernels.backends()`` tells which can run here and why not.
 """
 from kc_kernels import reference

@@ -16,7 +16,7 @@ from typing import Any, Dict, FrozenSet, Optional, Tuple
 import torch
 
 OPS = ("linear_soft_target_loss", "soft_target_loss", "sampled_softmax_loss")
-BACKEND_NAMES = ("reference", "cpu", "triton", "cuda")
+BACKEND_NAMES = ("reference", "cpu", "triton", "cuda", "portable")
 BACKENDS = BACKEND_NAMES + ("auto",)
 
 ALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -90,13 +90,19 @@ TABLE: Tuple[Row, ...] = (
         ("cuda",), HALF_AND_SINGLE),
     Row("sampled_softmax_loss", "cuda", _SAMPLED, "kc_kernels.cuda.sampled_softmax:IMPL", ("cuda",),
         HALF_AND_SINGLE),
+    # plain PyTorch over class chunks, memory-bounded: the fallback where no kernel runs (kc_kernels/portable.py)
+    Row("linear_soft_target_loss", "portable", "kc_kernels.portable:linear_soft_target_loss", None, _ANY_DEVICE,
+        ALL_DTYPES),
+    Row("soft_target_loss", "portable", "kc_kernels.portable:soft_target_loss", None, _ANY_DEVICE, ALL_DTYPES),
+    # the reference's sampled softmax holds only [B, T + S] logits: already plain PyTorch without a [B, V] tensor
+    Row("sampled_softmax_loss", "portable", f"{_REF}:sampled_softmax_loss", None, _ANY_DEVICE, ALL_DTYPES),
 )
 _ROWS: Dict[Tuple[str, str], Row] = {(r.op, r.backend): r for r in TABLE}
 assert len(_ROWS) == len(TABLE), "one row per (op, backend)"
 
 # what ``auto`` tries, in order, for tensors on each device type
-AUTO_ORDER = {"cuda": ("triton", "cuda", "reference")}
-AUTO_ORDER_DEFAULT = ("cpu", "reference")
+AUTO_ORDER = {"cuda": ("triton", "cuda", "portable", "reference")}
+AUTO_ORDER_DEFAULT = ("cpu", "portable", "reference")
 
 
 class Unavailable:
@@ -121,7 +127,7 @@ class Unavailable:
 @lru_cache(maxsize=None)
 def _probe(name: str) -> Any:
     """True, or Unavailable(reason): whether backend ``name`` can run in this process."""
-    if name == "reference":
+    if name in ("reference", "portable"):
         return True
     if name == "cpu":
         try:

@@ -76,7 +76,7 @@ def no_reduce(name: str, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
 class _Chunk:
     a: int
     b: int
-    pieces: Tuple[Tuple[int, int, int], ...]  # (c0, c1, segment) inside [a, b)
+    pieces: Tuple[Tuple[int, int, int, int], ...]  # (c0, c1, segment, column) inside [a, b)
     columns: torch.Tensor  # [b - a] statistics column of each class
     segments: torch.Tensor  # [b - a] segment of each class
 
@@ -84,7 +84,7 @@ class _Chunk:
         """A [B, width] row statistic read per class, [B, b - a]; a chunk inside one segment broadcasts its
         column instead of gathering it."""
         if len(self.pieces) == 1:
-            col = int(self.columns[0])
+            col = self.pieces[0][3]
             return stat[:, col:col + 1]
         return stat[:, self.columns]
 
@@ -105,7 +105,7 @@ def _chunks(pieces: Sequence[Piece], chunk: int, device) -> List[_Chunk]:
             inside = [(max(p.c0, a), min(p.c1, b), p) for p in run if p.c0 < b and p.c1 > a]
             cols = torch.cat([torch.full((c1 - c0,), p.column, dtype=torch.long) for c0, c1, p in inside])
             segs = torch.cat([torch.full((c1 - c0,), p.segment, dtype=torch.long) for c0, c1, p in inside])
-            out.append(_Chunk(a, b, tuple((c0, c1, p.segment) for c0, c1, p in inside), cols.to(device),
+            out.append(_Chunk(a, b, tuple((c0, c1, p.segment, p.column) for c0, c1, p in inside), cols.to(device),
                               segs.to(device)))
     return out
 
@@ -159,7 +159,7 @@ class _Walk:
         """Chunk c's part of the inputs."""
         xs = None
         if t.x is not None:
-            xs = t.x if t.x.dim() == 2 else {s: t.x[:, s] for _, _, s in c.pieces}
+            xs = t.x if t.x.dim() == 2 else {s: t.x[:, s] for _, _, s, _ in c.pieces}
         return _Inputs(xs, None if t.weight is None else t.weight[c.a:c.b],
                        None if t.bias is None else t.bias[c.a:c.b],
                        t.scale if t.scale is None or self.scale_per_segment else t.scale[c.a:c.b],
@@ -172,7 +172,7 @@ class _Walk:
         w = t.weight.to(dt)
         if torch.is_tensor(t.x):
             return t.x.to(dt) @ w.t()
-        return torch.cat([t.x[s].to(dt) @ w[c0 - c.a:c1 - c.a].t() for c0, c1, s in c.pieces], dim=1)
+        return torch.cat([t.x[s].to(dt) @ w[c0 - c.a:c1 - c.a].t() for c0, c1, s, _ in c.pieces], dim=1)
 
     def logits(self, c: _Chunk, u: torch.Tensor, t: _Inputs, norm) -> torch.Tensor:
         y = u

@@ -10,7 +10,7 @@ from tests.helpers import assert_close
 
 def test_backends_report_every_backend_with_reasons():
     status = kc_kernels.backends()
-    assert set(status) == {"reference", "cpu", "triton", "cuda"}
+    assert set(status) == {"reference", "cpu", "triton", "cuda", "portable"}
     assert status["reference"] is True
     assert status["cpu"] is True, repr(status["cpu"])
     for name, ok in status.items():
@@ -81,7 +81,7 @@ def test_auto_passes_over_a_row_that_lacks_the_dtype(monkeypatch):
 
     assert torch.float64 not in dispatch.row("linear_soft_target_loss", "triton").dtypes
     monkeypatch.setattr(dispatch, "_probe", lambda name: True)
-    assert dispatch._lookup("linear_soft_target_loss", "auto", "cuda", torch.float64).backend == "reference"
+    assert dispatch._lookup("linear_soft_target_loss", "auto", "cuda", torch.float64).backend == "portable"
     assert dispatch._lookup("linear_soft_target_loss", "auto", "cuda", torch.bfloat16).backend == "triton"
     assert dispatch._lookup("sampled_softmax_loss", "auto", "cuda", torch.float64).backend == "triton"
 

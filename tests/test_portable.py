@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import kc_kernels
 from kc_kernels import portable, reference
 from tests.helpers import assert_close, grads, make_problem
 
@@ -174,3 +175,34 @@ def test_reduce_hook_sees_each_statistic_and_its_gradient_once():
 def test_terms_table_has_one_row_per_mode():
     assert set(portable.TERMS) == {"sigmoid", "softmax"}
     assert portable.TERMS["softmax"].segment_lse and not portable.TERMS["sigmoid"].segment_lse
+
+
+@pytest.mark.parametrize("given_logits", [False, True])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_portable_backend_through_the_op_front(given_logits, reduction):
+    """backend="portable" through the public ops: the front's checks, sample weights and reductions, and a
+    memory_budget small enough for several chunks, against the reference backend."""
+    p = make_problem(6, 5, 31, G=3, K=4, dtype=torch.float32, gen=torch.Generator().manual_seed(8),
+                     scale_kind="segment", sample_weight=True)
+    kw = dict(mode="softmax", segments=p["segments"], temperature=1.7, sample_weight=p["sample_weight"],
+              reduction=reduction, **_targets(p))
+    losses, grad_sets = [], []
+    for backend in ("portable", "reference"):
+        leaves = _leaves(p)
+        if given_logits:
+            leaves = {"logits": (leaves["x"] @ leaves["weight"].t()).detach().requires_grad_(True),
+                      "scale": leaves["scale"]}
+            loss = kc_kernels.soft_target_loss(leaves["logits"], scale=leaves["scale"], backend=backend,
+                                               memory_budget=6 * 8 * 4 * 5, **kw)
+        else:
+            loss = kc_kernels.linear_soft_target_loss(leaves["x"], leaves["weight"], leaves["bias"],
+                                                      scale=leaves["scale"], backend=backend,
+                                                      memory_budget=6 * 8 * 4 * 5, **kw)
+        losses.append(loss)
+        grad_sets.append(grads(loss, list(leaves.values())))
+    assert losses[0].dtype == torch.float32 and losses[0].shape == losses[1].shape
+    assert_close(losses[0], losses[1], torch.float32, "loss")
+    for a, b in zip(*grad_sets):
+        assert_close(a, b, torch.float32, "gradient")
+    with pytest.raises(ValueError, match="^scale"):
+        kc_kernels.linear_soft_target_loss(p["x"], p["weight"], scale=torch.ones(2), backend="portable", **kw)
