@@ -22,7 +22,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 
@@ -221,34 +221,51 @@ def release_host_buffers() -> None:
         _kept_outputs.clear()
 
 
-@dataclass
-class EpilogueArgs:
-    """One epilogue call of a GPU backend: one chunk, one block of rows (docs/epilogue.md, "GPU epilogue")."""
+class EpilogueWalk(Protocol):
+    """One walk's epilogue: the inputs it prepared for its kernels (``Epilogue.begin``) and its calls. It keeps
+    no reference to the sweep (each call is handed it), so a walk's buffers die with the op call, not with a
+    collection of a reference cycle (the kept gradient outputs depend on it)."""
 
-    S: torch.Tensor
-    col0: int
-    rows: int
-    ncols: int
-    pieces: int
-    piece_lo: torch.Tensor
-    piece_seg: torch.Tensor
-    num_segments: int
-    seg_of_class: torch.Tensor
-    bias: Optional[torch.Tensor]
-    scale: Optional[torch.Tensor]
-    teacher: Optional[torch.Tensor]
-    tidx: Optional[torch.Tensor]
-    tval: Optional[torch.Tensor]
-    states: torch.Tensor
-    consts: Optional[torch.Tensor]
-    coef: Optional[torch.Tensor]
-    softmax: bool
-    inv_t: float
-    t2: float
-    row_part: Optional[torch.Tensor]
-    col_part: Optional[torch.Tensor]
-    want_dbias: bool
-    want_dscale: bool
+    def run(self, sw: "Sweep", c: Chunk, u: Optional[torch.Tensor], phases: int, coef: Optional[torch.Tensor],
+            rows: Optional[Tuple[int, int]]) -> None:
+        """The ``phases`` (a PHASE_* bitmask) over chunk ``c``'s raw scores ``u`` (None in a TEACHER-only call):
+        statistics into ``sweep.state``; in FINAL the loss sums and, with ``coef``, ``u`` overwritten by
+        coef * dL/du, the bias and per-class scale gradients added to ``sweep.db32`` / ``sweep.dscale``.
+        ``rows`` = (r0, r1): ``u`` holds only those rows (a long segment's row block)."""
+
+    def after_teacher(self, sw: "Sweep") -> None:
+        """Called once the teacher phase has run over every class (e.g. to report a NaN teacher)."""
+
+
+class Epilogue(Protocol):
+    """What a backend gives the driver (its row's ``epilogue`` in kc_kernels/dispatch.py): sizes and dtypes of
+    the walk, and ``begin``, which returns the object that owns one walk's epilogue inputs."""
+
+    state_dtype: torch.dtype  # of the [NUM_STATES, B, G] statistics
+    default_memory_budget: int  # bytes, when the call gives none
+    chunk_bytes: Optional[int]  # a cap on a column chunk below the budget (None: the budget)
+    fuses_teacher: bool  # runs TEACHER in the same call as the other phases where a call holds whole segments
+
+    def work_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype of the GEMMs and of the scores for inputs of ``dtype``."""
+
+    def bytes_per_class(self, sw: "Sweep") -> int:
+        """Bytes a class of a chunk costs (the scores column and the epilogue's own per-class buffers)."""
+
+    def begin(self, sw: "Sweep") -> EpilogueWalk:
+        """The epilogue of the walk ``sw``."""
+
+
+@dataclass(frozen=True)
+class Phases:
+    """Which phases a walk runs, and where (docs/epilogue.md)."""
+
+    norm: bool  # the self-paced norm (a scale was given)
+    stats: bool  # segment statistics (softmax, or a scale)
+    final: int  # PHASE_FINAL, or 0 (a softmax loss without gradients needs no FINAL: the statistics hold it)
+    teacher: bool  # a dense softmax teacher's log-sum-exp
+    fused: bool  # the teacher phase runs in the calls of the other phases where they hold whole segments
+    whole: int  # the bitmask of a call that holds whole segments
 
 
 class Sweep:
@@ -274,7 +291,7 @@ class Sweep:
         # column chunks of at most the epilogue's chunk_bytes (the CPU's: small enough that the chunk the logits GEMM
         # writes is still in cache when the epilogue and the gradient GEMMs read it); a segment longer than a chunk
         # is walked in row blocks that may use the whole budget (fewer passes over its weight rows)
-        chunk_budget = min(memory_budget, getattr(epilogue, "chunk_bytes", None) or memory_budget)
+        chunk_budget = min(memory_budget, epilogue.chunk_bytes or memory_budget)
         self.capacity = int(min(p.num_classes, max(MIN_CHUNK, chunk_budget // max(per_col, 1))))
         full_capacity = int(min(p.num_classes, max(MIN_CHUNK, memory_budget // max(per_col, 1))))
         self.block_elems = p.batch * self.row_stride(full_capacity)
@@ -288,7 +305,7 @@ class Sweep:
         self.bias32 = None if p.bias is None else p.bias.detach().float().contiguous()
         self.buf = take_workspace(p.batch * self.row_stride(self.capacity), self.work_dtype, self.device)
         self._w_cached = (None, None)
-        epilogue.prepare(self)
+        self.walk = epilogue.begin(self)
 
     # ------------------------------------------------------------------ GEMM pieces
     def row_stride(self, cols: int) -> int:
@@ -390,92 +407,102 @@ class Sweep:
         for r0 in range(0, p.batch, block):
             r1 = min(p.batch, r0 + block)
             u = self.logits(c, r0, r1)
-            self.ep.run(self, c, u, phases, coef, (r0, r1))
+            self.walk.run(self, c, u, phases, coef, (r0, r1))
             if coef is not None:
                 self.accumulate_grads(c, u, r0, r1, dw=dw, add=r0 > 0)
         if dw is not None and dw.data_ptr() != self.dw[lo:hi].data_ptr():
             self.dw[lo:hi].copy_(dw)
 
-    def _after_teacher(self) -> None:
-        after = getattr(self.ep, "after_teacher", None)
-        if after is not None:
-            after(self)
-
     def run(self, coef: Optional[torch.Tensor], needs: Sequence[str] = ("x", "weight", "bias", "logits", "scale")
             ) -> Tuple[torch.Tensor, Optional[Dict[str, Optional[torch.Tensor]]]]:
         """Per-row loss [B] (state dtype); with ``coef`` [B] also the gradients (of the inputs named in ``needs``)
         scaled row-wise by it. Gradient GEMMs of inputs that need no gradient are skipped."""
+        grads = coef is not None
+        coef = self._allocate(coef, needs)
+        self._walk(self._phases(grads), coef, grads)
+        return self._assemble(coef, grads)
+
+    def _allocate(self, coef: Optional[torch.Tensor], needs: Sequence[str]) -> Optional[torch.Tensor]:
+        """The statistics, and with ``coef`` the gradient buffers of the inputs named in ``needs``; ``coef`` as
+        the epilogue reads it."""
         p = self.p
         B, dev = p.batch, self.device
         self.state = torch.zeros(NUM_STATES, B, self.G, dtype=self.state_dtype, device=dev)
         self.state[S_MAX] = -math.inf
         self.state[S_TMAX] = -math.inf
         self.softplus = torch.zeros(B, dtype=self.state_dtype, device=dev)
-        grads = coef is not None
         self.dx = self.dw = self.db32 = self.dscale = self.dlogits = None
-        if grads:
-            coef = coef.float().contiguous()
-            if self.linear:
-                # dx accumulates over chunks: fp32 unless the GEMMs themselves are fp32
-                self.dx = torch.zeros(self.xw.shape, dtype=torch.float32, device=dev) if "x" in needs else None
-                wdt = torch.float32 if p.weight.dtype == torch.float64 else p.weight.dtype
-                self.dw = output_buffer(p.weight.shape, wdt, dev) if "weight" in needs else None
-                self.db32 = (torch.zeros(p.num_classes, dtype=torch.float32, device=dev)
-                             if p.bias is not None and "bias" in needs else None)
-            else:
-                ldt = torch.float32 if p.logits.dtype == torch.float64 else p.logits.dtype
-                self.dlogits = output_buffer(p.logits.shape, ldt, dev)
-            self.dscale = (torch.zeros(p.num_classes, dtype=torch.float32, device=dev)
-                           if self.scale_kind == SCALE_CLASS and "scale" in needs else None)
-        need_norm = self.scale_kind != SCALE_NONE
-        need_stats = self.softmax or need_norm
-        final = PHASE_FINAL if (grads or not self.softmax) else 0
-
-        # an empty batch walks nothing: zero loss rows, zero gradients (dW is an uninitialised output otherwise)
-        steps = self.plan.steps if B else []
+        if coef is None:
+            return None
+        coef = coef.float().contiguous()
+        if self.linear:
+            # dx accumulates over chunks: fp32 unless the GEMMs themselves are fp32
+            self.dx = torch.zeros(self.xw.shape, dtype=torch.float32, device=dev) if "x" in needs else None
+            wdt = torch.float32 if p.weight.dtype == torch.float64 else p.weight.dtype
+            self.dw = output_buffer(p.weight.shape, wdt, dev) if "weight" in needs else None
+            self.db32 = (torch.zeros(p.num_classes, dtype=torch.float32, device=dev)
+                         if p.bias is not None and "bias" in needs else None)
+        else:
+            ldt = torch.float32 if p.logits.dtype == torch.float64 else p.logits.dtype
+            self.dlogits = output_buffer(p.logits.shape, ldt, dev)
+        self.dscale = (torch.zeros(p.num_classes, dtype=torch.float32, device=dev)
+                       if self.scale_kind == SCALE_CLASS and "scale" in needs else None)
         if not B and self.dw is not None:
-            self.dw.zero_()
-        whole_phases = (PHASE_NORM if need_norm else 0) | (PHASE_STATS if need_stats else 0) | final
-        teacher = self.softmax and p.teacher_logits is not None
+            self.dw.zero_()  # an empty batch walks nothing: dW is an uninitialised output otherwise
+        return coef
+
+    def _phases(self, grads: bool) -> Phases:
+        norm = self.scale_kind != SCALE_NONE
+        stats = self.softmax or norm
+        final = PHASE_FINAL if (grads or not self.softmax) else 0
+        teacher = self.softmax and self.p.teacher_logits is not None
         # an epilogue that fuses the teacher phase runs it in the same call as the other phases wherever a call
         # holds whole segments (a whole chunk, or a long segment's row block): the teacher is read once, while its
         # rows are in cache, instead of in a walk of its own
-        fused = teacher and getattr(self.ep, "fuses_teacher", False)
-        if fused:
-            whole_phases |= PHASE_TEACHER
-        if teacher:
+        fused = teacher and self.ep.fuses_teacher
+        whole = (PHASE_NORM if norm else 0) | (PHASE_STATS if stats else 0) | final | (PHASE_TEACHER if fused else 0)
+        return Phases(norm, stats, final, teacher, fused, whole)
+
+    def _walk(self, ph: Phases, coef: Optional[torch.Tensor], grads: bool) -> None:
+        """Every step of the plan (none for an empty batch): the teacher walk where it is not fused, then each chunk
+        of whole segments in one call, each long segment in row blocks (or, for given logits, once per phase)."""
+        steps = self.plan.steps if self.p.batch else []
+        if ph.teacher:
             for step in steps:
-                if fused and (step[0].whole or (self.linear and (need_norm or need_stats))):
+                if ph.fused and (step[0].whole or (self.linear and (ph.norm or ph.stats))):
                     continue
                 for c in step:
-                    self.ep.run(self, c, None, PHASE_TEACHER, None, None)
-            if not fused:
-                self._after_teacher()
+                    self.walk.run(self, c, None, PHASE_TEACHER, None, None)
+            if not ph.fused:
+                self.walk.after_teacher(self)
         for step in steps:
             if step[0].whole:
                 c = step[0]
                 u = self.logits(c)
-                self.ep.run(self, c, u, whole_phases, coef, None)
+                self.walk.run(self, c, u, ph.whole, coef, None)
                 if grads:
                     self.accumulate_grads(c, u)
                 continue
-            if self.linear and (need_norm or need_stats):
-                self._row_blocks(step, whole_phases, coef if grads else None)
+            if self.linear and (ph.norm or ph.stats):
+                self._row_blocks(step, ph.whole, coef if grads else None)
                 continue
             # a segment longer than a chunk: one walk per phase, recomputing (or re-reading) its logits
-            for phase, needed in ((PHASE_NORM, need_norm), (PHASE_STATS, need_stats), (final, final != 0)):
+            for phase, needed in ((PHASE_NORM, ph.norm), (PHASE_STATS, ph.stats), (ph.final, ph.final != 0)):
                 if not needed:
                     continue
                 for c in step:
                     u = self.logits(c)
-                    self.ep.run(self, c, u, phase, coef if phase == PHASE_FINAL else None, None)
+                    self.walk.run(self, c, u, phase, coef if phase == PHASE_FINAL else None, None)
                     if phase == PHASE_FINAL and grads:
                         self.accumulate_grads(c, u)
-
         give_back_workspace(self.buf)  # no output views it
-        if fused:
-            self._after_teacher()
-        st = self.state
+        if ph.fused:
+            self.walk.after_teacher(self)
+
+    def _assemble(self, coef: Optional[torch.Tensor], grads: bool
+                  ) -> Tuple[torch.Tensor, Optional[Dict[str, Optional[torch.Tensor]]]]:
+        """The per-row loss from the statistics, and the gradients in the inputs' dtypes."""
+        p, st = self.p, self.state
         if self.softmax:
             lse = st[S_MAX] + torch.log(st[S_SUMEXP])
             zl = torch.where(st[S_ZSUM] != 0, st[S_ZSUM] * lse, torch.zeros_like(lse))
@@ -484,7 +511,7 @@ class Sweep:
             loss = self.softplus - st[S_ZY].sum(dim=1)
         if not grads:
             return loss, None
-        out = {}
+        out: Dict[str, Optional[torch.Tensor]] = {}
         if self.linear:
             out["x"] = None if self.dx is None else self.dx.view_as(p.x).to(p.x.dtype)
             out["weight"] = None if self.dw is None else self.dw.to(p.weight.dtype)

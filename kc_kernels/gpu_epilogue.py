@@ -8,6 +8,7 @@ device value on the host: no synchronisation in the hot path.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -39,7 +40,7 @@ from kc_kernels.chunked import (
     SCALE_NONE,
     SCALE_SEGMENT,
     Chunk,
-    EpilogueArgs,
+    Sweep,
 )
 
 WORK_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -57,11 +58,43 @@ def sorted_targets(target_index: torch.Tensor, target_value: torch.Tensor,
     return idx.to(torch.int32).contiguous(), val.gather(1, order).contiguous()
 
 
+@dataclass
+class EpilogueArgs:
+    """One call of a GPU backend's kernels: one chunk, one block of rows (docs/epilogue.md, "GPU epilogue")."""
+
+    S: Optional[torch.Tensor]
+    col0: int
+    rows: int
+    ncols: int
+    pieces: int
+    piece_lo: torch.Tensor
+    piece_seg: torch.Tensor
+    num_segments: int
+    seg_of_class: torch.Tensor
+    bias: Optional[torch.Tensor]
+    scale: Optional[torch.Tensor]
+    teacher: Optional[torch.Tensor]
+    tidx: Optional[torch.Tensor]
+    tval: Optional[torch.Tensor]
+    states: torch.Tensor
+    consts: Optional[torch.Tensor]
+    coef: Optional[torch.Tensor]
+    softmax: bool
+    inv_t: float
+    t2: float
+    row_part: Optional[torch.Tensor]
+    col_part: Optional[torch.Tensor]
+    want_dbias: bool
+    want_dscale: bool
+
+
 class DeviceEpilogue:
-    """The driver's epilogue interface over a backend's two kernels."""
+    """The driver's epilogue interface (kc_kernels.chunked.Epilogue) over a backend's two kernels."""
 
     state_dtype = torch.float32
     default_memory_budget = 512 << 20  # bytes of the [B, chunk] scores buffer and the partial sums on a GPU
+    chunk_bytes: Optional[int] = None
+    fuses_teacher = False
 
     def __init__(self, kernels):
         self.k = kernels
@@ -71,28 +104,40 @@ class DeviceEpilogue:
         # half inputs keep their dtype: the GEMMs run on tensor cores, the epilogue computes in fp32
         return dtype if dtype in WORK_DTYPES else torch.float32
 
-    def bytes_per_class(self, sw) -> int:
+    def bytes_per_class(self, sw: "Sweep") -> int:
         rows_tile = self.k.TILE[0]
         partial = 8 * -(-sw.p.batch // rows_tile)  # the column partial sums of the final kernel
         return sw.p.batch * torch.empty((), dtype=sw.work_dtype).element_size() + partial
 
-    def prepare(self, sw) -> None:
+    def begin(self, sw: "Sweep") -> "DeviceWalk":
+        return DeviceWalk(self.k, sw)
+
+
+class DeviceWalk:
+    """One walk's kernel inputs, prepared once (targets sorted per row, the scale expanded to classes, the segment
+    of every class, the final kernel's constants), and its kernel calls."""
+
+    def __init__(self, kernels, sw: "Sweep"):
         p = sw.p
-        sw.tidx = sw.tval = None
+        self.k = kernels
+        self.tidx = self.tval = None
         if p.target_index is not None:
-            sw.tidx, sw.tval = sorted_targets(p.target_index, p.target_value, p.num_classes)
-        sw.teacher = None
+            self.tidx, self.tval = sorted_targets(p.target_index, p.target_value, p.num_classes)
+        self.teacher = None
         if p.teacher_logits is not None:
             t = p.teacher_logits
-            sw.teacher = t if t.stride(1) == 1 else t.contiguous()
-        sw.seg_of_class = sw.plan.seg_of_class(sw.device)
-        sw.scale_cls = None
+            self.teacher = t if t.stride(1) == 1 else t.contiguous()
+        self.seg_of_class = sw.plan.seg_of_class(sw.device)
+        self.scale_cls = None
         if sw.scale_kind != SCALE_NONE:
-            sw.scale_cls = (sw.scale32[sw.seg_of_class.long()] if sw.scale_kind == SCALE_SEGMENT
-                            else sw.scale32).contiguous()
-        sw.consts = torch.zeros(NUM_CONSTS, p.batch, sw.G, dtype=torch.float32, device=sw.device)
+            self.scale_cls = (sw.scale32[self.seg_of_class.long()] if sw.scale_kind == SCALE_SEGMENT
+                              else sw.scale32).contiguous()
+        self.consts = torch.zeros(NUM_CONSTS, p.batch, sw.G, dtype=torch.float32, device=sw.device)
 
-    def _consts(self, sw, r0: int, r1: int, g0: int, g1: int):
+    def after_teacher(self, sw: "Sweep") -> None:
+        pass  # a NaN teacher is checked by the front (KC_CHECK_VALUES), not from these statistics
+
+    def _consts(self, sw: "Sweep", r0: int, r1: int, g0: int, g1: int) -> None:
         """Constants of the final kernel for rows [r0, r1) and segments [g0, g1) from the finished statistics;
         also stores R and S (the scale's gradient terms) in the states. Computed in float64 (B x G numbers): the
         gradient under a scale is a difference of two terms that cancel for short segments, so 1/n and S/n^2 are
@@ -111,7 +156,7 @@ class DeviceEpilogue:
         if sw.softmax:
             cs[C_LSE] = st[S_MAX] + torch.log(st[S_SUMEXP])
             cs[C_MASS] = st[S_ZSUM]
-            if sw.teacher is not None:
+            if self.teacher is not None:
                 cs[C_TLSE] = st[S_TMAX] + torch.log(st[S_TSUMEXP])
         if scaled:
             if sw.softmax:
@@ -123,8 +168,9 @@ class DeviceEpilogue:
             sw.state[S_R, r0:r1, g0:g1] = R
             sw.state[S_S, r0:r1, g0:g1] = S
             cs[C_S_N2] = S / sq
-        sw.consts[:, r0:r1, g0:g1] = cs
-    def run(self, sw, c: Chunk, u: Optional[torch.Tensor], phases: int, coef: Optional[torch.Tensor],
+        self.consts[:, r0:r1, g0:g1] = cs
+
+    def run(self, sw: "Sweep", c: Chunk, u: Optional[torch.Tensor], phases: int, coef: Optional[torch.Tensor],
             rows: Optional[Tuple[int, int]]) -> None:
         p = sw.p
         r0, r1 = rows if rows is not None else (0, p.batch)
@@ -134,9 +180,9 @@ class DeviceEpilogue:
         want_dscale = coef is not None and sw.dscale is not None
         a = EpilogueArgs(
             S=u, col0=c.lo, rows=n, ncols=c.hi - c.lo, pieces=len(c.piece_seg), piece_lo=piece_lo,
-            piece_seg=piece_seg, num_segments=sw.G, seg_of_class=sw.seg_of_class, bias=sw.bias32,
-            scale=sw.scale_cls, teacher=None if sw.teacher is None else sw.teacher[r0:r1],
-            tidx=None if sw.tidx is None else sw.tidx[r0:r1], tval=None if sw.tval is None else sw.tval[r0:r1],
+            piece_seg=piece_seg, num_segments=sw.G, seg_of_class=self.seg_of_class, bias=sw.bias32,
+            scale=self.scale_cls, teacher=None if self.teacher is None else self.teacher[r0:r1],
+            tidx=None if self.tidx is None else self.tidx[r0:r1], tval=None if self.tval is None else self.tval[r0:r1],
             states=sw.state[:, r0:r1], consts=None, coef=None if coef is None else coef[r0:r1],
             softmax=sw.softmax, inv_t=1.0 / p.temperature, t2=p.temperature ** 2, row_part=None, col_part=None,
             want_dbias=want_dbias, want_dscale=want_dscale)
@@ -147,7 +193,7 @@ class DeviceEpilogue:
             return
         g0, g1 = c.piece_seg[0], c.piece_seg[-1] + 1
         self._consts(sw, r0, r1, g0, g1)
-        a.consts = sw.consts[:, r0:r1].contiguous() if rows is not None else sw.consts
+        a.consts = self.consts[:, r0:r1].contiguous() if rows is not None else self.consts
         br, bc = self.k.TILE
         a.row_part = torch.empty(2, -(-a.ncols // bc), n, dtype=torch.float32, device=sw.device)
         if want_dbias or want_dscale:

@@ -33,8 +33,8 @@ from kc_kernels.chunked import (
     S_ZU,
     S_ZY,
     S_ZYH,
-    EpilogueArgs,
 )
+from kc_kernels.gpu_epilogue import EpilogueArgs
 from kc_kernels.triton import epilogue
 
 T = 2.0

@@ -29,6 +29,8 @@ void require(const void* address, const char* field, const char* when) {
 void check_sizes(const Params& p) {
   if (p.rows < 0 || p.ncols < 0 || p.col0 < 0 || p.k < 0) invalid("rows/ncols/col0/k", "must be >= 0");
   if (p.npieces < 1 || p.num_segments < 1) invalid("npieces/num_segments", "must be >= 1");
+  if (p.state_stride < 0 || p.state_row_stride < 0 || p.state_segment_stride < 0)
+    invalid("state_stride/state_row_stride/state_segment_stride", "must be >= 0");
   if (p.phases <= 0 || p.phases >= (1 << kc::kNumPhases)) invalid("phases", "is not a bitmask of PHASES");
   if (p.scale_kind < 0 || p.scale_kind >= kc::kNumScaleKinds) invalid("scale_kind", "is not a SCALE_KINDS value");
   if (p.scores_dtype < 0 || p.scores_dtype >= kc_cpu::kNumScoresDtypes)
@@ -78,6 +80,9 @@ void def_params(py::module_& m) {
       .def_readwrite("scale_kind", &Params::scale_kind)
       .def_readwrite("scores_dtype", &Params::scores_dtype)
       .def_readwrite("k", &Params::k)
+      .def_readwrite("state_stride", &Params::state_stride)
+      .def_readwrite("state_row_stride", &Params::state_row_stride)
+      .def_readwrite("state_segment_stride", &Params::state_segment_stride)
       .def_readwrite("teacher_ld", &Params::teacher_ld);
   def_address(cls, "u", &Params::u);
   def_address(cls, "piece_lo", &Params::piece_lo);
@@ -101,9 +106,14 @@ PYBIND11_MODULE(_C, m) {
   def_params(m);
   m.def(
       "soft_target_chunk",
-      [](const Params& p) {
+      [](Params p) {
         check_sizes(p);
         check_buffers(p);
+        if (p.state_stride == 0 && p.state_row_stride == 0 && p.state_segment_stride == 0) {
+          p.state_segment_stride = 1;  // the contiguous [kNumStates, rows, num_segments] layout
+          p.state_row_stride = p.num_segments;
+          p.state_stride = p.rows * p.num_segments;
+        }
         py::gil_scoped_release nogil;
         kc_cpu::soft_target_chunk(p);
       },

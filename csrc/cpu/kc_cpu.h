@@ -39,7 +39,8 @@ struct SoftTargetChunk {
   const float* teacher = nullptr;  // dense teacher logits of the chunk [rows, ncols] (row stride teacher_ld), or null
   int64_t teacher_ld = 0;
   const float* coef = nullptr;  // [rows] gradient coefficient (sample weight x reduction x grad output); null: loss only
-  double* state = nullptr;  // [kNumStates, rows, num_segments]
+  double* state = nullptr;  // [kNumStates, rows, num_segments] with the strides below (in elements)
+  int64_t state_stride = 0, state_row_stride = 0, state_segment_stride = 0;  // all 0: contiguous
   double* softplus_sum = nullptr;  // [rows] sigmoid mode: accumulated sum of softplus(y)
   float* dscale_class = nullptr;  // [ncols] per-class scale gradient of this chunk (accumulated), or null
   const float* bias = nullptr;  // [V] fp32 class bias, added after the scale: y = s u / (n T) + b / T (null: none)

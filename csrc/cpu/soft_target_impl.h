@@ -226,7 +226,9 @@ struct RowPiece {
   const float* bp;           // bias of the chunk's columns (zeros when the op has none)
   float* tz;                 // softmax with a dense teacher: the row's teacher exps (see teacher_targets), else null
   float* sg;                 // sigmoid under a scale: the row's sigmoid(y) from STATS for FINAL (see run_row), or null
-  double& st(int which) const { return a.state[(which * a.rows + b) * a.num_segments + g]; }
+  double& st(int which) const {
+    return a.state[which * a.state_stride + b * a.state_row_stride + g * a.state_segment_stride];
+  }
 };
 
 // TEACHER: the online log-sum-exp of the dense teacher's t / T over the segment. The piece's exp(t / T - m) are kept

@@ -54,14 +54,14 @@ _SCORES_DTYPES = {torch.float32: _C.SCORES_DTYPES["F32"], torch.bfloat16: _C.SCO
 
 
 class CpuEpilogue:
-    """The C++ epilogue behind the driver's interface: ``work_dtype``, ``state_dtype``, ``bytes_per_class``,
-    ``prepare`` (once per walk) and ``run`` (one chunk, one block of rows, some phases)."""
+    """The C++ epilogue behind the driver's interface (kc_kernels.chunked.Epilogue): sizes and dtypes here,
+    ``begin`` gives the object that holds one walk's inputs and runs the kernel (``CpuWalk``)."""
 
     state_dtype = torch.float64
     default_memory_budget = 64 << 20  # bytes for the chunk of logits (and of teacher logits)
-    # column chunks of at most 16 MiB: the sigmoid op at B=1024, H=512, V=100K ran 12% (bf16) and 5% (fp32)
-    # faster than with 64 MiB chunks on a 2-core Xeon (4-128 MiB measured, 8-16 best)
-    chunk_bytes = 16 << 20
+    # column chunks of at most 16 MiB: the chunk the logits GEMM writes is still in cache when the epilogue and the
+    # gradient GEMMs read it (measurements: docs/performance.md)
+    chunk_bytes: Optional[int] = 16 << 20
     # the teacher phase runs in the same call as STATS and FINAL where a call holds whole segments (one read of a
     # dense teacher, while its rows are in cache; its exps are kept for the targets)
     fuses_teacher = True
@@ -73,7 +73,7 @@ class CpuEpilogue:
         return torch.bfloat16 if dtype == torch.bfloat16 and bf16_enabled() else torch.float32
 
     @staticmethod
-    def bytes_per_class(sw) -> int:
+    def bytes_per_class(sw: "chunked.Sweep") -> int:
         p = sw.p
         # the logits chunk (work dtype), a converted teacher chunk, fp32 weight/gradient rows of converted weights
         per_col = sw.buf_itemsize * p.batch
@@ -83,62 +83,62 @@ class CpuEpilogue:
             per_col += 8 * sw.H
         return per_col
 
-    @staticmethod
-    def prepare(sw):
-        p = sw.p
-        sw.sparse = p.target_index is not None
-        if sw.sparse:
-            sw.tidx = p.target_index.long().contiguous()
-            sw.tval = p.target_value.float().contiguous()
-        sw.teacher = p.teacher_logits
-        sw.tbuf = None
-        if sw.teacher is not None:
-            if sw.teacher.dtype == torch.float32:
-                sw.teacher = sw.teacher.contiguous()
-            else:
-                sw.tbuf = torch.empty(p.batch * sw.capacity, dtype=torch.float32)
+    def begin(self, sw: "chunked.Sweep") -> "CpuWalk":
+        return CpuWalk(sw)
 
-    @staticmethod
-    def after_teacher(sw) -> None:
+
+class CpuWalk:
+    """One walk's inputs as the kernel reads them (targets as int64/fp32, the teacher as fp32) and its calls."""
+
+    def __init__(self, sw: "chunked.Sweep"):
+        p = sw.p
+        self.tidx = self.tval = None
+        if p.target_index is not None:
+            self.tidx = p.target_index.long().contiguous()
+            self.tval = p.target_value.float().contiguous()
+        self.teacher = p.teacher_logits
+        self.tbuf: Optional[torch.Tensor] = None  # fp32 copies of a non-fp32 teacher's chunks
+        if self.teacher is not None:
+            if self.teacher.dtype == torch.float32:
+                self.teacher = self.teacher.contiguous()
+            else:
+                self.tbuf = torch.empty(p.batch * sw.capacity, dtype=torch.float32)
+
+    def after_teacher(self, sw: "chunked.Sweep") -> None:
         """The teacher phase poisons the log-sum-exp of a segment holding a NaN teacher logit: the front's NaN
         check of the dense teacher (a pass over B x V values) is done here, from the [B, G] statistics."""
         if checks.values_enabled(torch.device("cpu")) and bool(torch.isnan(sw.state[chunked.S_TSUMEXP]).any()):
             checks.fail("teacher_logits", "contains NaN")
 
-    @staticmethod
-    def _teacher(sw, c: Chunk, r0: int, r1: int):
-        """(address, row stride, converted copy or None) of the teacher logits of the chunk's classes from row r0
-        on, as fp32; the caller keeps the copy alive until the kernel has read it."""
-        if sw.teacher is None:
-            return 0, 0, None
-        if sw.tbuf is None:  # fp32 teacher: read in place
-            return sw.teacher.data_ptr() + 4 * (c.lo + r0 * sw.teacher.shape[1]), sw.teacher.shape[1], None
+    def _teacher(self, c: Chunk, r0: int, r1: int) -> Optional[torch.Tensor]:
+        """The teacher logits of rows [r0, r1) and the chunk's classes as fp32 with unit column stride: a view of
+        an fp32 teacher, else a converted copy (which the caller keeps alive until the kernel has read it)."""
+        if self.teacher is None:
+            return None
+        if self.tbuf is None:  # fp32 teacher: read in place
+            return self.teacher[r0:r1, c.lo:c.hi]
         n = (r1 - r0) * (c.hi - c.lo)
-        if n > sw.tbuf.numel():  # a long segment's row block: grown once
-            sw.tbuf = torch.empty(n)
-        t = sw.tbuf[:n].view(r1 - r0, c.hi - c.lo)
-        t.copy_(sw.teacher[r0:r1, c.lo:c.hi])
-        return t.data_ptr(), t.shape[1], t
+        if n > self.tbuf.numel():  # a long segment's row block: grown once
+            self.tbuf = torch.empty(n)
+        t = self.tbuf[:n].view(r1 - r0, c.hi - c.lo)
+        t.copy_(self.teacher[r0:r1, c.lo:c.hi])
+        return t
 
-    @classmethod
-    def run(cls, sw, c: Chunk, u: Optional[torch.Tensor], phases: int, coef: Optional[torch.Tensor],
-            rows: Optional[Tuple[int, int]]) -> None:
+    def run(self, sw: "chunked.Sweep", c: Chunk, u: Optional[torch.Tensor], phases: int,
+            coef: Optional[torch.Tensor], rows: Optional[Tuple[int, int]]) -> None:
         """One epilogue call; ``rows`` = (r0, r1): ``u`` holds only those rows (the row-block walk of a long
-        segment)."""
+        segment), every other per-row buffer is sliced to them."""
         r0, r1 = rows if rows is not None else (0, sw.p.batch)
-        state = sw.state if rows is None else sw.state[:, r0:r1].contiguous()
-        tptr, tld, _teacher_copy = cls._teacher(sw, c, r0, r1)  # the copy lives until the kernel has run
-        params = cls._params(sw, c, u, phases, coef, r0, r1, state)
-        params.teacher, params.teacher_ld = tptr, tld
-        _C.soft_target_chunk(params)
-        if rows is not None:
-            sw.state[:, r0:r1] = state
+        teacher = self._teacher(c, r0, r1)  # a converted copy lives until the kernel has run
+        a = self._params(sw, c, u, phases, coef, r0, r1)
+        if teacher is not None:
+            a.teacher, a.teacher_ld = teacher.data_ptr(), teacher.stride(0)
+        _C.soft_target_chunk(a)
 
-    @staticmethod
-    def _params(sw, c: Chunk, u: Optional[torch.Tensor], phases: int, coef: Optional[torch.Tensor], r0: int,
-                r1: int, state: torch.Tensor):
-        """The kernel's named arguments (csrc/cpu/kc_cpu.h) for rows [r0, r1) of chunk ``c``; buffers offset to
-        row r0 where the kernel indexes them from the block's first row."""
+    def _params(self, sw: "chunked.Sweep", c: Chunk, u: Optional[torch.Tensor], phases: int,
+                coef: Optional[torch.Tensor], r0: int, r1: int) -> "_C.SoftTargetChunkParams":
+        """The kernel's named arguments (csrc/cpu/kc_cpu.h) for rows [r0, r1) of chunk ``c``: every per-row
+        buffer is the slice of those rows, every per-class one the slice of the chunk's classes."""
         p, a = sw.p, _C.SoftTargetChunkParams()
         lo_t, seg_t = sw.plan.tables(c, torch.device("cpu"), torch.long)
         a.u, a.ld = _ptr(u), u.stride(0) if u is not None else c.hi - c.lo
@@ -151,15 +151,18 @@ class CpuEpilogue:
         a.npieces, a.piece_lo, a.piece_seg, a.num_segments = len(c.piece_seg), lo_t.data_ptr(), seg_t.data_ptr(), sw.G
         a.phases, a.softmax, a.inv_t, a.t2 = phases, int(sw.softmax), 1.0 / p.temperature, p.temperature ** 2
         a.scale, a.scale_kind, a.bias = _ptr(sw.scale32), sw.scale_kind, _ptr(sw.bias32)
-        if sw.sparse:
-            a.k = sw.tidx.shape[1]
-            a.tidx, a.tval = sw.tidx.data_ptr() + 8 * a.k * r0, sw.tval.data_ptr() + 4 * a.k * r0
-        a.state, a.softplus_sum = state.data_ptr(), sw.softplus.data_ptr() + 8 * r0
+        if self.tidx is not None:
+            a.k = self.tidx.shape[1]
+            a.tidx, a.tval = self.tidx[r0:r1].data_ptr(), self.tval[r0:r1].data_ptr()
+        state = sw.state[:, r0:r1]
+        a.state = state.data_ptr()
+        a.state_stride, a.state_row_stride, a.state_segment_stride = state.stride()
+        a.softplus_sum = sw.softplus[r0:r1].data_ptr()
         if coef is not None:
-            a.coef = coef.data_ptr() + 4 * r0
+            a.coef = coef[r0:r1].data_ptr()
             if phases & PHASE_FINAL:
-                a.dscale_class = 0 if sw.dscale is None else sw.dscale.data_ptr() + 4 * c.lo
-                a.dbias = 0 if sw.db32 is None else sw.db32.data_ptr() + 4 * c.lo
+                a.dscale_class = _ptr(None if sw.dscale is None else sw.dscale[c.lo:c.hi])
+                a.dbias = _ptr(None if sw.db32 is None else sw.db32[c.lo:c.hi])
         return a
 
 

@@ -19,8 +19,8 @@ from typing import Optional
 import torch
 
 from kc_kernels import _cuda, chunked
-from kc_kernels.chunked import NUM_CONSTS, NUM_STATES, PHASE_NORM, PHASE_STATS, PHASE_TEACHER, EpilogueArgs
-from kc_kernels.gpu_epilogue import DeviceEpilogue
+from kc_kernels.chunked import NUM_CONSTS, NUM_STATES, PHASE_NORM, PHASE_STATS, PHASE_TEACHER
+from kc_kernels.gpu_epilogue import DeviceEpilogue, EpilogueArgs
 
 __all__ = ["TILE", "row_stats", "final", "EPILOGUE"]
 
