@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 import kc_kernels
-from kc_kernels import chunked
+from kc_kernels import host_buffers, layout
 
 SHAPES = {
     # name: (B, H, V)
@@ -123,7 +123,7 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> Tuple[float, 
         return peak / 2 ** 20, _nbytes(out) / 2 ** 20
     # kc keeps host buffers between calls (a scratch buffer, the memory of its last large gradient outputs): dropped
     # first, so that the measured call allocates them again and they count as any implementation's memory does
-    chunked.release_host_buffers()
+    host_buffers.release_host_buffers()
     _release_free_memory()
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -190,7 +190,7 @@ def floor_fn(p: Problem) -> Callable[[], object]:
     x, w = p.x.detach(), p.weight.detach()
     # rows an odd number of 64-byte lines apart: the fastest layout for BLAS here (a power-of-two row stride, e.g.
     # 8192 fp32 classes, aliases in the caches), so that no implementation beats its floor by layout alone
-    ld = chunked.padded_row_stride(w.shape[0], x.element_size())
+    ld = layout.padded_row_stride(w.shape[0], x.element_size())
     buf = torch.zeros(x.shape[0], ld, dtype=x.dtype, device=x.device)[:, :w.shape[0]]
     dx = torch.empty_like(x)
     dw = torch.empty_like(w)

@@ -8,9 +8,9 @@ portable (plain PyTorch chunked over classes, any device);
 ``kc_kernels.backends()`` tells which can run here and why not.
 """
 from kc_kernels import reference
-from kc_kernels.chunked import release_host_buffers
 from kc_kernels.dispatch import backends, built_libraries
 from kc_kernels.distributed import shard_classes, vocab_parallel_linear_soft_target_loss
+from kc_kernels.host_buffers import release_host_buffers
 from kc_kernels.logits import soft_target_logits
 from kc_kernels.modules import LinearSoftTargetLoss, SampledSoftmaxLoss
 from kc_kernels.ops import linear_soft_target_loss, sampled_softmax_loss, soft_target_loss

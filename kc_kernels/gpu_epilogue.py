@@ -13,7 +13,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from kc_kernels.chunked import (
+from kc_kernels.driver import Sweep
+from kc_kernels.layout import (
     C_INV_NT,
     C_LSE,
     C_MASS,
@@ -40,7 +41,6 @@ from kc_kernels.chunked import (
     SCALE_NONE,
     SCALE_SEGMENT,
     Chunk,
-    Sweep,
 )
 
 WORK_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -89,7 +89,7 @@ class EpilogueArgs:
 
 
 class DeviceEpilogue:
-    """The driver's epilogue interface (kc_kernels.chunked.Epilogue) over a backend's two kernels."""
+    """The driver's epilogue interface (kc_kernels.driver.Epilogue) over a backend's two kernels."""
 
     state_dtype = torch.float32
     default_memory_budget = 512 << 20  # bytes of the [B, chunk] scores buffer and the partial sums on a GPU

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import kc_kernels
-from kc_kernels import chunked
+from kc_kernels import host_buffers
+from kc_kernels.layout import plan_chunks
 from tests.helpers import assert_close, grads, make_problem
 
 DIFF = ("x", "weight", "bias", "scale")
@@ -139,12 +140,12 @@ def test_cpu_loss_only_forward_without_grad(gen):
 
 
 def test_chunk_plan_keeps_segments_whole_or_splits_them():
-    steps = chunked.plan_chunks([0, 10, 20, 600, 610], capacity=256, grouped=False)
+    steps = plan_chunks([0, 10, 20, 600, 610], capacity=256, grouped=False)
     assert [(s[0].lo, s[0].hi, s[0].whole) for s in steps][:1] == [(0, 20, True)]
     split = steps[1]
     assert [(c.lo, c.hi) for c in split] == [(20, 276), (276, 532), (532, 600)] and not split[0].whole
     assert (steps[2][0].lo, steps[2][0].hi) == (600, 610)
-    grouped = chunked.plan_chunks([0, 10, 20, 30], capacity=256, grouped=True)
+    grouped = plan_chunks([0, 10, 20, 30], capacity=256, grouped=True)
     assert [(s[0].lo, s[0].hi) for s in grouped] == [(0, 10), (10, 20), (20, 30)]
 
 
@@ -228,15 +229,15 @@ def test_cpu_half_scratch_padding_never_reaches_the_gradients(gen, monkeypatch):
     """Scratch rows are padded (an odd number of cache lines apart); a half-precision GEMM may read that padding
     and mask it by multiplication, so NaN bits left there by earlier users of the memory must not become NaN rows
     of dx. The driver's buffer is filled with NaN before every sweep here."""
-    import kc_kernels.chunked as chunked
+    import kc_kernels.driver as driver
 
-    init = chunked.Sweep.__init__
+    init = driver.Sweep.__init__
 
     def nan_buffer(self, *a, **k):
         init(self, *a, **k)
         self.buf.fill_(float("nan"))
 
-    monkeypatch.setattr(chunked.Sweep, "__init__", nan_buffer)
+    monkeypatch.setattr(driver.Sweep, "__init__", nan_buffer)
     p = make_problem(70, 8, 1000, gen=gen, K=4, sample_weight=True)
     _round_to_bf16(p)
     for budget in (4 * 70 * 256, None):  # row blocks of a long segment, and whole chunks
@@ -264,7 +265,7 @@ def test_cpu_chunks_smaller_than_the_budget(mode, target_form, scale_kind, dtype
 
 @pytest.mark.parametrize("mode", ["sigmoid", "softmax"])
 def test_kept_scratch_is_reused_and_its_old_contents_never_matter(mode):
-    """The host scratch kept between calls (chunked.take_workspace) is reused by the next call, and whatever it
+    """The host scratch kept between calls (host_buffers.take_workspace) is reused by the next call, and whatever it
     holds (here NaN everywhere) never reaches the results: the same bits as a call with a fresh buffer."""
     g = torch.Generator().manual_seed(5)
     B, H, V = 33, 16, 3001
@@ -281,17 +282,17 @@ def test_kept_scratch_is_reused_and_its_old_contents_never_matter(mode):
         loss.backward()
         return [loss.detach(), xs.grad, ws.grad, bs.grad]
 
-    chunked._workspace.clear()
+    host_buffers._workspace.clear()
     fresh = run()
-    kept = chunked._workspace[torch.float32]
+    kept = host_buffers._workspace[torch.float32]
     kept.fill_(math.nan)
     again = run()
-    assert chunked._workspace[torch.float32].data_ptr() == kept.data_ptr()  # reused, not allocated again
+    assert host_buffers._workspace[torch.float32].data_ptr() == kept.data_ptr()  # reused, not allocated again
     for a, e in zip(again, fresh):
         assert torch.equal(a, e)
-    big = torch.empty(chunked.WORKSPACE_MAX_BYTES // 4 + 1)
-    chunked.give_back_workspace(big)  # above the cap: not kept
-    assert chunked._workspace[torch.float32].data_ptr() == kept.data_ptr()
+    big = torch.empty(host_buffers.WORKSPACE_MAX_BYTES // 4 + 1)
+    host_buffers.give_back_workspace(big)  # above the cap: not kept
+    assert host_buffers._workspace[torch.float32].data_ptr() == kept.data_ptr()
 
 
 @pytest.mark.parametrize("scaled", [False, True])
@@ -327,7 +328,7 @@ def test_kept_gradient_outputs_are_reused_only_when_nothing_else_holds_them(monk
     """A large gradient output (dW) of the last call is handed out again once the caller dropped it, so a training
     loop does not map and fault in a fresh [V, H] buffer every step; a gradient still referenced anywhere (kept by
     the user, being accumulated into, or made by a second call before one backward) never is."""
-    monkeypatch.setattr(chunked, "KEPT_OUTPUT_MIN_BYTES", 1)
+    monkeypatch.setattr(host_buffers, "KEPT_OUTPUT_MIN_BYTES", 1)
     kc_kernels.release_host_buffers()
     g = torch.Generator().manual_seed(6)
     B, H, V = 9, 16, 700
@@ -365,13 +366,13 @@ def test_kept_gradient_outputs_are_reused_only_when_nothing_else_holds_them(monk
     kc_kernels.soft_target_loss(u, target_index=idx, target_value=val, backend="cpu").backward()
     assert u.grad.data_ptr() == first and torch.equal(u.grad, want)
     kc_kernels.release_host_buffers()
-    assert not chunked._kept_outputs
+    assert not host_buffers._kept_outputs
 
 
 def test_kept_dense_sampled_gradient_is_zeroed_again(monkeypatch):
     """The sampled softmax's dense weight gradient reuses the kept buffer of the last call, which holds that call's
     rows: only this call's sampled and true rows may be nonzero."""
-    monkeypatch.setattr(chunked, "KEPT_OUTPUT_MIN_BYTES", 1)
+    monkeypatch.setattr(host_buffers, "KEPT_OUTPUT_MIN_BYTES", 1)
     g = torch.Generator().manual_seed(8)
     B, H, V, S = 6, 8, 300, 20
     x = torch.randn(B, H, generator=g)

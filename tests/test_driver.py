@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import kc_kernels
-from kc_kernels import chunked
+from kc_kernels import layout
 from kc_kernels.ops import checks
 from tests.helpers import assert_close, grads, make_problem
 
@@ -86,11 +86,11 @@ def test_segment_layouts_are_cached():
     a = checks.segment_layout(torch.tensor([0, 5, 9]), 9, "cpu")
     b = checks.segment_layout([0, 5, 9], 9, "cpu")
     assert a[0] == b[0] == [0, 5, 9] and a[1] is b[1]
-    assert chunked.plan((0, 5, 9), 256, False) is chunked.plan((0, 5, 9), 256, False)
+    assert layout.plan((0, 5, 9), 256, False) is layout.plan((0, 5, 9), 256, False)
 
 
 def test_plan_tables_are_built_once_per_device():
-    pl = chunked.plan((0, 3, 10, 600), 256, False)
+    pl = layout.plan((0, 3, 10, 600), 256, False)
     c = pl.steps[0][0]
     assert pl.tables(c, torch.device("cpu"), torch.int32)[0] is pl.tables(c, torch.device("cpu"), torch.int32)[0]
     assert pl.seg_of_class(torch.device("cpu")).tolist()[:4] == [0, 0, 0, 1]

@@ -10,7 +10,8 @@ from typing import List, Tuple
 import pytest
 import torch
 
-from kc_kernels.chunked import (
+from kc_kernels.gpu_epilogue import EpilogueArgs
+from kc_kernels.layout import (
     C_INV_NT,
     C_LSE,
     C_MASS,
@@ -34,7 +35,6 @@ from kc_kernels.chunked import (
     S_ZY,
     S_ZYH,
 )
-from kc_kernels.gpu_epilogue import EpilogueArgs
 from kc_kernels.triton import epilogue
 
 T = 2.0

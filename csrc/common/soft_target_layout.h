@@ -1,5 +1,5 @@
 // Layout shared by the CPU and CUDA epilogues of the chunked soft-target loss and by their Python driver
-// (kc_kernels/chunked.py, docs/epilogue.md): phase bits, rows of the state array, planes of the per-(row, segment)
+// (kc_kernels/layout.py, docs/epilogue.md): phase bits, rows of the state array, planes of the per-(row, segment)
 // constants and the kinds of self-paced scale. The bindings export these enums with the names below, so the
 // driver can check that its own constants agree with the compiled ones.
 #pragma once

@@ -1,4 +1,4 @@
-// Fused epilogue of the chunked linear + soft-target loss (see kc_kernels/chunked.py for the driver).
+// Fused epilogue of the chunked linear + soft-target loss (see kc_kernels/driver.py for the driver).
 // The implementation, included by soft_target.cpp (fp32 scores) and soft_target_bf16.cpp (bf16 scores): one
 // translation unit per scores type, so that the fp32 instances are compiled (inlined, vectorised) exactly as when
 // they were the only ones, and give the same bits.

@@ -1,4 +1,4 @@
-"""The cpu backend's epilogue of the chunked driver (kc_kernels/chunked.py): the C++/OpenMP loops of
+"""The cpu backend's epilogue of the chunked driver (kc_kernels/driver.py): the C++/OpenMP loops of
 csrc/cpu/soft_target_impl.h (compiled in csrc/cpu/soft_target.cpp and, for bf16 scores, soft_target_bf16.cpp).
 
 Per chunk of classes: one BLAS GEMM for the raw scores, one pass of the fused C++ epilogue that accumulates the
@@ -18,11 +18,12 @@ from typing import Optional, Tuple
 
 import torch
 
-from kc_kernels import _C, chunked
-from kc_kernels.chunked import PHASE_FINAL, Chunk
+from kc_kernels import _C, layout
+from kc_kernels.driver import Sweep
+from kc_kernels.layout import PHASE_FINAL, Chunk
 from kc_kernels.ops import checks
 
-chunked.check_layout(_C, "kc_kernels._C")
+layout.check_layout(_C, "kc_kernels._C")
 
 
 def _ptr(t: Optional[torch.Tensor]) -> int:
@@ -54,7 +55,7 @@ _SCORES_DTYPES = {torch.float32: _C.SCORES_DTYPES["F32"], torch.bfloat16: _C.SCO
 
 
 class CpuEpilogue:
-    """The C++ epilogue behind the driver's interface (kc_kernels.chunked.Epilogue): sizes and dtypes here,
+    """The C++ epilogue behind the driver's interface (kc_kernels.driver.Epilogue): sizes and dtypes here,
     ``begin`` gives the object that holds one walk's inputs and runs the kernel (``CpuWalk``)."""
 
     state_dtype = torch.float64
@@ -73,7 +74,7 @@ class CpuEpilogue:
         return torch.bfloat16 if dtype == torch.bfloat16 and bf16_enabled() else torch.float32
 
     @staticmethod
-    def bytes_per_class(sw: "chunked.Sweep") -> int:
+    def bytes_per_class(sw: "Sweep") -> int:
         p = sw.p
         # the logits chunk (work dtype), a converted teacher chunk, fp32 weight/gradient rows of converted weights
         per_col = sw.buf_itemsize * p.batch
@@ -83,14 +84,14 @@ class CpuEpilogue:
             per_col += 8 * sw.H
         return per_col
 
-    def begin(self, sw: "chunked.Sweep") -> "CpuWalk":
+    def begin(self, sw: "Sweep") -> "CpuWalk":
         return CpuWalk(sw)
 
 
 class CpuWalk:
     """One walk's inputs as the kernel reads them (targets as int64/fp32, the teacher as fp32) and its calls."""
 
-    def __init__(self, sw: "chunked.Sweep"):
+    def __init__(self, sw: "Sweep"):
         p = sw.p
         self.tidx = self.tval = None
         if p.target_index is not None:
@@ -104,10 +105,10 @@ class CpuWalk:
             else:
                 self.tbuf = torch.empty(p.batch * sw.capacity, dtype=torch.float32)
 
-    def after_teacher(self, sw: "chunked.Sweep") -> None:
+    def after_teacher(self, sw: "Sweep") -> None:
         """The teacher phase poisons the log-sum-exp of a segment holding a NaN teacher logit: the front's NaN
         check of the dense teacher (a pass over B x V values) is done here, from the [B, G] statistics."""
-        if checks.values_enabled(torch.device("cpu")) and bool(torch.isnan(sw.state[chunked.S_TSUMEXP]).any()):
+        if checks.values_enabled(torch.device("cpu")) and bool(torch.isnan(sw.state[layout.S_TSUMEXP]).any()):
             checks.fail("teacher_logits", "contains NaN")
 
     def _teacher(self, c: Chunk, r0: int, r1: int) -> Optional[torch.Tensor]:
@@ -124,7 +125,7 @@ class CpuWalk:
         t.copy_(self.teacher[r0:r1, c.lo:c.hi])
         return t
 
-    def run(self, sw: "chunked.Sweep", c: Chunk, u: Optional[torch.Tensor], phases: int,
+    def run(self, sw: "Sweep", c: Chunk, u: Optional[torch.Tensor], phases: int,
             coef: Optional[torch.Tensor], rows: Optional[Tuple[int, int]]) -> None:
         """One epilogue call; ``rows`` = (r0, r1): ``u`` holds only those rows (the row-block walk of a long
         segment), every other per-row buffer is sliced to them."""
@@ -135,7 +136,7 @@ class CpuWalk:
             a.teacher, a.teacher_ld = teacher.data_ptr(), teacher.stride(0)
         _C.soft_target_chunk(a)
 
-    def _params(self, sw: "chunked.Sweep", c: Chunk, u: Optional[torch.Tensor], phases: int,
+    def _params(self, sw: "Sweep", c: Chunk, u: Optional[torch.Tensor], phases: int,
                 coef: Optional[torch.Tensor], r0: int, r1: int) -> "_C.SoftTargetChunkParams":
         """The kernel's named arguments (csrc/cpu/kc_cpu.h) for rows [r0, r1) of chunk ``c``: every per-row
         buffer is the slice of those rows, every per-class one the slice of the chunk's classes."""

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from kc_kernels import _C, chunked
-from kc_kernels.chunked import padded_row_stride
+from kc_kernels import _C
+from kc_kernels.custom_op import eager as _eager
+from kc_kernels.host_buffers import give_back_workspace, take_workspace
+from kc_kernels.layout import padded_row_stride
 from kc_kernels.ops import sampled_softmax_autograd as autograd_
 from kc_kernels.ops.sampled_softmax_autograd import RowGradients
 
@@ -55,9 +57,9 @@ class _CpuSampledSoftmax:
         w_true = p.weight.index_select(0, safe.reshape(-1)).to(dt).view(B, T, H)
         # [B, S + padding]; on real tensors in the kept host scratch (given back once the gradient GEMMs have read
         # it) and walked by the C++ row passes, under tracing (a compiled sparse_grad call) by torch ops
-        eager = chunked._eager(x) and chunked._eager(w_sampled)
+        eager = _eager(x) and _eager(w_sampled)
         if eager:
-            buf = chunked.take_workspace(B * w_sampled.shape[0], dt, "cpu")[:B * w_sampled.shape[0]]
+            buf = take_workspace(B * w_sampled.shape[0], dt, "cpu")[:B * w_sampled.shape[0]]
             buf = buf.view(B, w_sampled.shape[0])
             torch.mm(x, w_sampled.t(), out=buf)
         else:
@@ -104,7 +106,7 @@ class _CpuSampledSoftmax:
         per_row = m + torch.log(total) - picked.sum(dim=1)
         if not need_grad:
             if eager:
-                chunked.give_back_workspace(buf)
+                give_back_workspace(buf)
             return per_row, None
         inv_total = total.reciprocal_()
         dlogit_true = prob_true.mul_(inv_total[:, None]).sub_(target)  # 0 - 0 where padded
@@ -114,7 +116,7 @@ class _CpuSampledSoftmax:
         S = len(s.ids)
         d = s.buf  # softmax normalisation and row scale in one pass, the bias gradient's column sums with it
         row_scale = (s.inv_total * scale).to(d.dtype).contiguous()
-        eager = chunked._eager(d)
+        eager = _eager(d)
         if d.dtype == torch.float32 and eager:
             dbias = torch.zeros(S, dtype=d.dtype)
             _C.sampled_rows_scale(d.data_ptr(), d.stride(0), d.shape[0], S, row_scale.data_ptr(), dbias.data_ptr())
@@ -130,7 +132,7 @@ class _CpuSampledSoftmax:
         d_pair = d_true[rows_b, rows_t]
         dw_sampled = d.t()[:S] @ s.x
         if eager:
-            chunked.give_back_workspace(s.buf)
+            give_back_workspace(s.buf)
         s.buf = None  # gradients are made once (a second backward makes its state again)
         return RowGradients(dx, [s.ids, s.labels[rows_b, rows_t]], [dw_sampled, d_pair[:, None] * s.x[rows_b]],
                             [dbias, d_pair])

@@ -18,9 +18,9 @@ from typing import Optional
 
 import torch
 
-from kc_kernels import _cuda, chunked
-from kc_kernels.chunked import NUM_CONSTS, NUM_STATES, PHASE_NORM, PHASE_STATS, PHASE_TEACHER
+from kc_kernels import _cuda, layout
 from kc_kernels.gpu_epilogue import DeviceEpilogue, EpilogueArgs
+from kc_kernels.layout import NUM_CONSTS, NUM_STATES, PHASE_NORM, PHASE_STATS, PHASE_TEACHER
 
 __all__ = ["TILE", "row_stats", "final", "EPILOGUE"]
 
@@ -31,7 +31,7 @@ _DTYPES = {torch.float32: _cuda.DTYPES["float32"], torch.float16: _cuda.DTYPES["
 _WORK_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-chunked.check_layout(_cuda, "kc_kernels._cuda")
+layout.check_layout(_cuda, "kc_kernels._cuda")
 
 
 def _fail(name: str, why: str):

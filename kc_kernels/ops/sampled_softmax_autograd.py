@@ -17,7 +17,8 @@ from typing import Any, List, Optional, Protocol, Tuple
 
 import torch
 
-from kc_kernels.chunked import output_buffer
+from kc_kernels.custom_op import needs_mask, register_forward_made_grads
+from kc_kernels.host_buffers import output_buffer
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -152,7 +153,7 @@ def _expand(values: torch.Tensor, rows: torch.Tensor, like: torch.Tensor, sparse
             rows, order = torch.sort(rows)
             values = values[order]
         return torch.sparse_coo_tensor(rows[None], values, like.shape, is_coalesced=True, check_invariants=False)
-    out = output_buffer(like.shape, like.dtype, like.device).zero_()  # a kept host buffer: see chunked
+    out = output_buffer(like.shape, like.dtype, like.device).zero_()  # a kept host buffer (host_buffers.py)
     out.index_copy_(0, rows, values)
     return out
 
@@ -327,8 +328,6 @@ def _sampled_softmax_backward_fake(grad_loss, x, weight, bias, *rest):
 
 
 def _register_autograd() -> None:
-    from kc_kernels.chunked import register_forward_made_grads
-
     # options after the tensors: remove_accidental_hits, subtract_log_q, reduction (index 2), backend, needs
     register_forward_made_grads(sampled_softmax, sampled_softmax_backward, _TENSOR_ARGS, 3)
 
@@ -338,8 +337,6 @@ _register_autograd()
 
 def call_op(p, backend: str) -> torch.Tensor:
     """The op on a validated problem with dense gradients, computed by ``backend``'s impl."""
-    from kc_kernels.chunked import needs_mask
-
     needs = needs_mask(p.x, p.weight, p.bias)
     ids, true_expected, sampled_expected = p.sampled
     out = sampled_softmax(p.x, p.weight, p.bias, p.labels, ids, true_expected, sampled_expected, p.sample_weight,

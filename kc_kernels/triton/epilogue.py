@@ -21,7 +21,8 @@ import sys
 import triton
 import triton.language as tl
 
-from kc_kernels.chunked import (
+from kc_kernels.gpu_epilogue import DeviceEpilogue
+from kc_kernels.layout import (
     C_INV_NT,
     C_LSE,
     C_MASS,
@@ -43,7 +44,6 @@ from kc_kernels.chunked import (
     S_ZY,
     S_ZYH,
 )
-from kc_kernels.gpu_epilogue import DeviceEpilogue
 from kc_kernels.triton._soft_target_tiles import interpreted, sigmoid, softplus_and_sigmoid, sparse_cursor, sparse_tile
 
 __all__ = ["TILE", "row_stats", "final", "EPILOGUE"]

@@ -1,0 +1,363 @@
+"""The chunked driver of the (linear +) soft-target loss, shared by every fast backend (docs/epilogue.md).
+
+Per chunk of classes: the logits GEMM S = x W_c^T (torch: MKL/oneDNN on CPU, cuBLAS on GPU), the backend's epilogue
+(loss statistics, then S overwritten in place by coef_b * dL/du), then the gradient GEMMs dx += S W_c and
+dW_c = S^T x, each chunk's dW rows written once. The gradients are produced in the forward pass (3 GEMMs), so the
+backward only scales them; nothing is accumulated with atomics, and the same inputs give the same bits. The plan of
+chunks is kc_kernels/layout.py; the custom op that runs a ``Sweep`` is kc_kernels/chunked.py.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, Optional, Protocol, Sequence, Tuple
+
+import torch
+
+from kc_kernels.host_buffers import give_back_workspace, output_buffer, take_workspace
+from kc_kernels.layout import (
+    HALF_ADD_BLOCKS,
+    MIN_CHUNK,
+    NUM_STATES,
+    PHASE_FINAL,
+    PHASE_NORM,
+    PHASE_STATS,
+    PHASE_TEACHER,
+    S_MAX,
+    S_R,
+    S_SUMEXP,
+    S_TMAX,
+    S_ZSUM,
+    S_ZY,
+    SCALE_CLASS,
+    SCALE_NONE,
+    SCALE_SEGMENT,
+    Chunk,
+    padded_row_stride,
+    plan,
+)
+
+
+class EpilogueWalk(Protocol):
+    """One walk's epilogue: the inputs it prepared for its kernels (``Epilogue.begin``) and its calls. It keeps
+    no reference to the sweep (each call is handed it), so a walk's buffers die with the op call, not with a
+    collection of a reference cycle (the kept gradient outputs depend on it)."""
+
+    def run(self, sw: "Sweep", c: Chunk, u: Optional[torch.Tensor], phases: int, coef: Optional[torch.Tensor],
+            rows: Optional[Tuple[int, int]]) -> None:
+        """The ``phases`` (a PHASE_* bitmask) over chunk ``c``'s raw scores ``u`` (None in a TEACHER-only call):
+        statistics into ``sweep.state``; in FINAL the loss sums and, with ``coef``, ``u`` overwritten by
+        coef * dL/du, the bias and per-class scale gradients added to ``sweep.db32`` / ``sweep.dscale``.
+        ``rows`` = (r0, r1): ``u`` holds only those rows (a long segment's row block)."""
+
+    def after_teacher(self, sw: "Sweep") -> None:
+        """Called once the teacher phase has run over every class (e.g. to report a NaN teacher)."""
+
+
+class Epilogue(Protocol):
+    """What a backend gives the driver (its row's ``epilogue`` in kc_kernels/dispatch.py): sizes and dtypes of
+    the walk, and ``begin``, which returns the object that owns one walk's epilogue inputs."""
+
+    state_dtype: torch.dtype  # of the [NUM_STATES, B, G] statistics
+    default_memory_budget: int  # bytes, when the call gives none
+    chunk_bytes: Optional[int]  # a cap on a column chunk below the budget (None: the budget)
+    fuses_teacher: bool  # runs TEACHER in the same call as the other phases where a call holds whole segments
+
+    def work_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype of the GEMMs and of the scores for inputs of ``dtype``."""
+
+    def bytes_per_class(self, sw: "Sweep") -> int:
+        """Bytes a class of a chunk costs (the scores column and the epilogue's own per-class buffers)."""
+
+    def begin(self, sw: "Sweep") -> EpilogueWalk:
+        """The epilogue of the walk ``sw``."""
+
+
+@dataclass(frozen=True)
+class Phases:
+    """Which phases a walk runs, and where (docs/epilogue.md)."""
+
+    norm: bool  # the self-paced norm (a scale was given)
+    stats: bool  # segment statistics (softmax, or a scale)
+    final: int  # PHASE_FINAL, or 0 (a softmax loss without gradients needs no FINAL: the statistics hold it)
+    teacher: bool  # a dense softmax teacher's log-sum-exp
+    fused: bool  # the teacher phase runs in the calls of the other phases where they hold whole segments
+    whole: int  # the bitmask of a call that holds whole segments
+
+
+class Sweep:
+    """One walk over the classes of a validated problem: the loss statistics and, when ``coef`` is given, the
+    gradients. ``epilogue`` is the backend's (see kc_kernels/cpu/epilogue.py for the interface)."""
+
+    def __init__(self, p, epilogue, memory_budget: int):
+        memory_budget = memory_budget or epilogue.default_memory_budget  # 0: the epilogue's default
+        self.p, self.ep = p, epilogue
+        self.G = p.num_segments
+        self.linear = p.logits is None
+        self.device = (p.x if self.linear else p.logits).device
+        inp = p.x if self.linear else p.logits
+        self.work_dtype = epilogue.work_dtype(inp.dtype)
+        self.buf_itemsize = torch.empty((), dtype=self.work_dtype).element_size()
+        self.state_dtype = epilogue.state_dtype
+        if self.linear:
+            self.H = p.x.shape[-1]
+            self.xw = p.x.to(self.work_dtype)
+            if self.xw.dim() == 3 or not self.xw.is_contiguous():
+                self.xw = self.xw.contiguous()
+        per_col = epilogue.bytes_per_class(self)
+        # column chunks of at most the epilogue's chunk_bytes (the CPU's: small enough that the chunk the logits GEMM
+        # writes is still in cache when the epilogue and the gradient GEMMs read it); a segment longer than a chunk
+        # is walked in row blocks that may use the whole budget (fewer passes over its weight rows)
+        chunk_budget = min(memory_budget, epilogue.chunk_bytes or memory_budget)
+        self.capacity = int(min(p.num_classes, max(MIN_CHUNK, chunk_budget // max(per_col, 1))))
+        full_capacity = int(min(p.num_classes, max(MIN_CHUNK, memory_budget // max(per_col, 1))))
+        self.block_elems = p.batch * self.row_stride(full_capacity)
+        self.plan = plan(tuple(p.bounds), self.capacity, p.grouped)
+        self.softmax = p.mode == "softmax"
+        self.scale_kind = SCALE_NONE
+        self.scale32 = None
+        if p.scale is not None:
+            self.scale_kind = SCALE_SEGMENT if (p.scale.numel() == self.G and not p.scale_per_class) else SCALE_CLASS
+            self.scale32 = p.scale.detach().float().contiguous()
+        self.bias32 = None if p.bias is None else p.bias.detach().float().contiguous()
+        self.buf = take_workspace(p.batch * self.row_stride(self.capacity), self.work_dtype, self.device)
+        self._w_cached = (None, None)
+        self.walk = epilogue.begin(self)
+
+    # ------------------------------------------------------------------ GEMM pieces
+    def row_stride(self, cols: int) -> int:
+        return padded_row_stride(cols, self.buf_itemsize)
+
+    def scratch(self, rows: int, cols: int) -> torch.Tensor:
+        ld = self.row_stride(cols)
+        n = rows * ld
+        if n > self.buf.numel():  # a long segment's row blocks: grown once, reused by every block
+            self.buf = take_workspace(n, self.work_dtype, self.device)
+        full = self.buf[:n].view(rows, ld)
+        if ld > cols and self.buf_itemsize < 4 and self.device.type == "cpu":
+            # oneDNN's half-precision GEMM (bf16 on AMX CPUs) reads a strided operand's row padding and masks it
+            # by multiplication: finite padding leaves the result bit-identical, NaN bits in never-written memory
+            # make NaN rows of dx. Zeroing the padding costs (ld - cols) of every ld elements.
+            full[:, cols:].zero_()
+        return full[:, :cols]
+
+    def weight_chunk(self, c: Chunk) -> torch.Tensor:
+        """The chunk's weight rows in the work dtype; converted once per chunk and reused by the gradient GEMMs."""
+        w = self.p.weight[c.lo:c.hi]
+        if w.dtype == self.work_dtype:
+            return w
+        if self._w_cached[0] != (c.lo, c.hi):
+            self._w_cached = ((c.lo, c.hi), w.to(self.work_dtype))
+        return self._w_cached[1]
+
+    def rows_of(self, t: torch.Tensor, c: Chunk) -> torch.Tensor:
+        """x (or dx) as the chunk's classes read it: [B, H], or segment g's slice of grouped [B, G, H]."""
+        return t[:, c.piece_seg[0]] if self.p.grouped else t
+
+    def logits(self, c: Chunk, r0: int = 0, r1: Optional[int] = None) -> torch.Tensor:
+        """Rows [r0, r1) of the chunk's raw scores (x W^T, no bias: the epilogue adds it after the scale)."""
+        p = self.p
+        r1 = p.batch if r1 is None else r1
+        if not self.linear:
+            if self.dlogits is not None and self.dlogits.dtype == self.work_dtype:
+                # the gradient of given logits is an output of the op anyway: work in place there
+                u = self.dlogits[r0:r1, c.lo:c.hi]
+            else:
+                u = self.scratch(r1 - r0, c.hi - c.lo)
+            u.copy_(p.logits[r0:r1, c.lo:c.hi])
+            return u
+        u = self.scratch(r1 - r0, c.hi - c.lo)
+        torch.mm(self.rows_of(self.xw, c)[r0:r1], self.weight_chunk(c).t(), out=u)
+        return u
+
+    def accumulate_grads(self, c: Chunk, g: torch.Tensor, r0: int = 0, r1: Optional[int] = None,
+                         dw: Optional[torch.Tensor] = None, add: bool = False) -> None:
+        """Gradient GEMMs of the logit gradient ``g`` (rows [r0, r1) of the chunk): dx += g W_c and dW_c = g^T x
+        into ``dw`` (default: the chunk's rows of dW), added to it when ``add``."""
+        p = self.p
+        r1 = p.batch if r1 is None else r1
+        if not self.linear:
+            target = self.dlogits[r0:r1, c.lo:c.hi]
+            if target.data_ptr() != g.data_ptr():
+                target.copy_(g)
+            return
+        w = self.weight_chunk(c)
+        x = self.rows_of(self.xw, c)[r0:r1]
+        if self.dx is not None:
+            dx = self.rows_of(self.dx, c)[r0:r1]
+            if self.dx.dtype == g.dtype:
+                dx.addmm_(g, w)
+            else:  # half GEMM, fp32 accumulation over the chunks
+                dx.add_(g @ w)
+        if self.dw is None:
+            return
+        dw = self.dw[c.lo:c.hi] if dw is None else dw
+        if add:
+            if dw.dtype == g.dtype:
+                dw.addmm_(g.t(), x)
+            else:
+                dw.add_(g.t() @ x)
+        elif dw.dtype == g.dtype:
+            torch.mm(g.t(), x, out=dw)
+        else:
+            dw.copy_(g.t() @ x)
+
+    # ------------------------------------------------------------------ walks
+    def _row_blocks(self, step, phases: int, coef: Optional[torch.Tensor]):
+        """A segment longer than a chunk, walked in blocks of rows that each hold the whole segment: every phase
+        runs in one pass, so the logits GEMM runs once per block and dW_seg accumulates over the blocks."""
+        p = self.p
+        lo, hi, g = step[0].lo, step[-1].hi, step[0].piece_seg[0]
+        n = hi - lo
+        c = Chunk(lo, hi, (0, n), (g,), True)
+        block = min(p.batch, max(32, self.block_elems // self.row_stride(n)))
+        # dW_seg accumulates over the row blocks: in place when dW is fp32, or half with at most HALF_ADD_BLOCKS
+        # blocks (each addmm_ rounds the running sum once, fp32 inside the GEMM: a few roundings, against a fresh
+        # [n, H] half GEMM output converted and added per block, which ran the bf16 CPU op at 1.87x its floor
+        # instead of 1.31x); else in an fp32 accumulator
+        blocks = -(-p.batch // block)
+        dw = None
+        if coef is not None and self.dw is not None:
+            in_place = (self.dw.dtype == torch.float32
+                        or (self.dw.dtype == self.work_dtype and blocks <= HALF_ADD_BLOCKS))
+            dw = self.dw[lo:hi] if in_place else torch.empty(n, self.H, dtype=torch.float32, device=self.device)
+        for r0 in range(0, p.batch, block):
+            r1 = min(p.batch, r0 + block)
+            u = self.logits(c, r0, r1)
+            self.walk.run(self, c, u, phases, coef, (r0, r1))
+            if coef is not None:
+                self.accumulate_grads(c, u, r0, r1, dw=dw, add=r0 > 0)
+        if dw is not None and dw.data_ptr() != self.dw[lo:hi].data_ptr():
+            self.dw[lo:hi].copy_(dw)
+
+    def run(self, coef: Optional[torch.Tensor], needs: Sequence[str] = ("x", "weight", "bias", "logits", "scale")
+            ) -> Tuple[torch.Tensor, Optional[Dict[str, Optional[torch.Tensor]]]]:
+        """Per-row loss [B] (state dtype); with ``coef`` [B] also the gradients (of the inputs named in ``needs``)
+        scaled row-wise by it. Gradient GEMMs of inputs that need no gradient are skipped."""
+        grads = coef is not None
+        coef = self._allocate(coef, needs)
+        self._walk(self._phases(grads), coef, grads)
+        return self._assemble(coef, grads)
+
+    def _allocate(self, coef: Optional[torch.Tensor], needs: Sequence[str]) -> Optional[torch.Tensor]:
+        """The statistics, and with ``coef`` the gradient buffers of the inputs named in ``needs``; ``coef`` as
+        the epilogue reads it."""
+        p = self.p
+        B, dev = p.batch, self.device
+        self.state = torch.zeros(NUM_STATES, B, self.G, dtype=self.state_dtype, device=dev)
+        self.state[S_MAX] = -math.inf
+        self.state[S_TMAX] = -math.inf
+        self.softplus = torch.zeros(B, dtype=self.state_dtype, device=dev)
+        self.dx = self.dw = self.db32 = self.dscale = self.dlogits = None
+        if coef is None:
+            return None
+        coef = coef.float().contiguous()
+        if self.linear:
+            # dx accumulates over chunks: fp32 unless the GEMMs themselves are fp32
+            self.dx = torch.zeros(self.xw.shape, dtype=torch.float32, device=dev) if "x" in needs else None
+            wdt = torch.float32 if p.weight.dtype == torch.float64 else p.weight.dtype
+            self.dw = output_buffer(p.weight.shape, wdt, dev) if "weight" in needs else None
+            self.db32 = (torch.zeros(p.num_classes, dtype=torch.float32, device=dev)
+                         if p.bias is not None and "bias" in needs else None)
+        else:
+            ldt = torch.float32 if p.logits.dtype == torch.float64 else p.logits.dtype
+            self.dlogits = output_buffer(p.logits.shape, ldt, dev)
+        self.dscale = (torch.zeros(p.num_classes, dtype=torch.float32, device=dev)
+                       if self.scale_kind == SCALE_CLASS and "scale" in needs else None)
+        if not B and self.dw is not None:
+            self.dw.zero_()  # an empty batch walks nothing: dW is an uninitialised output otherwise
+        return coef
+
+    def _phases(self, grads: bool) -> Phases:
+        norm = self.scale_kind != SCALE_NONE
+        stats = self.softmax or norm
+        final = PHASE_FINAL if (grads or not self.softmax) else 0
+        teacher = self.softmax and self.p.teacher_logits is not None
+        # an epilogue that fuses the teacher phase runs it in the same call as the other phases wherever a call
+        # holds whole segments (a whole chunk, or a long segment's row block): the teacher is read once, while its
+        # rows are in cache, instead of in a walk of its own
+        fused = teacher and self.ep.fuses_teacher
+        whole = (PHASE_NORM if norm else 0) | (PHASE_STATS if stats else 0) | final | (PHASE_TEACHER if fused else 0)
+        return Phases(norm, stats, final, teacher, fused, whole)
+
+    def _walk(self, ph: Phases, coef: Optional[torch.Tensor], grads: bool) -> None:
+        """Every step of the plan (none for an empty batch): the teacher walk where it is not fused, then each chunk
+        of whole segments in one call, each long segment in row blocks (or, for given logits, once per phase)."""
+        steps = self.plan.steps if self.p.batch else []
+        if ph.teacher:
+            for step in steps:
+                if ph.fused and (step[0].whole or (self.linear and (ph.norm or ph.stats))):
+                    continue
+                for c in step:
+                    self.walk.run(self, c, None, PHASE_TEACHER, None, None)
+            if not ph.fused:
+                self.walk.after_teacher(self)
+        for step in steps:
+            if step[0].whole:
+                c = step[0]
+                u = self.logits(c)
+                self.walk.run(self, c, u, ph.whole, coef, None)
+                if grads:
+                    self.accumulate_grads(c, u)
+                continue
+            if self.linear and (ph.norm or ph.stats):
+                self._row_blocks(step, ph.whole, coef if grads else None)
+                continue
+            # a segment longer than a chunk: one walk per phase, recomputing (or re-reading) its logits
+            for phase, needed in ((PHASE_NORM, ph.norm), (PHASE_STATS, ph.stats), (ph.final, ph.final != 0)):
+                if not needed:
+                    continue
+                for c in step:
+                    u = self.logits(c)
+                    self.walk.run(self, c, u, phase, coef if phase == PHASE_FINAL else None, None)
+                    if phase == PHASE_FINAL and grads:
+                        self.accumulate_grads(c, u)
+        give_back_workspace(self.buf)  # no output views it
+        if ph.fused:
+            self.walk.after_teacher(self)
+
+    def _assemble(self, coef: Optional[torch.Tensor], grads: bool
+                  ) -> Tuple[torch.Tensor, Optional[Dict[str, Optional[torch.Tensor]]]]:
+        """The per-row loss from the statistics, and the gradients in the inputs' dtypes."""
+        p, st = self.p, self.state
+        if self.softmax:
+            lse = st[S_MAX] + torch.log(st[S_SUMEXP])
+            zl = torch.where(st[S_ZSUM] != 0, st[S_ZSUM] * lse, torch.zeros_like(lse))
+            loss = p.temperature ** 2 * (zl - st[S_ZY]).sum(dim=1)
+        else:
+            loss = self.softplus - st[S_ZY].sum(dim=1)
+        if not grads:
+            return loss, None
+        out: Dict[str, Optional[torch.Tensor]] = {}
+        if self.linear:
+            out["x"] = None if self.dx is None else self.dx.view_as(p.x).to(p.x.dtype)
+            out["weight"] = None if self.dw is None else self.dw.to(p.weight.dtype)
+            out["bias"] = None if self.db32 is None else self.db32.to(p.bias.dtype)
+        else:
+            out["logits"] = self.dlogits.to(p.logits.dtype)
+        if self.scale_kind == SCALE_SEGMENT:
+            out["scale"] = (coef.to(st.dtype)[:, None] * st[S_R]).sum(dim=0).to(p.scale.dtype)
+        elif self.scale_kind == SCALE_CLASS and self.dscale is not None:
+            out["scale"] = self.dscale.to(p.scale.dtype)
+        return loss, out
+
+
+def row_coef(p, device, dtype, grad_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Weight of each row's gradient: sample weight x reduction factor (x the incoming gradient for "none")."""
+    coef = torch.ones(p.batch, dtype=dtype, device=device)
+    if p.sample_weight is not None:
+        coef = coef * p.sample_weight.detach().to(dtype)
+    if p.reduction == "mean":
+        coef = coef / p.batch
+    if grad_rows is not None:
+        coef = coef * grad_rows.to(dtype)
+    return coef
+
+
+def reduce_rows(loss_rows: torch.Tensor, p) -> torch.Tensor:
+    if p.sample_weight is not None:
+        loss_rows = loss_rows * p.sample_weight.detach().to(loss_rows.dtype)
+    if p.reduction == "none":
+        return loss_rows
+    s = loss_rows.sum()
+    return s / max(p.batch, 1) if p.reduction == "mean" else s  # the mean of no rows is 0, as its gradient
