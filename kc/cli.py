@@ -72,18 +72,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                 seed_list = seeds.parse_seeds(args.seeds)
             except ValueError as e:
                 raise config.ConfigError(str(e)) from None
-        if args.command != "config":  # under torchrun with W > 1: join the process group (kc/distributed.py)
-            cfg = _config(args, overrides, seeds.seed_dir(args.out, seed_list[0]) if seed_list else args.out)
-            try:
-                kcdist.init(cfg.device, cfg.dist_timeout)
-            except ValueError as e:
-                raise config.ConfigError(str(e)) from None
         if seed_list:
+            _join(_config(args, overrides, seeds.seed_dir(args.out, seed_list[0])))
             return _multi_seed(args, overrides, seed_list)
         cfg = _config(args, overrides, args.out)
         if args.command == "config":
             print(cfg.to_yaml(), end="")
             return 0
+        _join(cfg)
         pipeline.configure_torch(cfg)
         ws = pipeline.Workspace(args.out, cfg, _progress(args))
         ws.open()
@@ -105,6 +101,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         runfolder.release()
         kcdist.shutdown()
+
+
+def _join(cfg: config.RunConfig) -> None:
+    """Under torchrun with W > 1: joins the process group (kc/distributed.py); else nothing."""
+    try:
+        kcdist.init(cfg.device, cfg.dist_timeout)
+    except ValueError as e:
+        raise config.ConfigError(str(e)) from None
 
 
 def _error(e) -> None:

@@ -16,7 +16,7 @@ import fcntl
 import os
 import shutil
 import time
-from typing import Dict, Iterable
+from typing import Dict, Iterable, Optional
 
 from kc import checkpoint
 
@@ -69,10 +69,11 @@ def lock(out: str) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
-        holder = _holder(fd) if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN) else None
-        os.close(fd)
-        if holder is None and e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):  # no locks on this file system
+            os.close(fd)
             raise checkpoint.write_error(path, e) from e
+        holder = _holder(fd)
+        os.close(fd)
         raise RunFolderError(f"{out} is in use by another kc process (PID {holder or 'unknown'}); wait for it to "
                              "end, or use another --out") from None
     os.ftruncate(fd, 0)
@@ -90,7 +91,7 @@ def _holder(fd: int) -> str:
     return ""
 
 
-def release(out: str = None) -> None:
+def release(out: Optional[str] = None) -> None:
     """Releases out's lock (every lock this process holds when out is None)."""
     keys = list(_held) if out is None else [os.path.realpath(out)]
     for k in keys:

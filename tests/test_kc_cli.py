@@ -50,6 +50,16 @@ def test_resume_of_finished_run_skips_everything(finished, capsys):
     assert capsys.readouterr().out.count("already done, skipped") == 6
 
 
+def test_resume_alone_reads_the_saved_config(finished, capsys):
+    """`kc run --resume --out DIR`: the tiny run's config comes from DIR (the default preset would be refused as
+    another config); a runtime key may differ."""
+    assert kc("run", "--resume", "--out", finished) == 0
+    assert capsys.readouterr().out.count("already done, skipped") == 6
+    assert kc("eval", "--resume", "--out", finished, "--threads", "2") == 0
+    assert kc("run", "--resume", "--out", finished, "--preset", "default") == 2
+    assert "another config" in capsys.readouterr().err
+
+
 def test_other_config_in_same_directory_is_refused(finished, capsys):
     assert kc("run", "--preset", "tiny", "--seed", "9", "--out", finished, "--resume") == 2
     assert "another config" in capsys.readouterr().err
