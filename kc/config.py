@@ -391,7 +391,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"student.hard_weight: must be in [0, 1], got {st.hard_weight}")
     for k in ("row_chunk", "class_chunk", "timing_batch"):
         _positive(f"eval.{k}", getattr(cfg.eval, k))
-    _choice("backend", cfg.backend, ("auto", "reference", "cpu", "triton", "cuda"))
+    from kc_kernels.dispatch import BACKENDS  # the library's names; which can run here is checked before a run
+
+    _choice("backend", cfg.backend, BACKENDS)
     if not (cfg.device == "cpu" or cfg.device == "cuda" or
             (cfg.device.startswith("cuda:") and cfg.device[5:].isdigit() and len(cfg.device) < 12)):
         raise ConfigError(f"device: must be 'cpu' or 'cuda[:n]', got {cfg.device!r}")
