@@ -12,6 +12,7 @@ import torch
 
 from kc_kernels.custom_op import needs_mask, register_forward_made_grads
 from kc_kernels.driver import Sweep, reduce_rows, row_coef
+from kc_kernels.reduction import compute_dtype
 
 # The walk is one torch.library op, so torch.compile and torch.export see a single opaque node with a fake
 # (shape-only) implementation instead of tracing into the driver. Problems are not op arguments: the op takes the
@@ -61,7 +62,7 @@ def _grad_slots(inp, weight, bias, scale, needs: int, grads: Optional[Dict[str, 
 
 
 def _out_dtype(inp: torch.Tensor) -> torch.dtype:
-    return torch.float64 if inp.dtype == torch.float64 else torch.float32
+    return compute_dtype(inp.dtype)
 
 
 @torch.library.custom_op("kc_kernels::chunked_soft_target", mutates_args=())

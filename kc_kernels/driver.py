@@ -19,23 +19,15 @@ from kc_kernels.layout import (
     HALF_ADD_BLOCKS,
     MIN_CHUNK,
     NUM_STATES,
-    PHASE_FINAL,
-    PHASE_NORM,
-    PHASE_STATS,
-    PHASE_TEACHER,
-    S_MAX,
-    S_R,
-    S_SUMEXP,
-    S_TMAX,
-    S_ZSUM,
-    S_ZY,
-    SCALE_CLASS,
-    SCALE_NONE,
-    SCALE_SEGMENT,
     Chunk,
+    Phase,
+    ScaleKind,
+    State,
     padded_row_stride,
     plan,
 )
+from kc_kernels.loss_modes import LossMode
+from kc_kernels.reduction import reduce_loss, row_weights
 
 
 class EpilogueWalk(Protocol):
@@ -78,9 +70,9 @@ class Phases:
     """Which phases a walk runs, and where (docs/epilogue.md)."""
 
     norm: bool  # the self-paced norm (a scale was given)
-    stats: bool  # segment statistics (softmax, or a scale)
-    final: int  # PHASE_FINAL, or 0 (a softmax loss without gradients needs no FINAL: the statistics hold it)
-    teacher: bool  # a dense softmax teacher's log-sum-exp
+    stats: bool  # segment statistics (a mode with a segment log-sum-exp, or a scale)
+    final: int  # Phase.FINAL, or 0 (such a mode's loss without gradients needs no FINAL: the statistics hold it)
+    teacher: bool  # a dense teacher's log-sum-exp (the softmax's targets)
     fused: bool  # the teacher phase runs in the calls of the other phases where they hold whole segments
     whole: int  # the bitmask of a call that holds whole segments
 
@@ -113,11 +105,12 @@ class Sweep:
         full_capacity = int(min(p.num_classes, max(MIN_CHUNK, memory_budget // max(per_col, 1))))
         self.block_elems = p.batch * self.row_stride(full_capacity)
         self.plan = plan(tuple(p.bounds), self.capacity, p.grouped)
-        self.softmax = p.mode == "softmax"
-        self.scale_kind = SCALE_NONE
+        self.mode = LossMode.of(p.mode)
+        self.scale_kind = ScaleKind.NONE
         self.scale32 = None
         if p.scale is not None:
-            self.scale_kind = SCALE_SEGMENT if (p.scale.numel() == self.G and not p.scale_per_class) else SCALE_CLASS
+            per_segment = p.scale.numel() == self.G and not p.scale_per_class
+            self.scale_kind = ScaleKind.SEGMENT if per_segment else ScaleKind.CLASS
             self.scale32 = p.scale.detach().float().contiguous()
         self.bias32 = None if p.bias is None else p.bias.detach().float().contiguous()
         self.buf = take_workspace(p.batch * self.row_stride(self.capacity), self.work_dtype, self.device)
@@ -245,8 +238,8 @@ class Sweep:
         p = self.p
         B, dev = p.batch, self.device
         self.state = torch.zeros(NUM_STATES, B, self.G, dtype=self.state_dtype, device=dev)
-        self.state[S_MAX] = -math.inf
-        self.state[S_TMAX] = -math.inf
+        self.state[State.MAX] = -math.inf
+        self.state[State.TMAX] = -math.inf
         self.softplus = torch.zeros(B, dtype=self.state_dtype, device=dev)
         self.dx = self.dw = self.db32 = self.dscale = self.dlogits = None
         if coef is None:
@@ -263,21 +256,22 @@ class Sweep:
             ldt = torch.float32 if p.logits.dtype == torch.float64 else p.logits.dtype
             self.dlogits = output_buffer(p.logits.shape, ldt, dev)
         self.dscale = (torch.zeros(p.num_classes, dtype=torch.float32, device=dev)
-                       if self.scale_kind == SCALE_CLASS and "scale" in needs else None)
+                       if self.scale_kind == ScaleKind.CLASS and "scale" in needs else None)
         if not B and self.dw is not None:
             self.dw.zero_()  # an empty batch walks nothing: dW is an uninitialised output otherwise
         return coef
 
     def _phases(self, grads: bool) -> Phases:
-        norm = self.scale_kind != SCALE_NONE
-        stats = self.softmax or norm
-        final = PHASE_FINAL if (grads or not self.softmax) else 0
-        teacher = self.softmax and self.p.teacher_logits is not None
+        norm = self.scale_kind != ScaleKind.NONE
+        terms = self.mode.terms
+        stats = terms.segment_lse or norm
+        final = Phase.FINAL if (grads or not terms.segment_lse) else 0
+        teacher = terms.teacher_lse and self.p.teacher_logits is not None
         # an epilogue that fuses the teacher phase runs it in the same call as the other phases wherever a call
         # holds whole segments (a whole chunk, or a long segment's row block): the teacher is read once, while its
         # rows are in cache, instead of in a walk of its own
         fused = teacher and self.ep.fuses_teacher
-        whole = (PHASE_NORM if norm else 0) | (PHASE_STATS if stats else 0) | final | (PHASE_TEACHER if fused else 0)
+        whole = (Phase.NORM if norm else 0) | (Phase.STATS if stats else 0) | final | (Phase.TEACHER if fused else 0)
         return Phases(norm, stats, final, teacher, fused, whole)
 
     def _walk(self, ph: Phases, coef: Optional[torch.Tensor], grads: bool) -> None:
@@ -289,7 +283,7 @@ class Sweep:
                 if ph.fused and (step[0].whole or (self.linear and (ph.norm or ph.stats))):
                     continue
                 for c in step:
-                    self.walk.run(self, c, None, PHASE_TEACHER, None, None)
+                    self.walk.run(self, c, None, Phase.TEACHER, None, None)
             if not ph.fused:
                 self.walk.after_teacher(self)
         for step in steps:
@@ -304,13 +298,13 @@ class Sweep:
                 self._row_blocks(step, ph.whole, coef if grads else None)
                 continue
             # a segment longer than a chunk: one walk per phase, recomputing (or re-reading) its logits
-            for phase, needed in ((PHASE_NORM, ph.norm), (PHASE_STATS, ph.stats), (ph.final, ph.final != 0)):
+            for phase, needed in ((Phase.NORM, ph.norm), (Phase.STATS, ph.stats), (ph.final, ph.final != 0)):
                 if not needed:
                     continue
                 for c in step:
                     u = self.logits(c)
-                    self.walk.run(self, c, u, phase, coef if phase == PHASE_FINAL else None, None)
-                    if phase == PHASE_FINAL and grads:
+                    self.walk.run(self, c, u, phase, coef if phase == Phase.FINAL else None, None)
+                    if phase == Phase.FINAL and grads:
                         self.accumulate_grads(c, u)
         give_back_workspace(self.buf)  # no output views it
         if ph.fused:
@@ -320,12 +314,7 @@ class Sweep:
                   ) -> Tuple[torch.Tensor, Optional[Dict[str, Optional[torch.Tensor]]]]:
         """The per-row loss from the statistics, and the gradients in the inputs' dtypes."""
         p, st = self.p, self.state
-        if self.softmax:
-            lse = st[S_MAX] + torch.log(st[S_SUMEXP])
-            zl = torch.where(st[S_ZSUM] != 0, st[S_ZSUM] * lse, torch.zeros_like(lse))
-            loss = p.temperature ** 2 * (zl - st[S_ZY]).sum(dim=1)
-        else:
-            loss = self.softplus - st[S_ZY].sum(dim=1)
+        loss = self.mode.terms.row_loss(st, self.softplus, p.temperature ** 2)
         if not grads:
             return loss, None
         out: Dict[str, Optional[torch.Tensor]] = {}
@@ -335,29 +324,21 @@ class Sweep:
             out["bias"] = None if self.db32 is None else self.db32.to(p.bias.dtype)
         else:
             out["logits"] = self.dlogits.to(p.logits.dtype)
-        if self.scale_kind == SCALE_SEGMENT:
-            out["scale"] = (coef.to(st.dtype)[:, None] * st[S_R]).sum(dim=0).to(p.scale.dtype)
-        elif self.scale_kind == SCALE_CLASS and self.dscale is not None:
+        if self.scale_kind == ScaleKind.SEGMENT:
+            out["scale"] = (coef.to(st.dtype)[:, None] * st[State.R]).sum(dim=0).to(p.scale.dtype)
+        elif self.scale_kind == ScaleKind.CLASS and self.dscale is not None:
             out["scale"] = self.dscale.to(p.scale.dtype)
         return loss, out
 
 
 def row_coef(p, device, dtype, grad_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Weight of each row's gradient: sample weight x reduction factor (x the incoming gradient for "none")."""
-    coef = torch.ones(p.batch, dtype=dtype, device=device)
-    if p.sample_weight is not None:
-        coef = coef * p.sample_weight.detach().to(dtype)
-    if p.reduction == "mean":
-        coef = coef / p.batch
+    coef = row_weights(p.sample_weight, p.batch, p.reduction, dtype, device)
     if grad_rows is not None:
         coef = coef * grad_rows.to(dtype)
     return coef
 
 
 def reduce_rows(loss_rows: torch.Tensor, p) -> torch.Tensor:
-    if p.sample_weight is not None:
-        loss_rows = loss_rows * p.sample_weight.detach().to(loss_rows.dtype)
-    if p.reduction == "none":
-        return loss_rows
-    s = loss_rows.sum()
-    return s / max(p.batch, 1) if p.reduction == "mean" else s  # the mean of no rows is 0, as its gradient
+    sw = None if p.sample_weight is None else p.sample_weight.detach()
+    return reduce_loss(loss_rows, sw, p.reduction)

@@ -14,34 +14,8 @@ from typing import Optional, Tuple
 import torch
 
 from kc_kernels.driver import Sweep
-from kc_kernels.layout import (
-    C_INV_NT,
-    C_LSE,
-    C_MASS,
-    C_S_N2,
-    C_TLSE,
-    NORM_EPS,
-    NUM_CONSTS,
-    PHASE_FINAL,
-    PHASE_NORM,
-    PHASE_STATS,
-    PHASE_TEACHER,
-    S_MAX,
-    S_R,
-    S_S,
-    S_SUMEXP,
-    S_SUMEXP_U,
-    S_SUMEXP_Y,
-    S_SUMSQ,
-    S_TMAX,
-    S_TSUMEXP,
-    S_ZSUM,
-    S_ZU,
-    S_ZYH,
-    SCALE_NONE,
-    SCALE_SEGMENT,
-    Chunk,
-)
+from kc_kernels.layout import NORM_EPS, NUM_CONSTS, Chunk, Const, Phase, ScaleKind, State
+from kc_kernels.loss_modes import LossMode
 
 WORK_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -79,7 +53,7 @@ class EpilogueArgs:
     states: torch.Tensor
     consts: Optional[torch.Tensor]
     coef: Optional[torch.Tensor]
-    softmax: bool
+    mode: LossMode
     inv_t: float
     t2: float
     row_part: Optional[torch.Tensor]
@@ -129,8 +103,8 @@ class DeviceWalk:
             self.teacher = t if t.stride(1) == 1 else t.contiguous()
         self.seg_of_class = sw.plan.seg_of_class(sw.device)
         self.scale_cls = None
-        if sw.scale_kind != SCALE_NONE:
-            self.scale_cls = (sw.scale32[self.seg_of_class.long()] if sw.scale_kind == SCALE_SEGMENT
+        if sw.scale_kind != ScaleKind.NONE:
+            self.scale_cls = (sw.scale32[self.seg_of_class.long()] if sw.scale_kind == ScaleKind.SEGMENT
                               else sw.scale32).contiguous()
         self.consts = torch.zeros(NUM_CONSTS, p.batch, sw.G, dtype=torch.float32, device=sw.device)
 
@@ -146,28 +120,23 @@ class DeviceWalk:
         cs = torch.empty(NUM_CONSTS, r1 - r0, g1 - g0, dtype=torch.float64, device=sw.device)
         inv_t = 1.0 / sw.p.temperature
         t2 = sw.p.temperature ** 2
-        scaled = sw.scale_kind != SCALE_NONE
+        scaled = sw.scale_kind != ScaleKind.NONE
         if scaled:
-            sq = st[S_SUMSQ] + NORM_EPS
-            cs[C_INV_NT] = inv_t / torch.sqrt(sq)
+            sq = st[State.SUMSQ] + NORM_EPS
+            cs[Const.INV_NT] = inv_t / torch.sqrt(sq)
         else:
-            cs[C_INV_NT] = inv_t
-        cs[C_LSE:] = 0
-        if sw.softmax:
-            cs[C_LSE] = st[S_MAX] + torch.log(st[S_SUMEXP])
-            cs[C_MASS] = st[S_ZSUM]
+            cs[Const.INV_NT] = inv_t
+        cs[Const.LSE:] = 0
+        if sw.mode.terms.segment_lse:
+            cs[Const.LSE] = st[State.MAX] + torch.log(st[State.SUMEXP])
+            cs[Const.MASS] = st[State.ZSUM]
             if self.teacher is not None:
-                cs[C_TLSE] = st[S_TMAX] + torch.log(st[S_TSUMEXP])
+                cs[Const.TLSE] = st[State.TMAX] + torch.log(st[State.TSUMEXP])
         if scaled:
-            if sw.softmax:
-                R = t2 * (st[S_ZSUM] * st[S_SUMEXP_U] / st[S_SUMEXP] - st[S_ZU])
-                S = t2 * (st[S_ZSUM] * st[S_SUMEXP_Y] / st[S_SUMEXP] - st[S_ZYH])
-            else:
-                R = st[S_SUMEXP_U] - st[S_ZU]
-                S = st[S_SUMEXP_Y] - st[S_ZYH]
-            sw.state[S_R, r0:r1, g0:g1] = R
-            sw.state[S_S, r0:r1, g0:g1] = S
-            cs[C_S_N2] = S / sq
+            R, S = sw.mode.terms.scale_grad_terms(st, t2)
+            sw.state[State.R, r0:r1, g0:g1] = R
+            sw.state[State.S, r0:r1, g0:g1] = S
+            cs[Const.S_N2] = S / sq
         self.consts[:, r0:r1, g0:g1] = cs
 
     def run(self, sw: "Sweep", c: Chunk, u: Optional[torch.Tensor], phases: int, coef: Optional[torch.Tensor],
@@ -184,12 +153,12 @@ class DeviceWalk:
             scale=self.scale_cls, teacher=None if self.teacher is None else self.teacher[r0:r1],
             tidx=None if self.tidx is None else self.tidx[r0:r1], tval=None if self.tval is None else self.tval[r0:r1],
             states=sw.state[:, r0:r1], consts=None, coef=None if coef is None else coef[r0:r1],
-            softmax=sw.softmax, inv_t=1.0 / p.temperature, t2=p.temperature ** 2, row_part=None, col_part=None,
+            mode=sw.mode, inv_t=1.0 / p.temperature, t2=p.temperature ** 2, row_part=None, col_part=None,
             want_dbias=want_dbias, want_dscale=want_dscale)
-        stat_phases = phases & (PHASE_TEACHER | PHASE_NORM | PHASE_STATS)
+        stat_phases = phases & (Phase.TEACHER | Phase.NORM | Phase.STATS)
         if stat_phases:
             self.k.row_stats(a, stat_phases)
-        if not phases & PHASE_FINAL:
+        if not phases & Phase.FINAL:
             return
         g0, g1 = c.piece_seg[0], c.piece_seg[-1] + 1
         self._consts(sw, r0, r1, g0, g1)
@@ -199,10 +168,10 @@ class DeviceWalk:
         if want_dbias or want_dscale:
             a.col_part = torch.empty(2, -(-n // br), a.ncols, dtype=torch.float32, device=sw.device)
         self.k.final(a)
-        if not sw.softmax:
+        if not sw.mode.terms.segment_lse:
             # sigmoid: the final kernel's row sums are the loss; z y comes from it unless STATS counted it already
             rp = a.row_part.sum(dim=1)
-            sw.softplus[r0:r1] += rp[0] if sw.scale_kind != SCALE_NONE else rp[0] - rp[1]
+            sw.softplus[r0:r1] += rp[0] if sw.scale_kind != ScaleKind.NONE else rp[0] - rp[1]
         if want_dbias:
             sw.db32[c.lo:c.hi] += a.col_part[0].sum(dim=0)
         if want_dscale:

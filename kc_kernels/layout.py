@@ -9,20 +9,61 @@ one step of several sub-chunks, which the driver walks in row blocks (or, for gi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import IntEnum, IntFlag
 from functools import lru_cache
 from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-# phases of an epilogue call (bitmask), state rows and per-(row, segment) constants: docs/epilogue.md
-PHASE_TEACHER, PHASE_NORM, PHASE_STATS, PHASE_FINAL = 1, 2, 4, 8
-(S_SUMSQ, S_MAX, S_SUMEXP, S_SUMEXP_U, S_SUMEXP_Y, S_ZSUM, S_ZY, S_ZU, S_ZYH, S_TMAX, S_TSUMEXP, S_R,
- S_S) = range(13)
-NUM_STATES = 13
-C_INV_NT, C_LSE, C_MASS, C_TLSE, C_S_N2 = range(5)
-NUM_CONSTS = 5
-SCALE_NONE, SCALE_SEGMENT, SCALE_CLASS = 0, 1, 2
-NORM_EPS = 1e-12
+
+class Phase(IntFlag):
+    """Phases of an epilogue call (a bitmask), in the order a call runs them (docs/epilogue.md)."""
+
+    TEACHER = 1  # a dense softmax teacher's log-sum-exp
+    NORM = 2  # the self-paced norm
+    STATS = 4  # statistics that need the norm and the teacher's log-sum-exp
+    FINAL = 8  # loss sums and, with a coefficient, the logit gradient
+
+
+class State(IntEnum):
+    """Rows of the [NUM_STATES, B, G] statistics (csrc/common/soft_target_layout.h says what each sums)."""
+
+    SUMSQ = 0
+    MAX = 1
+    SUMEXP = 2
+    SUMEXP_U = 3
+    SUMEXP_Y = 4
+    ZSUM = 5
+    ZY = 6
+    ZU = 7
+    ZYH = 8
+    TMAX = 9
+    TSUMEXP = 10
+    R = 11
+    S = 12
+
+
+class Const(IntEnum):
+    """Planes of the [NUM_CONSTS, B, G] constants a GPU FINAL reads."""
+
+    INV_NT = 0
+    LSE = 1
+    MASS = 2
+    TLSE = 3
+    S_N2 = 4
+
+
+class ScaleKind(IntEnum):
+    """How the self-paced scale is indexed."""
+
+    NONE = 0
+    SEGMENT = 1
+    CLASS = 2
+
+
+NUM_STATES = len(State)
+NUM_CONSTS = len(Const)
+NORM_EPS = 1e-12  # n = sqrt(sum u^2 + eps), as kc::kNormEps (checked against the extensions)
 MIN_CHUNK = 256
 ROW_ALIGN_BYTES = 64
 HALF_ADD_BLOCKS = 4  # row blocks whose half-precision dW may be summed in place (one rounding each)
@@ -39,14 +80,17 @@ def padded_row_stride(cols: int, itemsize: int) -> int:
 
 
 def check_layout(lib, name: str) -> None:
-    """The compiled kernels of ``lib`` index states, consts, phases and scale kinds by their own enums (exported
-    from csrc/common/soft_target_layout.h): they must be the constants above, or the extension is stale."""
-    pairs = [(lib.STATES, "S_"), (lib.CONSTS, "C_"), (lib.PHASES, "PHASE_"), (lib.SCALE_KINDS, "SCALE_")]
-    wrong = [f"{prefix}{key}" for table, prefix in pairs for key, value in table.items()
-             if globals().get(prefix + key) != value]
-    if wrong or lib.NUM_STATES != NUM_STATES or lib.NUM_CONSTS != NUM_CONSTS:
+    """The compiled kernels of ``lib`` index states, consts, phases, scale kinds and loss modes by their own enums
+    (exported from the X-macro lists of csrc/common): they must be the IntEnums here, or the extension is stale."""
+    from kc_kernels.loss_modes import LossMode
+
+    pairs = [(lib.STATES, State), (lib.CONSTS, Const), (lib.PHASES, Phase), (lib.SCALE_KINDS, ScaleKind),
+             (lib.LOSS_MODES, LossMode)]
+    wrong = [f"{enum.__name__}.{key}" for table, enum in pairs
+             for key in set(table) | set(enum.__members__) if table.get(key) != getattr(enum, key, None)]
+    if wrong or lib.NUM_STATES != NUM_STATES or lib.NUM_CONSTS != NUM_CONSTS or lib.NORM_EPS != NORM_EPS:
         raise ImportError(f"{name} was built for another epilogue layout than kc_kernels.layout "
-                          f"(differing: {wrong or 'NUM_STATES/NUM_CONSTS'}); rebuild the extension")
+                          f"(differing: {wrong or 'NUM_STATES/NUM_CONSTS/NORM_EPS'}); rebuild the extension")
 
 
 @dataclass(frozen=True)

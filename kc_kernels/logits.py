@@ -11,9 +11,10 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from kc_kernels.layout import NORM_EPS  # added to a segment's sum of squares under a scale
+
 __all__ = ["soft_target_logits"]
 
-NORM_EPS = 1e-12  # added to the segment's sum of squares under the self-paced scale (kc_kernels/reference.py)
 
 
 def _fail(name: str, msg: str):

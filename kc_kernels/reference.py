@@ -13,6 +13,9 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from kc_kernels.layout import NORM_EPS  # added to a segment's sum of squares under a scale
+from kc_kernels.reduction import compute_dtype, reduce_loss
+
 __all__ = [
     "linear_logits",
     "soft_target_loss",
@@ -23,11 +26,9 @@ __all__ = [
     "reduce_loss",
 ]
 
-NORM_EPS = 1e-12  # added to the segment's sum of squares under the self-paced scale
-
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+    return compute_dtype(t.dtype)
 
 
 def segment_ids(segments: Optional[torch.Tensor], num_classes: int, device) -> torch.Tensor:
@@ -76,16 +77,6 @@ def dense_targets(num_classes: int, *, batch: int, target_index=None, target_val
     idx = torch.where(valid, target_index, torch.zeros_like(target_index)).long()
     val = torch.where(valid, target_value.to(dtype), torch.zeros((), dtype=dtype, device=z.device))
     return z.scatter_add(1, idx, val)  # duplicates add up
-
-
-def reduce_loss(per_row: torch.Tensor, sample_weight: Optional[torch.Tensor], reduction: str) -> torch.Tensor:
-    if sample_weight is not None:
-        per_row = per_row * sample_weight.to(per_row.dtype)
-    if reduction == "none":
-        return per_row
-    if reduction == "sum":
-        return per_row.sum()
-    return per_row.sum() / max(per_row.shape[0], 1)  # an empty batch: loss 0 and zero gradients, not 0/0
 
 
 def soft_target_loss(logits: torch.Tensor, *, target_index=None, target_value=None, teacher_logits=None,

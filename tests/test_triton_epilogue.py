@@ -11,30 +11,8 @@ import pytest
 import torch
 
 from kc_kernels.gpu_epilogue import EpilogueArgs
-from kc_kernels.layout import (
-    C_INV_NT,
-    C_LSE,
-    C_MASS,
-    C_S_N2,
-    C_TLSE,
-    NORM_EPS,
-    NUM_CONSTS,
-    NUM_STATES,
-    PHASE_NORM,
-    PHASE_STATS,
-    PHASE_TEACHER,
-    S_MAX,
-    S_SUMEXP,
-    S_SUMEXP_U,
-    S_SUMEXP_Y,
-    S_SUMSQ,
-    S_TMAX,
-    S_TSUMEXP,
-    S_ZSUM,
-    S_ZU,
-    S_ZY,
-    S_ZYH,
-)
+from kc_kernels.layout import NORM_EPS, NUM_CONSTS, NUM_STATES, Const, Phase, State
+from kc_kernels.loss_modes import LossMode
 from kc_kernels.triton import epilogue
 
 T = 2.0
@@ -131,7 +109,8 @@ class Problem:
             piece_lo=torch.tensor([p[0] for p in pieces] + [pieces[-1][1]], dtype=torch.int32),
             piece_seg=torch.tensor([p[2] for p in pieces], dtype=torch.int32), num_segments=lay.G,
             seg_of_class=lay.seg_of_class(), bias=self.bias, scale=self.scale, teacher=self.teacher,
-            tidx=self.tidx, tval=self.tval, states=states, consts=consts, coef=coef, softmax=self.case.softmax,
+            tidx=self.tidx, tval=self.tval, states=states, consts=consts, coef=coef,
+            mode=LossMode.SOFTMAX if self.case.softmax else LossMode.SIGMOID,
             inv_t=1.0 / T, t2=T * T, row_part=row_part, col_part=col_part, want_dbias=want_dbias,
             want_dscale=want_dscale)
 
@@ -181,10 +160,10 @@ def initial_states(gen, rows: int, G: int, fresh: bool) -> torch.Tensor:
     st = torch.empty(G, NUM_STATES, rows).permute(1, 2, 0)
     if fresh:
         st.zero_()
-        st[S_MAX] = st[S_TMAX] = float("-inf")
+        st[State.MAX] = st[State.TMAX] = float("-inf")
     else:
         st.copy_(torch.rand(NUM_STATES, rows, G, generator=gen) * 3)
-        st[S_MAX] = st[S_TMAX] = torch.randn(rows, G, generator=gen) * 2
+        st[State.MAX] = st[State.TMAX] = torch.randn(rows, G, generator=gen) * 2
     return st
 
 
@@ -227,14 +206,14 @@ def reference_row_stats(pr: Problem, states: torch.Tensor, phases: int) -> torch
         sg = st[:, :, g]  # a view: updates land in st
         uu = u[:, lo:hi]
         t = pr.teacher.double()[:, cls] * inv_t if c.targets == "dense" else None
-        if phases & PHASE_TEACHER and c.softmax and t is not None:
+        if phases & Phase.TEACHER and c.softmax and t is not None:
             m = t.max(dim=1).values
-            merge(sg, S_TMAX, [S_TSUMEXP], m, [torch.exp(t - m[:, None]).sum(1)])
-        if phases & PHASE_NORM:
-            sg[S_SUMSQ] += (uu * uu).sum(1)
-        if not phases & PHASE_STATS:
+            merge(sg, State.TMAX, [State.TSUMEXP], m, [torch.exp(t - m[:, None]).sum(1)])
+        if phases & Phase.NORM:
+            sg[State.SUMSQ] += (uu * uu).sum(1)
+        if not phases & Phase.STATS:
             continue
-        inv_nt = inv_t / torch.sqrt(sg[S_SUMSQ] + NORM_EPS) if c.scale else torch.full((pr.rows,), inv_t,
+        inv_nt = inv_t / torch.sqrt(sg[State.SUMSQ] + NORM_EPS) if c.scale else torch.full((pr.rows,), inv_t,
                                                                                         dtype=torch.float64)
         s, b = class_vectors(pr, cls)
         up = uu * inv_nt[:, None]
@@ -243,21 +222,22 @@ def reference_row_stats(pr: Problem, states: torch.Tensor, phases: int) -> torch
         if t is None:
             z = z_all[:, cls]
         elif c.softmax:
-            z = torch.exp(t - (sg[S_TMAX] + torch.log(sg[S_TSUMEXP]))[:, None])
+            z = torch.exp(t - (sg[State.TMAX] + torch.log(sg[State.TSUMEXP]))[:, None])
         else:
             z = torch.sigmoid(t)
-        sg[S_ZSUM] += z.sum(1)
-        sg[S_ZY] += (z * y).sum(1)
-        sg[S_ZU] += (z * up).sum(1)
-        sg[S_ZYH] += (z * yh).sum(1)
+        sg[State.ZSUM] += z.sum(1)
+        sg[State.ZY] += (z * y).sum(1)
+        sg[State.ZU] += (z * up).sum(1)
+        sg[State.ZYH] += (z * yh).sum(1)
         if c.softmax:
             m = y.max(dim=1).values
             e = torch.exp(y - m[:, None])
-            merge(sg, S_MAX, [S_SUMEXP, S_SUMEXP_U, S_SUMEXP_Y], m, [e.sum(1), (e * up).sum(1), (e * yh).sum(1)])
+            merge(sg, State.MAX, [State.SUMEXP, State.SUMEXP_U, State.SUMEXP_Y], m,
+                  [e.sum(1), (e * up).sum(1), (e * yh).sum(1)])
         else:
             sig = torch.sigmoid(y)
-            sg[S_SUMEXP_U] += (sig * up).sum(1)
-            sg[S_SUMEXP_Y] += (sig * yh).sum(1)
+            sg[State.SUMEXP_U] += (sig * up).sum(1)
+            sg[State.SUMEXP_Y] += (sig * yh).sum(1)
     return st
 
 
@@ -265,21 +245,21 @@ def reference_consts(pr: Problem) -> torch.Tensor:
     """The final kernel's constants from this chunk's own statistics (as the driver derives them), fp32."""
     c, lay = pr.case, pr.case.layout
     st = reference_row_stats(pr, initial_states(None, pr.rows, lay.G, fresh=True),
-                             PHASE_TEACHER | PHASE_NORM | PHASE_STATS)
+                             Phase.TEACHER | Phase.NORM | Phase.STATS)
     cs = torch.zeros(NUM_CONSTS, pr.rows, lay.G, dtype=torch.float64)
-    sq = st[S_SUMSQ] + NORM_EPS
-    cs[C_INV_NT] = torch.rsqrt(sq) / T if c.scale else 1.0 / T
+    sq = st[State.SUMSQ] + NORM_EPS
+    cs[Const.INV_NT] = torch.rsqrt(sq) / T if c.scale else 1.0 / T
     if c.softmax:
-        cs[C_LSE] = st[S_MAX] + torch.log(st[S_SUMEXP])
-        cs[C_MASS] = st[S_ZSUM]
+        cs[Const.LSE] = st[State.MAX] + torch.log(st[State.SUMEXP])
+        cs[Const.MASS] = st[State.ZSUM]
         if c.targets == "dense":
-            cs[C_TLSE] = st[S_TMAX] + torch.log(st[S_TSUMEXP])
+            cs[Const.TLSE] = st[State.TMAX] + torch.log(st[State.TSUMEXP])
     if c.scale:
         if c.softmax:
-            S = T * T * (st[S_ZSUM] * st[S_SUMEXP_Y] / st[S_SUMEXP] - st[S_ZYH])
+            S = T * T * (st[State.ZSUM] * st[State.SUMEXP_Y] / st[State.SUMEXP] - st[State.ZYH])
         else:
-            S = st[S_SUMEXP_Y] - st[S_ZYH]
-        cs[C_S_N2] = S / sq
+            S = st[State.SUMEXP_Y] - st[State.ZYH]
+        cs[Const.S_N2] = S / sq
     touched = torch.zeros(lay.G, dtype=torch.bool)
     touched[[g for _, _, g in lay.pieces()]] = True
     return torch.where(touched, cs, torch.zeros(())).float().contiguous()  # untouched segments: never read
@@ -295,16 +275,16 @@ def reference_final(pr: Problem, consts: torch.Tensor, coef):
     k = consts.double()[:, :, g]  # [NUM_CONSTS, rows, ncols]
     u = pr.S.double()
     s, b = class_vectors(pr, cls)
-    up = u * k[C_INV_NT]
+    up = u * k[Const.INV_NT]
     y = up * s + b * inv_t
     if c.targets == "sparse":
         z = dense_z(pr)[:, cls]
     elif c.softmax:
-        z = torch.exp(pr.teacher.double()[:, cls] * inv_t - k[C_TLSE])
+        z = torch.exp(pr.teacher.double()[:, cls] * inv_t - k[Const.TLSE])
     else:
         z = torch.sigmoid(pr.teacher.double()[:, cls] * inv_t)
     if c.softmax:
-        q = T * T * (k[C_MASS] * torch.exp(y - k[C_LSE]) - z)
+        q = T * T * (k[Const.MASS] * torch.exp(y - k[Const.LSE]) - z)
         softplus = torch.zeros_like(y)
     else:
         q = torch.sigmoid(y) - z
@@ -315,7 +295,7 @@ def reference_final(pr: Problem, consts: torch.Tensor, coef):
     if coef is None:
         return row_part, None, None
     cf = coef.double()[:, None]
-    grad = cf * (s * k[C_INV_NT] * q - u * k[C_S_N2]) if c.scale else cf * q * inv_t
+    grad = cf * (s * k[Const.INV_NT] * q - u * k[Const.S_N2]) if c.scale else cf * q * inv_t
     n_row_tiles = -(-pr.rows // br)
     col_part = torch.stack([torch.stack([v[i * br:(i + 1) * br].sum(0) for i in range(n_row_tiles)])
                             for v in (cf * q * inv_t, cf * q * up)])
@@ -331,7 +311,7 @@ def assert_close_scaled(actual, expected, rtol):
 
 # ------------------------------------------------------------------------------------------- tests
 
-ALL_STATS = PHASE_TEACHER | PHASE_NORM | PHASE_STATS
+ALL_STATS = Phase.TEACHER | Phase.NORM | Phase.STATS
 
 
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
@@ -343,9 +323,9 @@ def test_row_stats(gen, case):
     whole = case.layout is WHOLE
     states = initial_states(gen, pr.rows, case.layout.G, fresh=whole)
     expected = states.double().clone()
-    calls = [PHASE_TEACHER, PHASE_NORM | PHASE_STATS] if whole else [PHASE_TEACHER, PHASE_NORM, PHASE_STATS]
+    calls = [Phase.TEACHER, Phase.NORM | Phase.STATS] if whole else [Phase.TEACHER, Phase.NORM, Phase.STATS]
     for phases in calls:
-        epilogue.row_stats(pr.args(states, scores=phases != PHASE_TEACHER), phases)
+        epilogue.row_stats(pr.args(states, scores=phases != Phase.TEACHER), phases)
         expected = reference_row_stats(pr, expected.float(), phases)
         torch.testing.assert_close(states.double(), expected, rtol=2e-5, atol=2e-5)
 

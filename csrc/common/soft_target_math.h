@@ -13,6 +13,8 @@
 
 #include <math.h>
 
+#include "common/soft_target_layout.h"
+
 #ifdef __CUDACC__
 #define KC_HD __host__ __device__ __forceinline__
 #else
@@ -24,6 +26,16 @@
 namespace kc {
 
 constexpr double kNormEps = 1e-12;  // n = sqrt(sum u^2 + eps): a zero score row keeps a finite scale
+
+// The loss family, one X-macro list (C++ name, name exported to Python as LOSS_MODES): the Python IntEnum
+// kc_kernels.loss_modes.LossMode and the Triton constants (kc_kernels/triton/loss_modes.py) must agree with it
+// (tests/test_layout.py). A mode's per-element terms are the LossTerms specialisation below; adding a mode:
+// docs/architecture.md, "Adding a loss mode".
+#define KC_LOSS_MODES(X)                                              \
+  X(kModeSigmoid, "SIGMOID") /* binary cross-entropy per class */     \
+  X(kModeSoftmax, "SOFTMAX") /* cross-entropy per segment, times T^2 */
+enum LossMode { KC_LOSS_MODES(KC_ENUM_ITEM) kNumLossModes };
+constexpr const char* kLossModeNames[kNumLossModes] = {KC_LOSS_MODES(KC_ENUM_NAME)};
 
 #ifdef __CUDACC__
 // Fast-path intrinsics: __expf is a couple of instructions with ~2 ulp error, enough for probabilities.
@@ -86,8 +98,6 @@ template <class M>
 KC_HD float q_softmax(float y, float lse, float mass, float z, float t2) {
   return t2 * (mass * M::exp(y - lse) - z);
 }
-// dq/dz: how a target's value enters q (the sparse-target correction of the gradient).
-KC_HD float dq_dz(bool softmax, float t2) { return softmax ? -t2 : -1.0f; }
 
 // coef dl/du. Under a scale: coef (s/(nT) q - u S/n^2), the second term from the norm; without: coef q/T.
 // Each term carries coef before the difference, as the Triton epilogue evaluates it: the terms nearly cancel for a
@@ -158,10 +168,40 @@ struct ScaleGradTerms {
   T S;
 };
 
-template <class T>
-KC_HD ScaleGradTerms<T> scale_grad_terms(bool softmax, T t2, T zsum, T sumexp, T sumexp_u, T sumexp_y, T zu, T zyh) {
-  if (softmax) return {t2 * (zsum * sumexp_u / sumexp - zu), t2 * (zsum * sumexp_y / sumexp - zyh)};
-  return {sumexp_u - zu, sumexp_y - zyh};
-}
+// ---- the loss modes' own terms (the rest of the math above is shared by every mode)
+
+template <LossMode MODE>
+struct LossTerms;
+
+// l = sum_j softplus(y_j) - z_j y_j; q = sigmoid(y) - z; a dense teacher's target is sigmoid(t/T).
+template <>
+struct LossTerms<kModeSigmoid> {
+  static constexpr bool kSegmentLse = false;  // no statistics over a segment (but a scale's norm)
+  static constexpr bool kTeacherLse = false;  // a dense target needs no teacher log-sum-exp
+  static KC_HD float dq_dz(float) { return -1.0f; }  // how a target's value enters q (sparse-target correction)
+  template <class M>
+  static KC_HD float dense_target(float t, float inv_t, float) { return teacher_target_sigmoid<M>(t, inv_t); }
+  template <class T>
+  static KC_HD ScaleGradTerms<T> scale_grad_terms(T, T, T, T sumexp_u, T sumexp_y, T zu, T zyh) {
+    return {sumexp_u - zu, sumexp_y - zyh};  // sum_j (sigmoid(y_j) - z_j) v_j
+  }
+};
+
+// l = T^2 sum_g (m_g lse_g(y) - sum z y); q = T^2 (m softmax(y) - z); a dense target is the segment's softmax of t/T.
+template <>
+struct LossTerms<kModeSoftmax> {
+  static constexpr bool kSegmentLse = true;
+  static constexpr bool kTeacherLse = true;
+  static KC_HD float dq_dz(float t2) { return -t2; }
+  template <class M>
+  static KC_HD float dense_target(float t, float inv_t, float tlse) {
+    return teacher_target_softmax<M>(t, inv_t, tlse);
+  }
+  // sum q v = T^2 (m sum_exp_v / sum_exp - sum z v)
+  template <class T>
+  static KC_HD ScaleGradTerms<T> scale_grad_terms(T t2, T zsum, T sumexp, T sumexp_u, T sumexp_y, T zu, T zyh) {
+    return {t2 * (zsum * sumexp_u / sumexp - zu), t2 * (zsum * sumexp_y / sumexp - zyh)};
+  }
+};
 
 }  // namespace kc

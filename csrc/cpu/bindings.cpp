@@ -33,6 +33,7 @@ void check_sizes(const Params& p) {
     invalid("state_stride/state_row_stride/state_segment_stride", "must be >= 0");
   if (p.phases <= 0 || p.phases >= (1 << kc::kNumPhases)) invalid("phases", "is not a bitmask of PHASES");
   if (p.scale_kind < 0 || p.scale_kind >= kc::kNumScaleKinds) invalid("scale_kind", "is not a SCALE_KINDS value");
+  if (p.mode < 0 || p.mode >= kc::kNumLossModes) invalid("mode", "is not a LOSS_MODES value");
   if (p.scores_dtype < 0 || p.scores_dtype >= kc_cpu::kNumScoresDtypes)
     invalid("scores_dtype", "is not a SCORES_DTYPES value");
 }
@@ -74,7 +75,7 @@ void def_params(py::module_& m) {
       .def_readwrite("npieces", &Params::npieces)
       .def_readwrite("num_segments", &Params::num_segments)
       .def_readwrite("phases", &Params::phases)
-      .def_readwrite("softmax", &Params::softmax)
+      .def_readwrite("mode", &Params::mode)
       .def_readwrite("inv_t", &Params::inv_t)
       .def_readwrite("t2", &Params::t2)
       .def_readwrite("scale_kind", &Params::scale_kind)

@@ -4,6 +4,7 @@
 #include <cstdint>
 
 #include "common/soft_target_layout.h"
+#include "common/soft_target_math.h"
 
 namespace kc_cpu {
 
@@ -29,7 +30,7 @@ struct SoftTargetChunk {
   const int64_t* piece_seg = nullptr;  // [npieces] segment of each piece
   int64_t num_segments = 0;
   int phases = 0;  // bitmask of Phase, run in order per row and piece
-  int softmax = 0;  // 0: sigmoid mode, 1: softmax mode
+  int mode = 0;  // a kc::LossMode (csrc/common/soft_target_math.h)
   float inv_t = 0.f, t2 = 0.f;  // 1 / T and T^2
   const float* scale = nullptr;  // self-paced scale, fp32, [G] or [V] (null when scale_kind == kScaleNone)
   int scale_kind = 0;

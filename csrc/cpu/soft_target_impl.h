@@ -51,19 +51,25 @@ inline float scale_at(const SoftTargetChunk& a, int64_t g, int64_t j) {
   return 1.0f;
 }
 
+// The loops below specialise on whether a mode keeps statistics over a segment (the softmax's log-sum-exp, and the
+// exp-sharing fast paths that go with it); a mode's own per-element terms come from LossTerms<MODE>
+// (csrc/common/soft_target_math.h).
+template <LossMode MODE>
+constexpr bool kSegmentLse = LossTerms<MODE>::kSegmentLse;
+
 struct FinalSums {
   float sp;  // sigmoid mode: sum softplus(y)
   float zy;  // sigmoid mode: sum z y over dense targets (softmax mode: both unused)
 };
 
 // Whether the bias has been added to the scores (see fold_bias): a softmax without a scale.
-template <int SK, bool SOFTMAX>
-constexpr bool kBiasFolded = SOFTMAX && SK == kScaleNone;
+template <int SK, LossMode MODE>
+constexpr bool kBiasFolded = kSegmentLse<MODE> && SK == kScaleNone;
 
 // Whether STATS can leave FINAL what it would recompute (see stats_phase, STORE): a softmax without a scale (its
 // exps) or a sigmoid under one (its sigmoids and loss).
-template <int SK, bool SOFTMAX>
-constexpr bool kStatsStores = SOFTMAX == (SK == kScaleNone);
+template <int SK, LossMode MODE>
+constexpr bool kStatsStores = kSegmentLse<MODE> == (SK == kScaleNone);
 
 // The logit gradient of one class written over its score (and its column-sum terms), shared by both modes' loops.
 template <int SK, bool BIAS_GRAD>
@@ -153,23 +159,23 @@ KC_VEC_INLINE void lane_walk(int64_t n, SoftplusLanes& sl, Step step) {
 // see teacher_targets). FROM_STATS: the STATS phase of the same call left what FINAL would recompute (see
 // stats_phase): softmax, exp(y - m) over the scores, so softmax(y) = u * escale is a multiply instead of an exp;
 // sigmoid, sigmoid(y) in ``sg`` and the softplus sum already counted (no exp, no loss sums here).
-template <int SK, bool SOFTMAX, bool DENSE, bool GRAD, bool BIAS_GRAD, bool FROM_STATS = false>
+template <int SK, LossMode MODE, bool DENSE, bool GRAD, bool BIAS_GRAD, bool FROM_STATS = false>
 __attribute__((noinline)) FinalSums final_loop(float* __restrict u, const float* __restrict t,
                                                const float* __restrict sg, const float* __restrict sc,
                                                const float* __restrict bias, int64_t n, float s_seg, float inv_nt,
                                                float inv_t, float t2, float zscale, float lse, float escale,
                                                float zmass, float c, float s_n2, double* __restrict ds,
                                                float* __restrict db) {
-  if constexpr (SOFTMAX || FROM_STATS) {
+  if constexpr (kSegmentLse<MODE> || FROM_STATS) {
     float sq = 0.f, zs = 0.f;
 #pragma omp simd reduction(+ : sq, zs)
     for (int64_t j = 0; j < n; ++j) {
       const float uj = u[j];
       const float s = SK == kScaleClass ? sc[j] : s_seg;
       const float up = scaled_score(uj, inv_nt);
-      const float y = logit(uj, s, inv_nt, kBiasFolded<SK, SOFTMAX> ? 0.0f : bias[j], inv_t);  // see fold_bias
+      const float y = logit(uj, s, inv_nt, kBiasFolded<SK, MODE> ? 0.0f : bias[j], inv_t);  // see fold_bias
       float q;
-      if constexpr (SOFTMAX) {
+      if constexpr (kSegmentLse<MODE>) {
         const float z = DENSE ? t[j] * zscale : 0.f;
         q = FROM_STATS ? t2 * (zmass * (uj * escale) - z)  // q_softmax with the stored exp
                        : q_softmax<VecMath>(y, lse, zmass, z, t2);
@@ -184,7 +190,7 @@ __attribute__((noinline)) FinalSums final_loop(float* __restrict u, const float*
       }
       if constexpr (GRAD) write_grad<SK, BIAS_GRAD>(u, j, uj, s, up, q, inv_nt, inv_t, c, s_n2, ds, db);
     }
-    return {SOFTMAX ? sq : 0.f, zs};
+    return {kSegmentLse<MODE> ? sq : 0.f, zs};
   } else {
     SoftplusLanes sl;
     float zy[SoftplusLanes::kLanes] = {};
@@ -209,9 +215,9 @@ __attribute__((noinline)) FinalSums final_loop(float* __restrict u, const float*
 
 // The bias as the loops read it: under a scale the class prior enters y after the normalisation; a softmax without
 // one has it in u already (see fold_bias), so it is 0 here and the compiler drops the load.
-template <int SK, bool SOFTMAX>
+template <int SK, LossMode MODE>
 inline float bias_of(const float* __restrict bp, int64_t j) {
-  if constexpr (kBiasFolded<SK, SOFTMAX>) return 0.0f;
+  if constexpr (kBiasFolded<SK, MODE>) return 0.0f;
   return bp[j];
 }
 
@@ -283,9 +289,9 @@ inline void norm_phase(const RowPiece& r) {
 // A softmax without a scale has y = (u + b) / T and dl/du = dl/db, so the bias is added to u once here and its
 // three loops (max, exps, gradient) read no bias stream (they see a bias of 0 at compile time, see bias_of); the
 // gradient overwrites u anyway. The sigmoid without a scale has one loop: it reads the bias there.
-template <int SK, bool SOFTMAX>
+template <int SK, LossMode MODE>
 inline void fold_bias(const RowPiece& r) {
-  if constexpr (kBiasFolded<SK, SOFTMAX>) {
+  if constexpr (kBiasFolded<SK, MODE>) {
     if (r.a.bias != nullptr) {
       float* __restrict u = r.urow;
       const float* __restrict bp = r.bp;
@@ -307,23 +313,23 @@ inline void add_target_sums(const RowPiece& r, float zsum, float zy, float zu, f
 // STORE (FINAL with a gradient in the same call): softmax without a scale, each score is overwritten by its
 // exp(y - m), which FINAL turns into softmax(y) with a multiply; sigmoid under a scale, sigmoid(y) goes to r.sg and
 // the softplus sum is counted here, so that FINAL has no exp to compute (see final_loop). Returns m (softmax).
-template <int SK, bool SOFTMAX, bool DENSE, bool STORE = false>
+template <int SK, LossMode MODE, bool DENSE, bool STORE = false>
 __attribute__((noinline)) float stats_phase(const RowPiece& r, const std::vector<Target>& targets, float inv_nt, float zscale) {
   const SoftTargetChunk& a = r.a;
   const int64_t lo = r.lo, hi = r.hi, g = r.g;
   const float inv_t = a.inv_t;
   const float* urow = r.urow;
-  const float* trow = SOFTMAX ? r.tz : r.trow;
+  const float* trow = kSegmentLse<MODE> ? r.tz : r.trow;
   const float* __restrict bp = r.bp;
   float zsum = 0.f, zy = 0.f, zu = 0.f, zyh = 0.f;
-  if constexpr (DENSE && !SOFTMAX) {  // (a softmax sums its dense targets in its exp loop below)
+  if constexpr (DENSE && !kSegmentLse<MODE>) {  // (a softmax sums its dense targets in its exp loop below)
 #pragma omp simd reduction(+ : zsum, zy, zu, zyh)
     for (int64_t j = lo; j < hi; ++j) {
       const float s = scale_at<SK>(a, g, j);
       const float up = scaled_score(urow[j], inv_nt);
       const float z = teacher_target_sigmoid<VecMath>(trow[j], inv_t);
       zsum += z;
-      zy += z * logit(urow[j], s, inv_nt, bias_of<SK, SOFTMAX>(bp, j), inv_t);
+      zy += z * logit(urow[j], s, inv_nt, bias_of<SK, MODE>(bp, j), inv_t);
       zu += z * up;
       zyh += z * (s * up);
     }
@@ -334,16 +340,16 @@ __attribute__((noinline)) float stats_phase(const RowPiece& r, const std::vector
       const float s = scale_at<SK>(a, g, j);
       const float up = scaled_score(urow[j], inv_nt);
       zsum += v;
-      zy += v * logit(urow[j], s, inv_nt, bias_of<SK, SOFTMAX>(bp, j), inv_t);
+      zy += v * logit(urow[j], s, inv_nt, bias_of<SK, MODE>(bp, j), inv_t);
       zu += v * up;
       zyh += v * (s * up);
     }
   }
-  if constexpr (SOFTMAX) {
+  if constexpr (kSegmentLse<MODE>) {
     float m = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : m)
     for (int64_t j = lo; j < hi; ++j)
-      m = std::max(m, logit(urow[j], scale_at<SK>(a, g, j), inv_nt, bias_of<SK, SOFTMAX>(bp, j), inv_t));
+      m = std::max(m, logit(urow[j], scale_at<SK>(a, g, j), inv_nt, bias_of<SK, MODE>(bp, j), inv_t));
     float se = 0.f, seu = 0.f, sey = 0.f;
     float* __restrict ur = r.urow;
     const float* __restrict tz = r.tz;
@@ -351,7 +357,7 @@ __attribute__((noinline)) float stats_phase(const RowPiece& r, const std::vector
     for (int64_t j = lo; j < hi; ++j) {
       const float s = scale_at<SK>(a, g, j);
       const float up = scaled_score(ur[j], inv_nt);
-      const float y = logit(ur[j], s, inv_nt, bias_of<SK, SOFTMAX>(bp, j), inv_t);
+      const float y = logit(ur[j], s, inv_nt, bias_of<SK, MODE>(bp, j), inv_t);
       const float e = VecMath::exp(y - m);
       se += e;
       seu += e * up;
@@ -406,7 +412,7 @@ __attribute__((noinline)) float stats_phase(const RowPiece& r, const std::vector
     for (int64_t j = lo; j < hi; ++j) {
       const float s = scale_at<SK>(a, g, j);
       const float up = scaled_score(urow[j], inv_nt);
-      const float sg = sigmoid<VecMath>(logit(urow[j], s, inv_nt, bias_of<SK, SOFTMAX>(bp, j), inv_t));
+      const float sg = sigmoid<VecMath>(logit(urow[j], s, inv_nt, bias_of<SK, MODE>(bp, j), inv_t));
       squ += sg * up;
       sqy += sg * (s * up);
     }
@@ -419,31 +425,32 @@ __attribute__((noinline)) float stats_phase(const RowPiece& r, const std::vector
 
 // FINAL: loss terms that are sums of elementwise functions, and (with coef) the gradient written over the scores.
 // ``from_stats``: the STATS phase of this call stored what the gradient loop reads (see stats_phase).
-template <int SK, bool SOFTMAX, bool DENSE>
+template <int SK, LossMode MODE, bool DENSE>
 void final_phase(const RowPiece& r, const std::vector<Target>& targets, float inv_nt, float zscale, bool from_stats,
                  float m, double* dscale_acc, float* dbias_acc, std::vector<float>& corr) {
   const SoftTargetChunk& a = r.a;
   const int64_t lo = r.lo, hi = r.hi, g = r.g, b = r.b;
-  const bool need_stats = SOFTMAX || SK != kScaleNone;
+  const bool need_stats = kSegmentLse<MODE> || SK != kScaleNone;
   const float inv_t = a.inv_t, t2 = a.t2;
   float* urow = r.urow;
   const float* __restrict bp = r.bp;
   float lse = 0.f, escale = 0.f, zmass = 0.f, s_n2 = 0.f;
-  if constexpr (SOFTMAX) {
+  if constexpr (kSegmentLse<MODE>) {
     const double lse_d = log_sum_exp<double>(r.st(kMax), r.st(kSumExp));
     lse = static_cast<float>(lse_d);
     escale = static_cast<float>(exp_of(static_cast<double>(m) - lse_d));
     zmass = static_cast<float>(r.st(kZSum));
   }
   if constexpr (SK != kScaleNone) {
-    const ScaleGradTerms<double> rs = scale_grad_terms<double>(SOFTMAX, t2, r.st(kZSum), r.st(kSumExp),
+    const ScaleGradTerms<double> rs =
+        LossTerms<MODE>::template scale_grad_terms<double>(t2, r.st(kZSum), r.st(kSumExp),
                                                                r.st(kSumExpU), r.st(kSumExpY), r.st(kZU),
                                                                r.st(kZYScaled));
     r.st(kR) = rs.R;
     r.st(kS) = rs.S;
     s_n2 = static_cast<float>(rs.S * inv_norm_sq<double>(r.st(kSumSq)));
   }
-  const float dqz = dq_dz(SOFTMAX, t2);
+  const float dqz = LossTerms<MODE>::dq_dz(t2);
   const float c = a.coef ? a.coef[b] : 0.f;
 
   // sparse targets: -z y in the loss, and gradient corrections read before u is overwritten
@@ -454,7 +461,7 @@ void final_phase(const RowPiece& r, const std::vector<Target>& targets, float in
       const float v = targets[t].value;
       const float s = scale_at<SK>(a, g, j);
       const float up = scaled_score(urow[j], inv_nt);
-      zy += v * logit(urow[j], s, inv_nt, bias_of<SK, SOFTMAX>(bp, j), inv_t);
+      zy += v * logit(urow[j], s, inv_nt, bias_of<SK, MODE>(bp, j), inv_t);
       corr[t] = c * dqz * v * s * inv_nt;  // coef (dq/dz) v a_j
       if (SK == kScaleClass && a.coef) dscale_acc[j] += static_cast<double>(c) * dqz * v * up;
     }
@@ -463,11 +470,11 @@ void final_phase(const RowPiece& r, const std::vector<Target>& targets, float in
 
   const float* sc = SK == kScaleClass ? a.scale + a.col0 + lo : nullptr;
   const float s_seg = SK == kScaleSegment ? a.scale[g] : 1.0f;
-  const float* tp = DENSE ? (SOFTMAX ? r.tz : r.trow) + lo : nullptr;
+  const float* tp = DENSE ? (kSegmentLse<MODE> ? r.tz : r.trow) + lo : nullptr;
   FinalSums sums;
   if (a.coef == nullptr) {
-    if constexpr (SOFTMAX) return;  // the softmax loss comes from the statistics alone
-    sums = final_loop<SK, SOFTMAX, DENSE, false, false>(urow + lo, tp, nullptr, sc, bp + lo, hi - lo, s_seg, inv_nt,
+    if constexpr (kSegmentLse<MODE>) return;  // the softmax loss comes from the statistics alone
+    sums = final_loop<SK, MODE, DENSE, false, false>(urow + lo, tp, nullptr, sc, bp + lo, hi - lo, s_seg, inv_nt,
                                                        inv_t, t2, zscale, lse, escale, zmass, 0.f, s_n2, nullptr,
                                                        nullptr);
   } else {
@@ -477,20 +484,20 @@ void final_phase(const RowPiece& r, const std::vector<Target>& targets, float in
     // the gradient loop with or without the bias gradient, FROM_STATS given as a std::bool_constant
     const auto grad_loop = [&](auto from_stats_c) {
       constexpr bool kFrom = decltype(from_stats_c)::value;
-      return db ? final_loop<SK, SOFTMAX, DENSE, true, true, kFrom>(urow + lo, tp, sg, sc, bp + lo, hi - lo, s_seg,
+      return db ? final_loop<SK, MODE, DENSE, true, true, kFrom>(urow + lo, tp, sg, sc, bp + lo, hi - lo, s_seg,
                                                                     inv_nt, inv_t, t2, zscale, lse, escale, zmass, c,
                                                                     s_n2, ds, db)
-                : final_loop<SK, SOFTMAX, DENSE, true, false, kFrom>(urow + lo, tp, sg, sc, bp + lo, hi - lo, s_seg,
+                : final_loop<SK, MODE, DENSE, true, false, kFrom>(urow + lo, tp, sg, sc, bp + lo, hi - lo, s_seg,
                                                                      inv_nt, inv_t, t2, zscale, lse, escale, zmass,
                                                                      c, s_n2, ds, nullptr);
     };
-    if constexpr (kStatsStores<SK, SOFTMAX>) {
+    if constexpr (kStatsStores<SK, MODE>) {
       sums = from_stats ? grad_loop(std::true_type{}) : grad_loop(std::false_type{});
     } else {
       sums = grad_loop(std::false_type{});
     }
   }
-  if constexpr (!SOFTMAX) {
+  if constexpr (!kSegmentLse<MODE>) {
     a.softplus_sum[b] += sums.sp;
     if (DENSE && !need_stats) r.st(kZY) += sums.zy;
   }
@@ -508,14 +515,14 @@ void final_phase(const RowPiece& r, const std::vector<Target>& targets, float in
 // ``urow`` is the row's fp32 scores: the buffer itself, or the fp32 copy of a bf16 row (see run). ``tz``: a row of
 // ncols floats for the teacher exps (softmax with a dense teacher), else null; ``sg``: a row of ncols floats for the
 // sigmoids (sigmoid under a scale), else null.
-template <int SK, bool SOFTMAX, bool DENSE>
+template <int SK, LossMode MODE, bool DENSE>
 void run_row(const SoftTargetChunk& a, int64_t b, float* urow, const std::vector<Target>& targets,
              const std::vector<int64_t>& piece_first, const float* bias, double* dscale_acc, float* dbias_acc,
              std::vector<float>& corr, float* tz, float* sg) {
-  const bool need_stats = SOFTMAX || SK != kScaleNone;
+  const bool need_stats = kSegmentLse<MODE> || SK != kScaleNone;
   // a whole segment in one call with a gradient wanted: softmax without a scale, STATS leaves exp(y - m) for FINAL;
   // sigmoid under a scale, sigmoid(y) (and counts the loss)
-  const bool store = kStatsStores<SK, SOFTMAX> && a.coef != nullptr && (a.phases & kPhaseStats) && (a.phases & kPhaseFinal);
+  const bool store = kStatsStores<SK, MODE> && a.coef != nullptr && (a.phases & kPhaseStats) && (a.phases & kPhaseFinal);
   for (int64_t p = 0; p < a.npieces; ++p) {
     const RowPiece r{a,
                      b,
@@ -529,27 +536,27 @@ void run_row(const SoftTargetChunk& a, int64_t b, float* urow, const std::vector
                      bias,
                      tz,
                      sg};
-    const bool teacher_ran = SOFTMAX && DENSE && (a.phases & kPhaseTeacher);
+    const bool teacher_ran = kSegmentLse<MODE> && DENSE && (a.phases & kPhaseTeacher);
     const float tmax = teacher_ran ? teacher_phase(r) : 0.f;
     if (SK != kScaleNone && (a.phases & kPhaseNorm)) norm_phase(r);
     if (!(a.phases & (kPhaseStats | kPhaseFinal))) continue;
 
     const float inv_nt = static_cast<float>(inv_norm_t<double>(SK != kScaleNone, r.st(kSumSq), a.inv_t));
     float zscale = 0.f;
-    if constexpr (SOFTMAX && DENSE)
+    if constexpr (kSegmentLse<MODE> && DENSE)
       zscale = teacher_targets(r, teacher_ran, tmax, log_sum_exp<double>(r.st(kTeacherMax), r.st(kTeacherSumExp)));
-    fold_bias<SK, SOFTMAX>(r);
+    fold_bias<SK, MODE>(r);
     float m = 0.f;
     if (need_stats && (a.phases & kPhaseStats)) {
-      if constexpr (kStatsStores<SK, SOFTMAX>) {
-        m = store ? stats_phase<SK, SOFTMAX, DENSE, true>(r, targets, inv_nt, zscale)
-                  : stats_phase<SK, SOFTMAX, DENSE>(r, targets, inv_nt, zscale);
+      if constexpr (kStatsStores<SK, MODE>) {
+        m = store ? stats_phase<SK, MODE, DENSE, true>(r, targets, inv_nt, zscale)
+                  : stats_phase<SK, MODE, DENSE>(r, targets, inv_nt, zscale);
       } else {
-        m = stats_phase<SK, SOFTMAX, DENSE>(r, targets, inv_nt, zscale);
+        m = stats_phase<SK, MODE, DENSE>(r, targets, inv_nt, zscale);
       }
     }
     if (a.phases & kPhaseFinal)
-      final_phase<SK, SOFTMAX, DENSE>(r, targets, inv_nt, zscale, store, m, dscale_acc, dbias_acc, corr);
+      final_phase<SK, MODE, DENSE>(r, targets, inv_nt, zscale, store, m, dscale_acc, dbias_acc, corr);
   }
 }
 
@@ -567,7 +574,7 @@ inline void fold_into(double* __restrict acc, float* __restrict part, int64_t n)
 // Scores of type T (float, or bf16 as uint16_t). bf16 rows are widened into a per-thread fp32 row buffer, every phase
 // runs on it exactly as on fp32 scores, and after a FINAL phase with coef the fp32 logit gradient is rounded back into
 // the bf16 row (once: the sparse targets' corrections are added in fp32 before the rounding).
-template <int SK, bool SOFTMAX, bool DENSE, class T>
+template <int SK, LossMode MODE, bool DENSE, class T>
 void run(const SoftTargetChunk& a) {
   constexpr bool kWide = std::is_same_v<T, uint16_t>;
   const bool reads_u = (a.phases & ~kPhaseTeacher) != 0;
@@ -591,8 +598,8 @@ void run(const SoftTargetChunk& a) {
     std::vector<int64_t> piece_first(a.npieces + 1, 0);
     std::vector<float> corr;
     std::vector<float> row_f32(kWide && reads_u ? ncols : 0);
-    std::vector<float> tz(SOFTMAX && DENSE ? ncols : 0);
-    std::vector<float> sg(!SOFTMAX && SK != kScaleNone ? ncols : 0);
+    std::vector<float> tz(kSegmentLse<MODE> && DENSE ? ncols : 0);
+    std::vector<float> sg(!kSegmentLse<MODE> && SK != kScaleNone ? ncols : 0);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < a.rows; ++b) {
       targets.clear();
@@ -627,7 +634,7 @@ void run(const SoftTargetChunk& a) {
       } else {
         urow = scores;
       }
-      run_row<SK, SOFTMAX, DENSE>(a, b, urow, targets, piece_first, bias, dscale_acc.data(),
+      run_row<SK, MODE, DENSE>(a, b, urow, targets, piece_first, bias, dscale_acc.data(),
                                   want_dbias ? dbias_rows.data() : nullptr, corr, tz.data(), sg.data());
       if (want_dbias && ++rows_unfolded == kBiasFoldRows) {
         fold_into(dbias_acc.data(), dbias_rows.data(), ncols);
@@ -652,10 +659,12 @@ void run(const SoftTargetChunk& a) {
 template <int SK, class T>
 void dispatch_mode(const SoftTargetChunk& a) {
   const bool dense = a.teacher != nullptr;
-  if (a.softmax) {
-    dense ? run<SK, true, true, T>(a) : run<SK, true, false, T>(a);
-  } else {
-    dense ? run<SK, false, true, T>(a) : run<SK, false, false, T>(a);
+  switch (a.mode) {
+    case kModeSoftmax:
+      dense ? run<SK, kModeSoftmax, true, T>(a) : run<SK, kModeSoftmax, false, T>(a);
+      break;
+    default:
+      dense ? run<SK, kModeSigmoid, true, T>(a) : run<SK, kModeSigmoid, false, T>(a);
   }
 }
 

@@ -58,7 +58,7 @@ void def_soft_target_inputs(py::class_<P>& cls) {
       .def_readwrite("teacher_dtype", &In::teacher_dtype)
       .def_readwrite("num_targets", &In::num_targets)
       .def_readwrite("targets_row_stride", &In::targets_row_stride)
-      .def_readwrite("softmax", &In::softmax)
+      .def_readwrite("mode", &In::mode)
       .def_readwrite("inv_t", &In::inv_t);
   def_address(cls, "scale", &In::scale);
   def_address(cls, "bias", &In::bias);

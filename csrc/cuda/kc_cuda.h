@@ -34,7 +34,7 @@ struct SoftTargetInputs {
   const void* target_value = nullptr;  // fp32 [rows, K]
   int64_t num_targets = 0;             // K (0: no sparse targets)
   int64_t targets_row_stride = 0;      // of both target_index and target_value
-  bool softmax = false;                // mode: softmax per segment, else sigmoid per class
+  int mode = 0;                        // a kc::LossMode (csrc/common/soft_target_math.h)
   float inv_t = 1.f;                   // 1 / T
 };
 

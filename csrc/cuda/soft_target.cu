@@ -118,7 +118,7 @@ __device__ void stats_phase(const RowStatsParams& p, int64_t row, const TS* u, c
                             float* state, const SharedStates& run, float* scratch) {
   const float inv_t = p.inv_t;
   const float inv_nt = kc::inv_norm_t<float>(p.scale != nullptr, run.sumsq, inv_t);
-  const bool dense_softmax = p.softmax && t != nullptr;
+  const bool dense_softmax = (p.mode == kc::kModeSoftmax) && t != nullptr;
   const float tlse = dense_softmax ? kc::log_sum_exp(run.teacher_max, run.teacher_sumexp) : 0.f;
   auto logit_at = [&](int64_t j) {
     const int64_t cls = p.col0 + j;
@@ -127,7 +127,7 @@ __device__ void stats_phase(const RowStatsParams& p, int64_t row, const TS* u, c
 
   // softmax: the piece's max first, so each exp is taken once, relative to it
   float m = -INFINITY;
-  if (p.softmax) {
+  if ((p.mode == kc::kModeSoftmax)) {
     for (int64_t j = lo + threadIdx.x; j < hi; j += blockDim.x) m = fmaxf(m, logit_at(j).y);
     m = block_max(m, scratch);
   }
@@ -135,13 +135,13 @@ __device__ void stats_phase(const RowStatsParams& p, int64_t row, const TS* u, c
   float acc[kRowStatsSums] = {};
   for (int64_t j = lo + threadIdx.x; j < hi; j += blockDim.x) {
     const ClassLogit l = logit_at(j);
-    const float w = p.softmax ? CudaMath::exp(l.y - m) : kc::sigmoid<CudaMath>(l.y);
+    const float w = (p.mode == kc::kModeSoftmax) ? CudaMath::exp(l.y - m) : kc::sigmoid<CudaMath>(l.y);
     acc[kE] += w;
     acc[kEU] += w * l.up;
     acc[kEY] += w * l.yh;
     if (t != nullptr) {
       const float tv = to_float(t[j]);
-      const float z = p.softmax ? kc::teacher_target_softmax<CudaMath>(tv, inv_t, tlse)
+      const float z = (p.mode == kc::kModeSoftmax) ? kc::teacher_target_softmax<CudaMath>(tv, inv_t, tlse)
                                 : kc::teacher_target_sigmoid<CudaMath>(tv, inv_t);
       acc[kZ] += z;
       acc[kZY] += z * l.y;
@@ -172,7 +172,7 @@ __device__ void stats_phase(const RowStatsParams& p, int64_t row, const TS* u, c
     st(kc::kZU) += acc[kZU];
     st(kc::kZYScaled) += acc[kZYH];
   }
-  if (p.softmax) {
+  if ((p.mode == kc::kModeSoftmax)) {
     const kc::MaxMerge<float> f = kc::merge_max(st(kc::kMax), m);
     kc::merge_sum(st(kc::kSumExp), acc[kE], f);
     kc::merge_sum(st(kc::kSumExpU), acc[kEU], f);
@@ -197,7 +197,7 @@ __global__ void __launch_bounds__(kRowStatsMaxThreads) row_stats_kernel(const Ro
   // local column j of the chunk is global class col0 + j
   const TT* t = p.teacher ? static_cast<const TT*>(p.teacher) + row * p.teacher_row_stride + p.col0 : nullptr;
 
-  const bool dense_softmax = p.softmax && t != nullptr;
+  const bool dense_softmax = (p.mode == kc::kModeSoftmax) && t != nullptr;
   // Every thread reads the running values it needs before thread 0 writes any (the reductions below hold
   // barriers), then merges the piece into its own copy: no thread reads a state after another wrote it.
   SharedStates run{-INFINITY, 0.f, 0.f};
@@ -250,14 +250,14 @@ __device__ __forceinline__ void final_element(const FinalParams& p, int64_t row,
   float z = 0.f;
   if (p.teacher != nullptr) {
     const float t = to_float(static_cast<const TT*>(p.teacher)[row * p.teacher_row_stride + cls]);
-    z = p.softmax ? kc::teacher_target_softmax<CudaMath>(t, p.inv_t, consts[kc::kConstTeacherLse])
+    z = (p.mode == kc::kModeSoftmax) ? kc::teacher_target_softmax<CudaMath>(t, p.inv_t, consts[kc::kConstTeacherLse])
                   : kc::teacher_target_sigmoid<CudaMath>(t, p.inv_t);
   } else if (p.num_targets > 0) {
     z = sparse_target(static_cast<const int32_t*>(p.target_index) + row * p.targets_row_stride,
                       static_cast<const float*>(p.target_value) + row * p.targets_row_stride, range, cls);
   }
   float q;
-  if (p.softmax) {
+  if ((p.mode == kc::kModeSoftmax)) {
     q = kc::q_softmax<CudaMath>(l.y, consts[kc::kConstLse], consts[kc::kConstMass], z, p.t2);
   } else {
     const kc::SoftplusSigmoid f = kc::softplus_sigmoid<CudaMath>(l.y);

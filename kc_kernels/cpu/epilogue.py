@@ -20,7 +20,7 @@ import torch
 
 from kc_kernels import _C, layout
 from kc_kernels.driver import Sweep
-from kc_kernels.layout import PHASE_FINAL, Chunk
+from kc_kernels.layout import Chunk, Phase
 from kc_kernels.ops import checks
 
 layout.check_layout(_C, "kc_kernels._C")
@@ -108,7 +108,7 @@ class CpuWalk:
     def after_teacher(self, sw: "Sweep") -> None:
         """The teacher phase poisons the log-sum-exp of a segment holding a NaN teacher logit: the front's NaN
         check of the dense teacher (a pass over B x V values) is done here, from the [B, G] statistics."""
-        if checks.values_enabled(torch.device("cpu")) and bool(torch.isnan(sw.state[layout.S_TSUMEXP]).any()):
+        if checks.values_enabled(torch.device("cpu")) and bool(torch.isnan(sw.state[layout.State.TSUMEXP]).any()):
             checks.fail("teacher_logits", "contains NaN")
 
     def _teacher(self, c: Chunk, r0: int, r1: int) -> Optional[torch.Tensor]:
@@ -150,8 +150,8 @@ class CpuWalk:
             a.scores_dtype = _SCORES_DTYPES[u.dtype]
         a.rows, a.ncols, a.col0 = r1 - r0, c.hi - c.lo, c.lo
         a.npieces, a.piece_lo, a.piece_seg, a.num_segments = len(c.piece_seg), lo_t.data_ptr(), seg_t.data_ptr(), sw.G
-        a.phases, a.softmax, a.inv_t, a.t2 = phases, int(sw.softmax), 1.0 / p.temperature, p.temperature ** 2
-        a.scale, a.scale_kind, a.bias = _ptr(sw.scale32), sw.scale_kind, _ptr(sw.bias32)
+        a.phases, a.mode, a.inv_t, a.t2 = int(phases), int(sw.mode), 1.0 / p.temperature, p.temperature ** 2
+        a.scale, a.scale_kind, a.bias = _ptr(sw.scale32), int(sw.scale_kind), _ptr(sw.bias32)
         if self.tidx is not None:
             a.k = self.tidx.shape[1]
             a.tidx, a.tval = self.tidx[r0:r1].data_ptr(), self.tval[r0:r1].data_ptr()
@@ -161,7 +161,7 @@ class CpuWalk:
         a.softplus_sum = sw.softplus[r0:r1].data_ptr()
         if coef is not None:
             a.coef = coef[r0:r1].data_ptr()
-            if phases & PHASE_FINAL:
+            if phases & Phase.FINAL:
                 a.dscale_class = _ptr(None if sw.dscale is None else sw.dscale[c.lo:c.hi])
                 a.dbias = _ptr(None if sw.db32 is None else sw.db32[c.lo:c.hi])
         return a

@@ -22,6 +22,7 @@ from kc_kernels.host_buffers import give_back_workspace, take_workspace
 from kc_kernels.layout import padded_row_stride
 from kc_kernels.ops import sampled_softmax_autograd as autograd_
 from kc_kernels.ops.sampled_softmax_autograd import RowGradients
+from kc_kernels.reduction import compute_dtype
 
 
 @dataclass
@@ -39,7 +40,7 @@ class _State:
 
 class _CpuSampledSoftmax:
     def forward(self, p, need_grad: bool):
-        dt = autograd_.compute_dtype(p.x.dtype)
+        dt = compute_dtype(p.x.dtype)
         labels, true_expected = autograd_.labels_2d(p)
         ids, ids_ok = autograd_.sampled_ids(p)
         sampled_expected = p.sampled[2]

@@ -20,7 +20,7 @@ import torch
 
 from kc_kernels import _cuda, layout
 from kc_kernels.gpu_epilogue import DeviceEpilogue, EpilogueArgs
-from kc_kernels.layout import NUM_CONSTS, NUM_STATES, PHASE_NORM, PHASE_STATS, PHASE_TEACHER
+from kc_kernels.layout import NUM_CONSTS, NUM_STATES, Phase
 
 __all__ = ["TILE", "row_stats", "final", "EPILOGUE"]
 
@@ -72,7 +72,7 @@ def _fill_inputs(p, a: EpilogueArgs):
         if t is not None:
             _expect(name, t, torch.float32)
     p.scale, p.bias = _address(a.scale), _address(a.bias)
-    p.softmax, p.inv_t = bool(a.softmax), float(a.inv_t)
+    p.mode, p.inv_t = int(a.mode), float(a.inv_t)
     if a.teacher is not None:
         _rows_view("teacher", a.teacher, a.rows)
         if a.teacher.dtype not in _DTYPES:
@@ -97,15 +97,15 @@ def _stream(device: torch.device) -> int:
 
 def row_stats(a: EpilogueArgs, phases: int) -> None:
     """Fold the chunk's pieces into ``a.states`` for the requested phases (TEACHER | NORM | STATS)."""
-    teacher_phase = bool(phases & PHASE_TEACHER) and a.softmax and a.teacher is not None
-    if not (teacher_phase or phases & (PHASE_NORM | PHASE_STATS)) or a.rows == 0 or a.pieces == 0:
+    teacher_phase = bool(phases & Phase.TEACHER) and a.mode.terms.teacher_lse and a.teacher is not None
+    if not (teacher_phase or phases & (Phase.NORM | Phase.STATS)) or a.rows == 0 or a.pieces == 0:
         return
     p = _cuda.RowStatsParams()
     _fill_inputs(p, a)
     _expect("piece_lo", a.piece_lo, torch.int32, (a.pieces + 1,))
     _expect("piece_seg", a.piece_seg, torch.int32, (a.pieces,))
     _expect("states", a.states, torch.float32, (NUM_STATES, a.rows, a.num_segments), contiguous=False)
-    if phases & (PHASE_NORM | PHASE_STATS) and a.S is None:
+    if phases & (Phase.NORM | Phase.STATS) and a.S is None:
         _fail("S", "is required by NORM and STATS")
     p.scores, p.pieces = _address(a.S), a.pieces
     p.piece_lo, p.piece_seg = a.piece_lo.data_ptr(), a.piece_seg.data_ptr()

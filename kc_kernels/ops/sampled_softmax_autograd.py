@@ -19,11 +19,7 @@ import torch
 
 from kc_kernels.custom_op import needs_mask, register_forward_made_grads
 from kc_kernels.host_buffers import output_buffer
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp64 stays fp64; everything else accumulates in fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from kc_kernels.reduction import compute_dtype, row_weights
 
 
 def labels_2d(p) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -69,11 +65,7 @@ def accidental_hits(labels: torch.Tensor, ids: torch.Tensor) -> Tuple[torch.Tens
 
 def row_scale(p, batch: int, dtype: torch.dtype) -> torch.Tensor:
     """d(reduced loss) / d(per-row loss): sample_weight, divided by B for "mean"."""
-    if p.sample_weight is not None:
-        scale = p.sample_weight.to(dtype)
-    else:
-        scale = torch.ones(batch, dtype=dtype, device=p.x.device)
-    return scale / batch if p.reduction == "mean" else scale
+    return row_weights(p.sample_weight, batch, p.reduction, dtype, p.x.device)
 
 
 class SampledSoftmaxImpl(Protocol):

@@ -12,9 +12,10 @@ from typing import List, Optional
 import torch
 
 from kc_kernels import dispatch
+from kc_kernels.loss_modes import MODE_NAMES
 from kc_kernels.ops import amp, checks
 
-MODES = ("sigmoid", "softmax")
+MODES = MODE_NAMES  # the loss modes by name (kc_kernels/loss_modes.py)
 REDUCTIONS = ("none", "sum", "mean")
 
 

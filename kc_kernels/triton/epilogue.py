@@ -22,29 +22,10 @@ import triton
 import triton.language as tl
 
 from kc_kernels.gpu_epilogue import DeviceEpilogue
-from kc_kernels.layout import (
-    C_INV_NT,
-    C_LSE,
-    C_MASS,
-    C_S_N2,
-    C_TLSE,
-    NORM_EPS,
-    PHASE_NORM,
-    PHASE_STATS,
-    PHASE_TEACHER,
-    S_MAX,
-    S_SUMEXP,
-    S_SUMEXP_U,
-    S_SUMEXP_Y,
-    S_SUMSQ,
-    S_TMAX,
-    S_TSUMEXP,
-    S_ZSUM,
-    S_ZU,
-    S_ZY,
-    S_ZYH,
-)
-from kc_kernels.triton._soft_target_tiles import interpreted, sigmoid, softplus_and_sigmoid, sparse_cursor, sparse_tile
+from kc_kernels.layout import NORM_EPS, Const, Phase, State
+from kc_kernels.triton._soft_target_tiles import interpreted, sigmoid, sparse_cursor, sparse_tile
+from kc_kernels.triton.loss_modes import SOFTMAX as _SOFTMAX
+from kc_kernels.triton.loss_modes import dense_target, loss_and_q
 
 __all__ = ["TILE", "row_stats", "final", "EPILOGUE"]
 
@@ -64,13 +45,16 @@ else:
     _MIN_ROW_BLOCK, _MAX_ROW_BLOCK = 128, 1024  # columns per step of a row_stats program
     _TARGET_BLOCK = 32  # sparse targets per step of a row_stats program
 
-# State planes and consts planes as compile-time constants (jit functions read only constexpr globals).
-_SUMSQ, _MAX, _SUMEXP = tl.constexpr(S_SUMSQ), tl.constexpr(S_MAX), tl.constexpr(S_SUMEXP)
-_SUMEXP_U, _SUMEXP_Y = tl.constexpr(S_SUMEXP_U), tl.constexpr(S_SUMEXP_Y)
-_ZSUM, _ZY, _ZU, _ZYH = tl.constexpr(S_ZSUM), tl.constexpr(S_ZY), tl.constexpr(S_ZU), tl.constexpr(S_ZYH)
-_TMAX, _TSUMEXP = tl.constexpr(S_TMAX), tl.constexpr(S_TSUMEXP)
-_INV_NT, _LSE, _MASS = tl.constexpr(C_INV_NT), tl.constexpr(C_LSE), tl.constexpr(C_MASS)
-_TLSE, _S_N2 = tl.constexpr(C_TLSE), tl.constexpr(C_S_N2)
+# State planes and consts planes as compile-time constants (jit functions read only constexpr globals), from the
+# IntEnums of kc_kernels/layout.py.
+_SUMSQ, _MAX, _SUMEXP = (tl.constexpr(int(State.SUMSQ)), tl.constexpr(int(State.MAX)),
+                         tl.constexpr(int(State.SUMEXP)))
+_SUMEXP_U, _SUMEXP_Y = tl.constexpr(int(State.SUMEXP_U)), tl.constexpr(int(State.SUMEXP_Y))
+_ZSUM, _ZY = tl.constexpr(int(State.ZSUM)), tl.constexpr(int(State.ZY))
+_ZU, _ZYH = tl.constexpr(int(State.ZU)), tl.constexpr(int(State.ZYH))
+_TMAX, _TSUMEXP = tl.constexpr(int(State.TMAX)), tl.constexpr(int(State.TSUMEXP))
+_INV_NT, _LSE, _MASS = tl.constexpr(int(Const.INV_NT)), tl.constexpr(int(Const.LSE)), tl.constexpr(int(Const.MASS))
+_TLSE, _S_N2 = tl.constexpr(int(Const.TLSE)), tl.constexpr(int(Const.S_N2))
 _EPS = tl.constexpr(NORM_EPS)
 
 
@@ -170,7 +154,7 @@ def _sparse_target_sums(u_row, idx_row, val_row, K, scale_ptr, bias_ptr, col0, l
 
 @triton.jit
 def _piece_column_sums(u_row, t_row, scale_ptr, bias_ptr, col0, lo, hi, inv_nt, inv_t, tlse,
-                       SOFTMAX: tl.constexpr, DENSE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       MODE: tl.constexpr, DENSE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
                        BLOCK: tl.constexpr):
     """One pass over local columns [lo, hi) (u is read once for everything):
     softmax: (max y, sum e, sum e u/(nT), sum e yh) with e = exp(y - max y), merged online over the blocks;
@@ -191,7 +175,7 @@ def _piece_column_sums(u_row, t_row, scale_ptr, bias_ptr, col0, lo, hi, inv_nt, 
         mask = cols < hi
         u = tl.load(u_row + cols, mask=mask, other=0.0).to(tl.float32)
         up, yh, y = _scaled_logits(u, inv_nt, inv_t, scale_ptr, bias_ptr, col0 + cols, mask, HAS_SCALE, HAS_BIAS)
-        if SOFTMAX:
+        if MODE == _SOFTMAX:
             run_max, f_old, _ = _merge_factors(run_max, tl.max(tl.where(mask, y, float("-inf")), axis=0))
             e = tl.where(mask, tl.exp(y - run_max), 0.0)  # already relative to the merged max
             se = se * f_old + tl.sum(e, axis=0)
@@ -203,16 +187,12 @@ def _piece_column_sums(u_row, t_row, scale_ptr, bias_ptr, col0, lo, hi, inv_nt, 
             sig_y += sg * yh
         if DENSE:
             t = tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32) * inv_t
-            if SOFTMAX:
-                z = tl.exp(t - tlse)
-            else:
-                z = sigmoid(t)
-            z = tl.where(mask, z, 0.0)
+            z = tl.where(mask, dense_target(t, tlse, MODE), 0.0)
             zsum += z
             zy += z * y
             zu += z * up
             zyh += z * yh
-    if not SOFTMAX:
+    if MODE != _SOFTMAX:
         seu = tl.sum(sig_u, axis=0)
         sey = tl.sum(sig_y, axis=0)
     return (run_max, se, seu, sey,
@@ -251,7 +231,7 @@ def _row_stats_kernel(
         S_ptr, teacher_ptr, idx_ptr, val_ptr, scale_ptr, bias_ptr, piece_lo_ptr, piece_seg_ptr, states_ptr,
         col0, K, stride_s, stride_t, st_plane, st_row, st_seg, inv_t,
         TEACHER: tl.constexpr, NORM: tl.constexpr, STATS: tl.constexpr,
-        SOFTMAX: tl.constexpr, DENSE: tl.constexpr, SPARSE: tl.constexpr,
+        MODE: tl.constexpr, DENSE: tl.constexpr, SPARSE: tl.constexpr,
         HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
         BLOCK: tl.constexpr, BLOCK_T: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -274,7 +254,7 @@ def _row_stats_kernel(
         tsum = tl.load(p_tsum) * f_old + s * f_new
         tl.store(p_tmax, tmax)
         tl.store(p_tsum, tsum)
-    elif STATS and SOFTMAX and DENSE:
+    elif STATS and MODE == _SOFTMAX and DENSE:
         tmax = tl.load(state + _TMAX * st_plane)
         tsum = tl.load(state + _TSUMEXP * st_plane)
 
@@ -290,12 +270,12 @@ def _row_stats_kernel(
             inv_nt = inv_t / tl.sqrt(sumsq + _EPS)
         else:
             inv_nt = tl.full([], 0.0, tl.float32) + inv_t
-        if SOFTMAX and DENSE:
+        if MODE == _SOFTMAX and DENSE:
             tlse = tmax + tl.log(tsum)
         else:
             tlse = tl.full([], 0.0, tl.float32)
         m, se, seu, sey, zsum, zy, zu, zyh = _piece_column_sums(u_row, t_row, scale_ptr, bias_ptr, col0, lo, hi,
-                                                                inv_nt, inv_t, tlse, SOFTMAX, DENSE, HAS_SCALE,
+                                                                inv_nt, inv_t, tlse, MODE, DENSE, HAS_SCALE,
                                                                 HAS_BIAS, BLOCK)
         if SPARSE:
             zsum, zy, zu, zyh = _sparse_target_sums(u_row, idx_ptr + row * K, val_ptr + row * K, K, scale_ptr,
@@ -303,7 +283,7 @@ def _row_stats_kernel(
                                                     BLOCK_T)
         if DENSE or SPARSE:  # neither: no targets at all (K == 0), every z sum stays 0
             _add_target_states(state, st_plane, zsum, zy, zu, zyh)
-        if SOFTMAX:
+        if MODE == _SOFTMAX:
             _merge_softmax_states(state, st_plane, m, se, seu, sey)
         else:
             p = state + _SUMEXP_U * st_plane
@@ -326,7 +306,7 @@ def _final_kernel(
         S_ptr, teacher_ptr, idx_ptr, val_ptr, scale_ptr, bias_ptr, seg_of_class_ptr, consts_ptr, coef_ptr,
         row_part_ptr, col_part_ptr,
         col0, rows, ncols, G, K, plane, stride_s, stride_t, n_row_tiles, n_col_tiles, inv_t, t2,
-        SOFTMAX: tl.constexpr, DENSE: tl.constexpr, SPARSE: tl.constexpr,
+        MODE: tl.constexpr, DENSE: tl.constexpr, SPARSE: tl.constexpr,
         HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_COEF: tl.constexpr,
         WANT_DBIAS: tl.constexpr, WANT_DSCALE: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -367,11 +347,11 @@ def _final_kernel(
     if DENSE:
         t_ptrs = teacher_ptr + row0 * stride_t + (i[:, None] * stride_t + cls[None, :])
         t = tl.load(t_ptrs, mask=mask, other=0.0).to(tl.float32) * inv_t
-        if SOFTMAX:
-            z = tl.exp(t - tl.load(consts_tile + _TLSE * plane + rs, mask=mask, other=0.0))
+        if MODE == _SOFTMAX:
+            tlse = tl.load(consts_tile + _TLSE * plane + rs, mask=mask, other=0.0)
         else:
-            z = sigmoid(t)
-        z = tl.where(mask, z, 0.0)
+            tlse = tl.zeros_like(t)
+        z = tl.where(mask, dense_target(t, tlse, MODE), 0.0)
     elif SPARSE:
         # the tile's targets, found per row from its sorted list (duplicates add up)
         first = col0 + col_tile * BLOCK_C
@@ -381,15 +361,14 @@ def _final_kernel(
     else:
         z = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
 
-    if SOFTMAX:
+    if MODE == _SOFTMAX:
         lse = tl.load(consts_tile + _LSE * plane + rs, mask=mask, other=0.0)
         mass = tl.load(consts_tile + _MASS * plane + rs, mask=mask, other=0.0)
-        q = t2 * (mass * tl.exp(y - lse) - z)
-        softplus_sum = tl.zeros((BLOCK_R,), dtype=tl.float32)
     else:
-        softplus, sg = softplus_and_sigmoid(y)
-        q = sg - z
-        softplus_sum = tl.sum(tl.where(mask, softplus, 0.0), axis=1)
+        lse = tl.zeros_like(y)
+        mass = lse
+    loss_term, q = loss_and_q(y, z, lse, mass, t2, MODE)
+    softplus_sum = tl.sum(tl.where(mask, loss_term, 0.0), axis=1)
     q = tl.where(mask, q, 0.0)
     zy_sum = tl.sum(tl.where(mask, z * y, 0.0), axis=1)
 
@@ -430,9 +409,9 @@ def _row_block(a) -> int:
 
 def row_stats(a, phases: int) -> None:
     """Fold the chunk's pieces into ``a.states`` for the requested phases (TEACHER | NORM | STATS)."""
-    teacher_phase = bool(phases & PHASE_TEACHER) and a.softmax and a.teacher is not None
-    norm_phase = bool(phases & PHASE_NORM)
-    stats_phase = bool(phases & PHASE_STATS)
+    teacher_phase = bool(phases & Phase.TEACHER) and a.mode.terms.teacher_lse and a.teacher is not None
+    norm_phase = bool(phases & Phase.NORM)
+    stats_phase = bool(phases & Phase.STATS)
     if not (teacher_phase or norm_phase or stats_phase) or a.rows == 0 or a.pieces == 0:
         return
     sparse = _sparse_targets(a)
@@ -449,7 +428,7 @@ def row_stats(a, phases: int) -> None:
         a.teacher.stride(0) if a.teacher is not None else 0,
         st.stride(0), st.stride(1), st.stride(2), float(a.inv_t),
         TEACHER=teacher_phase, NORM=norm_phase, STATS=stats_phase,
-        SOFTMAX=bool(a.softmax), DENSE=a.teacher is not None, SPARSE=sparse is not None,
+        MODE=int(a.mode), DENSE=a.teacher is not None, SPARSE=sparse is not None,
         HAS_SCALE=a.scale is not None, HAS_BIAS=a.bias is not None,
         BLOCK=block, BLOCK_T=_TARGET_BLOCK, num_warps=max(1, min(4, block // 256)))
 
@@ -476,7 +455,7 @@ def final(a) -> None:
         a.rows * a.num_segments,  # consts plane size from the host: an int64 argument once it passes 2^31
         a.S.stride(0), a.teacher.stride(0) if a.teacher is not None else 0,
         n_row_tiles, n_col_tiles, float(a.inv_t), float(a.t2),
-        SOFTMAX=bool(a.softmax), DENSE=a.teacher is not None, SPARSE=sparse is not None,
+        MODE=int(a.mode), DENSE=a.teacher is not None, SPARSE=sparse is not None,
         HAS_SCALE=a.scale is not None, HAS_BIAS=a.bias is not None, HAS_COEF=has_coef,
         WANT_DBIAS=want_dbias, WANT_DSCALE=want_dscale,
         BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_FINAL_WARPS)

@@ -16,6 +16,7 @@ import triton.language as tl
 
 from kc_kernels.ops import sampled_softmax_autograd as autograd_
 from kc_kernels.ops.sampled_softmax_autograd import RowGradients
+from kc_kernels.reduction import compute_dtype
 from kc_kernels.triton._sampled_softmax_kernels import (
     _sampled_softmax_dlogits_kernel,
     _sampled_softmax_dw_kernel,
@@ -76,7 +77,7 @@ class _TritonSampledSoftmax:
             x = x.contiguous()
         if weight.stride(1) != 1:
             weight = weight.contiguous()
-        acc_dtype = autograd_.compute_dtype(x.dtype)
+        acc_dtype = compute_dtype(x.dtype)
         labels, true_expected = autograd_.labels_2d(p)
         labels = labels.contiguous()
         ids = p.sampled[0].long().contiguous()  # read as given: the kernels mask ids outside [0, V)
