@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from kc_kernels import reference
+from kc_kernels.loss_modes import LossMode
 
 __all__ = ["TERMS", "Terms", "Piece", "no_reduce", "soft_target_rows", "linear_soft_target_loss",
            "soft_target_loss"]
@@ -43,12 +44,12 @@ class Terms:
     temperature_power: int
 
 
-TERMS = {
+TERMS = {  # by kc_kernels.loss_modes.LossMode
     # binary cross-entropy summed over classes
-    "sigmoid": Terms(loss=lambda y, z, lse: F.softplus(y) - z * y,
+    LossMode.SIGMOID: Terms(loss=lambda y, z, lse: F.softplus(y) - z * y,
                      target=lambda t, t_lse: torch.sigmoid(t), segment_lse=False, temperature_power=0),
     # cross-entropy against soft targets per segment: sum_j z_j (lse - y_j) = m lse - sum_j z_j y_j
-    "softmax": Terms(loss=lambda y, z, lse: z * (lse - y),
+    LossMode.SOFTMAX: Terms(loss=lambda y, z, lse: z * (lse - y),
                      target=lambda t, t_lse: torch.exp(t - t_lse), segment_lse=True, temperature_power=2),
 }
 
@@ -380,7 +381,8 @@ def soft_target_rows(x: Optional[torch.Tensor], weight: Optional[torch.Tensor], 
     """
     src = x if x is not None else logits
     dt = torch.float64 if src.dtype == torch.float64 else torch.float32
-    walk = _Walk(terms=TERMS[mode], temperature=float(temperature), chunks=_chunks(pieces, chunk, src.device),
+    walk = _Walk(terms=TERMS[LossMode.of(mode)], temperature=float(temperature),
+                 chunks=_chunks(pieces, chunk, src.device),
                  width=width, dtype=dt, target_index=target_index, target_value=target_value,
                  target_offset=target_offset, teacher_logits=teacher_logits, scale_per_segment=scale_per_segment,
                  reduce=reduce)

@@ -173,8 +173,10 @@ def test_reduce_hook_sees_each_statistic_and_its_gradient_once():
 
 
 def test_terms_table_has_one_row_per_mode():
-    assert set(portable.TERMS) == {"sigmoid", "softmax"}
-    assert portable.TERMS["softmax"].segment_lse and not portable.TERMS["sigmoid"].segment_lse
+    from kc_kernels.loss_modes import LossMode
+
+    assert set(portable.TERMS) == set(LossMode)
+    assert portable.TERMS[LossMode.SOFTMAX].segment_lse and not portable.TERMS[LossMode.SIGMOID].segment_lse
 
 
 @pytest.mark.parametrize("given_logits", [False, True])
