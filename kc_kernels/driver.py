@@ -205,9 +205,9 @@ class Sweep:
         c = Chunk(lo, hi, (0, n), (g,), True)
         block = min(p.batch, max(32, self.block_elems // self.row_stride(n)))
         # dW_seg accumulates over the row blocks: in place when dW is fp32, or half with at most HALF_ADD_BLOCKS
-        # blocks (each addmm_ rounds the running sum once, fp32 inside the GEMM: a few roundings, against a fresh
-        # [n, H] half GEMM output converted and added per block, which ran the bf16 CPU op at 1.87x its floor
-        # instead of 1.31x); else in an fp32 accumulator
+        # blocks (each addmm_ rounds the running sum once, fp32 inside the GEMM: a few roundings, and no [n, H]
+        # half GEMM output converted and added per block, which was much slower: docs/performance.md); else in an
+        # fp32 accumulator
         blocks = -(-p.batch // block)
         dw = None
         if coef is not None and self.dw is not None:

@@ -10,10 +10,10 @@ from typing import Dict, Tuple
 import torch
 
 # A fresh scratch buffer per call is a fresh mapping on the host: glibc serves requests above 32 MiB with mmap and
-# unmaps them on free, so every call page-faulted its whole buffer again (a 64 MiB softmax row block: about 9 ms a
-# call on the 2-core Xeon; the sampled softmax's 33 MB buffer: 5 of its 118 ms). One buffer per dtype, up to
-# WORKSPACE_MAX_BYTES, is kept between calls on the host: a call takes it (two calls at once never share one; the
-# second allocates) and gives it back when done. GPU memory is cached by torch's allocator already.
+# unmaps them on free, so every call page-faulted its whole buffer again (what that cost: docs/performance.md,
+# "Measurements behind choices in the code"). One buffer per dtype, up to WORKSPACE_MAX_BYTES, is kept between
+# calls on the host: a call takes it (two calls at once never share one; the second allocates) and gives it back
+# when done. GPU memory is cached by torch's allocator already.
 WORKSPACE_MAX_BYTES = 64 << 20
 _workspace: Dict[torch.dtype, torch.Tensor] = {}
 
@@ -43,8 +43,8 @@ def give_back_workspace(buf: torch.Tensor) -> None:
 
 
 # The same holds for the op's large gradient outputs (dW [V, H], or dlogits [B, V] of soft_target_loss): a training
-# loop drops them every step (optimizer.zero_grad() sets them to None) and the next call asked glibc for 200 MB
-# again, whose first touch by the gradient GEMMs page-faulted it in: 50-60 ms of a 1.1 s step at V=100K, H=512.
+# loop drops them every step (optimizer.zero_grad() sets them to None) and the next call asked glibc for the
+# memory again, whose first touch by the gradient GEMMs page-faulted it in (docs/performance.md).
 # So the storage of the last such output of each shape and dtype is kept (as a tensor of its own over the same
 # memory) and handed out again once nothing else refers to it: the storage's reference count is then the kept
 # tensor's and the query's. A gradient still held (accumulation, a reference kept by the user, two calls before

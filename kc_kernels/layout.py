@@ -72,8 +72,8 @@ HALF_ADD_BLOCKS = 4  # row blocks whose half-precision dW may be summed in place
 def padded_row_stride(cols: int, itemsize: int) -> int:
     """Row stride (in elements) for rows of ``cols`` values: an odd number of 64-byte lines. Whole lines, because
     BLAS runs measurably slower on unaligned leading dimensions; an odd count, because a stride of a power of two
-    bytes (a 16384-class chunk in fp32 is 64 KiB a row) maps the rows onto the same cache sets: at B=1024, V=100K
-    the three GEMMs over such chunks took 1.37x the floor, over 16400-wide rows 1.02x."""
+    bytes (a 16384-class chunk in fp32 is 64 KiB a row) maps the rows onto the same cache sets (measured:
+    docs/performance.md)."""
     per_line = max(1, ROW_ALIGN_BYTES // itemsize)
     lines = -(-cols // per_line)
     return (lines + 1 - lines % 2) * per_line

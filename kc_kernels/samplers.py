@@ -98,8 +98,8 @@ def sample_candidates(sampler: str, num_sampled: int, num_classes: int, *, uniqu
         raise ValueError("class_counts has fewer non-zero classes than num_sampled")
     # Draw in blocks until num_sampled distinct ids appeared; keep the first num_sampled in draw order, which is
     # what drawing one at a time and skipping repeats gives. A draw is the first of its id when the smallest
-    # position that id was drawn at (a scatter-min over the [V] classes) is its own: O(draws + V), no sort (the
-    # sorts of np.unique took 4.6 of the 5.6 ms that 8,192 log-uniform candidates out of 100K cost).
+    # position that id was drawn at (a scatter-min over the [V] classes) is its own: O(draws + V), no sort (np.unique's
+    # sorts were most of the cost: docs/performance.md).
     draws = torch.empty(0, dtype=torch.int64)
     block = max(2 * num_sampled, 64)
     while True:

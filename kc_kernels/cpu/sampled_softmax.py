@@ -1,8 +1,7 @@
 """Sampled softmax on CPU.
 
 The S sampled classes are the columns of one GEMM: their weight rows gathered once, padded with zero rows to an
-odd number of 64-byte lines (BLAS ran the three GEMMs on a [B, 9118] buffer up to 1.5x slower than on a [B, 9136]
-one), give the [B, S] logits. A row's true logits are row-wise dot products with its own labels' weight rows
+odd number of 64-byte lines (BLAS is slower on other strides: docs/performance.md), give the [B, S] logits. A row's true logits are row-wise dot products with its own labels' weight rows
 ([B, T, H], gathered once): a label that was not sampled costs O(H) for its row, not a [B] column of the GEMM.
 One in-place pass over the buffer gives the loss and the softmax probabilities, which are dlogits there (the
 sampled targets are 0; masked entries have probability 0), so the sampled part of the gradients is two GEMMs on
