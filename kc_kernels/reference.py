@@ -131,13 +131,16 @@ def linear_soft_target_loss(x: torch.Tensor, weight: torch.Tensor, bias: Optiona
 
 def sampled_logits(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
                    sampled: Tuple[torch.Tensor, torch.Tensor, torch.Tensor], *, remove_accidental_hits: bool = True,
-                   subtract_log_q: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+                   subtract_log_q: bool = True, accidental_hits: str = "all") -> Tuple[torch.Tensor, torch.Tensor]:
     """Logits [B, T + S] and targets [B, T + S] of TensorFlow's sampled softmax.
 
     labels is [B, T] with -1 padding; sampled = (ids [S], true_expected [B, T], sampled_expected [S]). Padded
     labels and accidental hits get a logit of -inf (they drop out of the softmax); each valid true label has
-    target 1 / num_true. Values the op front refuses but a direct call of the custom op can pass are masked, never
-    read: a label outside [0, V) is padding, a sampled id outside [0, V) a column of logit -inf (no gradient).
+    target 1 / num_true. An accidental hit is every sampled position holding one of the row's labels
+    (accidental_hits="all"), or only the last position of each such id ("tensorflow": TensorFlow's lookup keeps one
+    position per id, so with repeated draws the other copies stay in the softmax). Values the op front refuses but
+    a direct call of the custom op can pass are masked, never read: a label outside [0, V) is padding, a sampled id
+    outside [0, V) a column of logit -inf (no gradient).
     """
     dt = _compute_dtype(x)
     ids, true_expected, sampled_expected = sampled
@@ -163,6 +166,9 @@ def sampled_logits(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     samp_logits = torch.where(ids_ok[None, :], samp_logits, neg_inf)
     if remove_accidental_hits:
         hit = ((labels.long()[:, :, None] == ids[None, None, :]) & valid[:, :, None]).any(dim=1)  # [B, S]
+        if accidental_hits == "tensorflow":
+            later = torch.triu(ids[:, None] == ids[None, :], diagonal=1)  # [S, S]: the same id drawn later
+            hit = hit & ~later.any(dim=1)[None, :]
         samp_logits = torch.where(hit, neg_inf, samp_logits)
     num_true = valid.sum(dim=1, keepdim=True).clamp(min=1).to(dt)  # a row without a valid label: targets all 0
     targets = torch.cat([valid.to(dt) / num_true, torch.zeros_like(samp_logits)], dim=1)
@@ -172,7 +178,8 @@ def sampled_logits(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
 def sampled_softmax_loss(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
                          *, sampled: Tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                          remove_accidental_hits: bool = True, subtract_log_q: bool = True,
-                         sample_weight: Optional[torch.Tensor] = None, reduction: str = "mean") -> torch.Tensor:
+                         sample_weight: Optional[torch.Tensor] = None, reduction: str = "mean",
+                         accidental_hits: str = "all") -> torch.Tensor:
     """Sampled softmax cross-entropy with fixed samples (the op front draws them when not given).
 
     labels [B] or [B, T]; true_expected has the same shape as labels.
@@ -181,7 +188,7 @@ def sampled_softmax_loss(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
         labels = labels[:, None]
         sampled = (sampled[0], sampled[1].reshape(-1, 1), sampled[2])
     logits, targets = sampled_logits(x, weight, bias, labels, sampled, remove_accidental_hits=remove_accidental_hits,
-                                     subtract_log_q=subtract_log_q)
+                                     subtract_log_q=subtract_log_q, accidental_hits=accidental_hits)
     lse = torch.logsumexp(logits, dim=1)
     # targets are 0 wherever a logit is -inf, so mask before the product to keep 0 * -inf out of the sum
     picked = torch.where(targets > 0, logits, torch.zeros_like(logits))

@@ -23,6 +23,7 @@ from kc_kernels.triton.sampled_softmax import BLOCK_CAPS  # noqa: E402
 
 INPUT_DTYPE_PTRS = ("x_ptr", "w_ptr", "bias_ptr")
 INDEX_PTRS = ("ids_ptr", "labels_ptr")
+FLAG_PTRS = ("last_ptr",)  # int8 per sampled position
 
 
 def signature(fn, dtype: str, acc: str, constexprs):
@@ -34,6 +35,8 @@ def signature(fn, dtype: str, acc: str, constexprs):
             sig[name] = "*" + dtype
         elif name in INDEX_PTRS:
             sig[name] = "*i64"
+        elif name in FLAG_PTRS:
+            sig[name] = "*i8"
         elif name.endswith("_ptr"):
             sig[name] = "*" + acc
         else:
@@ -54,8 +57,9 @@ def main(argv=None):
         acc, acc_tl = ("fp64", tl.float64) if dtype == "fp64" else ("fp32", tl.float32)
         common = dict(IEEE=dtype in ("fp32", "fp64"), ACC=acc_tl, **blocks)
         jobs = []
-        for bias, log_q, hits in itertools.product((False, True), repeat=3):
-            flags = dict(HAS_BIAS=bias, SUBTRACT_LOG_Q=log_q, REMOVE_HITS=hits)
+        for bias, log_q, hits in itertools.product((False, True), (False, True), ("none", "all", "tensorflow")):
+            flags = dict(HAS_BIAS=bias, SUBTRACT_LOG_Q=log_q, REMOVE_HITS=hits != "none",
+                         LAST_COPY_ONLY=hits == "tensorflow")
             jobs += [(K._sampled_softmax_fwd_kernel, flags), (K._sampled_softmax_dlogits_kernel, flags)]
         jobs += [(K._sampled_softmax_dx_kernel, {}), (K._sampled_softmax_dw_kernel, {})]
         for kernel, flags in jobs:

@@ -130,6 +130,50 @@ def test_cpu_matches_brute_force(remove_hits):
         assert_close(a, e, what=name)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu", pytest.param("triton", marks=pytest.mark.skipif(
+    not HAS_TRITON, reason="triton backend unavailable"))])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_tensorflow_accidental_hits_masks_only_the_last_copy(backend, reduction):
+    """A row's label drawn four times: accidental_hits="tensorflow" masks its last copy only (the others stay in
+    the softmax), "all" masks every copy; each backend against the reference's definition of both.
+    tests/test_sampled_tensorflow.py checks the same against TensorFlow itself."""
+    if backend == "cpu" and DEVICE != "cpu":
+        pytest.skip("the cpu backend takes CPU tensors")
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    x, w, b, labels, (ids, te, se) = make_sampled_problem(6, 5, 23, 8, 3, dtype=dtype, device=DEVICE)
+    ids = ids.clone()
+    ids[[1, 4, 6]] = labels[0, 0]  # with ids[0]: four copies of row 0's label
+    sampled64 = (ids.cpu(), te.cpu(), se.cpu())
+    x64, w64, b64 = (t.detach().cpu().double().requires_grad_() for t in (x, w, b))
+    for mode in ("tensorflow", "all"):
+        out = kc_kernels.sampled_softmax_loss(x, w, b, labels, sampled=(ids, te, se), backend=backend,
+                                              accidental_hits=mode, reduction=reduction)
+        ref = reference.sampled_softmax_loss(x64, w64, b64, labels.cpu(), sampled=sampled64, accidental_hits=mode,
+                                             reduction=reduction)
+        assert_close(out, ref, dtype, what=f"{mode} loss")
+        for name, a, e in zip(("dx", "dweight", "dbias"), grads(out, [x, w, b]), grads(ref, [x64, w64, b64])):
+            assert_close(a, e, dtype, what=f"{mode} {name}")
+    rows = {mode: reference.sampled_softmax_loss(x64, w64, b64, labels.cpu(), sampled=sampled64,
+                                                 accidental_hits=mode, reduction="none").detach()
+            for mode in ("tensorflow", "all")}
+    hit_rows = (labels.cpu()[:, :, None] == ids.cpu()).any(dim=(1, 2))
+    repeated = ids.cpu()[(ids.cpu()[:, None] == ids.cpu()).sum(dim=1) > 1]
+    twice = (labels.cpu()[:, :, None] == repeated).any(dim=(1, 2))
+    assert twice[0] and bool(hit_rows.any())
+    assert bool((rows["tensorflow"][twice] > rows["all"][twice]).all())  # three copies back in the denominator
+    assert torch.equal(rows["tensorflow"][~twice], rows["all"][~twice])
+
+
+def test_last_copies_and_accidental_hits_choice():
+    from kc_kernels.ops.sampled_softmax_autograd import last_copies
+
+    ids = torch.tensor([3, 1, 3, 5, 3, 1])
+    assert last_copies(ids).tolist() == [False, False, False, True, True, True]  # TensorFlow keeps position 4 of 3
+    x, w, b, labels, sampled = make_sampled_problem(5, 16, 64, 9, None)
+    with pytest.raises(ValueError, match="accidental_hits"):
+        kc_kernels.sampled_softmax_loss(x, w, b, labels, sampled=sampled, accidental_hits="first")
+
+
 def test_sparse_grad_holds_only_touched_rows():
     x, w, b, labels, sampled = make_sampled_problem(6, 13, 50, 17, 3)
     loss = kc_kernels.sampled_softmax_loss(x, w, b, labels, sampled=sampled, sparse_grad=True, backend="cpu")
@@ -401,7 +445,7 @@ def test_op_called_directly_masks_ids_and_labels_out_of_range(backend, reduction
     labels = labels.clone()
     labels[2, 1], labels[3, 0] = V + 7, 10 ** 9  # rows 2 and 3 keep one valid label each
     loss, dx, dw, db = torch.ops.kc_kernels.sampled_softmax(x.detach(), w.detach(), b.detach(), labels, ids, true_exp,
-                                                            samp_exp, None, True, True, reduction, backend, 7)
+                                                            samp_exp, None, "all", True, reduction, backend, 7)
     ref = reference.sampled_softmax_loss(x, w, b, labels, sampled=(ids, true_exp, samp_exp), reduction=reduction)
     assert torch.isfinite(loss).all() and torch.isfinite(dx).all() and torch.isfinite(dw).all()
     assert_close(loss, ref.detach(), torch.float32)

@@ -1,7 +1,8 @@
 """Sampled softmax on CPU.
 
 The S sampled classes are the columns of one GEMM: their weight rows gathered once, padded with zero rows to an
-odd number of 64-byte lines (BLAS is slower on other strides: docs/performance.md), give the [B, S] logits. A row's true logits are row-wise dot products with its own labels' weight rows
+odd number of 64-byte lines (BLAS is slower on other strides: docs/performance.md), give the [B, S] logits. A
+row's true logits are row-wise dot products with its own labels' weight rows
 ([B, T, H], gathered once): a label that was not sampled costs O(H) for its row, not a [B] column of the GEMM.
 One in-place pass over the buffer gives the loss and the softmax probabilities, which are dlogits there (the
 sampled targets are 0; masked entries have probability 0), so the sampled part of the gradients is two GEMMs on
@@ -83,7 +84,7 @@ class _CpuSampledSoftmax:
         logits = buf[:, :S]  # a view: the work below happens in place in buf
         true_logits.masked_fill_(~valid, -math.inf)
         if p.remove_accidental_hits:  # before the shift: -inf + shift stays -inf
-            hit_rows, hit_cols = autograd_.accidental_hits(labels, ids)
+            hit_rows, hit_cols = autograd_.accidental_hits(labels, p.sampled[0].long(), p.accidental_hits)
             logits.index_put_((hit_rows, hit_cols), torch.tensor(-math.inf, dtype=dt))
 
         # the front gives every row a valid true label (then the max is finite and the sum >= 1)

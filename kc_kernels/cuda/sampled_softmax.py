@@ -72,7 +72,7 @@ class _CudaSampledSoftmax:
         true_logits.masked_fill_(~valid, -math.inf)
         sampled_logits.masked_fill_(~ids_ok[None, :], -math.inf)
         if p.remove_accidental_hits:
-            hit_rows, hit_cols = autograd_.accidental_hits(labels, ids)
+            hit_rows, hit_cols = autograd_.accidental_hits(labels, p.sampled[0].long(), p.accidental_hits)
             sampled_logits.index_put_((hit_rows, hit_cols), torch.tensor(-math.inf, device=x.device))
 
         loss = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)

@@ -16,5 +16,6 @@ def soft_target_loss(p, backend: str = "reference") -> torch.Tensor:
 def sampled_softmax_loss(p, backend: str = "reference") -> torch.Tensor:
     return reference.sampled_softmax_loss(p.x, p.weight, p.bias, p.labels, sampled=p.sampled,
                                           remove_accidental_hits=p.remove_accidental_hits,
+                                          accidental_hits=p.accidental_hits,
                                           subtract_log_q=p.subtract_log_q, sample_weight=p.sample_weight,
                                           reduction=p.reduction)

@@ -11,7 +11,7 @@ import torch
 
 from kc_kernels import dispatch, samplers
 from kc_kernels.ops import amp, checks
-from kc_kernels.ops import sampled_softmax_autograd as _op  # noqa: F401  (defines kc_kernels::sampled_softmax)
+from kc_kernels.ops import sampled_softmax_autograd as _op  # also defines kc_kernels::sampled_softmax
 from kc_kernels.ops.soft_target import REDUCTIONS
 
 
@@ -27,6 +27,7 @@ class SampledSoftmaxProblem:
     reduction: str
     sample_weight: Optional[torch.Tensor] = None
     sparse_grad: bool = False  # weight/bias gradients as sparse COO rows
+    accidental_hits: str = "all"  # which copies of a drawn label remove_accidental_hits masks: "all", "tensorflow"
 
 
 def _check_sampled(sampled, labels: torch.Tensor, num_classes: int, x: torch.Tensor):
@@ -71,8 +72,8 @@ def _values(x: torch.Tensor) -> str:
 def sampled_softmax_loss(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
                          *, num_sampled: Optional[int] = None, sampler: str = "log_uniform",
                          class_counts: Optional[torch.Tensor] = None, distortion: float = 1.0, unique: bool = True,
-                         remove_accidental_hits: bool = True, subtract_log_q: bool = True,
-                         generator: Optional[torch.Generator] = None, sampled=None,
+                         remove_accidental_hits: bool = True, accidental_hits: str = "all",
+                         subtract_log_q: bool = True, generator: Optional[torch.Generator] = None, sampled=None,
                          sample_weight: Optional[torch.Tensor] = None, reduction: str = "mean",
                          sparse_grad: bool = False, backend: str = "auto") -> torch.Tensor:
     """Softmax cross-entropy over the true classes and num_sampled shared negatives, as TensorFlow defines it.
@@ -81,7 +82,10 @@ def sampled_softmax_loss(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     ("log_uniform", "uniform" or "unigram" over class_counts ** distortion), drawn on the CPU with ``generator``
     (a CPU torch.Generator; the ids then move to x's device), or are given as
     ``sampled=(ids, true_expected, sampled_expected)``. Logits subtract log expected counts when subtract_log_q;
-    sampled ids equal to a row's true label are masked when remove_accidental_hits.
+    sampled ids equal to a row's true label are masked when remove_accidental_hits: every copy of it among the
+    samples with accidental_hits="all" (the default; sampling with replacement can draw a class several times),
+    only its last drawn copy with "tensorflow", as tf.nn.sampled_softmax_loss does (docs/ops.md says why kc masks
+    all). Without repeats (unique sampling, the default) the two are the same.
     sample_weight [B] scales each row's loss (a constant: it gets no gradient). With sparse_grad, weight.grad and
     bias.grad become sparse COO tensors holding only the touched rows (the sampled and true classes) on the cpu
     and triton backends; the reference backend always returns dense gradients. Under torch.autocast, x, weight and
@@ -124,6 +128,7 @@ def sampled_softmax_loss(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
         checks.assert_later("labels", (labels2 >= 0).any(dim=1).all(),
                             "every row needs at least one label (a device-side check failed)")
     checks.choice("reduction", reduction, REDUCTIONS)
+    checks.choice("accidental_hits", accidental_hits, _op.ACCIDENTAL_HITS)
     if sample_weight is not None:
         checks.tensor("sample_weight", sample_weight, dims=(1,), floating=True)
         checks.same_device("sample_weight", sample_weight, x, "x")
@@ -158,7 +163,7 @@ def sampled_softmax_loss(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
             checks.fail("labels", "hold a class that the unigram sampler can never draw (class_counts 0)")
         sampled = (ids, true_expected.to(x.device), cand.expected_count(cand.ids, num_sampled, unique).to(x.device))
     p = SampledSoftmaxProblem(x=x, weight=weight, bias=bias, labels=labels, sampled=sampled,
-                              remove_accidental_hits=bool(remove_accidental_hits),
+                              remove_accidental_hits=bool(remove_accidental_hits), accidental_hits=accidental_hits,
                               subtract_log_q=bool(subtract_log_q), reduction=reduction, sample_weight=sample_weight,
                               sparse_grad=bool(sparse_grad))
     name, row = dispatch.resolve("sampled_softmax_loss", backend, x.device, x.dtype)

@@ -42,8 +42,28 @@ def sampled_ids(p) -> Tuple[torch.Tensor, torch.Tensor]:
     return torch.where(in_range, ids, torch.zeros_like(ids)), in_range
 
 
-def accidental_hits(labels: torch.Tensor, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(row, sampled position) of every sampled id equal to one of the row's labels, by binary search.
+ACCIDENTAL_HITS = ("all", "tensorflow")
+
+
+def last_copies(ids: torch.Tensor) -> torch.Tensor:
+    """[S] bool: True at the last position of each distinct id (every position when ids do not repeat).
+    TensorFlow's accidental-hit lookup keeps one position per id, the last one drawn; ``accidental_hits=
+    "tensorflow"`` masks only those."""
+    sorted_ids, order = torch.sort(ids, stable=True)  # stable: within a run of one id, the last is drawn last
+    last = torch.ones_like(sorted_ids, dtype=torch.bool)
+    last[:-1] = sorted_ids[1:] != sorted_ids[:-1]
+    return torch.zeros_like(last).index_put_((order,), last)
+
+
+def hit_mode(p) -> str:
+    """What the problem masks: "none", "all" (every copy of a row's label among the samples) or "tensorflow"."""
+    return p.accidental_hits if p.remove_accidental_hits else "none"
+
+
+def accidental_hits(labels: torch.Tensor, ids: torch.Tensor,
+                    mode: str = "all") -> Tuple[torch.Tensor, torch.Tensor]:
+    """(row, sampled position) of every sampled id equal to one of the row's labels, by binary search; with mode
+    "tensorflow" only the id's last position (``last_copies``).
 
     O(B*T*log S) instead of a [B, T, S] comparison; ids may repeat (sampling without ``unique``), and padding (-1)
     never matches since ids are >= 0. A pair may appear twice when a row repeats a label.
@@ -60,6 +80,9 @@ def accidental_hits(labels: torch.Tensor, ids: torch.Tensor) -> Tuple[torch.Tens
     rows = torch.arange(B, device=labels.device).repeat_interleave(T).repeat_interleave(count)
     start = (lo - torch.cumsum(count, 0) + count).repeat_interleave(count)  # lo minus the pairs before it
     cols = order[start + torch.arange(total, device=labels.device)]
+    if mode == "tensorflow":
+        keep = last_copies(ids)[cols]
+        rows, cols = rows[keep], cols[keep]
     return rows, cols
 
 
@@ -201,7 +224,7 @@ def apply(p, impl: SampledSoftmaxImpl) -> torch.Tensor:
 # the backend's name (its SampledSoftmaxImpl is its row's epilogue in kc_kernels/dispatch.py). Sparse COO
 # gradients do not fit an op's schema, so sparse_grad keeps SampledSoftmaxFunction above.
 
-_TENSOR_ARGS = 8  # x .. sample_weight; then remove_accidental_hits, subtract_log_q, reduction, backend, needs
+_TENSOR_ARGS = 8  # x .. sample_weight; then accidental_hits, subtract_log_q, reduction, backend, needs
 
 
 def _impl(name: str) -> SampledSoftmaxImpl:
@@ -210,15 +233,17 @@ def _impl(name: str) -> SampledSoftmaxImpl:
     return dispatch.epilogue("sampled_softmax_loss", name)
 
 
-def _problem(x, weight, bias, labels, ids, true_expected, sampled_expected, sample_weight, remove_accidental_hits,
+def _problem(x, weight, bias, labels, ids, true_expected, sampled_expected, sample_weight, accidental_hits,
              subtract_log_q, reduction):
-    """The problem the op's arguments describe (validated by the op front before the op was called)."""
+    """The problem the op's arguments describe (validated by the op front before the op was called);
+    accidental_hits is ``hit_mode``'s value."""
     from kc_kernels.ops.sampled_softmax import SampledSoftmaxProblem
 
     return SampledSoftmaxProblem(x=x, weight=weight, bias=bias, labels=labels,
                                  sampled=(ids, true_expected, sampled_expected),
-                                 remove_accidental_hits=remove_accidental_hits, subtract_log_q=subtract_log_q,
-                                 reduction=reduction, sample_weight=sample_weight)
+                                 remove_accidental_hits=accidental_hits != "none",
+                                 accidental_hits="all" if accidental_hits == "none" else accidental_hits,
+                                 subtract_log_q=subtract_log_q, reduction=reduction, sample_weight=sample_weight)
 
 
 def _grad_slots(x, weight, bias, needs: int, g: Optional[_Grads]) -> Tuple[torch.Tensor, ...]:
@@ -268,14 +293,15 @@ def _needs_bits(needs: int, bias) -> Tuple[bool, bool, bool]:
 @torch.library.custom_op("kc_kernels::sampled_softmax", mutates_args=())
 def sampled_softmax(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
                     ids: torch.Tensor, true_expected: torch.Tensor, sampled_expected: torch.Tensor,
-                    sample_weight: Optional[torch.Tensor], remove_accidental_hits: bool, subtract_log_q: bool,
+                    sample_weight: Optional[torch.Tensor], accidental_hits: str, subtract_log_q: bool,
                     reduction: str, backend: str,
                     needs: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The loss of x [B, H], weight [V, H] over the true and sampled classes; with reduction "mean"/"sum" also the
-    dense gradients of the inputs whose bit is set in ``needs`` (the backward only scales them). Outputs: (loss,
-    dx, dweight, dbias), an empty placeholder where no gradient was asked for."""
+    dense gradients of the inputs whose bit is set in ``needs`` (the backward only scales them). accidental_hits is
+    "none", "all" or "tensorflow" (``hit_mode``). Outputs: (loss, dx, dweight, dbias), an empty placeholder where
+    no gradient was asked for."""
     p = _problem(x, weight, bias, labels, ids, true_expected, sampled_expected, sample_weight,
-                 remove_accidental_hits, subtract_log_q, reduction)
+                 accidental_hits, subtract_log_q, reduction)
     impl = _for_batch(_impl(backend), x)
     need_x, need_w, need_b = _needs_bits(needs, bias)
     need_grad = reduction != "none" and (need_x or need_w or need_b)
@@ -291,7 +317,7 @@ def sampled_softmax(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
 
 @sampled_softmax.register_fake
 def _sampled_softmax_fake(x, weight, bias, labels, ids, true_expected, sampled_expected, sample_weight,
-                          remove_accidental_hits, subtract_log_q, reduction, backend, needs):
+                          accidental_hits, subtract_log_q, reduction, backend, needs):
     loss = x.new_empty((x.shape[0],) if reduction == "none" else (), dtype=compute_dtype(x.dtype))
     return (loss,) + _grad_slots(x, weight, bias, needs if reduction != "none" else 0, None)
 
@@ -300,13 +326,13 @@ def _sampled_softmax_fake(x, weight, bias, labels, ids, true_expected, sampled_e
 def sampled_softmax_backward(grad_loss: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                              bias: Optional[torch.Tensor], labels: torch.Tensor, ids: torch.Tensor,
                              true_expected: torch.Tensor, sampled_expected: torch.Tensor,
-                             sample_weight: Optional[torch.Tensor], remove_accidental_hits: bool,
+                             sample_weight: Optional[torch.Tensor], accidental_hits: str,
                              subtract_log_q: bool, reduction: str, backend: str,
                              needs: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients again, rows weighted by ``grad_loss``: reduction "none" (whose row weights are known only
     now), or a backward whose saved gradients were already used."""
     p = _problem(x, weight, bias, labels, ids, true_expected, sampled_expected, sample_weight,
-                 remove_accidental_hits, subtract_log_q, reduction)
+                 accidental_hits, subtract_log_q, reduction)
     impl = _for_batch(_impl(backend), x)
     need_x, need_w, need_b = _needs_bits(needs, bias)
     per_row, state = impl.forward(p, True)
@@ -320,7 +346,7 @@ def _sampled_softmax_backward_fake(grad_loss, x, weight, bias, *rest):
 
 
 def _register_autograd() -> None:
-    # options after the tensors: remove_accidental_hits, subtract_log_q, reduction (index 2), backend, needs
+    # options after the tensors: accidental_hits, subtract_log_q, reduction (index 2), backend, needs
     register_forward_made_grads(sampled_softmax, sampled_softmax_backward, _TENSOR_ARGS, 3)
 
 
@@ -332,7 +358,7 @@ def call_op(p, backend: str) -> torch.Tensor:
     needs = needs_mask(p.x, p.weight, p.bias)
     ids, true_expected, sampled_expected = p.sampled
     out = sampled_softmax(p.x, p.weight, p.bias, p.labels, ids, true_expected, sampled_expected, p.sample_weight,
-                          bool(p.remove_accidental_hits), bool(p.subtract_log_q), p.reduction, backend, needs)
+                          hit_mode(p), bool(p.subtract_log_q), p.reduction, backend, needs)
     return out[0]
 
 

@@ -24,13 +24,14 @@ MAX_FLOOR = tl.constexpr(-1.0e30)  # below any real logit; keeps the online resc
 
 
 @triton.jit
-def _sampled_logits_tile(x_ptr, w_ptr, bias_ptr, logq_ptr, labels_ptr, rows, row_mask, cols, ids, s_mask, H, T, V,
-                         stride_x, stride_w,
+def _sampled_logits_tile(x_ptr, w_ptr, bias_ptr, logq_ptr, labels_ptr, last_ptr, rows, row_mask, cols, ids, s_mask,
+                         H, T, V, stride_x, stride_w,
                          HAS_BIAS: tl.constexpr, SUBTRACT_LOG_Q: tl.constexpr, REMOVE_HITS: tl.constexpr,
-                         IEEE: tl.constexpr, ACC: tl.constexpr,
+                         LAST_COPY_ONLY: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr,
                          BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr):
     """Sampled logits [BLOCK_B, BLOCK_S] in ACC for rows and sampled positions cols (ids = ids[cols]);
-    out-of-range columns, ids outside [0, V) and accidental hits are -inf."""
+    out-of-range columns, ids outside [0, V) and accidental hits are -inf. With LAST_COPY_ONLY (TensorFlow's
+    accidental hits) a hit counts only at the positions where last_ptr[col] != 0: the last copy of each id."""
     s_mask = s_mask & (ids >= 0) & (ids < V)
     acc = tl.zeros((BLOCK_B, BLOCK_S), dtype=ACC)
     for h0 in range(0, H, BLOCK_H):
@@ -49,18 +50,21 @@ def _sampled_logits_tile(x_ptr, w_ptr, bias_ptr, logq_ptr, labels_ptr, rows, row
     if SUBTRACT_LOG_Q:
         acc -= tl.load(logq_ptr + cols, mask=s_mask, other=0.0).to(ACC)[None, :]
     if REMOVE_HITS:
+        hit_cols = s_mask
+        if LAST_COPY_ONLY:
+            hit_cols = hit_cols & (tl.load(last_ptr + cols, mask=s_mask, other=0) != 0)
         for t in range(T):
             lab = tl.load(labels_ptr + rows * T + t, mask=row_mask, other=-1)
-            acc = tl.where(lab[:, None] == ids[None, :], float("-inf"), acc)
+            acc = tl.where((lab[:, None] == ids[None, :]) & hit_cols[None, :], float("-inf"), acc)
     return tl.where(s_mask[None, :], acc, float("-inf"))
 
 
 @triton.jit
-def _sampled_softmax_fwd_kernel(x_ptr, w_ptr, bias_ptr, ids_ptr, logq_s_ptr, labels_ptr, logq_t_ptr,
+def _sampled_softmax_fwd_kernel(x_ptr, w_ptr, bias_ptr, ids_ptr, logq_s_ptr, labels_ptr, last_ptr, logq_t_ptr,
                                 lse_part_ptr, picked_ptr, true_logit_ptr, B, S, H, T, V, tiles_per_split,
                                 stride_x, stride_w,
                                 HAS_BIAS: tl.constexpr, SUBTRACT_LOG_Q: tl.constexpr, REMOVE_HITS: tl.constexpr,
-                                IEEE: tl.constexpr, ACC: tl.constexpr,
+                                LAST_COPY_ONLY: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr,
                                 BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr):
     """Program (row block, split): the logsumexp of its share of the sampled tiles -> lse_part[split, rows].
     Split 0 also takes the true logits (stored, and their target-weighted mean -> picked)."""
@@ -105,9 +109,9 @@ def _sampled_softmax_fwd_kernel(x_ptr, w_ptr, bias_ptr, ids_ptr, logq_s_ptr, lab
         cols = (s0 + tl.arange(0, BLOCK_S)).to(tl.int64)
         s_mask = cols < s_end
         ids = tl.load(ids_ptr + cols, mask=s_mask, other=0)
-        logits = _sampled_logits_tile(x_ptr, w_ptr, bias_ptr, logq_s_ptr, labels_ptr, rows, row_mask, cols, ids,
-                                      s_mask, H, T, V, stride_x, stride_w, HAS_BIAS, SUBTRACT_LOG_Q, REMOVE_HITS,
-                                      IEEE, ACC, BLOCK_B, BLOCK_S, BLOCK_H)
+        logits = _sampled_logits_tile(x_ptr, w_ptr, bias_ptr, logq_s_ptr, labels_ptr, last_ptr, rows, row_mask, cols,
+                                      ids, s_mask, H, T, V, stride_x, stride_w, HAS_BIAS, SUBTRACT_LOG_Q,
+                                      REMOVE_HITS, LAST_COPY_ONLY, IEEE, ACC, BLOCK_B, BLOCK_S, BLOCK_H)
         m_new = tl.maximum(m, tl.max(logits, axis=1))
         total = total * tl.exp(m - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), axis=1)
         m = m_new
@@ -115,18 +119,19 @@ def _sampled_softmax_fwd_kernel(x_ptr, w_ptr, bias_ptr, ids_ptr, logq_s_ptr, lab
 
 
 @triton.jit
-def _sampled_softmax_dlogits_kernel(x_ptr, w_ptr, bias_ptr, ids_ptr, logq_s_ptr, labels_ptr, lse_ptr, scale_ptr,
-                                    dlogits_ptr, B, S, H, T, V, stride_x, stride_w,
+def _sampled_softmax_dlogits_kernel(x_ptr, w_ptr, bias_ptr, ids_ptr, logq_s_ptr, labels_ptr, last_ptr, lse_ptr,
+                                    scale_ptr, dlogits_ptr, B, S, H, T, V, stride_x, stride_w,
                                     HAS_BIAS: tl.constexpr, SUBTRACT_LOG_Q: tl.constexpr,
-                                    REMOVE_HITS: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr,
+                                    REMOVE_HITS: tl.constexpr, LAST_COPY_ONLY: tl.constexpr,
+                                    IEEE: tl.constexpr, ACC: tl.constexpr,
                                     BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S).to(tl.int64)
     row_mask, s_mask = rows < B, cols < S
     ids = tl.load(ids_ptr + cols, mask=s_mask, other=0)
-    logits = _sampled_logits_tile(x_ptr, w_ptr, bias_ptr, logq_s_ptr, labels_ptr, rows, row_mask, cols, ids, s_mask,
-                                  H, T, V, stride_x, stride_w, HAS_BIAS, SUBTRACT_LOG_Q, REMOVE_HITS, IEEE, ACC,
-                                  BLOCK_B, BLOCK_S, BLOCK_H)
+    logits = _sampled_logits_tile(x_ptr, w_ptr, bias_ptr, logq_s_ptr, labels_ptr, last_ptr, rows, row_mask, cols, ids,
+                                  s_mask, H, T, V, stride_x, stride_w, HAS_BIAS, SUBTRACT_LOG_Q, REMOVE_HITS,
+                                  LAST_COPY_ONLY, IEEE, ACC, BLOCK_B, BLOCK_S, BLOCK_H)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0)
     d = tl.exp(logits - lse[:, None]) * scale[:, None]

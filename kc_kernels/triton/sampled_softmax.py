@@ -64,6 +64,7 @@ class _State:
     ids: torch.Tensor
     logq_sampled: torch.Tensor
     labels: torch.Tensor  # [B, T] int64 contiguous
+    last: torch.Tensor  # [S] int8, 1 at the last copy of each id (accidental_hits="tensorflow"), else a dummy
     valid: torch.Tensor
     lse: torch.Tensor
     true_logits: torch.Tensor  # [B, T], -inf where padded
@@ -99,17 +100,20 @@ class _TritonSampledSoftmax:
         lse_part = torch.empty(splits, B, dtype=acc_dtype, device=dev)
         picked = torch.empty(B, dtype=acc_dtype, device=dev)
         true_logits = torch.empty(B, T, dtype=acc_dtype, device=dev)
+        last_copy_only = autograd_.hit_mode(p) == "tensorflow"
+        last = autograd_.last_copies(ids).to(torch.int8) if last_copy_only else labels
         consts = dict(HAS_BIAS=has_bias, SUBTRACT_LOG_Q=p.subtract_log_q, REMOVE_HITS=p.remove_accidental_hits,
+                      LAST_COPY_ONLY=last_copy_only,
                       IEEE=x.dtype in (torch.float32, torch.float64), ACC=_ACC.get(x.dtype, tl.float32),
                       BLOCK_B=BB, BLOCK_S=BS, BLOCK_H=BH)
         _sampled_softmax_fwd_kernel[(row_blocks, splits)](
-            x, weight, bias, ids, logq_s, labels, logq_t, lse_part, picked, true_logits, B, S, H, T, V,
+            x, weight, bias, ids, logq_s, labels, last, logq_t, lse_part, picked, true_logits, B, S, H, T, V,
             tiles_per_split, x.stride(0), weight.stride(0), num_warps=warps, **consts)
         lse = torch.logsumexp(lse_part, dim=0) if splits > 1 else lse_part[0]
         per_row = lse - picked
         if not need_grad:
             return per_row, None
-        return per_row, _State(x, weight, bias, ids, logq_s, labels, labels >= 0, lse, true_logits,
+        return per_row, _State(x, weight, bias, ids, logq_s, labels, last, labels >= 0, lse, true_logits,
                                dict(consts, num_warps=warps))
 
     def gradients(self, s: _State, scale: torch.Tensor, need_x: bool) -> RowGradients:
@@ -122,8 +126,8 @@ class _TritonSampledSoftmax:
         scale = scale.to(acc_dtype).contiguous()
         dlogits = torch.empty(B, S, dtype=acc_dtype, device=x.device)
         _sampled_softmax_dlogits_kernel[(triton.cdiv(B, BB), triton.cdiv(S, BS))](
-            x, weight, s.bias, s.ids, s.logq_sampled, labels, s.lse, scale, dlogits, B, S, H, T, weight.shape[0],
-            x.stride(0), weight.stride(0), **c)
+            x, weight, s.bias, s.ids, s.logq_sampled, labels, s.last, s.lse, scale, dlogits, B, S, H, T,
+            weight.shape[0], x.stride(0), weight.stride(0), **c)
         # the true columns: softmax minus 1/num_true (exp(-inf) = 0 where padded)
         num_true = s.valid.sum(dim=1, keepdim=True).clamp(min=1).to(acc_dtype)
         d_true = (torch.exp(s.true_logits - s.lse[:, None]) - s.valid.to(acc_dtype) / num_true) * scale[:, None]
