@@ -61,7 +61,8 @@ def test_value_checks_follow_the_environment(monkeypatch):
         _loss(p)
     monkeypatch.setenv("KC_CHECK_VALUES", "0")
     assert not checks.values_enabled(torch.device("cpu"))
-    _loss(p)  # unchecked: no error, see the next test for what happens to the index
+    clean = {**p, "target_index": torch.tensor([[0, -1], [1, -1], [2, 3]])}
+    assert torch.equal(_loss(p), _loss(clean))  # unchecked: the index out of range counts as padding
     monkeypatch.setenv("KC_CHECK_VALUES", "1")
     assert checks.values_enabled(torch.device("cuda"))
 

@@ -211,3 +211,52 @@ def test_sampled_softmax_export_is_one_op_and_runs_like_eager():
         torch.testing.assert_close(exported.module()(*batch), model(*batch))
     gm = torch.export.export(model, batch).graph_module  # with gradients: the op also makes them
     assert "kc_kernels.sampled_softmax.default" in [str(n.target) for n in gm.graph.nodes]
+
+
+def _opcheck(op, args):
+    result = torch.library.opcheck(op, args)
+    failed = {k: v for k, v in result.items() if v != "SUCCESS"}
+    assert not failed, failed
+
+
+@pytest.mark.parametrize("backend,budget", [("cpu", 0), ("cpu", 4 * 6 * 256), ("triton", 0)],
+                         ids=["cpu", "cpu-row-blocks", "triton"])
+@pytest.mark.parametrize("reduction,needs", [("mean", 0b1111), ("none", 0b0101), ("sum", 0)])
+def test_opcheck_chunked_soft_target(backend, budget, reduction, needs):
+    """torch.library.opcheck on kc_kernels::chunked_soft_target and its backward op: schema, fake implementation,
+    autograd registration and AOT dispatch, with a bias, a per-segment scale and sparse targets (a budget below
+    one segment walks it in row blocks)."""
+    if not kc_kernels.backends()[backend]:
+        pytest.skip(f"{backend} unavailable")
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(6, 5, generator=g), torch.randn(700, 5, generator=g), torch.randn(700, generator=g)
+    scale = torch.rand(2, generator=g) + 0.5
+    for t in (x, w, b, scale):
+        t.requires_grad_(bool(needs))
+    idx, val = torch.randint(-1, 700, (6, 3), generator=g), torch.rand(6, 3, generator=g)
+    args = (x, w, b, scale, idx, val, None, None, [0, 300, 700], "softmax", reduction, 1.5, backend, budget, needs)
+    _opcheck(torch.ops.kc_kernels.chunked_soft_target.default, args)
+    grad = torch.ones(6) if reduction == "none" else torch.tensor(1.0)
+    _opcheck(torch.ops.kc_kernels.chunked_soft_target_backward.default,
+             (grad,) + tuple(t.detach() for t in (x, w, b, scale)) + args[4:-1] + (needs or 0b1111,))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_opcheck_sampled_softmax(backend, reduction):
+    if not kc_kernels.backends()[backend]:
+        pytest.skip(f"{backend} unavailable")
+    g = torch.Generator().manual_seed(1)
+    x, w, b = (torch.randn(5, 6, generator=g).requires_grad_(), torch.randn(40, 6, generator=g).requires_grad_(),
+               torch.randn(40, generator=g).requires_grad_())
+    labels = torch.randint(0, 40, (5, 2), generator=g)
+    ids = torch.tensor([3, 7, 11, 19, 23, 31])
+    true_exp, samp_exp = torch.rand(5, 2, generator=g) + 0.1, torch.rand(6, generator=g) + 0.1
+    schema = torch.ops.kc_kernels.sampled_softmax.default._schema
+    options = [a.name for a in schema.arguments][8:]
+    hits = "all" if options[0] == "accidental_hits" else True  # the accidental-hit option of this schema
+    args = (x, w, b, labels, ids, true_exp, samp_exp, None, hits, True, reduction, backend, 0b111)
+    _opcheck(torch.ops.kc_kernels.sampled_softmax.default, args)
+    grad = torch.ones(5) if reduction == "none" else torch.tensor(1.0)
+    _opcheck(torch.ops.kc_kernels.sampled_softmax_backward.default,
+             (grad,) + tuple(t.detach() for t in (x, w, b)) + args[3:])

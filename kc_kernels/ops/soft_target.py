@@ -11,6 +11,7 @@ from typing import List, Optional
 
 import torch
 
+from kc_kernels import chunked as _op  # noqa: F401  (defines kc_kernels::chunked_soft_target)
 from kc_kernels import dispatch
 from kc_kernels.loss_modes import MODE_NAMES
 from kc_kernels.ops import amp, checks
