@@ -1,15 +1,15 @@
 """Evaluation: average precision per class on the test split, mAP per vertical and overall, top-1 and top-5.
 
-No [N_test, V] score matrix is ever held: AP is computed over column chunks of classes ([N_test, chunk] scores,
-AP per class, discard), and top-k over row chunks. AP follows the usual (scikit-learn) definition
-AP = sum over thresholds of (R_n - R_{n-1}) P_n, i.e. the mean over a class's positives p of
-#positives scoring >= s_p / #samples scoring >= s_p (ties share a threshold). Top-k asks whether a sample's fine
-class is among the k best-scored classes, not counting its ancestors (also correct labels) as competitors.
+No [N_test, V] score matrix is ever held: one pass over column chunks of classes computes [N_test, chunk] scores,
+the AP of each of their classes and each row's best classes so far, and discards them. AP follows the usual
+(scikit-learn) definition AP = sum over thresholds of (R_n - R_{n-1}) P_n, i.e. the mean over a class's positives
+p of #positives scoring >= s_p / #samples scoring >= s_p (ties share a threshold). Top-k asks whether a sample's
+fine class is among the k best-scored classes, not counting its ancestors (also correct labels) as competitors.
 """
 from __future__ import annotations
 
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -156,102 +156,154 @@ class BayesScorer(Scorer):
                          dim=1)
 
 
-ROW_BLOCK = 8192  # rows of a [rows, classes] comparison at a time (stays in cache)
-MAX_THRESHOLD_PASSES = 16  # a class with more test positives has its scores sorted instead
+KEY_BUDGET = 1 << 21  # scores sorted at a time in a chunk's AP (with their indices about 28 bytes each)
 
 
-def _count_at_least(S: torch.Tensor, t: torch.Tensor) -> np.ndarray:
-    """For every column c of S [N, C]: the number of rows r with S[r, c] >= t[c]."""
-    out = torch.zeros(S.shape[1], dtype=torch.int64, device=S.device)
-    for r in range(0, S.shape[0], ROW_BLOCK):
-        out += (S[r:r + ROW_BLOCK] >= t).sum(0)
-    return out.cpu().numpy()
+def _ordered_keys(values: torch.Tensor, column: torch.Tensor) -> torch.Tensor:
+    """int64 keys column * 2**32 + k(value), where k maps float32 to [0, 2**32) keeping their order: sorting the
+    keys sorts by column, then by score. -0.0 becomes +0.0 first, since the two compare equal (a tie)."""
+    v = torch.where(values == 0, torch.zeros_like(values), values).float()
+    b = v.view(torch.int32).to(torch.int64)
+    # a non-negative float's bits grow with it; a negative float's bits grow with its magnitude
+    k = torch.where(b < 0, -1 - b, b + (1 << 31))
+    return (column.to(torch.int64) << 32) | k
 
 
-def _chunk_precisions(S: torch.Tensor, row: np.ndarray, col: np.ndarray, npos: np.ndarray) -> np.ndarray:
-    """Precision at each positive (row[k], col[k]) of the scores S [N, C]: #positives of its class scoring >= it
-    / #rows scoring >= it. Pairs come grouped by class (col ascending), npos[c] of class c.
+def _column_counts(mask: torch.Tensor) -> np.ndarray:
+    if mask.device.type == "cpu":  # numpy counts down the rows of a [N, C] mask about ten times faster
+        return np.count_nonzero(mask.numpy(), axis=0)
+    return mask.sum(0).cpu().numpy()
 
-    Every score is compared once per positive of its class, the way a class's threshold pass would, but with no
-    gather of score columns for the common case: pass j compares whole rows of S against the j-th positive score
-    of each class (classes with fewer positives are left out of that pass). A class with many positives has its
-    column sorted once and its thresholds looked up."""
+
+def _chunk_ap(S: torch.Tensor, row: np.ndarray, col: np.ndarray, npos: np.ndarray) -> np.ndarray:
+    """AP of each column of S [N, C] with positives (NaN for the others). The positives (row[k], col[k]) come
+    grouped by column (col ascending), npos[c] of column c.
+
+    A positive's precision needs the number of rows scoring at least as high as it in its column. Only scores at
+    or above the column's lowest positive can be such rows, and for a trained model they are a few percent of
+    the column: those are picked out with one comparison, turned into keys (column, score) and sorted, all
+    columns at once, and each positive's count is a difference of two binary searches. Columns go in batches
+    of at most KEY_BUDGET kept scores, so an untrained model (every score kept) costs a sort of every column,
+    in bounded memory."""
     N, C = S.shape
     dev = S.device
-    p = S[torch.from_numpy(row).to(dev), torch.from_numpy(col).to(dev)]
-    start = np.concatenate([[0], np.cumsum(npos)[:-1]])
-    # positives of the same class at or above each pair's score: the end of its run of ties, in a (class, score
-    # descending) order
-    pd = p.double().cpu().numpy()
-    order = np.lexsort((-pd, col))
-    sc, sp = col[order], pd[order]
-    run_end = np.ones(len(sp), dtype=bool)
-    run_end[:-1] = (sc[1:] != sc[:-1]) | (sp[1:] != sp[:-1])
-    end = np.minimum.accumulate(np.where(run_end, np.arange(len(sp)), len(sp))[::-1])[::-1]
-    n_pos = np.empty(len(sp))
-    n_pos[order] = end - start[sc] + 1
-    n_all = np.empty(len(sp))
-    rank = np.arange(len(col)) - start[col]  # a pair's place among its class's positives
-    many = npos > MAX_THRESHOLD_PASSES
-    for j in range(int(min(npos.max(initial=0), MAX_THRESHOLD_PASSES))):
-        sel = np.flatnonzero((rank == j) & ~many[col])
-        if len(sel):
-            cols = col[sel]
-            block = S if len(cols) == C else S[:, torch.from_numpy(cols).to(dev)]
-            n_all[sel] = _count_at_least(block, p[torch.from_numpy(sel).to(dev)])
-    for c in np.flatnonzero(many):
-        sel = np.flatnonzero(col == c)
-        ascending = torch.sort(S[:, c].contiguous()).values
-        t = p[torch.from_numpy(sel).to(dev)].contiguous()
-        n_all[sel] = N - torch.searchsorted(ascending, t, right=False).cpu().numpy()
-    return n_pos / n_all
-
-
-@torch.no_grad()
-def ap_per_class(scorer: Scorer, taxonomy: Taxonomy, data: SampleSet, class_chunk: int,
-                 progress: Optional[Callable] = None) -> np.ndarray:
-    """AP of every class (NaN where the test split has no positive), in column chunks of classes."""
-    V = taxonomy.num_classes
-    colptr, colrows = data.labels.columns(V)
-    ap = np.full(V, np.nan)
-    seg = taxonomy.segments.tolist()
-    chunks = [(v, c0, min(c0 + class_chunk, seg[v + 1])) for v in range(len(seg) - 1)
-              for c0 in range(seg[v], seg[v + 1], class_chunk)]
-    it = progress(chunks, desc="AP", unit="chunk", leave=False) if progress else chunks
-    for v, c0, c1 in it:
-        npos = np.diff(colptr[c0:c1 + 1])
-        if npos.sum() == 0:
-            continue
-        S = scorer.block(v, c0, c1).float().contiguous()  # [N, C]
-        col = np.repeat(np.arange(c1 - c0), npos)
-        prec = _chunk_precisions(S, colrows[colptr[c0]:colptr[c1]], col, npos)
-        sums = np.bincount(col, weights=prec, minlength=c1 - c0)
-        has = npos > 0
-        ap[c0:c1][has] = sums[has] / npos[has]
+    ap = np.full(C, np.nan)
+    if len(row) == 0:
+        return ap
+    row_t, col_t = torch.from_numpy(row).to(dev), torch.from_numpy(col).to(dev)
+    p = S[row_t, col_t]
+    pkey = _ordered_keys(p, col_t)
+    end_key = (col_t + 1) << 32  # above every key of a positive's column
+    # positives of its column scoring >= each positive
+    pk_sorted = torch.sort(pkey).values
+    n_pos = torch.searchsorted(pk_sorted, end_key) - torch.searchsorted(pk_sorted, pkey)
+    floor = torch.full((C,), float("inf"), device=dev).scatter_reduce(0, col_t, p, "amin")
+    kept = S >= floor  # a score below the lowest positive of its column precedes none of them
+    counts = _column_counts(kept)
+    n_all = torch.empty_like(n_pos)
+    start = np.concatenate([[0], np.cumsum(npos)])  # a column's positives: start[c]:start[c + 1]
+    c0 = 0
+    while c0 < C:
+        c1, total = c0 + 1, int(counts[c0])
+        while c1 < C and total + counts[c1] <= KEY_BUDGET:
+            total += int(counts[c1])
+            c1 += 1
+        r, c = kept[:, c0:c1].nonzero(as_tuple=True)
+        keys = torch.sort(_ordered_keys(S[r, c + c0], c + c0)).values
+        sel = slice(int(start[c0]), int(start[c1]))
+        n_all[sel] = torch.searchsorted(keys, end_key[sel]) - torch.searchsorted(keys, pkey[sel])
+        c0 = c1
+    prec = n_pos.cpu().numpy() / n_all.cpu().numpy()
+    sums = np.bincount(col, weights=prec, minlength=C)
+    has = npos > 0
+    ap[has] = sums[has] / npos[has]
     return ap
 
 
+class _TopK:
+    """The best `keep` classes of every row over the class chunks seen so far (scores and class ids, best
+    first): the chunks' own best merged, so no [N, V] score matrix is held."""
+
+    def __init__(self, keep: int):
+        self.keep, self.values, self.index = keep, None, None
+
+    def add(self, S: torch.Tensor, first_class: int) -> None:
+        v, i = S.topk(min(self.keep, S.shape[1]), dim=1)
+        i = i + first_class
+        if self.values is not None:
+            v, i = torch.cat([self.values, v], 1), torch.cat([self.index, i], 1)
+            v, j = v.topk(min(self.keep, v.shape[1]), dim=1)
+            i = i.gather(1, j)
+        self.values, self.index = v, i
+
+
+def _ancestor_table(taxonomy: Taxonomy) -> np.ndarray:
+    """[V, A] ancestors of every class, -1 padded (A = the most any class has, at least 1)."""
+    width = max(1, taxonomy.depth() - 1)
+    out = np.full((taxonomy.num_classes, width), -1, dtype=np.int64)
+    for c in range(taxonomy.num_classes):
+        a = taxonomy.ancestors(c)
+        out[c, :len(a)] = a
+    return out
+
+
+def _top_k_hits(best: _TopK, fine: np.ndarray, ancestors: np.ndarray, ks) -> Dict[int, int]:
+    """Rows whose fine class is among the k best-scored classes other than its own ancestors."""
+    cand = best.index.cpu()
+    anc = torch.from_numpy(ancestors[fine])
+    # a candidate's rank among the row's candidates that are not ancestors of its fine class
+    rank = torch.cumsum(~(cand[:, :, None] == anc[:, None, :]).any(2), 1)
+    at = cand == torch.from_numpy(fine)[:, None]
+    return {k: int((at & (rank <= k)).any(1).sum()) for k in ks}
+
+
+def _chunks(taxonomy: Taxonomy, class_chunk: int) -> List:
+    """(vertical, first class, end) of every chunk: at most class_chunk classes, never across verticals."""
+    seg = taxonomy.segments.tolist()
+    return [(v, c0, min(c0 + class_chunk, seg[v + 1])) for v in range(len(seg) - 1)
+            for c0 in range(seg[v], seg[v + 1], class_chunk)]
+
+
+def num_chunks(taxonomy: Taxonomy, class_chunk: int) -> int:
+    return len(_chunks(taxonomy, class_chunk))
+
+
 @torch.no_grad()
-def top_k_accuracy(scorer: Scorer, taxonomy: Taxonomy, data: SampleSet, ks=(1, 5),
-                   progress: Optional[Callable] = None) -> Dict[int, float]:
-    N, V = len(data), taxonomy.num_classes
+def sweep(scorer: Scorer, taxonomy: Taxonomy, data: SampleSet, class_chunk: int, ks=(1, 5),
+          progress: Optional[Callable] = None) -> Tuple[np.ndarray, Dict[int, float]]:
+    """One pass over the classes in chunks ([N, chunk] scores, then discarded): AP of every class (NaN where the
+    test split has no positive) and top-k accuracy for each k in ks. Returns (ap [V], {k: accuracy})."""
+    V, N = taxonomy.num_classes, len(data)
+    colptr, colrows = data.labels.columns(V)
+    ap = np.full(V, np.nan)
     fine = data.labels.fine()
-    rows = max(1, min(N, (1 << 23) // V))  # bound a row chunk's [rows, V] scores to 32 MB
-    hits = {k: 0 for k in ks}
-    kmax = min(max(ks), V)
-    starts = range(0, N, rows)
-    for r0 in (progress(starts, desc="top-k", unit="chunk", leave=False) if progress else starts):
-        r1 = min(N, r0 + rows)
-        S = scorer.rows(r0, r1).float()
-        for i in range(r1 - r0):  # ancestors are correct too: keep them out of the fine class's way
-            anc = taxonomy.ancestors(int(fine[r0 + i]))
-            if anc:
-                S[i, anc] = -float("inf")
-        top = S.topk(kmax, dim=1).indices.cpu().numpy()
-        f = fine[r0:r1, None]
-        for k in ks:
-            hits[k] += int((top[:, :k] == f).any(1).sum())
-    return {k: hits[k] / N for k in ks}
+    ancestors = _ancestor_table(taxonomy)
+    best = _TopK(min(max(ks), V) + ancestors.shape[1]) if ks else None
+    chunks = _chunks(taxonomy, class_chunk)
+    for v, c0, c1 in (progress(chunks, desc="AP", unit="chunk", leave=False) if progress else chunks):
+        npos = np.diff(colptr[c0:c1 + 1])
+        if npos.sum() == 0 and best is None:
+            continue
+        S = scorer.block(v, c0, c1).float()  # [N, C]
+        col = np.repeat(np.arange(c1 - c0), npos)
+        ap[c0:c1] = _chunk_ap(S, colrows[colptr[c0]:colptr[c1]], col, npos)
+        if best is not None:
+            best.add(S, c0)
+    acc = {}
+    if best is not None and N:
+        acc = {k: h / N for k, h in _top_k_hits(best, fine, ancestors, ks).items()}
+    return ap, acc
+
+
+def ap_per_class(scorer: Scorer, taxonomy: Taxonomy, data: SampleSet, class_chunk: int,
+                 progress: Optional[Callable] = None) -> np.ndarray:
+    """AP of every class (NaN where the test split has no positive), in column chunks of classes."""
+    return sweep(scorer, taxonomy, data, class_chunk, ks=(), progress=progress)[0]
+
+
+def top_k_accuracy(scorer: Scorer, taxonomy: Taxonomy, data: SampleSet, ks=(1, 5), class_chunk: int = 1024,
+                   progress: Optional[Callable] = None) -> Dict[int, float]:
+    return sweep(scorer, taxonomy, data, class_chunk, ks=ks, progress=progress)[1]
 
 
 def summarize(ap: np.ndarray, taxonomy: Taxonomy) -> Dict:
@@ -282,9 +334,8 @@ def time_per_sample(forward: Callable, data: SampleSet, batch: int, device="cpu"
 
 def evaluate(scorer: Scorer, taxonomy: Taxonomy, data: SampleSet, class_chunk: int,
              progress: Optional[Callable] = None) -> Dict:
-    ap = ap_per_class(scorer, taxonomy, data, class_chunk, progress)
+    ap, acc = sweep(scorer, taxonomy, data, class_chunk, ks=(1, 5), progress=progress)
     out = summarize(ap, taxonomy)
-    acc = top_k_accuracy(scorer, taxonomy, data, progress=progress)
     out.update(top1=acc[1], top5=acc[5])
     out["ap"] = [None if not np.isfinite(a) else float(a) for a in ap]
     return out

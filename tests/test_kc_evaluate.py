@@ -36,19 +36,28 @@ class DenseScorer(evaluate.Scorer):
         return self.S[r0:r1]
 
 
-@pytest.mark.parametrize("chunk,passes,row_block", [(1, 16, 8192), (4, 16, 8192), (100, 16, 8192),
-                                                      (4, 1, 5), (100, 0, 7)])
-def test_chunked_ap_matches_brute_force(chunk, passes, row_block, monkeypatch):
-    # passes: classes with more positives than this are sorted instead of compared pass by pass (0: all sorted)
-    monkeypatch.setattr(evaluate, "MAX_THRESHOLD_PASSES", passes)
-    monkeypatch.setattr(evaluate, "ROW_BLOCK", row_block)
-    tax = taxonomy.generate(3, 17, seed=2)
-    rng = np.random.default_rng(0)
-    N = 41
-    fine = rng.choice(tax.leaves(), N)
+def _random_problem(seed, n_rows=41, classes=17, levels=4, zeros=False):
+    """Labels of a small taxonomy and scores with many ties (levels distinct values per column); zeros=True
+    makes some of them -0.0 and others +0.0 (equal, so tied)."""
+    tax = taxonomy.generate(3, classes, seed=seed)
+    rng = np.random.default_rng(seed)
+    fine = rng.choice(tax.leaves(), n_rows)
     lab = [tax.labels_of(int(c)) for c in fine]
     labels = Labels(np.concatenate([[0], np.cumsum([len(x) for x in lab])]), np.concatenate(lab).astype(np.int32))
-    S = rng.integers(0, 4, (N, tax.num_classes)).astype(np.float32)  # many ties
+    S = rng.integers(-levels // 2, levels - levels // 2, (n_rows, tax.num_classes)).astype(np.float32)
+    if zeros:
+        S[(S == 0) & (rng.random(S.shape) < 0.5)] = -0.0
+    return tax, lab, labels, S
+
+
+@pytest.mark.parametrize("chunk,budget", [(1, 1 << 21), (4, 1 << 21), (100, 1 << 21), (4, 1), (100, 7)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_chunked_ap_matches_brute_force(chunk, budget, seed, monkeypatch):
+    """The one-pass AP (kept scores sorted as (column, score) keys, columns in batches of KEY_BUDGET kept
+    scores; budget 1: a batch per column) equals the brute-force definition on tied scores, -0.0 tied with
+    +0.0 included."""
+    monkeypatch.setattr(evaluate, "KEY_BUDGET", budget)
+    tax, lab, labels, S = _random_problem(seed, zeros=seed == 2)
     ap = evaluate.ap_per_class(DenseScorer(S), tax, DenseSet(labels), chunk)
     for c in range(tax.num_classes):
         pos = np.array([c in row for row in lab])
@@ -59,6 +68,44 @@ def test_chunked_ap_matches_brute_force(chunk, passes, row_block, monkeypatch):
             assert ap[c] == pytest.approx(want, abs=1e-12)
     s = evaluate.summarize(ap, tax)
     assert s["map"] == pytest.approx(np.nanmean(ap))
+
+
+def test_ap_of_continuous_scores_and_extremes():
+    """Scores spread over the whole float range (tiny, huge, negative, infinite) order as floats do."""
+    tax, lab, labels, _ = _random_problem(5, n_rows=300, classes=30)
+    rng = np.random.default_rng(5)
+    S = (rng.standard_normal((300, tax.num_classes)) * 10.0 ** rng.integers(-30, 30, (300, tax.num_classes)))
+    S = S.astype(np.float32)
+    S[rng.random(S.shape) < 0.02] = np.inf
+    S[rng.random(S.shape) < 0.02] = -np.inf
+    ap = evaluate.ap_per_class(DenseScorer(S), tax, DenseSet(labels), 8)
+    for c in range(tax.num_classes):
+        pos = np.array([c in row for row in lab])
+        want = evaluate.average_precision(S[:, c], pos)
+        assert (np.isnan(ap[c]) and np.isnan(want)) or ap[c] == pytest.approx(want, abs=1e-12)
+
+
+def test_ordered_keys_sort_as_floats():
+    v = torch.tensor([3.0, -0.0, 0.0, -1e-30, 1e-30, -np.inf, np.inf, -2.5, 1e38, -1e38, 1e-45, -1e-45])
+    k = evaluate._ordered_keys(v, torch.zeros(len(v), dtype=torch.int64))
+    for i in range(len(v)):
+        for j in range(len(v)):
+            assert (k[i] < k[j]) == (v[i] < v[j]) and (k[i] == k[j]) == (v[i] == v[j])
+    assert (evaluate._ordered_keys(v, torch.ones(len(v), dtype=torch.int64)) > k.max()).all()
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 100])
+def test_top_k_matches_dense_ranking(chunk):
+    """Top-k from the chunks' merged best classes equals the rank of the fine class among all classes but its
+    ancestors in the dense score matrix (distinct scores, so the ranking is unique)."""
+    tax, lab, labels, _ = _random_problem(3, n_rows=60, classes=40)
+    rng = np.random.default_rng(3)
+    S = rng.standard_normal((60, tax.num_classes)).astype(np.float32)
+    acc = evaluate.top_k_accuracy(DenseScorer(S), tax, DenseSet(labels), ks=(1, 2, 5), class_chunk=chunk)
+    fine = labels.fine()
+    rank = np.array([1 + sum(S[i, j] > S[i, fine[i]] for j in range(tax.num_classes)
+                             if j not in tax.ancestors(int(fine[i]))) for i in range(60)])
+    assert acc == {k: float(np.mean(rank <= k)) for k in (1, 2, 5)}
 
 
 def test_top_k_ignores_ancestors():
