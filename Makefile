@@ -25,10 +25,12 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m mypy  # the core interfaces of kc_kernels ([tool.mypy] in pyproject.toml)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 bench: $(STAMP)
 	$(PY) -m pytest -q benchmarks --benchmark-enable

@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from kc_kernels.custom_op import needs_mask, register_forward_made_grads
-from kc_kernels.driver import Sweep, reduce_rows, row_coef
+from kc_kernels.driver import Epilogue, Sweep, reduce_rows, row_coef
 from kc_kernels.reduction import compute_dtype
 
 # The walk is one torch.library op, so torch.compile and torch.export see a single opaque node with a fake
@@ -21,7 +21,7 @@ from kc_kernels.reduction import compute_dtype
 GRAD_INPUTS = 4  # gradient slots of the op: (x or logits, weight, bias, scale)
 
 
-def _epilogue(name: str) -> object:
+def _epilogue(name: str) -> Epilogue:
     from kc_kernels import dispatch
 
     return dispatch.epilogue("soft_target_loss", name)
@@ -46,7 +46,7 @@ def _grad_names(linear: bool, needs: int) -> Tuple[str, ...]:
     return tuple(n for i, n in enumerate(names) if n is not None and needs >> i & 1)
 
 
-def _grad_slots(inp, weight, bias, scale, needs: int, grads: Optional[Dict[str, torch.Tensor]]):
+def _grad_slots(inp, weight, bias, scale, needs: int, grads: Optional[Dict[str, Optional[torch.Tensor]]]):
     """The op's four gradient outputs: the gradient where its bit is set (an empty tensor of that shape for the
     fake implementation, grads None), else an empty placeholder (ops cannot return None)."""
     slots = []

@@ -23,9 +23,10 @@ ALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 HALF_AND_SINGLE = (torch.float32, torch.float16, torch.bfloat16)
 
 # Capabilities a row may declare (what the code around it may rely on).
-TEACHER_NAN_SOFTMAX = "reports a NaN teacher in softmax mode"  # its teacher pass does the front's NaN check
+# its teacher pass (modes with a teacher log-sum-exp) does the front's NaN check of a dense teacher
+TEACHER_NAN = "reports a NaN teacher from its teacher phase"
 INTERPRETED_ON_CPU = "takes CPU tensors under TRITON_INTERPRET=1"  # how the Triton kernels run in CPU tests
-CAPABILITIES = frozenset({TEACHER_NAN_SOFTMAX, INTERPRETED_ON_CPU})
+CAPABILITIES = frozenset({TEACHER_NAN, INTERPRETED_ON_CPU})
 
 
 @dataclass(frozen=True)
@@ -73,9 +74,9 @@ TABLE: Tuple[Row, ...] = (
     Row("soft_target_loss", "reference", f"{_REF}:soft_target_loss", None, _ANY_DEVICE, ALL_DTYPES),
     Row("sampled_softmax_loss", "reference", f"{_REF}:sampled_softmax_loss", None, _ANY_DEVICE, ALL_DTYPES),
     Row("linear_soft_target_loss", "cpu", f"{_CHUNKED}:linear_soft_target_loss", "kc_kernels.cpu.epilogue:EPILOGUE",
-        ("cpu",), ALL_DTYPES, frozenset({TEACHER_NAN_SOFTMAX})),
+        ("cpu",), ALL_DTYPES, frozenset({TEACHER_NAN})),
     Row("soft_target_loss", "cpu", f"{_CHUNKED}:soft_target_loss", "kc_kernels.cpu.epilogue:EPILOGUE",
-        ("cpu",), ALL_DTYPES, frozenset({TEACHER_NAN_SOFTMAX})),
+        ("cpu",), ALL_DTYPES, frozenset({TEACHER_NAN})),
     Row("sampled_softmax_loss", "cpu", _SAMPLED, "kc_kernels.cpu.sampled_softmax:IMPL", ("cpu",), ALL_DTYPES),
     Row("linear_soft_target_loss", "triton", f"{_CHUNKED}:linear_soft_target_loss",
         "kc_kernels.triton.epilogue:EPILOGUE", ("cuda",), HALF_AND_SINGLE, _TRITON),
@@ -251,7 +252,7 @@ def check_inputs(r: Row, name: str, t: torch.Tensor) -> None:
             where = "CPU tensors"
         raise ValueError(f"{name}: the {r.backend} backend takes {where}, got a tensor on {t.device}")
     if t.dtype not in r.dtypes:
-        names = [str(d).replace("torch.", "") for d in r.dtypes]
-        names = ", ".join(names[:-1]) + " or " + names[-1]
+        dts = [str(d).replace("torch.", "") for d in r.dtypes]
+        names = ", ".join(dts[:-1]) + " or " + dts[-1]
         raise ValueError(f"{name}: the {r.backend} backend takes {names}, not {str(t.dtype).replace('torch.', '')} "
                          "(use backend='cpu' or 'reference' for float64)")

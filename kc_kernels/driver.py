@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Optional, Protocol, Sequence, Tuple
+from typing import Any, Dict, Optional, Protocol, Sequence, Tuple
 
 import torch
 
@@ -81,7 +81,7 @@ class Sweep:
     """One walk over the classes of a validated problem: the loss statistics and, when ``coef`` is given, the
     gradients. ``epilogue`` is the backend's (see kc_kernels/cpu/epilogue.py for the interface)."""
 
-    def __init__(self, p, epilogue, memory_budget: int):
+    def __init__(self, p: Any, epilogue: Epilogue, memory_budget: int):  # p: ops.soft_target.SoftTargetProblem
         memory_budget = memory_budget or epilogue.default_memory_budget  # 0: the epilogue's default
         self.p, self.ep = p, epilogue
         self.G = p.num_segments
@@ -114,7 +114,7 @@ class Sweep:
             self.scale32 = p.scale.detach().float().contiguous()
         self.bias32 = None if p.bias is None else p.bias.detach().float().contiguous()
         self.buf = take_workspace(p.batch * self.row_stride(self.capacity), self.work_dtype, self.device)
-        self._w_cached = (None, None)
+        self._w_cached: Tuple[Optional[Tuple[int, int]], Optional[torch.Tensor]] = (None, None)
         self.walk = epilogue.begin(self)
 
     # ------------------------------------------------------------------ GEMM pieces
@@ -139,9 +139,11 @@ class Sweep:
         w = self.p.weight[c.lo:c.hi]
         if w.dtype == self.work_dtype:
             return w
-        if self._w_cached[0] != (c.lo, c.hi):
-            self._w_cached = ((c.lo, c.hi), w.to(self.work_dtype))
-        return self._w_cached[1]
+        key, cached = self._w_cached
+        if key != (c.lo, c.hi) or cached is None:
+            cached = w.to(self.work_dtype)
+            self._w_cached = ((c.lo, c.hi), cached)
+        return cached
 
     def rows_of(self, t: torch.Tensor, c: Chunk) -> torch.Tensor:
         """x (or dx) as the chunk's classes read it: [B, H], or segment g's slice of grouped [B, G, H]."""
@@ -170,6 +172,7 @@ class Sweep:
         p = self.p
         r1 = p.batch if r1 is None else r1
         if not self.linear:
+            assert self.dlogits is not None
             target = self.dlogits[r0:r1, c.lo:c.hi]
             if target.data_ptr() != g.data_ptr():
                 target.copy_(g)
@@ -220,7 +223,7 @@ class Sweep:
             self.walk.run(self, c, u, phases, coef, (r0, r1))
             if coef is not None:
                 self.accumulate_grads(c, u, r0, r1, dw=dw, add=r0 > 0)
-        if dw is not None and dw.data_ptr() != self.dw[lo:hi].data_ptr():
+        if dw is not None and self.dw is not None and dw.data_ptr() != self.dw[lo:hi].data_ptr():
             self.dw[lo:hi].copy_(dw)
 
     def run(self, coef: Optional[torch.Tensor], needs: Sequence[str] = ("x", "weight", "bias", "logits", "scale")
@@ -323,8 +326,10 @@ class Sweep:
             out["weight"] = None if self.dw is None else self.dw.to(p.weight.dtype)
             out["bias"] = None if self.db32 is None else self.db32.to(p.bias.dtype)
         else:
+            assert self.dlogits is not None
             out["logits"] = self.dlogits.to(p.logits.dtype)
         if self.scale_kind == ScaleKind.SEGMENT:
+            assert coef is not None
             out["scale"] = (coef.to(st.dtype)[:, None] * st[State.R]).sum(dim=0).to(p.scale.dtype)
         elif self.scale_kind == ScaleKind.CLASS and self.dscale is not None:
             out["scale"] = self.dscale.to(p.scale.dtype)

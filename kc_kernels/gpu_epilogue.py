@@ -9,11 +9,11 @@ device value on the host: no synchronisation in the hot path.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Optional, Tuple
 
 import torch
 
-from kc_kernels.driver import Sweep
+from kc_kernels.driver import Epilogue, Sweep
 from kc_kernels.layout import NORM_EPS, NUM_CONSTS, Chunk, Const, Phase, ScaleKind, State
 from kc_kernels.loss_modes import LossMode
 
@@ -104,6 +104,7 @@ class DeviceWalk:
         self.seg_of_class = sw.plan.seg_of_class(sw.device)
         self.scale_cls = None
         if sw.scale_kind != ScaleKind.NONE:
+            assert sw.scale32 is not None
             self.scale_cls = (sw.scale32[self.seg_of_class.long()] if sw.scale_kind == ScaleKind.SEGMENT
                               else sw.scale32).contiguous()
         self.consts = torch.zeros(NUM_CONSTS, p.batch, sw.G, dtype=torch.float32, device=sw.device)
@@ -172,7 +173,11 @@ class DeviceWalk:
             # sigmoid: the final kernel's row sums are the loss; z y comes from it unless STATS counted it already
             rp = a.row_part.sum(dim=1)
             sw.softplus[r0:r1] += rp[0] if sw.scale_kind != ScaleKind.NONE else rp[0] - rp[1]
-        if want_dbias:
+        if want_dbias and sw.db32 is not None and a.col_part is not None:
             sw.db32[c.lo:c.hi] += a.col_part[0].sum(dim=0)
-        if want_dscale:
+        if want_dscale and sw.dscale is not None and a.col_part is not None:
             sw.dscale[c.lo:c.hi] += a.col_part[1].sum(dim=0)
+
+
+if TYPE_CHECKING:
+    _conforms: Epilogue = DeviceEpilogue(None)  # the type checker holds DeviceEpilogue to the protocol

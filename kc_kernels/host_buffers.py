@@ -73,7 +73,7 @@ def output_buffer(shape, dtype: torch.dtype, device) -> torch.Tensor:
         kept = _kept_outputs.get(key)
         held = None if kept is None else kept.untyped_storage()
         # referenced by the kept tensor and by ``held`` only, and still its size (nobody resized it)
-        if held is not None and _use_count(held._cdata) == 2 and held.nbytes() >= nbytes:
+        if kept is not None and held is not None and _use_count(held._cdata) == 2 and held.nbytes() >= nbytes:
             _kept_outputs.move_to_end(key)
             return _alias(kept)
         out = torch.empty(shape, dtype=dtype)

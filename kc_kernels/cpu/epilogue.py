@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 import torch
 
 from kc_kernels import _C, layout
-from kc_kernels.driver import Sweep
+from kc_kernels.driver import Epilogue, Sweep
 from kc_kernels.layout import Chunk, Phase
 from kc_kernels.ops import checks
 
@@ -152,7 +152,7 @@ class CpuWalk:
         a.npieces, a.piece_lo, a.piece_seg, a.num_segments = len(c.piece_seg), lo_t.data_ptr(), seg_t.data_ptr(), sw.G
         a.phases, a.mode, a.inv_t, a.t2 = int(phases), int(sw.mode), 1.0 / p.temperature, p.temperature ** 2
         a.scale, a.scale_kind, a.bias = _ptr(sw.scale32), int(sw.scale_kind), _ptr(sw.bias32)
-        if self.tidx is not None:
+        if self.tidx is not None and self.tval is not None:
             a.k = self.tidx.shape[1]
             a.tidx, a.tval = self.tidx[r0:r1].data_ptr(), self.tval[r0:r1].data_ptr()
         state = sw.state[:, r0:r1]
@@ -167,4 +167,4 @@ class CpuWalk:
         return a
 
 
-EPILOGUE = CpuEpilogue()
+EPILOGUE: Epilogue = CpuEpilogue()

@@ -3,7 +3,7 @@ then runs with autocast off, so its statistics and its loss stay fp32 (the backe
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager, Optional, Tuple
+from typing import Any, ContextManager, Optional, Tuple
 
 import torch
 
@@ -24,8 +24,7 @@ def _dtype(device_type: str) -> torch.dtype:
         return torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()
 
 
-def cast_inputs(device_type: str,
-                *tensors: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:
+def cast_inputs(device_type: str, *tensors: Optional[torch.Tensor]) -> Tuple[Any, ...]:
     """Under autocast, every floating tensor but float64 in the autocast dtype (nn.Linear's policy); otherwise the
     tensors as given."""
     if not _enabled(device_type):

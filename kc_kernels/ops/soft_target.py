@@ -13,7 +13,7 @@ import torch
 
 from kc_kernels import chunked as _op  # noqa: F401  (defines kc_kernels::chunked_soft_target)
 from kc_kernels import dispatch
-from kc_kernels.loss_modes import MODE_NAMES
+from kc_kernels.loss_modes import MODE_NAMES, LossMode
 from kc_kernels.ops import amp, checks
 
 MODES = MODE_NAMES  # the loss modes by name (kc_kernels/loss_modes.py)
@@ -49,6 +49,7 @@ class SoftTargetProblem:
 
     @property
     def num_segments(self) -> int:
+        assert self.bounds is not None, "bounds are set by the front's checks"
         return len(self.bounds) - 1
 
     @property
@@ -103,7 +104,7 @@ def _check_targets(p: SoftTargetProblem, ref: torch.Tensor, ref_name: str, targe
         checks.same_device("teacher_logits", teacher_logits, ref, ref_name)
         checks.shape("teacher_logits", teacher_logits, (B, V), "batch x classes")
         # the NaN check reads all B x V values: a backend whose own pass over the teacher reports NaN does it there
-        # (its row's capability TEACHER_NAN_SOFTMAX), the others get it in _dispatch
+        # (its row's capability TEACHER_NAN), the others get it in _dispatch
         values = checks.values_mode(ref.device)
         p.check_teacher_nan = values == "sync"
         if values == "async":
@@ -152,9 +153,11 @@ def _check_budget(memory_budget) -> Optional[int]:
 
 def _dispatch(op: str, p: SoftTargetProblem, backend: str, device: torch.device) -> torch.Tensor:
     inp = p.x if p.x is not None else p.logits
+    assert inp is not None
     name, row = dispatch.resolve(op, backend, device, inp.dtype)
     dispatch.check_inputs(row, "x" if p.x is not None else "logits", inp)
-    if p.check_teacher_nan and not (p.mode == "softmax" and dispatch.TEACHER_NAN_SOFTMAX in row.capabilities):
+    if p.check_teacher_nan and p.teacher_logits is not None and not (
+            LossMode.of(p.mode).terms.teacher_lse and dispatch.TEACHER_NAN in row.capabilities):
         if bool(torch.isnan(p.teacher_logits).any()):
             checks.fail("teacher_logits", "contains NaN")
     with amp.disabled(device.type):

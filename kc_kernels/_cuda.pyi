@@ -1,0 +1,4 @@
+# The compiled CUDA kernels (csrc/cuda, pybind11): typed as Any for the type checker.
+from typing import Any
+
+def __getattr__(name: str) -> Any: ...
