@@ -37,12 +37,14 @@ def _parser() -> argparse.ArgumentParser:
     for name, h in helps.items():
         s = sub.add_parser(name, help=h, description=h)
         s.add_argument("--preset", default=None,
-                       help="default | eft-100k | wordnet-small | tiny (default: the config saved in --out when "
-                            "there is one, else default)")
+                       help="default | diagnostics | eft-100k | wordnet-small | tiny (default: the config saved in "
+                            "--out when there is one, else default)")
         s.add_argument("--config", default=None, help="YAML file overriding the preset's keys")
         s.add_argument("--seed", type=int, default=None, help="overrides the config's seed")
         s.add_argument("--out", default="kc-out", help="output directory (default: kc-out)")
-        s.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+        s.add_argument("--threads", type=int, default=None,
+                       help="torch threads (default: the config's threads; 0, its default, means one per core "
+                            "this process may run on)")
         s.add_argument("--progress", dest="progress", action="store_true", default=None,
                        help="always show progress bars (default: only on a terminal)")
         s.add_argument("--no-progress", dest="progress", action="store_false")

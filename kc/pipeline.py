@@ -417,9 +417,16 @@ def peak_rss_mib() -> float:
     return peak / 1024 if sys.platform != "darwin" else peak / 2**20
 
 
+def cores() -> int:
+    """CPUs this process may run on (its affinity mask: a container's or taskset's share, not the host's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS has no affinity masks
+        return os.cpu_count() or 1
+
+
 def configure_torch(cfg: config.RunConfig) -> None:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(cfg.threads or cores())
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise config.ConfigError(f"device: {cfg.device!r} requested but no CUDA device is available")
     if cfg.backend != "auto":

@@ -1,7 +1,15 @@
 """Named presets: overrides of the dataclass defaults in kc.config (which are the `default` preset)."""
+import copy
+
+# The paper's comparison and nothing else: generalist, +D and +D+S with FC-FC and FC-SC heads (6 students)
+DEFAULT_STUDENTS = {"heads": ["fc_fc", "fc_sc"], "methods": ["generalist", "distilled", "self_paced"]}
+# The default's checks of its own reading: FC-FC(=), FC-FC widened to FC-SC's weight count (is FC-SC's gain more
+# than its size?), and +D(Bayes), distilled from the generator's exact posterior (what a perfect teacher would add)
+DIAGNOSTIC_STUDENTS = {"heads": ["fc_fc", "fc_fc_matched", "fc_sc"],
+                       "methods": ["generalist", "distilled", "self_paced", "bayes_distilled"]}
 
 PRESETS = {
-    # 8 verticals, 2,000 classes, MLP on synthetic features: the whole method in about 7 minutes on 2 CPU cores.
+    # 8 verticals, 2,000 classes, MLP on synthetic features: the paper's table on 2 CPU cores.
     "default": {
         # the paper's regime: many samples per class seen in few epochs, so the generalist underfits and a network
         # per vertical does clearly better; 30 test rows per class keep the per-class AP noise small. 2,000 classes
@@ -12,8 +20,7 @@ PRESETS = {
         "data": {"train_per_class": 60, "test_per_class": 30, "noise_spread": 0.5},
         # a teacher sees only its vertical's rows (an eighth of the data): it needs more passes than a student
         "specialists": {"epochs": 12},
-        "student": {"heads": ["fc_fc", "fc_fc_matched", "fc_sc"],
-                    "methods": ["generalist", "distilled", "self_paced", "bayes_distilled"], "epochs": 4},
+        "student": dict(DEFAULT_STUDENTS, epochs=4),
     },
     # The paper's scale: 20 verticals, 100,000 classes. The budget is counted in positive updates per class (rows
     # per class x epochs): with 2 rows and 1 epoch (2 updates) the teachers' top-100 held the true class for 2% of
@@ -60,3 +67,8 @@ PRESETS = {
         "eval": {"row_chunk": 37, "class_chunk": 7, "timing_batch": 16},
     },
 }
+
+# `default` with the diagnostic students (12 in all): `kc run --preset diagnostics`
+PRESETS["diagnostics"] = copy.deepcopy(PRESETS["default"])
+PRESETS["diagnostics"]["name"] = "diagnostics"
+PRESETS["diagnostics"]["student"].update(copy.deepcopy(DIAGNOSTIC_STUDENTS))
