@@ -1,5 +1,6 @@
 """Report: a markdown table like the paper's per-vertical table (verticals as rows, models as columns), a JSON
-file of every number, and PNG plots (loss curves, per-vertical mAP bars)."""
+file of every number, and PNG figures (kc/figures.py: mAP per vertical, the share of the generalist-to-specialists
+gap each student closes, loss curves)."""
 from __future__ import annotations
 
 import os
@@ -67,52 +68,11 @@ def markdown(results: Dict) -> str:
     return "\n".join(lines)
 
 
-def plots(results: Dict, histories: Dict[str, Dict], directory: str) -> List[str]:
-    import matplotlib
+def plots(results: Dict, histories: Dict[str, Dict], directory: str) -> Dict[str, str]:
+    """The figures (kc/figures.py) under the report's names for methods, heads and runs: {name: path}."""
+    from kc import figures
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for run, h in histories.items():
-        if h.get("step"):
-            ax.plot(h["step"], h["loss"], label=label(run))
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (sigmoid CE summed over classes)")
-    ax.set_yscale("log")
-    ax.set_title("student loss curves")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    p = os.path.join(directory, "loss_curves.png")
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
-
-    runs = list(results["models"])
-    names = results["verticals"]
-    x = np.arange(len(names) + 1)
-    w = 0.8 / max(1, len(runs))
-    fig, ax = plt.subplots(figsize=(max(7, 0.6 * len(names) * len(runs) / 3), 4.5))
-    for i, run in enumerate(runs):
-        m = results["models"][run]
-        vals = [100 * (v if v is not None and np.isfinite(v) else 0) for v in m["map_per_vertical"] + [m["map"]]]
-        ax.bar(x + (i - (len(runs) - 1) / 2) * w, vals, w, label=label(run))
-    finite = [100 * v for r in runs for v in results["models"][r]["map_per_vertical"]
-              if v is not None and np.isfinite(v)]
-    if finite:  # the differences are a few points: start the axis near the lowest bar
-        ax.set_ylim(max(0.0, min(finite) - 5), min(100.0, max(finite) + 2))
-    ax.set_xticks(x)
-    ax.set_xticklabels(list(names) + ["overall"], rotation=45 if len(names) > 10 else 0, fontsize=8)
-    ax.set_ylabel("mAP (%)")
-    ax.set_title("mAP per vertical")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    p = os.path.join(directory, "map_per_vertical.png")
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
-    return paths
+    return figures.write_all(results, histories, directory, figures.Names(METHOD_LABELS, HEAD_LABELS, label))
 
 
 def write(results: Dict, histories: Dict[str, Dict], directory: str) -> Dict[str, str]:
@@ -121,6 +81,5 @@ def write(results: Dict, histories: Dict[str, Dict], directory: str) -> Dict[str
     files = {"table": os.path.join(directory, "results.md"), "json": os.path.join(directory, "results.json")}
     checkpoint.write_text(files["table"], md)
     checkpoint.write_json(files["json"], dict(results, histories=histories))
-    loss_png, map_png = plots(results, histories, directory)
-    files.update(loss_curves=loss_png, map_bars=map_png)
+    files.update(plots(results, histories, directory))
     return files
