@@ -14,6 +14,7 @@ from kc_kernels.host_buffers import release_host_buffers
 from kc_kernels.logits import soft_target_logits
 from kc_kernels.modules import LinearSoftTargetLoss, SampledSoftmaxLoss
 from kc_kernels.ops import linear_soft_target_loss, sampled_softmax_loss, soft_target_loss
+from kc_kernels.samplers import PhiloxGenerator
 
 __version__ = "0.1.0"
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "soft_target_loss",
     "soft_target_logits",
     "sampled_softmax_loss",
+    "PhiloxGenerator",
     "vocab_parallel_linear_soft_target_loss",
     "shard_classes",
     "LinearSoftTargetLoss",

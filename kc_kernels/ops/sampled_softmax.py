@@ -5,7 +5,7 @@ Semantics follow TensorFlow's tf.nn.sampled_softmax_loss (see kc_kernels/sampler
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -60,6 +60,27 @@ def _check_sampled(sampled, labels: torch.Tensor, num_classes: int, x: torch.Ten
     return ids.long(), true_expected, sampled_expected
 
 
+_NEVER_DRAWN = "hold a class that the unigram sampler can never draw (class_counts 0)"  # log(0): a +inf logit
+
+
+def _draw_in_graph(sampler, num_sampled, V, generator, unique, class_counts, distortion, labels, subtract_log_q, x):
+    """Candidates and expected counts drawn on x's device from the caller's PhiloxGenerator (no host read, so
+    torch.compile keeps the draw in the step's graph)."""
+    if generator.device != x.device:
+        checks.fail("generator", f"state is on {generator.device}, x on {x.device}: draws run on x's device")
+    cand = samplers.draw_in_graph(sampler, num_sampled, V, generator, unique=unique, class_counts=class_counts,
+                                  distortion=distortion)
+    true_expected = cand.expected_count(labels, num_sampled, unique)
+    if subtract_log_q and sampler == "unigram":
+        ok = ((true_expected > 0) | (labels < 0)).all()
+        values = _values(x)
+        if values == "sync" and not bool(ok):
+            checks.fail("labels", _NEVER_DRAWN)
+        elif values == "async":
+            checks.assert_later("labels", ok, _NEVER_DRAWN + " (a device-side check failed)")
+    return cand.ids, true_expected, cand.expected_count(cand.ids, num_sampled, unique)
+
+
 def _values(x: torch.Tensor) -> str:
     """The mode of this op's value checks: they are few and small, so they read the data on every device
     ("sync"), unless KC_CHECK_VALUES=async queues them on the device; nothing reads values while tracing."""
@@ -73,19 +94,22 @@ def sampled_softmax_loss(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
                          *, num_sampled: Optional[int] = None, sampler: str = "log_uniform",
                          class_counts: Optional[torch.Tensor] = None, distortion: float = 1.0, unique: bool = True,
                          remove_accidental_hits: bool = True, accidental_hits: str = "all",
-                         subtract_log_q: bool = True, generator: Optional[torch.Generator] = None, sampled=None,
+                         subtract_log_q: bool = True,
+                         generator: Union[torch.Generator, samplers.PhiloxGenerator, None] = None, sampled=None,
                          sample_weight: Optional[torch.Tensor] = None, reduction: str = "mean",
                          sparse_grad: bool = False, backend: str = "auto") -> torch.Tensor:
     """Softmax cross-entropy over the true classes and num_sampled shared negatives, as TensorFlow defines it.
 
     labels [B] or [B, T] (-1 pads; each valid label has target 1/num_true). Negatives come from ``sampler``
     ("log_uniform", "uniform" or "unigram" over class_counts ** distortion), drawn on the CPU with ``generator``
-    (a CPU torch.Generator; the ids then move to x's device), or are given as
-    ``sampled=(ids, true_expected, sampled_expected)``. Logits subtract log expected counts when subtract_log_q;
-    sampled ids equal to a row's true label are masked when remove_accidental_hits: every copy of it among the
-    samples with accidental_hits="all" (the default; sampling with replacement can draw a class several times),
-    only its last drawn copy with "tensorflow", as tf.nn.sampled_softmax_loss does (docs/ops.md says why kc masks
-    all). Without repeats (unique sampling, the default) the two are the same.
+    a CPU torch.Generator (or the default one; the ids then move to x's device), on x's device with ``generator`` a
+    ``kc_kernels.PhiloxGenerator`` on that device (the same distribution and expected counts, drawn by torch ops
+    that torch.compile keeps in the graph), or are given as ``sampled=(ids, true_expected, sampled_expected)``.
+    Logits subtract log expected counts when subtract_log_q; sampled ids equal to a row's true label are masked
+    when remove_accidental_hits: every copy of it among the samples with accidental_hits="all" (the default;
+    sampling with replacement can draw a class several times), only its last drawn copy with "tensorflow", as
+    tf.nn.sampled_softmax_loss does (docs/ops.md says why kc masks all). Without repeats (unique sampling, the
+    default) the two are the same.
     sample_weight [B] scales each row's loss (a constant: it gets no gradient). With sparse_grad, weight.grad and
     bias.grad become sparse COO tensors holding only the touched rows (the sampled and true classes) on the cpu
     and triton backends; the reference backend always returns dense gradients. Under torch.autocast, x, weight and
@@ -94,8 +118,8 @@ def sampled_softmax_loss(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     With dense gradients (sparse_grad False) the cpu, triton and cuda backends run the loss as one torch.library
     custom op, ``kc_kernels::sampled_softmax`` (a fake implementation and registered autograd; the gradients are
     made in the forward for reduction "mean"/"sum"), so torch.compile and torch.export see a single node. Drawing
-    the candidates stays here, on the host with ``generator``: under torch.compile that is a graph break, so pass
-    fixed samples with ``sampled=`` for a graph without breaks (checks that read tensor values are skipped while
+    the candidates on the host (a torch.Generator) is a graph break under torch.compile; a PhiloxGenerator, or fixed
+    samples passed with ``sampled=``, give a graph without breaks (checks that read tensor values are skipped while
     compiling). sparse_grad keeps a torch.autograd.Function, since sparse COO gradients do not fit an op's schema.
     """
     checks.tensor("x", x, dims=(2,), floating=True)
@@ -147,21 +171,36 @@ def sampled_softmax_loss(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
                 checks.fail("class_counts", "the unigram sampler needs class_counts [V]")
             checks.tensor("class_counts", class_counts, dims=(1,))
             checks.shape("class_counts", class_counts, (V,), "one count per class")
-            cc = class_counts.double()
-            if not bool(torch.isfinite(cc).all()) or bool((cc < 0).any()) or float(cc.sum()) <= 0:
-                checks.fail("class_counts", "must be finite, >= 0 and not all zero")
+            # the host draw reads the counts anyway; the in-graph draw follows the value-check mode
+            counts_mode = values if isinstance(generator, samplers.PhiloxGenerator) else "sync"
+            if counts_mode != "off":
+                cc = class_counts.double()
+                ok = torch.isfinite(cc).all() & (cc >= 0).all() & (cc.sum() > 0)
+                if unique:
+                    ok = ok & ((cc > 0).sum() >= num_sampled)
+                msg = "must be finite, >= 0 and not all zero"
+                if unique:
+                    msg += f", with at least num_sampled ({num_sampled}) non-zero counts for unique sampling"
+                if counts_mode == "sync" and not bool(ok):
+                    checks.fail("class_counts", msg)
+                elif counts_mode == "async":
+                    checks.assert_later("class_counts", ok, msg + " (a device-side check failed)")
             checks.positive_number("distortion", distortion)
         if unique and num_sampled > V:
             checks.fail("num_sampled", f"{num_sampled} exceeds the {V} classes (unique sampling)")
-        cand = samplers.sample_candidates(sampler, num_sampled, V, unique=unique,
-                                          class_counts=None if class_counts is None else class_counts.cpu(),
-                                          distortion=distortion, generator=generator)
-        ids = cand.ids.to(x.device)
-        true_expected = cand.expected_count(labels.cpu(), num_sampled, unique)
-        if subtract_log_q and bool(((true_expected <= 0) & (labels.cpu() >= 0)).any()):
-            # log(0) would make the true logit +inf
-            checks.fail("labels", "hold a class that the unigram sampler can never draw (class_counts 0)")
-        sampled = (ids, true_expected.to(x.device), cand.expected_count(cand.ids, num_sampled, unique).to(x.device))
+        if isinstance(generator, samplers.PhiloxGenerator):
+            sampled = _draw_in_graph(sampler, num_sampled, V, generator, unique, class_counts, distortion, labels,
+                                     subtract_log_q, x)
+        else:
+            cand = samplers.sample_candidates(sampler, num_sampled, V, unique=unique,
+                                              class_counts=None if class_counts is None else class_counts.cpu(),
+                                              distortion=distortion, generator=generator)
+            ids = cand.ids.to(x.device)
+            true_expected = cand.expected_count(labels.cpu(), num_sampled, unique)
+            if subtract_log_q and bool(((true_expected <= 0) & (labels.cpu() >= 0)).any()):
+                checks.fail("labels", _NEVER_DRAWN)
+            sampled = (ids, true_expected.to(x.device),
+                       cand.expected_count(cand.ids, num_sampled, unique).to(x.device))
     p = SampledSoftmaxProblem(x=x, weight=weight, bias=bias, labels=labels, sampled=sampled,
                               remove_accidental_hits=bool(remove_accidental_hits), accidental_hits=accidental_hits,
                               subtract_log_q=bool(subtract_log_q), reduction=reduction, sample_weight=sample_weight,
