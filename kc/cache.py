@@ -1,6 +1,11 @@
 """Teacher cache: each specialist runs once over its vertical's training samples; the top-K probabilities inside
 the vertical are kept as sparse rows (int32 class id, fp16 value; -1 pads) in two memmapped .npy files.
 
+A row with labels in several verticals is a sample of each: every one of those verticals' teachers scores it and
+writes its top-K into the row's slot for that vertical (slot j = columns [j K, (j + 1) K), j the vertical's
+position among the row's labelled verticals), so the arrays are [N, slots K], slots the most verticals a row has
+(1 for data whose rows each lie in one vertical: the layout of a cache written before rows could span verticals).
+
 A manifest (JSON) records what the cache was computed from: the teachers' checksums, K, the sizes and the
 training data's fingerprint. Student training streams rows from the memmaps and refuses a cache whose manifest
 does not match what it is about to train with. The cache is filled vertical by vertical and the manifest lists
@@ -25,7 +30,8 @@ from kc.taxonomy import Taxonomy
 FORMAT = 1
 INDEX_FILE, VALUE_FILE, MANIFEST_FILE = "index.npy", "value.npy", "manifest.json"
 CACHE_NAMES = re.compile(r"(index|value)\.npy")
-IDENTITY_KEYS = ("format", "top_k", "num_samples", "num_classes", "segments", "teachers", "data")
+IDENTITY_KEYS = ("format", "top_k", "slots", "num_samples", "num_classes", "segments", "teachers", "data")
+LEGACY = {"slots": 1}  # a manifest written before the key existed describes this
 
 
 class CacheMismatch(RuntimeError):
@@ -53,14 +59,16 @@ def _reserve(path: str) -> None:
 
 def expected_manifest(taxonomy: Taxonomy, train: SampleSet, top_k: int, teacher_checksums: List[str],
                       data_fingerprint: str) -> Dict:
-    return {"format": FORMAT, "top_k": int(top_k), "num_samples": len(train), "num_classes": taxonomy.num_classes,
-            "segments": taxonomy.segments.tolist(), "teachers": list(teacher_checksums), "data": data_fingerprint}
+    slots = int(np.diff(train.vertical_lists(taxonomy).indptr).max(initial=1))
+    return {"format": FORMAT, "top_k": int(top_k), "slots": slots, "num_samples": len(train),
+            "num_classes": taxonomy.num_classes, "segments": taxonomy.segments.tolist(),
+            "teachers": list(teacher_checksums), "data": data_fingerprint}
 
 
 def _mismatch(found: Dict, expected: Dict) -> List[str]:
     out = []
     for k in IDENTITY_KEYS:
-        if found.get(k) != expected[k]:
+        if found.get(k, LEGACY.get(k)) != expected[k]:
             if k == "teachers":
                 bad = [i for i, (a, b) in enumerate(zip(found.get(k) or [], expected[k])) if a != b]
                 out.append(f"teachers (checksums differ for verticals {bad or 'count'})")
@@ -77,6 +85,7 @@ def build(directory: str, teachers: List[Specialist], taxonomy: Taxonomy, train:
     os.makedirs(directory, exist_ok=True)
     mpath = os.path.join(directory, MANIFEST_FILE)
     K, N = expected["top_k"], len(train)
+    W = K * expected["slots"]
     manifest = None
     if os.path.exists(mpath):
         found = checkpoint.read_json(mpath)
@@ -90,37 +99,43 @@ def build(directory: str, teachers: List[Specialist], taxonomy: Taxonomy, train:
         try:
             index = np.lib.format.open_memmap(ipath, mode="r+")
             value = np.lib.format.open_memmap(vpath, mode="r+")
-            if index.shape != (N, K) or value.shape != (N, K):
+            if index.shape != (N, W) or value.shape != (N, W):
                 raise ValueError("shape")
         except (ValueError, OSError):  # arrays damaged or missing: start over
             fresh, manifest = True, dict(expected, verticals_done=[], complete=False)
     if fresh:
         try:
-            index = np.lib.format.open_memmap(ipath, mode="w+", dtype=np.int32, shape=(N, K))
-            value = np.lib.format.open_memmap(vpath, mode="w+", dtype=np.float16, shape=(N, K))
+            index = np.lib.format.open_memmap(ipath, mode="w+", dtype=np.int32, shape=(N, W))
+            value = np.lib.format.open_memmap(vpath, mode="w+", dtype=np.float16, shape=(N, W))
         except OSError as e:
             raise checkpoint.write_error(directory, e) from e
         _reserve(ipath)
         _reserve(vpath)
+        if W > K:  # slots a row has no vertical for stay padding (one slot: every row's is written below)
+            for s in range(0, N, 65536):
+                index[s:s + 65536] = -1
         checkpoint.write_json(mpath, manifest)  # identity first: a half-built cache is never taken for another
-    verts = train.verticals(taxonomy)
     todo = [v for v in range(taxonomy.num_verticals) if v not in manifest["verticals_done"]]
-    bar = progress(total=int(np.isin(verts, todo).sum()), desc="teacher cache", unit="sample") if progress else None
+    routed = {v: train.rows_of_vertical(taxonomy, v) for v in todo}  # (rows, slots): every row labelled in v
+    bar = (progress(total=sum(len(r) for r, _ in routed.values()), desc="teacher cache", unit="sample")
+           if progress else None)
     for v in todo:
-        rows = np.flatnonzero(verts == v)
+        rows, slots = routed[v]
         first = int(taxonomy.segments[v])
         k = min(K, len(taxonomy.classes_of(v)))
         teacher = teachers[v]
         with torch.no_grad():
             for s in range(0, len(rows), batch_size):
-                idx = rows[s:s + batch_size]
+                idx, slot = rows[s:s + batch_size], slots[s:s + batch_size]
                 prob = torch.sigmoid(teacher(train.inputs(idx).to(device)).float())
                 top_v, top_i = prob.topk(k, dim=1)
-                index[idx, :k] = (top_i + first).cpu().numpy().astype(np.int32)
-                value[idx, :k] = top_v.cpu().numpy().astype(np.float16)
-                if k < K:
-                    index[idx, k:] = -1
-                    value[idx, k:] = 0
+                cols = slot[:, None] * K + np.arange(K)  # the row's slot for this vertical
+                pad_i = np.full((len(idx), K), -1, dtype=np.int32)
+                pad_v = np.zeros((len(idx), K), dtype=np.float16)
+                pad_i[:, :k] = (top_i + first).cpu().numpy()
+                pad_v[:, :k] = top_v.cpu().numpy()
+                index[idx[:, None], cols] = pad_i
+                value[idx[:, None], cols] = pad_v
                 if bar is not None:
                     bar.update(len(idx))
                 checkpoint.crash_point()
@@ -170,7 +185,7 @@ class TeacherCache:
             except (ValueError, OSError) as e:
                 raise CacheDamaged(f"{p}: unreadable teacher cache file ({e}); rebuild it with `kc cache`") from None
         self.index, self.value = arrays
-        n, k = self.manifest["num_samples"], self.manifest["top_k"]
+        n, k = self.manifest["num_samples"], self.manifest["top_k"] * self.manifest.get("slots", 1)
         if self.index.shape != (n, k) or self.value.shape != (n, k):
             raise CacheMismatch(f"{directory}: arrays of shape {self.index.shape}/{self.value.shape}, manifest "
                                 f"says ({n}, {k})")
@@ -181,6 +196,11 @@ class TeacherCache:
     @property
     def top_k(self) -> int:
         return self.manifest["top_k"]
+
+    @property
+    def width(self) -> int:
+        """Targets a row holds: top_k for each of the slots (verticals a row may have labels in)."""
+        return self.index.shape[1]
 
     def batch(self, idx: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
         idx = np.asarray(idx)

@@ -22,7 +22,10 @@ class ConfigError(ValueError):
 HEADS = ("fc_fc", "fc_sc", "sc_sc", "fc_sc_shared", "fc_fc_matched")
 # bayes_*: distilled from the generator's Bayes-optimal posterior instead of the specialists (synthetic data only):
 # the gain a perfect teacher would bring, the ceiling of what distillation can add on this data
-METHODS = ("generalist", "distilled", "self_paced", "bayes_distilled", "bayes_self_paced")
+METHODS = ("generalist", "distilled", "self_paced", "bayes_distilled", "bayes_self_paced",
+           # controls that separate the effects: hard labels with the learned scale and no teacher; distilled with
+           # the normalised head at gamma's start, not learned; distilled with a learned gamma per class
+           "scaled", "fixed_scale", "self_paced_class")
 SCALE_INITS = ("sqrt", "sqrt_log", "fixed")
 BIAS_INITS = ("prior", "uniform")
 SCALES = ("none", "vertical", "class")
@@ -68,6 +71,15 @@ class DataConfig:
     modes: int = 1  # poses per coarse class (multi-modal classes need non-linear capacity)
     mode_spread: float = 0.0
     label_noise: float = 0.0  # share of training samples labelled as a random sibling
+    # validation rows per leaf class (synthetic), drawn apart from train and test: early stopping reads them;
+    # 0: no validation split (every model trains its maximum epochs)
+    val_per_class: int = 4
+    # real data without a val/ folder: this share of train/, drawn by the run's seed, is held out for validation
+    val_fraction: float = 0.1
+    # share of rows (every split) that also show objects of other verticals, as OpenImages' rows do (synthetic);
+    # such a row carries 2 to max_verticals verticals' labels, each object's features added to the row's
+    multi_vertical: float = 0.0
+    max_verticals: int = 3
     shard_size: int = 65536
     image_size: int = 32
 
@@ -129,6 +141,15 @@ class EvalConfig:
 
 
 @dataclass
+class StoppingConfig:
+    """Early stopping of every model (specialists and students) on validation mAP; `epochs` of each section is
+    its maximum budget."""
+
+    patience: int = 2  # epochs without a gain of more than min_delta before a model stops; 0: never stop early
+    min_delta: float = 0.0  # validation mAP (a fraction, 0.001 = 0.1 point)
+
+
+@dataclass
 class RunConfig:
     name: str = "default"
     seed: int = 0
@@ -144,6 +165,7 @@ class RunConfig:
     specialists: SpecialistConfig = field(default_factory=SpecialistConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
+    stopping: StoppingConfig = field(default_factory=StoppingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -350,6 +372,23 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"data.subspace_dim ({d.subspace_dim}) exceeds data.feature_dim ({d.feature_dim})")
     if not 0 <= d.label_noise < 1 or not 0 <= d.noise_spread < 1:
         raise ConfigError("data.label_noise and data.noise_spread must be in [0, 1)")
+    _positive("data.val_per_class", d.val_per_class, allow_zero=True)
+    if not 0 <= d.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction: must be in [0, 1), got {d.val_fraction}")
+    if not 0 <= d.multi_vertical <= 1:
+        raise ConfigError(f"data.multi_vertical: must be in [0, 1], got {d.multi_vertical}")
+    if d.multi_vertical > 0:
+        if not 2 <= d.max_verticals <= t.num_verticals:
+            raise ConfigError(f"data.max_verticals: must be in [2, taxonomy.num_verticals={t.num_verticals}] when "
+                              f"data.multi_vertical > 0, got {d.max_verticals}")
+        if d.kind != "synthetic":
+            raise ConfigError("data.multi_vertical: the generator's option (data.kind: synthetic); real data "
+                              "brings its own labels")
+        if any(m.startswith("bayes_") for m in cfg.student.methods):
+            raise ConfigError("student.methods: bayes_* methods need single-vertical rows (the posterior models "
+                              "one object a row); set data.multi_vertical: 0")
+    _positive("stopping.patience", cfg.stopping.patience, allow_zero=True)
+    _positive("stopping.min_delta", cfg.stopping.min_delta, allow_zero=True)
     for k in ("epochs", "batch_size"):
         _positive(f"specialists.{k}", getattr(sp, k))
         _positive(f"student.{k}", getattr(st, k))
@@ -417,7 +456,7 @@ def memory_terms(cfg: RunConfig) -> List[tuple]:
     N = t.num_classes if generated else 0
     M = t.num_verticals if generated else 1
     D = 3 * d.image_size ** 2 if d.kind == "images" else d.feature_dim
-    rows = N * (d.train_per_class + d.test_per_class) if d.kind == "synthetic" else 0
+    rows = N * (d.train_per_class + d.test_per_class + d.val_per_class) if d.kind == "synthetic" else 0
     terms = [
         # names, ancestor lists and per-class arrays of the taxonomy; the generator's class codes
         (N * (400 + 4 * d.subspace_dim * (1 + d.modes)), ["taxonomy.num_classes"]),

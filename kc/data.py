@@ -2,8 +2,12 @@
 which writes feature shards, is kc/synthetic.py). Every source gives the same interface (SampleSet): inputs for a
 batch of row ids, and the labels as CSR.
 
-Labels of a row list its fine class first, then the fine class's ancestors; the row's vertical (whose teacher
-labels it) is the vertical of that first label.
+Labels of a row list its fine class first, then the fine class's ancestors; a row that shows objects of several
+verticals (OpenImages' rows do) lists each object's class and ancestors in turn. Every vertical a row has a label in
+routes the row to that vertical's teacher (SampleSet.vertical_lists); SampleSet.verticals is the first label's.
+
+Validation: synthetic data has its own val/ split; real data reads data.path/val/ when it exists, else holds out a
+seeded share of train/ (open_real_split).
 """
 from __future__ import annotations
 
@@ -92,7 +96,44 @@ class SampleSet:
         raise NotImplementedError
 
     def verticals(self, taxonomy: Taxonomy) -> np.ndarray:
+        """The vertical of each row's first label."""
         return taxonomy.vertical_of[self.labels.fine()]
+
+    def vertical_lists(self, taxonomy: Taxonomy) -> Labels:
+        """The verticals each row has a label in, as CSR rows, in the order of the row's labels (first: the first
+        label's vertical). A vertical's position in its row's list is the row's slot for that teacher's targets."""
+        key = (id(taxonomy), taxonomy.num_classes)
+        if getattr(self, "_vertical_lists", (None,))[0] != key:
+            lab = self.labels
+            M = taxonomy.num_verticals
+            row = np.repeat(np.arange(len(lab), dtype=np.int64), np.diff(lab.indptr))
+            pair = row * M + taxonomy.vertical_of[lab.indices]
+            _, first = np.unique(pair, return_index=True)  # each (row, vertical) once, at its first label
+            first = np.sort(first)
+            counts = np.bincount(row[first], minlength=len(lab))
+            self._vertical_lists = (key, Labels(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+                                                (pair[first] % M).astype(np.int32)))
+        return self._vertical_lists[1]
+
+    def rows_of_vertical(self, taxonomy: Taxonomy, vertical: int) -> Tuple[np.ndarray, np.ndarray]:
+        """(rows with a label in the vertical, ascending; each row's slot: the vertical's position in its list)."""
+        vl = self.vertical_lists(taxonomy)
+        at = np.flatnonzero(vl.indices == vertical)
+        rows = np.searchsorted(vl.indptr, at, side="right") - 1
+        return rows, at - vl.indptr[rows]
+
+
+class Subset(SampleSet):
+    """Some rows of another split, in ascending order (a hold-out of train for validation, and the rest)."""
+
+    def __init__(self, base: SampleSet, rows: np.ndarray):
+        self.base, self.rows = base, np.sort(np.asarray(rows, dtype=np.int64))
+        ptr, ind = base.labels.rows(self.rows)
+        self.labels = Labels(ptr.astype(np.int64), ind.astype(np.int32))
+        self.input_shape = base.input_shape
+
+    def inputs(self, idx: np.ndarray) -> torch.Tensor:
+        return self.base.inputs(self.rows[np.asarray(idx, dtype=np.int64)])
 
 
 # ------------------------------------------------------------------------------------------ feature shards
@@ -275,6 +316,32 @@ def open_split(kind: str, directory: str, taxonomy: Taxonomy, image_size: int = 
     if kind == "images":
         return ImageFolder(directory, taxonomy, image_size)
     raise DataError(f"unknown data kind {kind!r}")
+
+
+def held_out_rows(n: int, fraction: float, seed: int) -> np.ndarray:
+    """The rows of a train split of n rows held out for validation: a share `fraction`, drawn by the run's seed
+    (ascending)."""
+    k = int(round(fraction * n))
+    return np.sort(np.random.default_rng([seed, 41]).permutation(n)[:k])
+
+
+def open_real_split(kind: str, root: str, name: str, taxonomy: Taxonomy, image_size: int, val_fraction: float,
+                    seed: int) -> Optional[SampleSet]:
+    """Split `name` (train, val or test) of real data under root. With a root/val/ folder the three folders are
+    the splits. Without one, val is the share val_fraction of root/train/ drawn by the seed, and train is the rest
+    of it; None for val when val_fraction is 0."""
+    has_val = os.path.isdir(os.path.join(root, "val"))
+    if name == "test" or has_val:
+        return open_split(kind, os.path.join(root, name), taxonomy, image_size)
+    full = open_split(kind, os.path.join(root, "train"), taxonomy, image_size)
+    held = held_out_rows(len(full), val_fraction, seed)
+    if name == "val":
+        return Subset(full, held) if len(held) else None
+    if not len(held):
+        return full
+    keep = np.ones(len(full), dtype=bool)
+    keep[held] = False
+    return Subset(full, np.flatnonzero(keep))
 
 
 def fingerprint(data: SampleSet) -> str:

@@ -26,7 +26,9 @@ class SyntheticGenerator:
     size and noise, so they are learnt at different paces.
     """
 
-    SPLITS = {"train": 1, "test": 2}
+    # a split's rows come from its own random streams (seed, split number, ...): validation rows are drawn apart
+    # from train and test, and adding the split left both as they were
+    SPLITS = {"train": 1, "test": 2, "val": 3}
 
     def __init__(self, taxonomy: Taxonomy, cfg, seed: int):
         self.tax, self.cfg, self.seed = taxonomy, cfg, seed
@@ -55,7 +57,8 @@ class SyntheticGenerator:
 
     def fine_classes(self, split: str) -> np.ndarray:
         """The fine (leaf) class of every row of a split, in row order."""
-        per = self.cfg.train_per_class if split == "train" else self.cfg.test_per_class
+        per = {"train": self.cfg.train_per_class, "test": self.cfg.test_per_class,
+               "val": self.cfg.val_per_class}[split]
         rows = np.repeat(self.tax.leaves(), per)
         return np.random.default_rng([self.seed, self.SPLITS[split], 0]).permutation(rows)
 
@@ -86,8 +89,32 @@ class SyntheticGenerator:
                 if len(sib):
                     labelled[r] = sib[rng.integers(len(sib))]
         lab = [tax.labels_of(int(c)) for c in labelled]
+        if cfg.multi_vertical > 0:  # draws nothing otherwise, so single-vertical data stays as it was
+            for r, extra in self._other_objects(vert, rng, x):
+                lab[r] = lab[r] + [c for leaf in extra for c in tax.labels_of(int(leaf))]
         indptr = np.concatenate([[0], np.cumsum([len(x) for x in lab])]).astype(np.int64)
         return x, indptr, np.concatenate(lab).astype(np.int32)
+
+    def _other_objects(self, vert: np.ndarray, rng: np.random.Generator, x: np.ndarray):
+        """Rows that also show objects of other verticals (a share data.multi_vertical of them): each such row
+        gets 1 to max_verticals - 1 leaves of distinct other verticals, each object's features (center, code, pose
+        and noise in its vertical's subspace) added to the row's. Yields (row, leaves); the row's first label stays
+        its first object's, so the first vertical is still the one the row was drawn for."""
+        cfg, tax = self.cfg, self.tax
+        M, d = tax.num_verticals, cfg.subspace_dim
+        rows = np.flatnonzero(rng.random(len(vert)) < cfg.multi_vertical)
+        counts = rng.integers(1, cfg.max_verticals, size=len(rows))  # extra objects: 1 .. max_verticals - 1
+        for r, k in zip(rows, counts):
+            others = rng.permutation(np.delete(np.arange(M), vert[r]))[:k]
+            leaves = []
+            for v in others:
+                cand = self._leaves_of(int(v))
+                leaf = int(cand[rng.integers(len(cand))])
+                z = (self.code[leaf] + self.mode_code[self.root[leaf], rng.integers(cfg.modes)]
+                     + self.noise[v] * rng.standard_normal(d).astype(np.float32))
+                x[r] += self.center[v] + self.basis[v] @ z
+                leaves.append(leaf)
+            yield int(r), leaves
 
     # ------------------------------------------------------------------ the Bayes-optimal posterior
     # A row of leaf c in vertical v is x = center_v + B_v (code_c + mode + noise_v * z) + iso * e, z and e standard
@@ -149,10 +176,11 @@ class SyntheticGenerator:
 
 
 def write_synthetic(directory: str, taxonomy: Taxonomy, cfg, seed: int, progress=None) -> dict:
-    """Generates train/ and test/ feature shards under directory, streaming shard by shard."""
+    """Generates train/, val/ (when data.val_per_class > 0) and test/ feature shards under directory, streaming
+    shard by shard."""
     gen = SyntheticGenerator(taxonomy, cfg, seed)
     sizes = {}
-    for split in ("train", "test"):
+    for split in ("train", "val", "test") if cfg.val_per_class > 0 else ("train", "test"):
         writer = ShardWriter(os.path.join(directory, split))
         n = len(gen.fine_classes(split))
         chunks = gen.stream(split, cfg.shard_size)

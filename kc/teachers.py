@@ -1,19 +1,23 @@
 """Specialists: one teacher per vertical, trained with sigmoid cross-entropy over that vertical's classes.
 
-A teacher sees its vertical's samples (multi-label: fine class and ancestors) plus some samples of other
-verticals as all-negative rows, so its scores mean something on any input (the evaluation scores every test
-sample). Each finished teacher is saved atomically on its own, so an interrupted stage keeps the finished ones.
+A teacher sees its vertical's samples (every row with a label in the vertical, multi-label: fine class and
+ancestors; a row spanning several verticals is a sample of each) plus some samples of other verticals as
+all-negative rows, so its scores mean something on any input (the evaluation scores every test sample). It trains
+at most specialists.epochs epochs and stops early on its validation mAP (kc/validation.py), keeping its best
+epoch's weights. Each finished teacher is saved atomically on its own, so an interrupted stage keeps the finished
+ones (an unfinished teacher restarts: it depends only on the seed and its vertical).
 """
 from __future__ import annotations
 
 import os
-from typing import Callable, List, Optional
+import time
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
 
 import kc_kernels
-from kc import checkpoint
+from kc import checkpoint, validation
 from kc.data import SampleSet
 from kc.models import Specialist, build_specialist
 from kc.taxonomy import Taxonomy
@@ -42,22 +46,29 @@ def one_cycle(opt: torch.optim.Optimizer, max_lr: float, total: int) -> torch.op
 
 
 def train_specialist(cfg, taxonomy: Taxonomy, train: SampleSet, vertical: int, seed: int,
-                     progress: Optional[Callable] = None) -> Specialist:
-    sp = cfg.specialists
+                     progress: Optional[Callable] = None, val: Optional[SampleSet] = None) -> Specialist:
+    """Trains one teacher; its training record (validation.summary: epochs, best epoch, validation mAP, seconds)
+    is left in model.record."""
+    sp, stop = cfg.specialists, cfg.stopping
+    t0 = time.time()
     torch.manual_seed(seed * 1000 + vertical)
     rng = np.random.default_rng([seed, 11, vertical])
     model = build_specialist(cfg, train.input_shape, taxonomy, vertical).to(cfg.device)
     opt = torch.optim.Adam(model.parameters(), lr=sp.lr, weight_decay=sp.weight_decay)
-    verts = train.verticals(taxonomy)
-    own = np.flatnonzero(verts == vertical)
-    others = np.flatnonzero(verts != vertical)
+    own = train.rows_of_vertical(taxonomy, vertical)[0]
+    mask = np.ones(len(train), dtype=bool)
+    mask[own] = False
+    others = np.flatnonzero(mask)
     n_bg = min(len(others), int(round(sp.background_fraction * len(own))))
     first, size = taxonomy.classes_of(vertical).start, len(taxonomy.classes_of(vertical))
     steps = -(-(len(own) + n_bg) // sp.batch_size)
     sched = one_cycle(opt, sp.lr, sp.epochs * steps)
     bar = (progress(total=sp.epochs * steps, desc=f"specialist {vertical}", unit="step", leave=False)
            if progress else None)
+    early = validation.new_state()
+    best = None
     model.train()
+    epochs = 0
     for _ in range(sp.epochs):
         rows = np.concatenate([own, rng.choice(others, n_bg, replace=False)]) if n_bg else own
         rows = rng.permutation(rows)
@@ -75,23 +86,45 @@ def train_specialist(cfg, taxonomy: Taxonomy, train: SampleSet, vertical: int, s
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        epochs += 1
+        if val is not None and len(val):
+            m = validation.specialist_map(model, val, first, size, cfg.eval.row_chunk, cfg.eval.class_chunk,
+                                          cfg.device)
+            if validation.update(early, epochs, m, stop.patience, stop.min_delta):
+                best = validation.copy_state(model)
+            if early["stopped_early"]:
+                break
     if bar is not None:
         bar.close()
+    if best is not None:
+        model.load_state_dict(best)
     model.eval()
+    model.record = dict(validation.summary(early if val is not None and len(val) else None, epochs, sp.epochs),
+                        train_seconds=round(time.time() - t0, 2))
     return model
 
 
+def save_specialist(path: str, model: Specialist, vertical: int, num_classes: int) -> None:
+    checkpoint.save({"vertical": vertical, "state": model.state_dict(), "num_classes": num_classes,
+                     "record": getattr(model, "record", None)}, path)
+
+
+def records(directory: str, num_verticals: int) -> List[Optional[Dict]]:
+    """Each teacher's training record (None for a checkpoint written before teachers kept one)."""
+    return [checkpoint.load(teacher_path(directory, v)).get("record") for v in range(num_verticals)]
+
+
 def train_specialists(cfg, taxonomy: Taxonomy, train: SampleSet, directory: str, seed: int,
-                      progress: Optional[Callable] = None, resume: bool = True) -> List[str]:
+                      progress: Optional[Callable] = None, resume: bool = True,
+                      val: Optional[SampleSet] = None) -> List[str]:
     """Trains every missing teacher (all of them when resume is False); returns the checkpoint paths."""
     os.makedirs(directory, exist_ok=True)
     paths = []
     for v in range(taxonomy.num_verticals):
         path = teacher_path(directory, v)
         if not (resume and os.path.exists(path)):
-            model = train_specialist(cfg, taxonomy, train, v, seed, progress)
-            checkpoint.save({"vertical": v, "state": model.state_dict(), "num_classes": len(taxonomy.classes_of(v))},
-                            path)
+            model = train_specialist(cfg, taxonomy, train, v, seed, progress, val)
+            save_specialist(path, model, v, len(taxonomy.classes_of(v)))
         paths.append(path)
     return paths
 

@@ -1,10 +1,13 @@
 """Student training: the generalist (hard labels only) and the distilled students (+D, and +D+S with the
-self-paced scale), all through one call of kc_kernels.linear_soft_target_loss per batch.
+self-paced scale), with the controls that separate the effects (the scale on hard labels alone, a normalised head
+at a fixed gamma, a gamma per class), all through one call of kc_kernels.linear_soft_target_loss per batch.
 
-Distillation targets are the cached teacher top-K concatenated with the hard labels; the op adds duplicates, so
-z = (1 - w) * teacher + w * hard stays in [0, 1]. The checkpoint (model, optimizer, position in the epoch, loss
-history) is rewritten atomically every epoch and every `checkpoint_seconds` (config), so a killed run resumes
-mid-stage.
+Distillation targets are the cached teacher top-K (of every vertical the row has a label in) concatenated with all
+the row's hard labels; the op adds duplicates, so z = (1 - w) * teacher + w * hard stays in [0, 1]
+(w = student.hard_weight). A student trains at most student.epochs epochs and stops early on its validation mAP
+(kc/validation.py), keeping its best epoch's weights. The checkpoint (model, optimizer, position in the epoch, loss
+history, early-stopping state and the best weights) is rewritten atomically every epoch and every
+`checkpoint_seconds` (config), so a killed run resumes mid-stage with the same result.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from typing import Callable, Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from kc import checkpoint
+from kc import checkpoint, validation
 from kc import distributed as kcdist
 from kc.cache import TeacherCache
 from kc.data import SampleSet
@@ -84,8 +87,25 @@ def parse_run(name: str) -> Tuple[str, str]:
     return method, head
 
 
+# methods trained on hard labels alone (no teacher cache)
+HARD_ONLY = ("generalist", "scaled")
+# methods whose normalised head uses student.scale; self_paced_class always learns a gamma per class
+SCALED = ("self_paced", "bayes_self_paced", "scaled", "fixed_scale")
+
+
+def distils(method: str) -> bool:
+    return method not in HARD_ONLY
+
+
 def run_scale(cfg, method: str) -> str:
-    return cfg.student.scale if method in ("self_paced", "bayes_self_paced") else "none"
+    if method == "self_paced_class":
+        return "class"
+    return cfg.student.scale if method in SCALED else "none"
+
+
+def learns_scale(method: str) -> bool:
+    """fixed_scale keeps gamma at its start (student.scale_init): the normalisation without the self-pacing."""
+    return method != "fixed_scale"
 
 
 def label_counts(labels, num_classes: int) -> np.ndarray:
@@ -94,7 +114,21 @@ def label_counts(labels, num_classes: int) -> np.ndarray:
 
 def make_student(cfg, taxonomy: Taxonomy, input_shape, run: str) -> Student:
     method, head = parse_run(run)
-    return build_student(cfg, input_shape, taxonomy, head, run_scale(cfg, method), backend=cfg.backend)
+    model = build_student(cfg, input_shape, taxonomy, head, run_scale(cfg, method), backend=cfg.backend)
+    if model.log_scale is not None and not learns_scale(method):
+        model.log_scale.requires_grad_(False)
+    return model
+
+
+def vertical_gamma(model: Student) -> Optional[list]:
+    """gamma per vertical (a class-level scale: the geometric mean over the vertical's classes), or None."""
+    if model.log_scale is None:
+        return None
+    ls = model.log_scale.detach().float().cpu()
+    seg = model.segments.tolist()
+    if ls.numel() == len(seg) - 1:
+        return ls.exp().tolist()
+    return [float(ls[a:b].mean().exp()) for a, b in zip(seg, seg[1:])]
 
 
 def make_targets(method: str, hard: np.ndarray, cache: Optional[TeacherCache], idx: np.ndarray,
@@ -102,7 +136,7 @@ def make_targets(method: str, hard: np.ndarray, cache: Optional[TeacherCache], i
     """(target_index, target_value) for a batch: hard labels, or teacher top-K + weighted hard labels."""
     hard_t = torch.from_numpy(hard)
     hard_v = (hard_t >= 0).float()
-    if method == "generalist":
+    if not distils(method):
         return hard_t, hard_v
     t_idx, t_val = cache.batch(idx)
     t_val = torch.where(t_idx >= 0, t_val, torch.zeros_like(t_val))
@@ -113,7 +147,7 @@ def _optimizer(cfg, model: Student):
     st = cfg.student
     main = [p for n, p in model.named_parameters() if n != "log_scale"]
     groups = [{"params": main, "lr": st.lr, "weight_decay": st.weight_decay}]
-    if model.scale is not None:
+    if model.scale is not None and model.log_scale.requires_grad:
         groups.append({"params": [model.log_scale], "lr": st.scale_lr, "weight_decay": 0.0})
     return torch.optim.Adam(groups)
 
@@ -128,14 +162,16 @@ def _lr_factor(step: int, total: int) -> float:
 
 
 def train_student(cfg, taxonomy: Taxonomy, train: SampleSet, run: str, path: str, seed: int,
-                  cache: Optional[TeacherCache] = None, progress: Optional[Callable] = None) -> Dict:
-    """Trains (or finishes training) one student; returns its checkpoint dict (state, history, seconds).
+                  cache: Optional[TeacherCache] = None, progress: Optional[Callable] = None,
+                  val: Optional[SampleSet] = None) -> Dict:
+    """Trains (or finishes training) one student; returns its checkpoint dict (state, history, seconds), the
+    model holding its best epoch's weights when val is given (early stopping), its last epoch's otherwise.
 
     Under torchrun (kc.distributed.active()) every rank calls this together: the output layer is sharded by
     verticals, the backbone is data-parallel, rank 0 writes the (whole, unsharded) checkpoint, and the returned
-    model is this rank's shard."""
+    model is this rank's shard. There the student trains its maximum epochs: val is not read."""
     method, _ = parse_run(run)
-    if method != "generalist" and cache is None:
+    if distils(method) and cache is None:
         raise ValueError(f"run {run!r} distils and needs the teacher cache")
     st = cfg.student
     torch.manual_seed(head_seed(seed, parse_run(run)[1]))
@@ -145,13 +181,16 @@ def train_student(cfg, taxonomy: Taxonomy, train: SampleSet, run: str, path: str
     model = model.to(cfg.device)
     # under torchrun: this rank keeps its verticals' rows of the output layer (kc/distributed.py)
     shards = kcdist.StudentShards.shard(model) if kcdist.active() else None
+    if shards is not None or (val is not None and not len(val)):
+        val = None
     opt = _optimizer(cfg, model)
     base_lrs = [g["lr"] for g in opt.param_groups]
     n = len(train)
     steps = -(-n // st.batch_size)
     total = st.epochs * steps
     state = {"run": run, "epoch": 0, "step": 0, "history": {"step": [], "loss": [], "epoch_loss": [],
-             "scale": [], "health": []}, "seconds": 0.0, "done": False}
+             "scale": [], "health": []}, "seconds": 0.0, "done": False, "early": validation.new_state()}
+    best = None  # the best epoch's weights so far (validation mAP)
     if os.path.exists(path):
         ck = checkpoint.load(path)
         if shards is None:
@@ -160,6 +199,8 @@ def train_student(cfg, taxonomy: Taxonomy, train: SampleSet, run: str, path: str
         else:  # the file holds the whole student, whatever the process count that wrote it
             shards.load_full_state(model, opt, ck["model"], ck["optimizer"])
         state = ck["state"]
+        state.setdefault("early", validation.new_state())  # a checkpoint from before early stopping
+        best = ck.get("best")
         if state["done"]:
             return {"model": model, **state}
     width = max(int(np.diff(train.labels.indptr).max()), 1)
@@ -173,7 +214,7 @@ def train_student(cfg, taxonomy: Taxonomy, train: SampleSet, run: str, path: str
         state["health_start"] = check(model, probe)
     last_save = time.time()
     model.train()
-    while state["epoch"] < st.epochs:
+    while not state["done"] and state["epoch"] < st.epochs:
         e = state["epoch"]
         perm = np.random.default_rng([seed, 23, e]).permutation(n)
         run_sum, run_cnt = state.get("run_sum", 0.0), state.get("run_cnt", 0)  # a loss-curve point in the making
@@ -215,15 +256,26 @@ def train_student(cfg, taxonomy: Taxonomy, train: SampleSet, run: str, path: str
                 state.update(epoch_sum=epoch_sum, run_sum=run_sum, run_cnt=run_cnt)
                 state["seconds"] += time.time() - t0
                 t0 = time.time()
-                _save(path, model, opt, state, shards)
+                _save(path, model, opt, state, shards, best)
                 last_save = time.time()
         state["history"]["epoch_loss"].append(epoch_sum / steps)
         if model.scale is not None:
             state["history"]["scale"].append(model.scale.detach().cpu().tolist())
         state.update(epoch=e + 1, step=0, epoch_sum=0.0, run_sum=0.0, run_cnt=0)
+        if val is not None:
+            m = validation.student_map(model, taxonomy, val, cfg.eval.row_chunk, cfg.eval.class_chunk, cfg.device)
+            if validation.update(state["early"], e + 1, m, cfg.stopping.patience, cfg.stopping.min_delta):
+                best = validation.copy_state(model)
         state["seconds"] += time.time() - t0
-        state["done"] = state["epoch"] >= st.epochs
-        _save(path, model, opt, state, shards)
+        state["done"] = state["epoch"] >= st.epochs or state["early"]["stopped_early"]
+        if state["done"]:
+            if best is not None:  # the model kept is the best epoch's; the optimizer is no longer needed
+                model.load_state_dict(best)
+            best = None
+            state["gamma"] = vertical_gamma(model)
+            state["record"] = validation.summary(state["early"] if val is not None else None, state["epoch"],
+                                                 st.epochs)
+        _save(path, model, opt, state, shards, best)
         last_save = time.time()
     if bar is not None:
         bar.close()
@@ -231,9 +283,12 @@ def train_student(cfg, taxonomy: Taxonomy, train: SampleSet, run: str, path: str
     return {"model": model, **state}
 
 
-def _save(path, model, opt, state, shards=None):
+def _save(path, model, opt, state, shards=None, best=None):
     if shards is None:
-        checkpoint.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "state": state}, path)
+        ck = {"model": model.state_dict(), "optimizer": opt.state_dict(), "state": state}
+        if best is not None:  # early stopping resumes with the best weights it had kept
+            ck["best"] = best
+        checkpoint.save(ck, path)
         return
     full = shards.full_state(model, opt)  # the whole student, gathered to rank 0, which writes it
     if full is not None:

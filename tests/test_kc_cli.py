@@ -191,7 +191,9 @@ def test_pipeline_on_image_folders(tmp_path):
     out = tmp_path / "o"
     assert kc("run", "--preset", "tiny", "--config", str(cfg), "--out", str(out)) == 0
     res = json.load(open(out / "report" / "results.json"))
-    assert res["num_train"] == 24 and res["num_test"] == 12 and res["verticals"] == ["birds", "cars"]
+    # no val/ folder: data.val_fraction (10%) of train/ is held out for validation
+    assert res["num_train"] == 22 and res["num_val"] == 2 and res["num_test"] == 12
+    assert res["verticals"] == ["birds", "cars"]
 
 
 def test_pipeline_on_feature_shards(tmp_path):
@@ -218,7 +220,7 @@ def test_pipeline_on_feature_shards(tmp_path):
     assert kc("run", "--preset", "tiny", "--config", str(cfg), "--out", str(out)) == 0
     res = json.load(open(out / "report" / "results.json"))
     assert list(res["models"]) == ["distilled-sc_sc", "distilled-fc_sc_shared", "specialists"]  # no Bayes: real data
-    assert res["num_train"] == 40
+    assert res["num_train"] == 36 and res["num_val"] == 4  # 10% of train/ held out for validation
 
 
 def test_several_seeds_in_one_command(tmp_path, capsys):

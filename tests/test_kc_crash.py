@@ -43,6 +43,7 @@ def numbers(out):
     with open(os.path.join(out, "report", "results.json")) as f:
         res = json.load(f)
     res.pop("stage_seconds")
+    res.pop("compute")  # wall seconds of the method and of each model's training
     for m in res["models"].values():
         for k in TIMING:
             m.pop(k, None)

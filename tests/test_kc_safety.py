@@ -208,7 +208,7 @@ def test_a_second_run_is_refused_naming_the_holder(tmp_path):
     once the first is killed (SIGKILL: the kernel drops its lock) the folder can be taken again."""
     out = str(tmp_path / "o")
     long = tmp_path / "long.yaml"
-    long.write_text("specialists: {epochs: 10000}\n")  # holds the folder until killed
+    long.write_text("specialists: {epochs: 10000}\nstopping: {patience: 0}\n")  # holds the folder until killed
     holder = subprocess.Popen([sys.executable, "-m", "kc", "run", "--preset", "tiny", "--config", str(long),
                                "--no-progress", "--out", out], cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True)
