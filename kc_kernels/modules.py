@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from kc_kernels.ops import linear_soft_target_loss, sampled_softmax_loss
+from kc_kernels.samplers import PhiloxGenerator
 
 
 class LinearSoftTargetLoss(nn.Module):
@@ -66,15 +67,20 @@ class LinearSoftTargetLoss(nn.Module):
 
 
 class SampledSoftmaxLoss(nn.Module):
-    """Sampled softmax with its own seeded generator: ``SampledSoftmaxLoss(8192, seed=0)(x, weight, bias, labels)``."""
+    """Sampled softmax with its own seeded generator: ``SampledSoftmaxLoss(8192, seed=0)(x, weight, bias, labels)``.
+
+    With ``in_graph`` the candidates are drawn on the inputs' device by a PhiloxGenerator whose state is the
+    buffer ``sampler_state`` (in the state_dict, moved by .to()), so a compiled step keeps the draw in its graph."""
 
     def __init__(self, num_sampled: int, sampler: str = "log_uniform", class_counts: Optional[torch.Tensor] = None,
                  distortion: float = 1.0, unique: bool = True, remove_accidental_hits: bool = True,
                  subtract_log_q: bool = True, reduction: str = "mean", seed: Optional[int] = None,
-                 sparse_grad: bool = False, backend: str = "auto"):
+                 sparse_grad: bool = False, backend: str = "auto", accidental_hits: str = "all",
+                 in_graph: bool = False):
         super().__init__()
         self.num_sampled, self.sampler, self.distortion, self.unique = num_sampled, sampler, distortion, unique
         self.remove_accidental_hits, self.subtract_log_q = remove_accidental_hits, subtract_log_q
+        self.accidental_hits = accidental_hits
         self.reduction, self.backend, self.sparse_grad = reduction, backend, sparse_grad
         self.register_buffer("class_counts", None if class_counts is None else torch.as_tensor(class_counts))
         self.generator = torch.Generator()
@@ -82,15 +88,21 @@ class SampledSoftmaxLoss(nn.Module):
             self.generator.manual_seed(seed)
         else:
             self.generator.seed()
+        self.in_graph = in_graph
+        if in_graph:
+            key = int(torch.randint(0, 2 ** 62, (), generator=self.generator))
+            self.register_buffer("sampler_state", PhiloxGenerator(key).state)
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor, *,
                 sample_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         return sampled_softmax_loss(x, weight, bias, labels, num_sampled=self.num_sampled, sampler=self.sampler,
                                     class_counts=self.class_counts, distortion=self.distortion, unique=self.unique,
                                     remove_accidental_hits=self.remove_accidental_hits,
-                                    subtract_log_q=self.subtract_log_q, generator=self.generator,
+                                    accidental_hits=self.accidental_hits, subtract_log_q=self.subtract_log_q,
+                                    generator=PhiloxGenerator(state=self.sampler_state) if self.in_graph
+                                    else self.generator,
                                     sample_weight=sample_weight, reduction=self.reduction,
                                     sparse_grad=self.sparse_grad, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"num_sampled={self.num_sampled}, sampler={self.sampler}, unique={self.unique}"
+        return f"num_sampled={self.num_sampled}, sampler={self.sampler}, unique={self.unique}, in_graph={self.in_graph}"

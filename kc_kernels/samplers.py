@@ -168,7 +168,15 @@ class PhiloxGenerator:
     reads blocks counter .. counter + ceil(n / 2) - 1 (two uniforms per block) and advances the counter by as many,
     in place, so that consecutive draws are one stream. The seed is the Philox key (0 <= seed < 2^63)."""
 
-    def __init__(self, seed: int = 0, device=None):
+    def __init__(self, seed: int = 0, device=None, *, state: Optional[torch.Tensor] = None):
+        """A new stream of ``seed`` on ``device``, or with ``state`` one that reads and advances that tensor (an
+        int64 [2], e.g. a module's buffer, so that state_dict and .to(device) carry it)."""
+        if state is not None:
+            if state.dtype != torch.int64 or tuple(state.shape) != (2,):
+                raise ValueError(f"state must be an int64 tensor [2] (seed, counter), got {state.dtype} "
+                                 f"{tuple(state.shape)}")
+            self.state = state
+            return
         if isinstance(seed, bool) or int(seed) != seed or not 0 <= seed < 2 ** 63:
             raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
         self.state = torch.tensor([int(seed), 0], dtype=torch.int64, device=device)

@@ -192,3 +192,22 @@ def test_generator_on_another_device_is_refused():
     g = kc_kernels.PhiloxGenerator(0, device="meta")
     with pytest.raises(ValueError, match="generator"):
         kc_kernels.sampled_softmax_loss(x, w, None, torch.tensor([1, 2, 3]), num_sampled=4, generator=g)
+
+
+def test_module_draws_in_graph_from_its_buffer():
+    """SampledSoftmaxLoss(in_graph=True): the Philox state is a buffer (state_dict, .to()) that each call
+    advances; a compiled call is one graph and draws what eager draws from the same state."""
+    torch.manual_seed(0)
+    loss_fn = kc_kernels.SampledSoftmaxLoss(16, seed=3, in_graph=True, unique=False, accidental_hits="tensorflow",
+                                            backend="cpu")
+    assert "sampler_state" in loss_fn.state_dict()
+    x, w, b = torch.randn(6, 8), torch.randn(100, 8, requires_grad=True), torch.randn(100)
+    labels = torch.randint(0, 100, (6,))
+    start = loss_fn.sampler_state.clone()
+    eager = loss_fn(x, w, b, labels)
+    assert loss_fn.sampler_state[1] > start[1]
+    explained = torch._dynamo.explain(loss_fn)(x, w, b, labels)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+    loss_fn.sampler_state.copy_(start)
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    assert_close(compiled(x, w, b, labels), eager, torch.float32)
