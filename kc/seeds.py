@@ -74,7 +74,11 @@ def comparisons(runs: Sequence[str]) -> List[Tuple[str, str, str]]:
     out = []
     for h in heads:
         for a, b in (("distilled", "generalist"), ("self_paced", "distilled"), ("self_paced", "generalist"),
-                     ("bayes_distilled", "distilled"), ("bayes_self_paced", "self_paced")):
+                     ("bayes_distilled", "distilled"), ("bayes_self_paced", "self_paced"),
+                     # the controls: S without a teacher, D on top of S, the normalisation alone, learning gamma,
+                     # a gamma per vertical against one per class
+                     ("scaled", "generalist"), ("self_paced", "scaled"), ("fixed_scale", "distilled"),
+                     ("self_paced", "fixed_scale"), ("self_paced", "self_paced_class")):
             if f"{a}-{h}" in have and f"{b}-{h}" in have:
                 out.append((f"{label(f'{a}-{h}')} - {label(f'{b}-{h}')}", f"{a}-{h}", f"{b}-{h}"))
     for m in methods:

@@ -38,3 +38,12 @@ def test_summary_pairs_and_verdicts():
     assert summary["models"]["generalist-fc_sc"]["map"]["sd"] == pytest.approx(0.05)
     md = seeds.markdown(summary)
     assert "holds" in md and "reversed" in md
+
+
+def test_the_controls_are_paired():
+    runs = ["generalist-fc_sc", "distilled-fc_sc", "self_paced-fc_sc", "scaled-fc_sc", "fixed_scale-fc_sc",
+            "self_paced_class-fc_sc"]
+    pairs = {(a, b) for _, a, b in seeds.comparisons(runs)}
+    for a, b in (("scaled", "generalist"), ("self_paced", "scaled"), ("fixed_scale", "distilled"),
+                 ("self_paced", "fixed_scale"), ("self_paced", "self_paced_class")):
+        assert (f"{a}-fc_sc", f"{b}-fc_sc") in pairs
