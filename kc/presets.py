@@ -35,8 +35,9 @@ PRESETS = {
         "name": "eft-100k",
         "threads": 0,
         "taxonomy": {"num_verticals": 20, "num_classes": 100_000, "coarse_fraction": 0.1, "size_spread": 0.5},
-        "data": {"feature_dim": 64, "train_per_class": 4, "test_per_class": 1, "subspace_dim": 24,
-                 "noise_spread": 0.4},
+        # one validation row per leaf class, as for test (the default 4 would match the training rows)
+        "data": {"feature_dim": 64, "train_per_class": 4, "test_per_class": 1, "val_per_class": 1,
+                 "subspace_dim": 24, "noise_spread": 0.4},
         "specialists": {"hidden": [256], "epochs": 6, "batch_size": 512, "lr": 3e-3, "background_fraction": 0.25},
         "cache": {"top_k": 100, "batch_size": 2048},
         "student": {"heads": ["fc_sc"], "methods": ["generalist", "distilled", "self_paced"], "epochs": 4,
