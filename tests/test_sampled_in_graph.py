@@ -211,3 +211,35 @@ def test_module_draws_in_graph_from_its_buffer():
     loss_fn.sampler_state.copy_(start)
     compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
     assert_close(compiled(x, w, b, labels), eager, torch.float32)
+
+
+@pytest.mark.parametrize("philox", [False, True])
+def test_unigram_counts_checked_for_both_draws(monkeypatch, philox):
+    x, w, labels = torch.randn(3, 4), torch.randn(10, 4), torch.tensor([1, 2, 3])
+    counts = torch.zeros(10)
+    counts[:3] = 1.0  # three classes can be drawn: too few for 4 unique candidates
+
+    def call():
+        gen = kc_kernels.PhiloxGenerator(0) if philox else torch.Generator().manual_seed(0)
+        return kc_kernels.sampled_softmax_loss(x, w, None, labels, num_sampled=4, sampler="unigram",
+                                               class_counts=counts, generator=gen)
+
+    with pytest.raises(ValueError, match="class_counts.*non-zero"):
+        call()
+    if philox:  # the in-graph draw follows the value-check mode: a device-side assertion under "async"
+        monkeypatch.setenv("KC_CHECK_VALUES", "async")
+        with pytest.raises(RuntimeError, match="class_counts"):
+            call()
+
+
+@pytest.mark.compile_check  # inductor compiles C++ for about a minute: run with -m compile_check
+def test_inductor_compiled_step_draws_like_eager():
+    torch.manual_seed(0)
+    model = Head("log_uniform", True)
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.randn(10, 12, generator=g), torch.randint(0, 200, (10, 2), generator=g))
+    start = model.generator.state.clone()
+    got = _train_step(model, torch.compile(model, fullgraph=True), batch)
+    model.generator.state.copy_(start)
+    for a, e in zip(got, _train_step(model, model, batch)):
+        assert_close(a, e, torch.float32)
