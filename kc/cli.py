@@ -170,7 +170,7 @@ def _multi_seed(args, overrides, seed_list) -> int:
     files = seeds.write_summary(args.out, seed_list)
     with open(files["table"]) as f:
         print(f.read())
-    pipeline.log("summary over seeds: " + ", ".join(os.path.relpath(p, os.getcwd()) for p in files.values()))
+    pipeline.log("summary over seeds: " + ", ".join(os.path.abspath(p) for p in files.values()))
     return 0
 
 

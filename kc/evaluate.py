@@ -280,7 +280,7 @@ def sweep(scorer: Scorer, taxonomy: Taxonomy, data: SampleSet, class_chunk: int,
     ancestors = _ancestor_table(taxonomy)
     best = _TopK(min(max(ks), V) + ancestors.shape[1]) if ks else None
     chunks = _chunks(taxonomy, class_chunk)
-    for v, c0, c1 in (progress(chunks, desc="AP", unit="chunk", leave=False) if progress else chunks):
+    for v, c0, c1 in (progress(chunks, desc="AP and top-k", unit="chunk", leave=False) if progress else chunks):
         npos = np.diff(colptr[c0:c1 + 1])
         if npos.sum() == 0 and best is None:
             continue

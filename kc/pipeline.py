@@ -10,7 +10,7 @@
     out/cache-bayes/       the same from the generator's Bayes posterior (bayes_* methods, synthetic data)
     out/students/          one checkpoint per student run
     out/eval/              one JSON of metrics per model
-    out/report/            results.md, results.json, loss_curves.png, map_per_vertical.png
+    out/report/            results.md, results.json, map_per_vertical.png, gap_closed.png, loss_curves.png
 
 Every stage reuses the finished part of an interrupted run of itself when asked to resume: teachers, cache
 verticals, student epochs (and the position inside an epoch), evaluated models. A stage writes into
@@ -34,6 +34,7 @@ from kc import (
     evaluate,
     label_space,
     models,
+    progress,
     report,
     runfolder,
     synthetic,
@@ -67,7 +68,10 @@ def progress_factory(enabled: Optional[bool] = None) -> Callable:
 
 def log(msg: str) -> None:
     if kcdist.is_main():  # one log for a multi-process run
-        print(f"[kc] {msg}", flush=True)
+        from tqdm import tqdm
+
+        tqdm.write(f"[kc] {msg}")  # above a stage's progress bar, which is drawn again below it
+        sys.stdout.flush()
 
 
 class Workspace:
@@ -366,7 +370,7 @@ def stage_report(ws: Workspace, resume: bool) -> Dict:
     runfolder.commit(ws.report_dir)
     files = {k: os.path.join(ws.report_dir, os.path.basename(p)) for k, p in written.items()}
     print(report.markdown(results))
-    log("report: " + ", ".join(os.path.relpath(p, os.getcwd()) for p in files.values()))
+    log("report files: " + ", ".join(files.values()))  # absolute: a path the reader can open from anywhere
     return {"files": files}
 
 
@@ -380,19 +384,56 @@ def run_stage(ws: Workspace, stage: str, resume: bool = False) -> Dict:
     t0 = time.time()
     log(f"stage {stage} ...")
     checkpoint.enter_stage(stage)
-    if not kcdist.active():
-        info = STAGE_FUNCS[stage](ws, resume)
-    else:  # torchrun: rank 0 alone runs data, cache, eval and report; every rank waits for the stage's end
-        info = STAGE_FUNCS[stage](ws, resume) if stage in PARALLEL_STAGES or kcdist.is_main() else {}
-        kcdist.barrier()
-        if stage in PARALLEL_STAGES:
-            info["processes"] = kcdist.world()
+    # the stage's parts (teachers, students, evaluated models) draw one bar with the time left for all of them
+    bar = _stage_bar(ws, stage, resume)
+    factory = ws.progress
+    ws.progress = bar.part if bar is not None else factory
+    try:
+        if not kcdist.active():
+            info = STAGE_FUNCS[stage](ws, resume)
+        else:  # torchrun: rank 0 alone runs data, cache, eval and report; every rank waits for the stage's end
+            info = STAGE_FUNCS[stage](ws, resume) if stage in PARALLEL_STAGES or kcdist.is_main() else {}
+            kcdist.barrier()
+            if stage in PARALLEL_STAGES:
+                info["processes"] = kcdist.world()
+    finally:
+        ws.progress = factory
+        if bar is not None:
+            bar.close()
     dt = time.time() - t0
     if kcdist.is_main():
         ws.mark(stage, dt, peak_rss_mib=round(peak_rss_mib()), **{k: v for k, v in info.items() if k != "files"})
     kcdist.barrier()  # state.json is written before any rank reads it
-    log(f"stage {stage} done in {dt:.1f}s (peak memory so far {peak_rss_mib():.0f} MiB)")
+    what = progress.summary(stage, info)
+    log(f"stage {stage} done in {dt:.1f}s{': ' + what if what else ''} (peak memory so far {peak_rss_mib():.0f} "
+        "MiB)")
     return info
+
+
+def _stage_bar(ws: Workspace, stage: str, resume: bool) -> Optional[progress.Stage]:
+    """A bar over the items of the stage still to do (a resumed stage's finished items are not counted)."""
+    if ws.progress is None or stage not in ("specialists", "student", "eval"):
+        return None
+    if stage == "specialists":
+        tax = ws.taxonomy()
+        mine = kcdist.my_verticals(tax.segments.tolist()) if kcdist.active() else range(tax.num_verticals)
+        build = ws.specialists_dir + runfolder.BUILD
+        todo = [v for v in mine if not (resume and os.path.exists(teachers.teacher_path(build, v)))]
+        return progress.Stage(ws.progress, "specialists", len(todo), unit="step")
+    if stage == "student":
+        build = ws.students_dir + runfolder.BUILD
+        todo = [r for r in ws.cfg.runs() if not (resume and _finished_student(ws.student_path(r, build)))]
+        return progress.Stage(ws.progress, "students", len(todo), unit="step")
+    build = ws.eval_dir + runfolder.BUILD
+    todo = [m for m in evaluated_models(ws) if not (resume and os.path.exists(os.path.join(build, f"{m}.json")))]
+    return progress.Stage(ws.progress, "evaluation", len(todo), unit="chunk")
+
+
+def _finished_student(path: str) -> bool:
+    try:
+        return bool(checkpoint.load(path)["state"]["done"])
+    except Exception:  # noqa: BLE001 - missing or damaged: the stage trains it (and reports a damaged file)
+        return False
 
 
 def run_all(ws: Workspace, resume: bool = False) -> None:
@@ -405,8 +446,8 @@ def run_all(ws: Workspace, resume: bool = False) -> None:
             log(f"stage {stage}: already done, skipped")
             continue
         run_stage(ws, stage, resume=resume)
-    log(f"all stages done in {time.time() - t0:.1f}s (peak memory {peak_rss_mib():.0f} MiB); report in "
-        f"{ws.report_dir}")
+    log(f"all stages done in {time.time() - t0:.1f}s (peak memory {peak_rss_mib():.0f} MiB)")
+    log(f"report: {os.path.join(ws.report_dir, 'results.md')} (figures and results.json beside it)")
 
 
 def peak_rss_mib() -> float:
