@@ -1,8 +1,9 @@
-"""The GPU check of the soft-target op in one prepared run: correctness, the benchmark table, host synchronisations
-and determinism, written to one JSON file. ``bash benchmarks/gpu.sh`` drives it step by step:
+"""The GPU check of the soft-target op in one prepared run: the headline case, correctness, the benchmark table
+(each kc row with one profiled call and the byte model's prediction beside it), host synchronisations and
+determinism, written to one JSON file. ``bash benchmarks/gpu.sh`` drives it step by step (docs/gpu.md):
 
     python -m benchmarks.gpu_check STEP --work DIR [--dry-run] [--budget SECONDS] [--out PATH]
-    STEP: correctness | bench | syncs | determinism | report
+    STEP: headline | correctness | bench | syncs | determinism | report
 
 Each step runs in its own process under its own time cap (a hung kernel costs one step, not the run) and rewrites
 DIR/<step>.json after every case, so a step stopped at its cap still leaves what it did. ``--budget`` is the soft
@@ -12,7 +13,8 @@ cap: a step stops starting new cases past it. The correctness step runs its dtyp
 benchmarks/results/gpu-<device>-<date>.json and prints a readable summary.
 
 ``--dry-run`` runs the same steps on the CPU at tiny shapes: the triton backend under TRITON_INTERPRET=1, the cpu
-backend as a stand-in for a GPU one, the cuda backend recorded as unavailable, no peers, no sync counts.
+backend as a stand-in for a GPU one, the cuda backend recorded as unavailable, the peers recorded as GPU only beside
+one that raises in every call, profiles of the CPU ops, no sync counts.
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ if "--dry-run" in sys.argv:
 import torch  # noqa: E402
 
 import kc_kernels  # noqa: E402
-from benchmarks import common  # noqa: E402
+from benchmarks import common, gpu_model, gpu_profile  # noqa: E402
 from benchmarks.common import LOSSES, Row  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,7 +54,7 @@ if str(ROOT) not in sys.path:  # tests.helpers holds the problem builder and the
 from tests.helpers import TOLERANCES, make_problem, rel_err  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-STEPS = ("correctness", "bench", "syncs", "determinism")
+STEPS = ("headline", "correctness", "bench", "syncs", "determinism")  # in the order gpu.sh runs them
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FLOAT_ARGS = ("x", "weight", "bias", "scale", "teacher_logits", "target_value", "sample_weight")
 GRAD_ARGS = ("x", "weight", "bias", "scale")
@@ -105,20 +107,27 @@ class Settings:
     backends: Tuple[str, ...]  # the backends under check (correctness, determinism)
     timed_backends: Tuple[str, ...]  # the backends of the table and the sync counts
     cases: Tuple[Case, ...]  # correctness, in priority order (a time cap cuts the tail)
-    bench_shapes: Tuple[Tuple[int, int, int, int], ...]  # (B, H, V, rounds)
+    # the table's cases (loss, B, H, V, rounds), in order; the first is the headline, run before everything else
+    bench_cases: Tuple[Tuple[str, int, int, int, int], ...]
     bench_dtype: torch.dtype
-    peers: bool
+    peers: Tuple[str, ...]  # peers of the hard-label CE rows (PEERS), each failing soft
     probe_shape: Tuple[int, int, int]  # (B, H, V) of the sync and determinism cases
     probe_segments: int  # verticals of the segmented one among them
     # dtype groups of the correctness step, one process each, run at once: Triton compiles every kernel variant on
     # the CPU, one at a time in a process, and compiling is most of that step's time on a fresh machine
     shards: Tuple[Tuple[str, ...], ...]
+    num_sampled: int = 8192
     dry: bool = False
 
 
+LLM = (8192, 4096, 128_256)
+PAPER = (4096, 512, 100_000)
 GPU = Settings(
     device="cuda", backends=("triton", "cuda"), timed_backends=("triton", "cuda"), cases=(BIG_CASE, *SMALL_CASES),
-    bench_shapes=((4096, 512, 100_000, 7), (8192, 4096, 128_256, 3)), bench_dtype=torch.bfloat16, peers=True,
+    bench_cases=(("softmax-ce-hard", *LLM, 5),
+                 ("sigmoid-k100", *PAPER, 7), ("softmax-kl-dense", *PAPER, 7), ("sampled-softmax", *PAPER, 7),
+                 ("softmax-ce-hard", *PAPER, 7), ("sigmoid-k100", *LLM, 3), ("softmax-kl-dense", *LLM, 3)),
+    bench_dtype=torch.bfloat16, peers=("cce", "cce-exact", "liger-flce"),
     probe_shape=(512, 256, 20_011), probe_segments=16, shards=(("bf16",), ("fp32",), ("fp16",)))
 
 
@@ -130,14 +139,17 @@ def _tiny(case: Case, dtype: str, B: int = 4, V: int = 300) -> Case:
 
 
 # the interpreter takes a good part of a second per kernel launch: a few cases, each in one dtype, and timings of
-# the cpu backend only (the interpreter's are meaningless)
+# the cpu backend only (the interpreter's are meaningless). The peers cannot run on CPU tensors (recorded as such),
+# and "raising-peer" imports and then raises in every call: the case's kc and floor rows must survive it.
 DRY = Settings(
     device="cpu", backends=("cpu", "triton", "cuda"), timed_backends=("cpu", "cuda"),
     cases=(Case("sigmoid sparse K=20 (big case, tiny)", dict(B=6, H=32, V=700, K=20), dict(mode="sigmoid"),
                 dtypes=("bf16",)),
            *(_tiny(SMALL_CASES[i], dt) for i, dt in ((0, "fp32"), (1, "fp16"), (2, "fp32"), (4, "bf16"), (7, "fp16")))),
-    bench_shapes=((8, 16, 400, 2), (12, 16, 700, 1)), bench_dtype=torch.bfloat16, peers=False,
-    probe_shape=(4, 16, 500), probe_segments=3, shards=(("bf16", "fp16"), ("fp32",)), dry=True)
+    bench_cases=(("softmax-ce-hard", 12, 16, 700, 2), ("sampled-softmax", 8, 16, 400, 1),
+                 ("sigmoid-k100", 8, 16, 400, 2), ("softmax-kl-dense", 8, 16, 400, 1)),
+    bench_dtype=torch.bfloat16, peers=("cce", "cce-exact", "liger-flce", "raising-peer"),
+    probe_shape=(4, 16, 500), probe_segments=3, shards=(("bf16", "fp16"), ("fp32",)), num_sampled=64, dry=True)
 
 
 # ------------------------------------------------------------------------------------------------ plumbing
@@ -295,10 +307,10 @@ def run_correctness(s: Settings, step: Step, dtypes: Optional[Tuple[str, ...]] =
     order = {d: i for i, d in enumerate(("bf16", "fp32", "fp16"))}
     jobs = sorted(((c, d) for c in s.cases for d in c.dtypes if dtypes is None or d in dtypes),
                   key=lambda j: (j[0] is not s.cases[0], order[j[1]]))
-    for case, dt in jobs:
+    for n, (case, dt) in enumerate(jobs):
         for b in live:
             rec = {"backend": b, "dtype": dt, "case": case.name}
-            if step.out_of_time():
+            if (n or b != live[0]) and step.out_of_time():  # the first job runs whatever the soft cap
                 rec["status"] = "skipped (time cap)"
             elif status[b].get("not_implemented"):
                 rec["status"] = "unavailable"
@@ -362,17 +374,81 @@ def _where(e: BaseException) -> str:
 
 # ------------------------------------------------------------------------------------------------ benchmark
 
-def _impls(p: common.Problem, loss: str, s: Settings, live: List[str]) -> List[Tuple[str, Optional[Callable]]]:
-    """Interleaving order of a round: the op on each backend, the floor, the peers."""
-    impls = [(f"kc-{b}", common.kc_fn(p, b)) for b in live]
-    impls.append(("gemm-floor", common.floor_fn(p)))
-    if loss == "softmax-ce-hard":
-        if s.peers:
-            impls += [("cce", common.cce_fn(p, "cce")), ("cce-exact", common.cce_fn(p, "cce_exact")),
-                      ("liger-flce", common.liger_fn(p))]
-        else:
-            impls += [("cce", None), ("cce-exact", None), ("liger-flce", None)]
+def _cce_exact(p: common.Problem) -> Optional[Callable]:
+    """Cut Cross-Entropy without its gradient filter: the release's cce_exact preset where it has one, else
+    impl="cce" with filter_eps=None (the same computation in releases before the preset, e.g. PyPI's 25.1.1)."""
+    if not p.x.is_cuda:
+        return None
+    try:
+        import inspect
+
+        import cut_cross_entropy.linear_cross_entropy as lce
+    except ImportError:
+        return None
+    kw = dict(impl="cce_exact") if "cce_exact" in inspect.getsource(lce) else dict(impl="cce", filter_eps=None)
+
+    def run():
+        common.zero_grads(p.x, p.weight, p.bias)
+        lce.linear_cross_entropy(p.x, p.weight, p.labels, **kw).backward()
+        return (p.x.grad, p.weight.grad)
+
+    return run
+
+
+def _raising_peer(p: common.Problem) -> Callable:
+    def run():
+        raise RuntimeError("raises in every call (the dry run's check that a failing peer costs only its own row)")
+
+    return run
+
+
+# the peers of the hard-label CE rows: name -> f(problem) -> callable, or None where not installed / GPU only
+PEERS: Dict[str, Callable[[common.Problem], Optional[Callable]]] = {
+    "cce": lambda p: common.cce_fn(p, "cce") if p.x.is_cuda else None,
+    "cce-exact": _cce_exact,
+    "liger-flce": common.liger_fn,
+    "raising-peer": _raising_peer,
+}
+
+
+def _impls(p: common.Problem, loss: str, s: Settings, live: List[str]) -> List[Tuple[str, Optional[Callable], str]]:
+    """(name, callable or None, note) in the interleaving order of a round: the op on each backend, the floor, the
+    peers. A peer whose setup raises anything is a row with the error as its note: Cut Cross-Entropy or
+    Liger-Kernel may import and then fail on a torch or triton they were not written for, and that must cost their
+    row only, never the case's kc and floor rows."""
+    impls: List[Tuple[str, Optional[Callable], str]] = [(f"kc-{b}", common.kc_fn(p, b), "") for b in live]
+    impls.append(("gemm-floor", common.floor_fn(p), ""))
+    if loss != "softmax-ce-hard":
+        return impls
+    for name in s.peers:
+        try:
+            fn = PEERS[name](p)
+            note = "" if fn is not None else ("not installed" if p.x.is_cuda else "GPU only (CPU tensors)")
+        except Exception as e:
+            fn, note = None, _error(e)
+        impls.append((name, fn, note))
     return impls
+
+
+def _sampled_impls(p: common.Problem, S: int, live: List[str]) -> List[Tuple[str, Optional[Callable], str]]:
+    """Sampled softmax with S fixed samples (no drawing in the timed call: the same candidates every round), dense
+    gradients, against the three GEMMs at S classes."""
+    B, V = p.x.shape[0], p.weight.shape[0]
+    dev = p.x.device
+    ids = torch.randperm(V, generator=torch.Generator().manual_seed(5))[:S].to(dev)
+    sampled = (ids, torch.full((B,), S / V, device=dev), torch.full((S,), S / V, device=dev))
+
+    def op(backend):
+        def run():
+            common.zero_grads(p.x, p.weight, p.bias)
+            kc_kernels.sampled_softmax_loss(p.x, p.weight, p.bias, p.labels, num_sampled=S, sampled=sampled,
+                                            backend=backend).backward()
+            return (p.x.grad, p.weight.grad, p.bias.grad)
+
+        return run
+
+    sub = common.Problem(p.x, p.weight[:S].detach(), p.bias[:S].detach())
+    return [(f"kc-{b}", op(b), "") for b in live] + [("gemm-floor", common.floor_fn(sub), "floor at S classes")]
 
 
 def _timed(fn: Callable, device) -> float:
@@ -383,17 +459,20 @@ def _timed(fn: Callable, device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def bench_case(loss: str, B: int, H: int, V: int, rounds: int, s: Settings, live: List[str], step: Step) -> List[Row]:
-    """One case: a warm-up call and a peak-memory call per implementation, then interleaved timed rounds; the
-    ratio is the median over rounds of op / floor of the same round (drift in clocks hits both alike)."""
+def bench_case(loss: str, B: int, H: int, V: int, rounds: int, s: Settings, live: List[str], step: Step
+               ) -> Tuple[List[Row], List[Dict]]:
+    """One case: a warm-up call and a peak-memory call per implementation, then interleaved timed rounds (the ratio
+    is the median over rounds of op / floor of the same round: drift in clocks hits both alike), then one profiled
+    call of kc on each backend and of the floor. Returns the rows and the profiles."""
     device = torch.device(s.device)
-    shape = f"B={B} H={H} V={V}"
-    p = common.make_problem(loss, B, H, V, device, s.bench_dtype, on_device=device.type == "cuda")
+    S = min(s.num_sampled, V // 2) if loss == "sampled-softmax" else 0
+    shape = f"B={B} H={H} V={V}" + (f" S={S}" if S else "")
+    p = common.make_problem("softmax-ce-hard" if S else loss, B, H, V, device, s.bench_dtype,
+                            on_device=device.type == "cuda")
     rows, live_fns = {}, []
-    for name, fn in _impls(p, loss, s, live):
-        row = rows[name] = Row(loss, shape, name)
+    for name, fn, note in (_sampled_impls(p, S, live) if S else _impls(p, loss, s, live)):
+        row = rows[name] = Row(loss, shape, name, note=note)
         if fn is None:
-            row.note = "not installed (or not for CPU tensors)" if s.peers else "peers run on GPU only"
             continue
         try:
             fn()  # compiles, autotunes
@@ -425,34 +504,115 @@ def bench_case(loss: str, B: int, H: int, V: int, rounds: int, s: Settings, live
             row.round_ratios = [t / f for t, f in zip(ts, floor)]
             row.round_ratio = statistics.median(row.round_ratios)
         row.note = (row.note + " " if row.note else "") + f"{done} rounds"
-    del p
+    profiles = []
+    for name, fn in live_fns:
+        if not (name.startswith("kc-") or name == "gemm-floor") or not times.get(name):
+            continue
+        try:
+            prof = gpu_profile.profile_call(fn, device, H)
+        except Exception as e:
+            prof = {"error": _error(e)}
+        profiles.append({"case": loss, "shape": shape, "impl": name, "B": B, "H": H, "V": V, "S": S, "profile": prof})
+    del p, live_fns
     _free(device)
-    return list(rows.values())
+    return list(rows.values()), profiles
 
 
-def run_bench(s: Settings, step: Step) -> None:
+def prediction_records(rows: List[Row], profiles: List[Dict], gpu_key: Optional[str]) -> List[Dict]:
+    """Each profiled kc row against benchmarks/gpu_model.py's prediction for its case on this GPU (the H100's
+    where the device is neither): epilogue, torch passes and GEMM milliseconds, and the ratio to the floor."""
+    key = gpu_key or "H100"
+    floor_prof = {(p["case"], p["shape"]): p["profile"] for p in profiles if p["impl"] == "gemm-floor"}
+    by_impl = {(r.case, r.shape, r.impl): r for r in rows}
+    out = []
+    for p in profiles:
+        if not p["impl"].startswith("kc-"):
+            continue
+        backend = p["impl"][3:]
+        if backend not in gpu_model.FINAL_TILE:  # the cpu backend of the dry run: its epilogue has no GPU model
+            backend = "triton"
+        c = gpu_model.case_of(p["case"], p["B"], p["H"], p["V"], p["S"])
+        pred = gpu_model.predict(c, backend, gpu_model.DATASHEET[key])
+        at_measured = gpu_model.predict(c, backend, gpu_model.MEASURED[key])
+        prof, fprof = p["profile"], floor_prof.get((p["case"], p["shape"]), {})
+        row = by_impl.get((p["case"], p["shape"], p["impl"]))
+        measured = {"epilogue_ms": prof.get("epilogue_ms"), "torch_ms": prof.get("torch_ms"),
+                    "gemm_ms": prof.get("gemm_ms"), "split_ms": prof.get("ms"),
+                    "floor_gemm_ms": fprof.get("gemm_ms"), "kc_ms": None if row is None else _nan_none(row.ms),
+                    "floor_ms": None if row is None else _nan_none(row.floor_ms),
+                    "ratio": None if row is None else _nan_none(row.ratio)}
+        predicted = {k: pred[k] for k in ("epilogue_ms", "epilogue_gb", "epilogue_bytes_per_logit", "torch_ms",
+                                          "torch_gb", "gemm_ms", "floor_ms", "kc_ms", "ratio", "epilogue", "torch",
+                                          "notes")}
+        predicted["ratio_at_measured_rates"] = at_measured["ratio"]
+        out.append({"case": p["case"], "shape": p["shape"], "impl": p["impl"], "model": f"{key} {backend}",
+                    "rates": pred["gpu"], "predicted": predicted, "measured": measured,
+                    "epilogue_measured_over_predicted": _over(measured["epilogue_ms"], pred["epilogue_ms"]),
+                    "torch_measured_over_predicted": _over(measured["torch_ms"], pred["torch_ms"]),
+                    "ratio_measured_over_predicted": _over(measured["ratio"], pred["ratio"])})
+    return out
+
+
+def _nan_none(v):
+    return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else v
+
+
+def _over(a, b):
+    return None if a is None or not b else a / b
+
+
+def run_bench(s: Settings, step: Step, cases=None) -> None:
+    """The table's cases (``cases``: a slice of s.bench_cases) with their profiles and predictions; the first runs
+    whatever the soft cap (the step's hard cap still bounds it), the others while time is left."""
+    cases = s.bench_cases if cases is None else cases
     status = backend_status(s.timed_backends, s.device)
     live = [b for b in s.timed_backends if status[b]["available"]]
-    step.data.update(backends=status, dtype=str(s.bench_dtype), rows=[], skipped=[])
-    peers = {}
-    for dist in ("cut-cross-entropy", "liger-kernel"):
-        peers[dist] = _dist_version(dist)
-    step.data["peers"] = peers
+    gpu_key = gpu_model.gpu_of(device_name(s))
+    step.data.update(backends=status, dtype=str(s.bench_dtype), rows=[], skipped=[], profiles=[], predictions=[],
+                     peers={d: _dist_version(d) for d in ("cut-cross-entropy", "liger-kernel")},
+                     model_gpu=gpu_key or "none (the H100 model is applied)")
     print(common.format_table([]), flush=True)
-    for B, H, V, rounds in s.bench_shapes:
-        for loss in LOSSES:
-            if step.out_of_time():
-                step.data["skipped"].append(f"{loss} B={B} H={H} V={V} (time cap)")
-                step.save()
-                continue
-            try:
-                rows = bench_case(loss, B, H, V, rounds, s, live, step)
-            except Exception as e:  # e.g. out of memory building the inputs
-                rows = [Row(loss, f"B={B} H={H} V={V}", "-", note=_error(e))]
-                _free(s.device)
-            step.data["rows"] += [r.as_dict() for r in rows]
+    for i, (loss, B, H, V, rounds) in enumerate(cases):
+        if i and step.out_of_time():  # a step's first case always runs (the headline above all)
+            step.data["skipped"].append(f"{loss} B={B} H={H} V={V} (time cap)")
             step.save()
-            print("\n".join(common.format_table(rows).splitlines()[2:]), flush=True)
+            continue
+        profiles: List[Dict] = []
+        try:
+            rows, profiles = bench_case(loss, B, H, V, rounds, s, live, step)
+        except Exception as e:  # e.g. out of memory building the inputs
+            rows = [Row(loss, f"B={B} H={H} V={V}", "-", note=_error(e))]
+            _free(s.device)
+        step.data["rows"] += [r.as_dict() for r in rows]
+        step.data["profiles"] += profiles
+        preds = prediction_records(rows, profiles, gpu_key)
+        step.data["predictions"] += preds
+        step.save()
+        print("\n".join(common.format_table(rows).splitlines()[2:]), flush=True)
+        for p in profiles:
+            print("    " + _split_line(p), flush=True)
+        for r in preds:
+            print("    " + _prediction_line(r), flush=True)
+
+
+def _split_line(p: Dict) -> str:
+    prof = p["profile"]
+    if "error" in prof:
+        return f"profile {p['impl']}: {prof['error']}"
+    parts = ", ".join(f"{k} {v:.2f}" for k, v in prof["ms"].items())
+    total = f"kernels {prof['kernel_ms']:.2f}, " if prof.get("kernel_ms") is not None else ""
+    return f"profile {p['impl']:<11} {parts} ms ({total}wall {prof['wall_ms']:.2f} ms)"
+
+
+def _prediction_line(r: Dict) -> str:
+    pr, me = r["predicted"], r["measured"]
+
+    def f(v):
+        return "-" if v is None else f"{v:.2f}"
+
+    return (f"predicted {r['impl']:<9} ({r['model']}): epilogue {f(pr['epilogue_ms'])} ms, measured "
+            f"{f(me['epilogue_ms'])}; torch passes {f(pr['torch_ms'])}, measured {f(me['torch_ms'])}; ratio "
+            f"{f(pr['ratio'])}, measured {f(me['ratio'])}")
 
 
 def _dist_version(dist: str) -> Optional[str]:
@@ -540,10 +700,10 @@ def run_syncs(s: Settings, step: Step) -> None:
         step.data["probe_item"] = count_syncs(lambda: torch.ones(2, device=s.device).sum().item())["count"]
     else:
         step.data["note"] = "no CUDA device: torch's sync debug mode needs one; the steps only run"
-    for name, loss, extra in probe_cases(s):
+    for n, (name, loss, extra) in enumerate(probe_cases(s)):
         for b in live:
             rec = {"backend": b, "case": name}
-            if step.out_of_time():
+            if (n or b != live[0]) and step.out_of_time():  # the first runs whatever the soft cap
                 rec["status"] = "skipped (time cap)"
             else:
                 t0 = time.perf_counter()
@@ -573,10 +733,10 @@ def run_determinism(s: Settings, step: Step) -> None:
     status = backend_status(s.backends, s.device)
     live = [b for b in s.backends if status[b]["available"]]
     step.data.update(backends=status, results=[])
-    for name, loss, extra in probe_cases(s):
+    for n, (name, loss, extra) in enumerate(probe_cases(s)):
         for b in live:
             rec = {"backend": b, "case": name}
-            if step.out_of_time():
+            if (n or b != live[0]) and step.out_of_time():  # the first runs whatever the soft cap
                 rec["status"] = "skipped (time cap)"
             else:
                 t0 = time.perf_counter()
@@ -657,7 +817,7 @@ def verdict(name: str, data: Optional[Dict], proc: Dict) -> str:
     if name == "syncs":
         st = [r["status"] for r in data.get("results", [])]
         return "error" if "error" in st else "done"
-    if name == "bench":
+    if name in ("headline", "bench"):
         return "done" if any(r.get("median_ms") is not None for r in data.get("rows", [])) else "nothing timed"
     return "done"
 
@@ -685,6 +845,12 @@ def run_report(s: Settings, work: Path, out: Optional[str], dry: bool) -> Path:
         if v.startswith(("crashed", "incomplete")):
             entry["log_tail"] = _log_tail(work, name)
         report["steps"][name] = entry
+    # the table's two steps merged: every row, every profile, every measured-against-predicted record
+    table = [(report["steps"][n]["result"] or {}) for n in ("headline", "bench")]
+    report["table"] = {k: [x for t in table for x in t.get(k, [])] for k in ("rows", "profiles", "predictions")}
+    gpu_key = gpu_model.gpu_of(meta["device"]) if not dry else None
+    report["model"] = {"gpu": gpu_key or "none: both GPUs' predictions", "doc": "docs/performance.md",
+                       "predictions": gpu_model.predictions(gpu_key)}
     slug = re.sub(r"[^A-Za-z0-9]+", "-", meta["device"]).strip("-").lower()
     if out:
         path = Path(out)
@@ -723,13 +889,21 @@ def print_summary(report: Dict) -> None:
             worst = {k: v.get("rel_err") for k, v in c.get("checks", {}).items() if not v.get("ok")}
             print(f"  {c['status']:<6} {c['backend']:<7} {c['dtype']:<5} {c['case']}  {c.get('error', '')}",
                   worst or "")
-    rows = (report["steps"]["bench"]["result"] or {}).get("rows", [])
+    rows = report["table"]["rows"]
     if rows:
         table = [Row(r["case"], r["shape"], r["impl"], *(_nan(r[k]) for k in
                                                           ("median_ms", "min_ms", "peak_mb", "extra_mb", "floor_ms")),
                      note=r["note"], round_ratio=_nan(r["ratio"]) if r["impl"] != "gemm-floor" else math.nan)
                  for r in rows]
         print("\n" + common.format_table(table))
+    if report["table"]["profiles"]:
+        print("\nwhere the time goes (one profiled call each):")
+        for p in report["table"]["profiles"]:
+            print(f"  {p['case']:<16} {p['shape']:<27} " + _split_line(p))
+    if report["table"]["predictions"]:
+        print("\nmeasured against docs/performance.md's prediction:")
+        for r in report["table"]["predictions"]:
+            print(f"  {r['case']:<16} {r['shape']:<27} " + _prediction_line(r))
     for name in ("syncs", "determinism"):
         res = (report["steps"][name]["result"] or {}).get("results", [])
         if res:
@@ -750,7 +924,9 @@ def _nan(v):
 
 # ------------------------------------------------------------------------------------------------ main
 
-RUNNERS = {"correctness": run_correctness, "bench": run_bench, "syncs": run_syncs, "determinism": run_determinism}
+RUNNERS = {"headline": lambda s, step: run_bench(s, step, s.bench_cases[:1]), "correctness": run_correctness,
+           "bench": lambda s, step: run_bench(s, step, s.bench_cases[1:]), "syncs": run_syncs,
+           "determinism": run_determinism}
 
 
 def main(argv=None) -> int:

@@ -1,26 +1,38 @@
 """The GPU check's dry run: benchmarks/gpu.sh --dry-run drives benchmarks/gpu_check.py through every step on the
-CPU at tiny shapes, so that the prepared GPU run cannot rot between the occasions a GPU is at hand."""
+CPU at tiny shapes, so that the prepared GPU run cannot rot between the occasions a GPU is at hand. Also the pieces
+of the run that only a GPU would exercise: the split of a profile's kernels and the byte model's predictions."""
 import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
+
+from benchmarks import gpu_model, gpu_profile
 
 ROOT = Path(__file__).resolve().parent.parent
 DONE = ("pass", "skipped (time cap)")  # a loaded machine may cut a step's tail at its cap; nothing may fail
+STEPS = ("headline", "correctness", "bench", "syncs", "determinism")
 
 
 def test_gpu_check_dry_run_writes_every_step(tmp_path):
-    out = tmp_path / "gpu.json"
+    out = tmp_path / "out"
     env = dict(os.environ, PYTHON=sys.executable, TMPDIR=str(tmp_path))
-    run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--dry-run", "--out", str(out)], cwd=ROOT,
+    run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--dry-run", "--out-dir", str(out)], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert "ratio" in run.stdout and "correctness" in run.stdout
-    report = json.loads(out.read_text())
+    # everything under the one folder, as the device brings back: the report, the log, the steps' records
+    assert sorted(p.name for p in out.iterdir()) == ["gpu-check-work.tar.gz", "gpu-check.json", "gpu-check.log"]
+    assert "wrote" in (out / "gpu-check.log").read_text()
+    with tarfile.open(out / "gpu-check-work.tar.gz") as tar:
+        names = {Path(n).name for n in tar.getnames()}
+    assert {f"{s}.json" for s in STEPS} | {"steps.tsv", "build.json"} <= names, names
+    report = json.loads((out / "gpu-check.json").read_text())
     assert report["meta"]["dry_run"] and report["build"]["status"].startswith("skipped")
     steps = report["steps"]
-    for name in ("correctness", "bench", "syncs", "determinism"):
+    assert list(steps) == list(STEPS)
+    for name in STEPS:
         assert steps[name]["process"]["rc"] == 0, (name, steps[name].get("log_tail"))
         assert steps[name]["result"]["complete"], name
 
@@ -33,14 +45,58 @@ def test_gpu_check_dry_run_writes_every_step(tmp_path):
         assert c["status"] in DONE + ("fail", "error", "unavailable"), c
     assert not [c for c in corr["cases"] if c["status"] in ("fail", "error") and c["backend"] == "cpu"]
 
-    rows = steps["bench"]["result"]["rows"]
-    impls = {(r["case"], r["impl"]) for r in rows}
-    assert ("sigmoid-k100", "gemm-floor") in impls and ("sigmoid-k100", "kc-cpu") in impls
-    assert ("softmax-ce-hard", "cce") in impls and ("softmax-ce-hard", "liger-flce") in impls  # recorded as absent
-    timed = [r for r in rows if r["impl"] == "kc-cpu" and r["median_ms"] is not None]
-    assert timed and all(r["median_ms"] > 0 and r["ratio"] > 0 for r in timed)
+    # the headline first, whole: kc and the floor timed although one peer raises in every call
+    head = steps["headline"]["result"]["rows"]
+    assert {r["case"] for r in head} == {"softmax-ce-hard"}
+    impls = {r["impl"]: r for r in head}
+    assert impls["raising-peer"]["note"].startswith("RuntimeError") and impls["raising-peer"]["median_ms"] is None
+    assert impls["cce"]["note"] and impls["liger-flce"]["note"] and impls["cce-exact"]["note"]  # absent on CPU
+    for name in ("kc-cpu", "gemm-floor"):
+        assert impls[name]["median_ms"] > 0 and impls[name]["ratio"] > 0, impls[name]
+    rows = report["table"]["rows"]
+    assert rows[0]["case"] == "softmax-ce-hard" and len(rows) > len(head)
+    assert ("sampled-softmax", "kc-cpu") in {(r["case"], r["impl"]) for r in rows}  # the bench step's first case
+
+    # one profiled call of kc and of the floor per case, split into GEMM roles; each kc row against the model
+    profs = {(p["case"], p["impl"]): p["profile"] for p in report["table"]["profiles"]}
+    split = profs[("softmax-ce-hard", "kc-cpu")]["ms"]
+    assert {"gemm logits", "gemm dx", "gemm dW"} <= set(split), split
+    pred = [r for r in report["table"]["predictions"] if r["case"] == "softmax-ce-hard"][0]
+    assert pred["predicted"]["ratio"] > 1 and pred["measured"]["ratio"] == impls["kc-cpu"]["ratio"]
+    assert {p["case"] for p in report["model"]["predictions"]} >= {c.label for c in gpu_model.CASES}
 
     syncs = steps["syncs"]["result"]["results"]
     assert syncs and all(r["status"] in ("not counted", "skipped (time cap)") for r in syncs), syncs
     det = [r for r in steps["determinism"]["result"]["results"] if r["backend"] == "cpu"]
     assert det[0]["status"] == "pass" and all(r["status"] in DONE for r in det), det
+
+
+def test_kernel_split_tells_gemm_roles_apart():
+    """A GPU profile's kernels (Hopper cuBLAS names, kc's Triton and CUDA epilogues, torch's elementwise kernels)
+    in launch order: a row block's logits GEMM, then dx = G W and dW = G^T x, as the driver issues them."""
+    R, V, H = 1861, 128_256, 4096
+    recs = [("nvjet_tst_256x128_64x4_2x1_v_bz_coopB_TNT", 900.0, "aten::mm", [[R, H], [H, V], [R, V]]),
+            ("_row_stats_kernel", 100.0, "", []), ("_final_kernel", 200.0, "kc_kernels::chunked_soft_target", []),
+            ("void kc_cuda::final_kernel<__nv_bfloat16, float>(kc_cuda::FinalParams)", 50.0, "", []),
+            ("void at::native::reduce_kernel<512, 1>", 5.0, "aten::sum", []),
+            ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n", 800.0, "aten::mm", [[R, V], [V, H]]),
+            ("void at::native::vectorized_elementwise_kernel<4>", 30.0, "aten::add_", [[8192, H], [R, H]]),
+            ("nvjet_tst_128x256", 850.0, "aten::addmm_", [[V, H], [V, R], [R, H], [], []])]
+    s = gpu_profile.split_kernels(recs, H)
+    assert s["ms"] == {"epilogue": 0.35, "gemm dW": 0.85, "gemm dx": 0.8, "gemm logits": 0.9, "torch": 0.035}
+    assert s["gemm_ms"] == 2.55 and s["kernels"][0]["name"].startswith("nvjet_tst_256")
+
+
+def test_byte_model_follows_the_driver():
+    """The plan the model derives is the driver's (the issue's numbers: 5 row blocks of the LLM CE, sigmoid chunks
+    of 58,254 and 41,746), and the prediction is finite and above the floor for every case, backend and GPU."""
+    ce, sig = gpu_model.CASES[0], gpu_model.CASES[1]
+    w = gpu_model.walk(ce, "triton")
+    assert (w.row_blocks, w.dw_in_place) == (5, False)
+    assert gpu_model.walk(sig, "triton").chunks == [58_254, 41_746]
+    # bf16 CE epilogue: scores read by row_stats (once in Triton, twice in CUDA), read and written by final
+    assert 6.0 < gpu_model.predict(ce, "triton", gpu_model.DATASHEET["H100"])["epilogue_bytes_per_logit"] < 6.5
+    assert 8.0 < gpu_model.predict(ce, "cuda", gpu_model.DATASHEET["H100"])["epilogue_bytes_per_logit"] < 8.5
+    for p in gpu_model.predictions(None):
+        assert 1.0 < p["ratio"] < 100 and p["epilogue_ms"] > 0, p
+    assert gpu_model.gpu_of("NVIDIA H200") == "H200" and gpu_model.gpu_of("NVIDIA H100 80GB HBM3") == "H100"
