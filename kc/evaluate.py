@@ -228,12 +228,24 @@ class _TopK:
         self.keep, self.values, self.index = keep, None, None
 
     def add(self, S: torch.Tensor, first_class: int) -> None:
+        rows = None
+        if self.values is not None and self.values.shape[1] == self.keep:
+            # a row whose best score in the chunk does not beat its keep-th best so far keeps its list: topk pays
+            # per row, and once a row's own vertical has been seen most rows are such rows
+            rows = torch.nonzero(S.max(1).values > self.values[:, -1]).squeeze(1)
+            if len(rows) == 0:
+                return
+            S = S[rows]
         v, i = S.topk(min(self.keep, S.shape[1]), dim=1)
         i = i + first_class
         if self.values is not None:
-            v, i = torch.cat([self.values, v], 1), torch.cat([self.index, i], 1)
+            old_v, old_i = (self.values, self.index) if rows is None else (self.values[rows], self.index[rows])
+            v, i = torch.cat([old_v, v], 1), torch.cat([old_i, i], 1)
             v, j = v.topk(min(self.keep, v.shape[1]), dim=1)
             i = i.gather(1, j)
+            if rows is not None:
+                self.values[rows], self.index[rows] = v, i
+                return
         self.values, self.index = v, i
 
 
