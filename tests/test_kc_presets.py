@@ -1,0 +1,29 @@
+"""The default preset runs the paper's comparison only; the diagnostic students are one preset away; threads
+follow the cores this process may use unless the config names a number."""
+import os
+
+import torch
+
+from kc import config, pipeline
+
+
+def test_default_holds_the_paper_table_and_diagnostics_adds_the_checks():
+    default, diag = config.load("default"), config.load("diagnostics")
+    assert default.runs() == [f"{m}-{h}" for m in ("generalist", "distilled", "self_paced") for h in ("fc_fc", "fc_sc")]
+    extra = set(diag.runs()) - set(default.runs())
+    assert extra and all(r.startswith("bayes_") or r.endswith("-fc_fc_matched") for r in extra)
+    assert set(default.runs()) < set(diag.runs())
+    a, b = default.to_dict(), diag.to_dict()  # nothing else differs
+    a.pop("student"), b.pop("student"), a.pop("name"), b.pop("name")
+    assert a == b
+
+
+def test_threads_follow_the_cores_unless_given():
+    before = torch.get_num_threads()
+    try:
+        pipeline.configure_torch(config.load("tiny"))
+        assert torch.get_num_threads() == len(os.sched_getaffinity(0)) == pipeline.cores()
+        pipeline.configure_torch(config.load("tiny", overrides={"threads": 1}))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
