@@ -120,12 +120,12 @@ def make_student(cfg, taxonomy: Taxonomy, input_shape, run: str) -> Student:
     return model
 
 
-def vertical_gamma(model: Student) -> Optional[list]:
+def vertical_gamma(log_scale: Optional[torch.Tensor], segments) -> Optional[list]:
     """gamma per vertical (a class-level scale: the geometric mean over the vertical's classes), or None."""
-    if model.log_scale is None:
+    if log_scale is None:
         return None
-    ls = model.log_scale.detach().float().cpu()
-    seg = model.segments.tolist()
+    ls = log_scale.detach().float().cpu()
+    seg = list(segments)
     if ls.numel() == len(seg) - 1:
         return ls.exp().tolist()
     return [float(ls[a:b].mean().exp()) for a, b in zip(seg, seg[1:])]
@@ -169,7 +169,8 @@ def train_student(cfg, taxonomy: Taxonomy, train: SampleSet, run: str, path: str
 
     Under torchrun (kc.distributed.active()) every rank calls this together: the output layer is sharded by
     verticals, the backbone is data-parallel, rank 0 writes the (whole, unsharded) checkpoint, and the returned
-    model is this rank's shard. There the student trains its maximum epochs: val is not read."""
+    model is this rank's shard. There rank 0 scores the validation split with the gathered student and every rank
+    takes its early-stopping decision."""
     method, _ = parse_run(run)
     if distils(method) and cache is None:
         raise ValueError(f"run {run!r} distils and needs the teacher cache")
@@ -181,7 +182,7 @@ def train_student(cfg, taxonomy: Taxonomy, train: SampleSet, run: str, path: str
     model = model.to(cfg.device)
     # under torchrun: this rank keeps its verticals' rows of the output layer (kc/distributed.py)
     shards = kcdist.StudentShards.shard(model) if kcdist.active() else None
-    if shards is not None or (val is not None and not len(val)):
+    if val is not None and not len(val):
         val = None
     opt = _optimizer(cfg, model)
     base_lrs = [g["lr"] for g in opt.param_groups]
@@ -190,7 +191,8 @@ def train_student(cfg, taxonomy: Taxonomy, train: SampleSet, run: str, path: str
     total = st.epochs * steps
     state = {"run": run, "epoch": 0, "step": 0, "history": {"step": [], "loss": [], "epoch_loss": [],
              "scale": [], "health": []}, "seconds": 0.0, "done": False, "early": validation.new_state()}
-    best = None  # the best epoch's weights so far (validation mAP)
+    best = None  # the best epoch's weights so far (validation mAP): this rank's shard under torchrun
+    best_full = None  # the same, whole, for the checkpoint (rank 0)
     if os.path.exists(path):
         ck = checkpoint.load(path)
         if shards is None:
@@ -200,7 +202,8 @@ def train_student(cfg, taxonomy: Taxonomy, train: SampleSet, run: str, path: str
             shards.load_full_state(model, opt, ck["model"], ck["optimizer"])
         state = ck["state"]
         state.setdefault("early", validation.new_state())  # a checkpoint from before early stopping
-        best = ck.get("best")
+        best_full = ck.get("best")
+        best = best_full if shards is None or best_full is None else _shard_of(shards, best_full)
         if state["done"]:
             return {"model": model, **state}
     width = max(int(np.diff(train.labels.indptr).max()), 1)
@@ -256,31 +259,61 @@ def train_student(cfg, taxonomy: Taxonomy, train: SampleSet, run: str, path: str
                 state.update(epoch_sum=epoch_sum, run_sum=run_sum, run_cnt=run_cnt)
                 state["seconds"] += time.time() - t0
                 t0 = time.time()
-                _save(path, model, opt, state, shards, best)
+                _save(path, model, opt, state, shards, best_full)
                 last_save = time.time()
         state["history"]["epoch_loss"].append(epoch_sum / steps)
         if model.scale is not None:
             state["history"]["scale"].append(model.scale.detach().cpu().tolist())
         state.update(epoch=e + 1, step=0, epoch_sum=0.0, run_sum=0.0, run_cnt=0)
         if val is not None:
-            m = validation.student_map(model, taxonomy, val, cfg.eval.row_chunk, cfg.eval.class_chunk, cfg.device)
-            if validation.update(state["early"], e + 1, m, cfg.stopping.patience, cfg.stopping.min_delta):
+            gained, full = _validate(cfg, taxonomy, val, run, model, opt, shards, state, train.input_shape)
+            if gained:
                 best = validation.copy_state(model)
+                best_full = best if shards is None else full
         state["seconds"] += time.time() - t0
         state["done"] = state["epoch"] >= st.epochs or state["early"]["stopped_early"]
         if state["done"]:
             if best is not None:  # the model kept is the best epoch's; the optimizer is no longer needed
                 model.load_state_dict(best)
-            best = None
-            state["gamma"] = vertical_gamma(model)
+            best = best_full = None
+            whole = model.state_dict() if shards is None else (shards.full_state(model, opt) or [{}])[0]
+            state["gamma"] = vertical_gamma(whole.get("log_scale"), model.segments.tolist())
             state["record"] = validation.summary(state["early"] if val is not None else None, state["epoch"],
                                                  st.epochs)
-        _save(path, model, opt, state, shards, best)
+        _save(path, model, opt, state, shards, best_full)
         last_save = time.time()
     if bar is not None:
         bar.close()
     model.eval()
     return {"model": model, **state}
+
+
+def _validate(cfg, taxonomy, val, run, model, opt, shards, state, input_shape) -> Tuple[bool, Optional[Dict]]:
+    """Scores the validation split after an epoch and updates the early-stopping state; returns (whether the epoch
+    is the best so far, the whole student's weights on rank 0 under torchrun). There rank 0 scores the gathered
+    student and every rank takes its decisions."""
+    def score(m):
+        return validation.student_map(m, taxonomy, val, cfg.eval.row_chunk, cfg.eval.class_chunk, cfg.device)
+
+    early, stop = state["early"], cfg.stopping
+    if shards is None:
+        return validation.update(early, state["epoch"], score(model), stop.patience, stop.min_delta), None
+    full = shards.full_state(model, opt)  # every rank joins the gather
+    gained = False
+    if full is not None:
+        whole = make_student(cfg, taxonomy, input_shape, run)
+        whole.load_state_dict(full[0])
+        gained = validation.update(early, state["epoch"], score(whole.to(cfg.device)), stop.patience,
+                                   stop.min_delta)
+        full = {k: v.detach().clone() for k, v in full[0].items()}  # the backbone's are the live tensors
+    early["stopped_early"] = kcdist.agree(early["stopped_early"])
+    return kcdist.agree(gained), full
+
+
+def _shard_of(shards, full: Dict) -> Dict:
+    """This rank's rows of a whole student's state dict."""
+    lo, hi = shards.class_range
+    return {k: (v[lo:hi] if k in shards.sharded else v) for k, v in full.items()}
 
 
 def _save(path, model, opt, state, shards=None, best=None):
@@ -292,7 +325,10 @@ def _save(path, model, opt, state, shards=None, best=None):
         return
     full = shards.full_state(model, opt)  # the whole student, gathered to rank 0, which writes it
     if full is not None:
-        checkpoint.save({"model": full[0], "optimizer": full[1], "state": state}, path)
+        ck = {"model": full[0], "optimizer": full[1], "state": state}
+        if best is not None:
+            ck["best"] = best
+        checkpoint.save(ck, path)
 
 
 def load_student(cfg, taxonomy: Taxonomy, input_shape, run: str, path: str) -> Tuple[Student, Dict]:
