@@ -4,7 +4,8 @@
     out/config.yaml        the run's config (a resumed run must match it; `--resume` alone reads it)
     out/state.json         which stages are finished
     out/taxonomy.csv       the label space
-    out/data/{train,test}  feature shards (synthetic data; real data is read where data.path points)
+    out/data/{train,val,test}  feature shards (synthetic data; real data is read where data.path points, its
+                           val/ folder or a seeded hold-out of its train/)
     out/specialists/       one teacher checkpoint per vertical
     out/cache/             the teacher cache (index.npy, value.npy, manifest.json)
     out/cache-bayes/       the same from the generator's Bayes posterior (bayes_* methods, synthetic data)
@@ -150,11 +151,17 @@ class Workspace:
             self._tax = taxonomy.load(os.path.join(self.out, "taxonomy.csv"))
         return self._tax
 
-    def split(self, name: str) -> data.SampleSet:
+    def split(self, name: str) -> Optional[data.SampleSet]:
+        """train, val or test; val is None where there is none (data.val_per_class or data.val_fraction 0)."""
         if name not in self._splits:
             d = self.cfg.data
-            root = self.data_dir if d.kind == "synthetic" else d.path
-            self._splits[name] = data.open_split(d.kind, os.path.join(root, name), self.taxonomy(), d.image_size)
+            if d.kind == "synthetic":
+                path = os.path.join(self.data_dir, name)
+                self._splits[name] = (None if name == "val" and not os.path.isdir(path) else
+                                      data.open_split(d.kind, path, self.taxonomy(), d.image_size))
+            else:
+                self._splits[name] = data.open_real_split(d.kind, d.path, name, self.taxonomy(), d.image_size,
+                                                          d.val_fraction, self.cfg.seed)
         return self._splits[name]
 
     def student_path(self, run: str, directory: Optional[str] = None) -> str:
@@ -186,12 +193,14 @@ def stage_data(ws: Workspace, resume: bool) -> Dict:
                                      ws.progress)
         runfolder.commit(ws.data_dir)
     else:
-        root = cfg.data.path
         sizes = {}
-        for split in ("train", "test"):
-            sizes[split] = len(data.open_split(cfg.data.kind, os.path.join(root, split), tax, cfg.data.image_size))
-    log(f"data: {sizes['train']} training and {sizes['test']} test samples ({cfg.data.kind})")
-    return {"train": sizes["train"], "test": sizes["test"]}
+        for split in ("train", "val", "test"):
+            s = ws.split(split)
+            sizes[split] = len(s) if s is not None else 0
+    sizes.setdefault("val", 0)
+    log(f"data: {sizes['train']} training, {sizes['val']} validation and {sizes['test']} test samples "
+        f"({cfg.data.kind})")
+    return {"train": sizes["train"], "val": sizes["val"], "test": sizes["test"]}
 
 
 def stage_specialists(ws: Workspace, resume: bool) -> Dict:
@@ -199,7 +208,7 @@ def stage_specialists(ws: Workspace, resume: bool) -> Dict:
     if kcdist.active():
         return _specialists_split(ws, resume)
     d = runfolder.begin(ws.specialists_dir, resume)
-    teachers.train_specialists(ws.cfg, tax, tr, d, ws.cfg.seed, ws.progress, resume=resume)
+    teachers.train_specialists(ws.cfg, tax, tr, d, ws.cfg.seed, ws.progress, resume=resume, val=ws.split("val"))
     runfolder.commit(ws.specialists_dir)
     return {"teachers": tax.num_verticals}
 
@@ -216,9 +225,8 @@ def _specialists_split(ws: Workspace, resume: bool) -> Dict:
     for v in mine:
         path = teachers.teacher_path(d, v)
         if not (resume and os.path.exists(path)):
-            model = teachers.train_specialist(ws.cfg, tax, tr, v, ws.cfg.seed, ws.progress)
-            checkpoint.save({"vertical": v, "state": model.state_dict(), "num_classes": len(tax.classes_of(v))},
-                            path)
+            model = teachers.train_specialist(ws.cfg, tax, tr, v, ws.cfg.seed, ws.progress, ws.split("val"))
+            teachers.save_specialist(path, model, v, len(tax.classes_of(v)))
     log(f"specialists: rank 0 trained verticals {mine.start}-{mine.stop - 1}, {kcdist.world()} ranks in all")
     kcdist.barrier()  # every teacher written before the folder is swapped in
     if kcdist.is_main():
@@ -263,7 +271,7 @@ def stage_student(ws: Workspace, resume: bool) -> Dict:
     tax, tr = ws.taxonomy(), ws.split("train")
     runs = cfg.runs()
     caches = {}
-    if any(train.parse_run(r)[0] != "generalist" for r in runs):
+    if any(train.distils(train.parse_run(r)[0]) for r in runs):
         ws.require("cache")
         caches["specialists"] = cache_mod.TeacherCache(ws.cache_dir, ws.expected_cache())
     if ws.uses_bayes():
@@ -275,9 +283,13 @@ def stage_student(ws: Workspace, resume: bool) -> Dict:
     out = {}
     for run in runs:
         cache = caches.get("bayes" if run.startswith("bayes_") else "specialists")
-        res = train.train_student(cfg, tax, tr, run, ws.student_path(run, d), cfg.seed, cache, ws.progress)
-        out[run] = {"seconds": round(res["seconds"], 2), "final_loss": res["history"]["epoch_loss"][-1]}
-        log(f"student {run}: final epoch loss {out[run]['final_loss']:.4f} ({res['seconds']:.1f}s)")
+        res = train.train_student(cfg, tax, tr, run, ws.student_path(run, d), cfg.seed, cache, ws.progress,
+                                  val=ws.split("val"))
+        rec = res.get("record") or {}
+        out[run] = {"seconds": round(res["seconds"], 2), "final_loss": res["history"]["epoch_loss"][-1],
+                    "epochs": res["epoch"], "best_epoch": rec.get("best_epoch", res["epoch"])}
+        log(f"student {run}: {res['epoch']} epochs (best {out[run]['best_epoch']}), final epoch loss "
+            f"{out[run]['final_loss']:.4f} ({res['seconds']:.1f}s)")
     kcdist.barrier()  # rank 0 has written every checkpoint
     if kcdist.is_main():
         runfolder.commit(ws.students_dir)
@@ -297,7 +309,9 @@ def _eval_student(ws: Workspace, run: str) -> Dict:
                                                      shared=st.shared),
                ms_per_sample=evaluate.time_per_sample(model.scores, te, cfg.eval.timing_batch, cfg.device),
                train_seconds=state["seconds"], history=state["history"], method=method, head=head,
-               scale=train.run_scale(cfg, method))
+               scale=train.run_scale(cfg, method),
+               training=state.get("record") or {"epochs": state["epoch"]},
+               gamma=state.get("gamma"))
     return res
 
 
@@ -310,9 +324,14 @@ def _eval_specialists(ws: Workspace) -> Dict:
     def all_teachers(x):
         return [t(x) for t in ts]
 
+    recs = teachers.records(ws.specialists_dir, tax.num_verticals)
     res.update(parameters=sum(models.count_parameters(t) for t in ts),
                ms_per_sample=evaluate.time_per_sample(all_teachers, te, cfg.eval.timing_batch, cfg.device),
-               history={}, method="specialists", head="", scale="none")
+               history={}, method="specialists", head="", scale="none",
+               train_seconds=sum((r or {}).get("train_seconds", 0.0) for r in recs),
+               # wall time apart from the rest, as for every model (train_seconds)
+               training={"per_vertical": [{k: v for k, v in (r or {}).items() if k != "train_seconds"}
+                                          for r in recs]})
     return res
 
 
@@ -328,7 +347,9 @@ def evaluated_models(ws: Workspace) -> List[str]:
     """Student runs, the specialists, and (synthetic data of a size where it is cheap) the Bayes posterior."""
     cfg = ws.cfg
     extra = ["specialists"]
-    if cfg.data.kind == "synthetic" and cfg.eval.bayes and len(ws.split("test")) * ws.taxonomy().num_classes <= 1e9:
+    # the posterior models one object a row: rows spanning verticals (data.multi_vertical) are beyond it
+    if (cfg.data.kind == "synthetic" and cfg.eval.bayes and cfg.data.multi_vertical == 0
+            and len(ws.split("test")) * ws.taxonomy().num_classes <= 1e9):
         extra.append("bayes")
     return cfg.runs() + extra
 
@@ -365,6 +386,8 @@ def stage_report(ws: Workspace, resume: bool) -> Dict:
                "num_test": len(ws.split("test")), "scale": cfg.student.scale, "scale_init": cfg.student.scale_init,
                "config": cfg.to_dict(),
                "stage_seconds": {k: v.get("seconds") for k, v in ws.state()["stages"].items()},
+               "num_val": len(ws.split("val")) if ws.split("val") is not None else 0,
+               "compute": compute(evals, ws.state()["stages"]),
                "models": evals}
     written = report.write(results, {r: h for r, h in histories.items() if h}, runfolder.begin(ws.report_dir, False))
     runfolder.commit(ws.report_dir)
@@ -372,6 +395,21 @@ def stage_report(ws: Workspace, resume: bool) -> Dict:
     print(report.markdown(results))
     log("report files: " + ", ".join(files.values()))  # absolute: a path the reader can open from anywhere
     return {"files": files}
+
+
+def compute(evals: Dict, stages: Dict) -> Dict:
+    """Wall seconds of training each model (validation included), and the method's total beside the generalist's:
+    a distilled student costs the specialists, the teacher cache and its own training."""
+    spec = evals.get("specialists", {}).get("train_seconds") or 0.0
+    cache = (stages.get("cache") or {}).get("seconds") or 0.0
+    out = {"specialists_seconds": round(spec, 2), "cache_seconds": round(cache, 2), "students": {}}
+    for run, res in evals.items():
+        if run in ("specialists", "bayes") or "train_seconds" not in res:
+            continue
+        own = res["train_seconds"]
+        total = own + (spec + cache if train.distils(res.get("method", "generalist")) else 0.0)
+        out["students"][run] = {"train_seconds": round(own, 2), "method_seconds": round(total, 2)}
+    return out
 
 
 STAGE_FUNCS = {"data": stage_data, "specialists": stage_specialists, "cache": stage_cache,
