@@ -132,10 +132,14 @@ def map_per_vertical(results: Dict, path: str, names: Names) -> str:
     return path
 
 
+MIN_GAP = 1.0  # mAP points: below this the gap is test noise, and a share of it would be a large random number
+SHARE_LIMITS = (-100.0, 200.0)  # the gap figure's axis at most; a bar beyond it is cut there and labelled
+
+
 def gap_closed(results: Dict) -> Dict[str, np.ndarray]:
     """Per student run other than the generalists: the share (%) of the gap between its head's generalist and the
-    specialists that it closes, per vertical then overall; NaN where the specialists are not ahead of the
-    generalist (no gap to close)."""
+    specialists that it closes, per vertical then overall; NaN where the specialists are less than MIN_GAP points
+    ahead of the generalist (no gap to speak of)."""
     models = results["models"]
     if "specialists" not in models:
         return {}
@@ -149,7 +153,7 @@ def gap_closed(results: Dict) -> Dict[str, np.ndarray]:
         gen = _values(base)
         gap = spec - gen
         with np.errstate(invalid="ignore", divide="ignore"):
-            out[run] = np.where(gap > 0, 100 * (_values(models[run]) - gen) / gap, np.nan)
+            out[run] = np.where(gap >= MIN_GAP, 100 * (_values(models[run]) - gen) / gap, np.nan)
     return out
 
 
@@ -169,11 +173,25 @@ def gap_figure(results: Dict, path: str, names: Names) -> Optional[str]:
     width = 0.8 / max(1, len(shown))
     fig, axes = plt.subplots(len(heads), 1, figsize=(max(7.0, 0.75 * len(groups) + 2.5), 1.0 + 2.6 * len(heads)),
                              sharex=True, squeeze=False)
+    finite = np.concatenate([v[np.isfinite(v)] for v in shares.values()] + [np.array([0.0, 100.0])])
+    lo, hi = max(SHARE_LIMITS[0], float(finite.min()) - 10), min(SHARE_LIMITS[1], float(finite.max()) + 10)
     for ax, head in zip(axes[:, 0], heads):
         for i, m in enumerate(shown):
             s = shares.get(f"{m}-{head}")
-            if s is not None:
-                ax.bar(x + (i - (len(shown) - 1) / 2) * width, s, width, color=col[m], label=names.of_method(m))
+            if s is None:
+                continue
+            xs = x + (i - (len(shown) - 1) / 2) * width
+            ax.bar(xs, np.clip(s, lo, hi), width, color=col[m], label=names.of_method(m))
+            for xi, si in zip(xs, s):
+                if np.isfinite(si) and not lo <= si <= hi:  # cut at the axis: its value in words
+                    ax.annotate(f"{si:.0f}%", (xi, hi if si > hi else lo), ha="center", fontsize=7,
+                                va="top" if si > hi else "bottom", rotation=90)
+        missing = [g for g in range(len(groups))
+                   if not any(np.isfinite(shares[f"{m}-{head}"][g]) for m in shown if f"{m}-{head}" in shares)]
+        for g in missing:
+            ax.text(g, (lo + hi) / 2, f"gap < {MIN_GAP:g} point", ha="center", va="center", fontsize=7,
+                    color="#555555", rotation=90)
+        ax.set_ylim(lo, hi)
         ax.axhline(0, color="#555555", linewidth=0.8)
         ax.axhline(100, **REFERENCE_STYLE["specialists"])
         ax.set_ylabel("gap closed (%)")
