@@ -537,6 +537,7 @@ def prediction_records(rows: List[Row], profiles: List[Dict], gpu_key: Optional[
         prof, fprof = p["profile"], floor_prof.get((p["case"], p["shape"]), {})
         row = by_impl.get((p["case"], p["shape"], p["impl"]))
         measured = {"epilogue_ms": prof.get("epilogue_ms"), "torch_ms": prof.get("torch_ms"),
+                    "torch_dw_ms": (prof.get("ms") or {}).get("torch dW"), "dw_ms": prof.get("dw_ms"),
                     "gemm_ms": prof.get("gemm_ms"), "split_ms": prof.get("ms"),
                     "floor_gemm_ms": fprof.get("gemm_ms"), "kc_ms": None if row is None else _nan_none(row.ms),
                     "floor_ms": None if row is None else _nan_none(row.floor_ms),
@@ -545,6 +546,9 @@ def prediction_records(rows: List[Row], profiles: List[Dict], gpu_key: Optional[
                                           "torch_gb", "gemm_ms", "floor_ms", "kc_ms", "ratio", "epilogue", "torch",
                                           "notes")}
         predicted["ratio_at_measured_rates"] = at_measured["ratio"]
+        # dW's torch passes (its sum over row blocks), the part of the torch passes the profile tells apart
+        predicted["torch_dw_ms"] = sum(v for k, v in pred["torch"].items() if k.startswith("dW")) * 1e12 \
+            / gpu_model.DATASHEET[key].bandwidth
         out.append({"case": p["case"], "shape": p["shape"], "impl": p["impl"], "model": f"{key} {backend}",
                     "rates": pred["gpu"], "predicted": predicted, "measured": measured,
                     "epilogue_measured_over_predicted": _over(measured["epilogue_ms"], pred["epilogue_ms"]),
@@ -611,8 +615,9 @@ def _prediction_line(r: Dict) -> str:
         return "-" if v is None else f"{v:.2f}"
 
     return (f"predicted {r['impl']:<9} ({r['model']}): epilogue {f(pr['epilogue_ms'])} ms, measured "
-            f"{f(me['epilogue_ms'])}; torch passes {f(pr['torch_ms'])}, measured {f(me['torch_ms'])}; ratio "
-            f"{f(pr['ratio'])}, measured {f(me['ratio'])}")
+            f"{f(me['epilogue_ms'])}; torch passes {f(pr['torch_ms'])}, measured {f(me['torch_ms'])} (of them dW "
+            f"{f(pr['torch_dw_ms'])}, measured {f(me['torch_dw_ms'])}); ratio {f(pr['ratio'])}, measured "
+            f"{f(me['ratio'])}")
 
 
 def _dist_version(dist: str) -> Optional[str]:

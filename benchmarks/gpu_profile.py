@@ -1,5 +1,6 @@
 """Where one call's time goes: one call under torch.profiler, its device kernels split into the GEMMs (logits, dx,
-dW), kc's epilogue kernels and the other torch kernels (fills, casts, the fp32 sums of dx and dW, partial sums).
+dW), kc's epilogue kernels and the torch kernels (fills, casts, partial sums; the fp32 sums of dx and of dW apart),
+with dW's total (its GEMMs and its torch passes).
 
 On a GPU the split is by kernel time (CUDA activities); a GEMM's role comes from the shapes of the aten op that
 launched it (x W^T has the hidden size as its inner dimension; dx = G W and dW = G^T x share the hidden size as
@@ -67,6 +68,15 @@ class GemmRoles:
             return "gemm dx/dW"
         return "gemm (other)"
 
+    def torch_role(self, shapes: List) -> str:
+        """A torch kernel over [classes, H] after a logits GEMM is dW's (the fp32 sum over row blocks, its casts);
+        over [rows, H] or [B, H], dx's (the fp32 sum over chunks); anything else is "torch"."""
+        mats = [s for s in shapes if isinstance(s, (list, tuple)) and len(s) == 2]
+        if self.last is None or not mats or mats[0][1] != self.H:
+            return "torch"
+        rows, classes = self.last
+        return "torch dW" if mats[0][0] == classes and classes != rows else "torch dx"
+
 
 def _device_events(prof) -> List:
     return [e for e in prof.events() if str(getattr(e, "device_type", "")).endswith("CUDA")]
@@ -86,16 +96,25 @@ def split_kernels(records: List[Tuple[str, float, str, List]], H: int) -> Dict:
         cat = kernel_category(name)
         if cat == "gemm":
             cat = roles.role(op, shapes) if op in GEMM_OPS or op.startswith("aten::addmm") else "gemm (other)"
+        elif cat == "torch":
+            cat = roles.torch_role(shapes)
         cats[cat] = cats.get(cat, 0.0) + us / 1e3
         k = kernels.setdefault(name[:160], [cat, 0, 0.0])
         k[1] += 1
         k[2] += us / 1e3
     top = sorted(([n, c, calls, ms] for n, (c, calls, ms) in kernels.items()), key=lambda r: -r[3])
-    gemm = sum(v for k, v in cats.items() if k.startswith("gemm"))
-    return {"ms": {k: round(v, 4) for k, v in sorted(cats.items())}, "gemm_ms": round(gemm, 4),
-            "epilogue_ms": round(cats.get("epilogue", 0.0), 4), "torch_ms": round(cats.get("torch", 0.0), 4),
+    return {**_totals(cats), "epilogue_ms": round(cats.get("epilogue", 0.0), 4),
             "kernel_ms": round(sum(cats.values()), 4),
             "kernels": [{"name": n, "category": c, "calls": calls, "ms": round(ms, 4)} for n, c, calls, ms in top[:25]]}
+
+
+def _totals(cats: Dict[str, float]) -> Dict:
+    """The split, and its sums: every GEMM, every torch kernel, and dW's GEMMs with its torch passes."""
+    def total(*prefixes):
+        return round(sum(v for k, v in cats.items() if k.startswith(prefixes)), 4)
+
+    return {"ms": {k: round(v, 4) for k, v in sorted(cats.items())}, "gemm_ms": total("gemm"),
+            "torch_ms": total("torch"), "dw_ms": total("gemm dW", "torch dW")}
 
 
 def _records(prof) -> List[Tuple[str, float, str, List]]:
@@ -127,15 +146,13 @@ def split_cpu(prof, H: int, wall_ms: float) -> Dict:
             continue
         ms = e.self_cpu_time_total / 1e3
         cat = roles.role(e.name, e.input_shapes) if e.name in GEMM_OPS or e.name.startswith("aten::addmm") \
-            else "torch"
+            else roles.torch_role(e.input_shapes)
         if cat.startswith("gemm") and ms == 0:
             continue  # an outer op (matmul) whose time is its inner mm's
         cats[cat] = cats.get(cat, 0.0) + ms
     held = sum(cats.values())
     cats["other (kc C++ epilogue, Python)"] = max(0.0, wall_ms - held)
-    gemm = sum(v for k, v in cats.items() if k.startswith("gemm"))
-    return {"ms": {k: round(v, 4) for k, v in sorted(cats.items())}, "gemm_ms": round(gemm, 4),
-            "epilogue_ms": None, "torch_ms": round(cats.get("torch", 0.0), 4), "kernel_ms": None, "kernels": []}
+    return {**_totals(cats), "epilogue_ms": None, "kernel_ms": None, "kernels": []}
 
 
 def profile_call(fn: Callable[[], object], device: torch.device, H: int) -> Dict:

@@ -81,10 +81,13 @@ def test_kernel_split_tells_gemm_roles_apart():
             ("void at::native::reduce_kernel<512, 1>", 5.0, "aten::sum", []),
             ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n", 800.0, "aten::mm", [[R, V], [V, H]]),
             ("void at::native::vectorized_elementwise_kernel<4>", 30.0, "aten::add_", [[8192, H], [R, H]]),
-            ("nvjet_tst_128x256", 850.0, "aten::addmm_", [[V, H], [V, R], [R, H], [], []])]
+            ("nvjet_tst_128x256", 850.0, "aten::addmm_", [[V, H], [V, R], [R, H], [], []]),
+            ("void at::native::vectorized_elementwise_kernel<4>", 70.0, "aten::add_", [[V, H], [V, H], []])]
     s = gpu_profile.split_kernels(recs, H)
-    assert s["ms"] == {"epilogue": 0.35, "gemm dW": 0.85, "gemm dx": 0.8, "gemm logits": 0.9, "torch": 0.035}
-    assert s["gemm_ms"] == 2.55 and s["kernels"][0]["name"].startswith("nvjet_tst_256")
+    assert s["ms"] == {"epilogue": 0.35, "gemm dW": 0.85, "gemm dx": 0.8, "gemm logits": 0.9, "torch": 0.005,
+                       "torch dW": 0.07, "torch dx": 0.03}
+    assert (s["gemm_ms"], s["torch_ms"], s["dw_ms"]) == (2.55, 0.105, 0.92)
+    assert s["kernels"][0]["name"].startswith("nvjet_tst_256")
 
 
 def test_byte_model_follows_the_driver():
