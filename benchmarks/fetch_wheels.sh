@@ -3,8 +3,9 @@
 # network, each only where its package is missing there: pybind11 and ninja for the extension build, Liger-Kernel
 # and Cut Cross-Entropy as peers of the benchmark table.
 #   bash benchmarks/fetch_wheels.sh [PYTHON_VERSION]      # default 3.12, the lent GPU machines' Python
-# PyPI's cut-cross-entropy (25.1.1) predates its bias argument and its cce_exact preset; for the exact preset, put a
-# wheel built from its repository there instead (pip wheel --no-deps -w benchmarks/wheels <checkout>).
+# PyPI's cut-cross-entropy (25.1.1) predates its bias argument and its cce_exact preset: the check runs cce-exact as
+# impl="cce", filter_eps=None there (the same computation), or takes a wheel built from its repository put there
+# instead (pip wheel --no-deps -w benchmarks/wheels <checkout>). What each wheel requires: docs/gpu.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"

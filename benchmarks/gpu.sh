@@ -149,6 +149,11 @@ snapshot
 # the headline's one case runs whatever its soft cap: Triton compiles kc's kernels and both peers' here, so it gets a
 # longer grace before its hard cap
 step headline "$(cap $CAP_HEADLINE $RES_HEADLINE)" $(( 3 * GRACE ))
+if [ -z "$DRY" ] && [ -n "$RESULTS_PATH" ]; then
+  # a first report with the headline in it, rewritten at the end: should the run be stopped from outside later,
+  # the JSON still comes back with the case that matters most (a few seconds, most of them torch's import)
+  timeout -k 5 30 "$PY" -m benchmarks.gpu_check report --work "$WORK" --out "$RESULTS_PATH" >"$WORK/report-early.log" 2>&1
+fi
 step correctness "$(cap $CAP_CORRECTNESS $RES_CORRECTNESS)"
 step bench "$(cap $CAP_BENCH $RES_BENCH)" $(( 2 * GRACE ))
 step syncs "$(cap $CAP_SYNCS $RES_SYNCS)"
