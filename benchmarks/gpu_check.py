@@ -614,10 +614,10 @@ def _prediction_line(r: Dict) -> str:
     def f(v):
         return "-" if v is None else f"{v:.2f}"
 
-    return (f"predicted {r['impl']:<9} ({r['model']}): epilogue {f(pr['epilogue_ms'])} ms, measured "
-            f"{f(me['epilogue_ms'])}; torch passes {f(pr['torch_ms'])}, measured {f(me['torch_ms'])} (of them dW "
-            f"{f(pr['torch_dw_ms'])}, measured {f(me['torch_dw_ms'])}); ratio {f(pr['ratio'])}, measured "
-            f"{f(me['ratio'])}")
+    return (f"predicted {r['impl']:<9} ({r['model']}): epilogue {f(pr.get('epilogue_ms'))} ms, measured "
+            f"{f(me.get('epilogue_ms'))}; torch passes {f(pr.get('torch_ms'))}, measured {f(me.get('torch_ms'))} "
+            f"(of them dW {f(pr.get('torch_dw_ms'))}, measured {f(me.get('torch_dw_ms'))}); ratio "
+            f"{f(pr.get('ratio'))}, measured {f(me.get('ratio'))}")
 
 
 def _dist_version(dist: str) -> Optional[str]:
@@ -865,7 +865,10 @@ def run_report(s: Settings, work: Path, out: Optional[str], dry: bool) -> Path:
         path = RESULTS / f"gpu-{slug}-{_dt.date.today().isoformat()}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(_finite(report), indent=1, default=_json_default))
-    print_summary(report)
+    try:
+        print_summary(report)
+    except Exception:  # the JSON is written; a summary that trips on an odd record must not hide that
+        traceback.print_exc()
     print(f"\nwrote {path}")
     return path
 
