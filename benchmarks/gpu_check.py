@@ -14,7 +14,7 @@ benchmarks/results/gpu-<device>-<date>.json and prints a readable summary.
 
 ``--dry-run`` runs the same steps on the CPU at tiny shapes: the triton backend under TRITON_INTERPRET=1, the cpu
 backend as a stand-in for a GPU one, the cuda backend recorded as unavailable, the peers recorded as GPU only beside
-one that raises in every call, profiles of the CPU ops, no sync counts.
+one that raises mid-case, profiles of the CPU ops, no sync counts.
 """
 from __future__ import annotations
 
@@ -140,7 +140,7 @@ def _tiny(case: Case, dtype: str, B: int = 4, V: int = 300) -> Case:
 
 # the interpreter takes a good part of a second per kernel launch: a few cases, each in one dtype, and timings of
 # the cpu backend only (the interpreter's are meaningless). The peers cannot run on CPU tensors (recorded as such),
-# and "raising-peer" imports and then raises in every call: the case's kc and floor rows must survive it.
+# and "raising-peer" runs and then raises mid-case: the case's kc and floor rows must survive it.
 DRY = Settings(
     device="cpu", backends=("cpu", "triton", "cuda"), timed_backends=("cpu", "cuda"),
     cases=(Case("sigmoid sparse K=20 (big case, tiny)", dict(B=6, H=32, V=700, K=20), dict(mode="sigmoid"),
@@ -396,8 +396,15 @@ def _cce_exact(p: common.Problem) -> Optional[Callable]:
 
 
 def _raising_peer(p: common.Problem) -> Callable:
+    """The dry run's peer that imports and then fails: its warm-up, memory and first timed calls run (one logits
+    GEMM), every later call raises. Its row keeps its one round; the case's other rows keep all of theirs."""
+    calls = [0]
+
     def run():
-        raise RuntimeError("raises in every call (the dry run's check that a failing peer costs only its own row)")
+        calls[0] += 1
+        if calls[0] > 3:
+            raise RuntimeError("raises from its second timed round on (a failing peer costs only its own row)")
+        return p.x.detach() @ p.weight.detach().t()
 
     return run
 
@@ -459,11 +466,12 @@ def _timed(fn: Callable, device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def bench_case(loss: str, B: int, H: int, V: int, rounds: int, s: Settings, live: List[str], step: Step
-               ) -> Tuple[List[Row], List[Dict]]:
+def bench_case(loss: str, B: int, H: int, V: int, rounds: int, s: Settings, live: List[str], step: Step,
+               whole: bool = False) -> Tuple[List[Row], List[Dict]]:
     """One case: a warm-up call and a peak-memory call per implementation, then interleaved timed rounds (the ratio
     is the median over rounds of op / floor of the same round: drift in clocks hits both alike), then one profiled
-    call of kc on each backend and of the floor. Returns the rows and the profiles."""
+    call of kc on each backend and of the floor. Past the step's soft cap no new round starts, unless ``whole``
+    (a step's first case: all its rounds). Returns the rows and the profiles."""
     device = torch.device(s.device)
     S = min(s.num_sampled, V // 2) if loss == "sampled-softmax" else 0
     shape = f"B={B} H={H} V={V}" + (f" S={S}" if S else "")
@@ -482,31 +490,40 @@ def bench_case(loss: str, B: int, H: int, V: int, rounds: int, s: Settings, live
         except Exception as e:
             row.note = _error(e)
             _free(device)
-    times: Dict[str, List[float]] = {n: [] for n, _ in live_fns}
+    # a call that raises leaves the rounds (None in its round); the rounds it completed still count, and a ratio is
+    # taken over the rounds where the op and the floor both ran: a peer that fails in round 3, even one that leaves
+    # the device unusable, costs the later rounds, not the case
+    times: Dict[str, List[Optional[float]]] = {n: [] for n, _ in live_fns}
+    active = list(live_fns)
     done = 0
     for _ in range(rounds):
-        if done and step.out_of_time():
+        if done and not whole and step.out_of_time():
             break
-        for name, fn in live_fns:
+        for name, fn in list(active):
             try:
                 times[name].append(_timed(fn, device))
             except Exception as e:
                 rows[name].note = _error(e)
+                times[name].append(None)
+                active.remove((name, fn))
         done += 1
     floor = times.get("gemm-floor", [])
     for name, ts in times.items():
         row = rows[name]
-        if len(ts) != done or not ts:
+        ok = [t for t in ts if t is not None]
+        if not ok:
             continue
-        row.ms, row.ms_min, row.rounds_ms = statistics.median(ts), min(ts), ts
-        if len(floor) == done and floor:
-            row.floor_ms = statistics.median(floor)
-            row.round_ratios = [t / f for t, f in zip(ts, floor)]
+        row.ms, row.ms_min, row.rounds_ms = statistics.median(ok), min(ok), ok
+        pairs = [(t, f) for t, f in zip(ts, floor) if t is not None and f is not None]
+        if pairs:
+            row.floor_ms = statistics.median(f for _, f in pairs)
+            row.round_ratios = [t / f for t, f in pairs]
             row.round_ratio = statistics.median(row.round_ratios)
-        row.note = (row.note + " " if row.note else "") + f"{done} rounds"
+        row.note = (row.note + " " if row.note else "") + (f"{done} rounds" if len(ok) == done
+                                                           else f"{len(ok)} of {done} rounds")
     profiles = []
     for name, fn in live_fns:
-        if not (name.startswith("kc-") or name == "gemm-floor") or not times.get(name):
+        if not (name.startswith("kc-") or name == "gemm-floor") or (name, fn) not in active:
             continue
         try:
             prof = gpu_profile.profile_call(fn, device, H)
@@ -583,7 +600,7 @@ def run_bench(s: Settings, step: Step, cases=None) -> None:
             continue
         profiles: List[Dict] = []
         try:
-            rows, profiles = bench_case(loss, B, H, V, rounds, s, live, step)
+            rows, profiles = bench_case(loss, B, H, V, rounds, s, live, step, whole=i == 0)
         except Exception as e:  # e.g. out of memory building the inputs
             rows = [Row(loss, f"B={B} H={H} V={V}", "-", note=_error(e))]
             _free(s.device)
