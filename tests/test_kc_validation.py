@@ -23,14 +23,18 @@ def written(tmp_path_factory, tax):
     return d, cfg
 
 
-@pytest.mark.parametrize("n, c, ties", [(37, 5, False), (64, 3, True), (1, 2, False)])
-def test_block_ap_is_the_evaluations_ap(n, c, ties):
+@pytest.mark.parametrize("n, c, ties, edge", [(37, 5, False, False), (64, 3, True, False), (1, 2, False, False),
+                                              (50, 4, True, True)])
+def test_block_ap_is_the_evaluations_ap(n, c, ties, edge):
     g = torch.Generator().manual_seed(n)
     S = torch.randn(n, c, generator=g)
     if ties:
         S = S.round()
         S[0, 0], S[1, 0] = -0.0, 0.0
     P = torch.rand(n, c, generator=g) < 0.3
+    if edge:  # a class without positives, one whose every row is positive, one with a single positive
+        P[:, 0], P[:, 1], P[:, 2] = False, True, False
+        P[n // 2, 2] = True
     got = validation.block_ap(S, P)
     want = [evaluate.average_precision(S[:, j].numpy(), P[:, j].numpy()) for j in range(c)]
     np.testing.assert_allclose(got, want, rtol=1e-6, equal_nan=True)
