@@ -105,3 +105,35 @@ def test_byte_model_follows_the_driver():
     for p in gpu_model.predictions(None):
         assert 1.0 < p["ratio"] < 100 and p["epilogue_ms"] > 0, p
     assert gpu_model.gpu_of("NVIDIA H200") == "H200" and gpu_model.gpu_of("NVIDIA H100 80GB HBM3") == "H100"
+
+
+def test_profile_records_link_kernels_to_their_ops():
+    """On a GPU, torch.profiler lists each device kernel as an event of its own and under the aten op that launched
+    it (FunctionEvent.kernels): the records pair them by name and duration, in launch order; a kernel no op lists
+    (a Triton launch) has no op."""
+    from collections import namedtuple
+
+    TimeRange = namedtuple("TimeRange", "start end")
+    Kernel = namedtuple("Kernel", "name device duration")
+
+    class Event:
+        def __init__(self, name, device, start, end, kernels=(), shapes=()):
+            self.name, self.device_type, self.time_range = name, f"DeviceType.{device}", TimeRange(start, end)
+            self.kernels, self.input_shapes = list(kernels), list(shapes)
+
+    R, V, H = 64, 1000, 32
+    events = [
+        Event("aten::mm", "CPU", 0, 5, [Kernel("nvjet_logits", 0, 90.0)], [[R, H], [H, V], [R, V]]),
+        Event("nvjet_logits", "CUDA", 10, 100),
+        Event("_final_kernel", "CUDA", 100, 130),
+        Event("aten::mm", "CPU", 6, 8, [Kernel("nvjet_dw", 0, 80.0)], [[V, R], [R, H]]),
+        Event("nvjet_dw", "CUDA", 130, 210),
+        Event("aten::add_", "CPU", 9, 10, [Kernel("elementwise", 0, 5.0)], [[V, H], [V, H], []]),
+        Event("elementwise", "CUDA", 210, 215),
+    ]
+    prof = type("Prof", (), {"events": lambda self: events})()
+    recs = gpu_profile._records(prof)
+    assert [(r[0], r[2]) for r in recs] == [("nvjet_logits", "aten::mm"), ("_final_kernel", ""),
+                                            ("nvjet_dw", "aten::mm"), ("elementwise", "aten::add_")]
+    s = gpu_profile.split_kernels(recs, H)
+    assert s["ms"] == {"epilogue": 0.03, "gemm dW": 0.08, "gemm logits": 0.09, "torch dW": 0.005}
