@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--out", default="kc-out", help="output directory (default: kc-out)")
         s.add_argument("--threads", type=int, default=None,
                        help="torch threads (default: the config's threads; 0, its default, means one per core "
-                            "this process may run on)")
+                            "this process may run on that other work is not using, at least one)")
         s.add_argument("--progress", dest="progress", action="store_true", default=None,
                        help="always show progress bars (default: only on a terminal)")
         s.add_argument("--no-progress", dest="progress", action="store_false")

@@ -155,7 +155,7 @@ class RunConfig:
     seed: int = 0
     device: str = "cpu"
     backend: str = "auto"  # kc_kernels backend of the loss
-    threads: int = 0  # torch threads; 0: one per core this process may run on (os.sched_getaffinity)
+    threads: int = 0  # torch threads; 0: one per idle core this process may run on (pipeline.auto_threads)
     # seconds between a student's checkpoints inside an epoch (0: after every step); every epoch's end is saved too
     checkpoint_seconds: float = 60.0
     # under torchrun: seconds a rank waits for the others (rank 0 alone runs data, cache, eval and report meanwhile)

@@ -18,12 +18,16 @@ def test_default_holds_the_paper_table_and_diagnostics_adds_the_checks():
     assert a == b
 
 
-def test_threads_follow_the_cores_unless_given():
+def test_threads_follow_the_idle_cores_unless_given(monkeypatch):
     before = torch.get_num_threads()
     try:
+        monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # a quiet machine: every core
         pipeline.configure_torch(config.load("tiny"))
         assert torch.get_num_threads() == len(os.sched_getaffinity(0)) == pipeline.cores()
-        pipeline.configure_torch(config.load("tiny", overrides={"threads": 1}))
+        monkeypatch.setattr(os, "getloadavg", lambda: (10.0, 9.0, 8.0))  # busy cores: one thread
+        pipeline.configure_torch(config.load("tiny"))
         assert torch.get_num_threads() == 1
+        pipeline.configure_torch(config.load("tiny", overrides={"threads": 3}))  # a number given is kept
+        assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
