@@ -166,6 +166,8 @@ def sampled_softmax_loss(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
             checks.fail("num_sampled", f"must be a positive integer, got {num_sampled!r}")
         num_sampled = int(num_sampled)
         checks.choice("sampler", sampler, samplers.SAMPLERS)
+        if unique and num_sampled > V:  # before the counts: the count of non-zero classes is then beside the point
+            checks.fail("num_sampled", f"{num_sampled} exceeds the {V} classes (unique sampling)")
         if sampler == "unigram":
             if class_counts is None:
                 checks.fail("class_counts", "the unigram sampler needs class_counts [V]")
@@ -186,8 +188,6 @@ def sampled_softmax_loss(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
                 elif counts_mode == "async":
                     checks.assert_later("class_counts", ok, msg + " (a device-side check failed)")
             checks.positive_number("distortion", distortion)
-        if unique and num_sampled > V:
-            checks.fail("num_sampled", f"{num_sampled} exceeds the {V} classes (unique sampling)")
         if isinstance(generator, samplers.PhiloxGenerator):
             sampled = _draw_in_graph(sampler, num_sampled, V, generator, unique, class_counts, distortion, labels,
                                      subtract_log_q, x)
