@@ -219,6 +219,8 @@ def candidates_from_uniforms(sampler: str, num_sampled: int, num_classes: int, u
     (probability mass P_i), the repeats before the next new id are geometric, P(f) = P_i^f (1 - P_i), drawn as
     floor(log u / log P_i); so num_tries = S + those S - 1 waits, distributed as the host loop's count."""
     if sampler == "unigram":
+        if probs is None:
+            raise ValueError("probs: the unigram sampler needs its class probabilities (class_probabilities)")
         p = probs
     else:
         p = probability(sampler, torch.arange(num_classes, device=u.device), num_classes)
