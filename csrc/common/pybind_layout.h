@@ -9,37 +9,24 @@
 
 namespace kc {
 
-// {name: value} for an enum whose i-th name has the value value_of(i) (for enums outside these lists).
-template <typename ValueOf>
-pybind11::dict enum_dict(const char* const* names, int count, ValueOf value_of) {
-  pybind11::dict d;
-  for (int i = 0; i < count; ++i) d[names[i]] = value_of(i);
-  return d;
-}
-
+// Sets m.<attr> to {python name: value} of an X-macro list LIST(X), X(name, python name, ...).
 #define KC_EXPORT_ITEM(name, py, ...) d[py] = static_cast<int>(name);
+#define KC_EXPORT_ENUM(m, py_name, LIST) \
+  do {                                \
+    pybind11::dict d;                 \
+    LIST(KC_EXPORT_ITEM)              \
+    (m).attr(py_name) = d;            \
+  } while (0)
 
 inline void export_soft_target_layout(pybind11::module_& m) {
   m.attr("NUM_STATES") = static_cast<int>(kNumStates);
   m.attr("NUM_CONSTS") = static_cast<int>(kNumConsts);
   m.attr("NORM_EPS") = kNormEps;
-  pybind11::dict d;
-  KC_STATES(KC_EXPORT_ITEM)
-  m.attr("STATES") = d;
-  d = pybind11::dict();
-  KC_CONSTS(KC_EXPORT_ITEM)
-  m.attr("CONSTS") = d;
-  d = pybind11::dict();
-  KC_PHASES(KC_EXPORT_ITEM)
-  m.attr("PHASES") = d;
-  d = pybind11::dict();
-  KC_SCALE_KINDS(KC_EXPORT_ITEM)
-  m.attr("SCALE_KINDS") = d;
-  d = pybind11::dict();
-  KC_LOSS_MODES(KC_EXPORT_ITEM)
-  m.attr("LOSS_MODES") = d;
+  KC_EXPORT_ENUM(m, "STATES", KC_STATES);
+  KC_EXPORT_ENUM(m, "CONSTS", KC_CONSTS);
+  KC_EXPORT_ENUM(m, "PHASES", KC_PHASES);
+  KC_EXPORT_ENUM(m, "SCALE_KINDS", KC_SCALE_KINDS);
+  KC_EXPORT_ENUM(m, "LOSS_MODES", KC_LOSS_MODES);
 }
-
-#undef KC_EXPORT_ITEM
 
 }  // namespace kc

@@ -160,10 +160,10 @@ PYBIND11_MODULE(_C, m) {
       py::arg("u"), py::arg("ld"), py::arg("rows"), py::arg("cols"), py::arg("row_scale"), py::arg("colsum"),
       "Sampled softmax backward row pass (csrc/cpu/kc_cpu.h: SampledRowsScale); colsum 0 = no column sums.");
   kc::export_soft_target_layout(m);
-  py::dict scores_dtypes;
-  scores_dtypes["F32"] = static_cast<int>(kc_cpu::kScoresF32);
-  scores_dtypes["BF16"] = static_cast<int>(kc_cpu::kScoresBF16);
-  m.attr("SCORES_DTYPES") = scores_dtypes;
+  {
+    using namespace kc_cpu;
+    KC_EXPORT_ENUM(m, "SCORES_DTYPES", KC_SCORES_DTYPES);
+  }
   m.def("native_bf16", &kc_cpu::native_bf16,
         "Whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16), so that bf16 GEMMs beat fp32 ones.");
 #ifdef _OPENMP

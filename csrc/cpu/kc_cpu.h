@@ -17,7 +17,8 @@ using namespace kc;
 // Storage type of the scores buffer u. The epilogue computes in fp32 whatever the storage: bf16 scores (the output of
 // a bf16 logits GEMM) are widened row by row into an fp32 row buffer, and the logit gradient is rounded back to bf16
 // (to nearest, ties to even) into the same buffer.
-enum ScoresDtype : int { kScoresF32 = 0, kScoresBF16 = 1, kNumScoresDtypes = 2 };
+#define KC_SCORES_DTYPES(X) X(kScoresF32, "F32") X(kScoresBF16, "BF16")
+enum ScoresDtype : int { KC_SCORES_DTYPES(KC_ENUM_ITEM) kNumScoresDtypes };
 
 // Fields default to 0 / null (absent), so the bindings can build one field by field.
 struct SoftTargetChunk {

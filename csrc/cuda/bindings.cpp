@@ -167,7 +167,10 @@ PYBIND11_MODULE(_cuda, m) {
         "Per-row sampled-softmax loss of the gathered logits; with coef their gradient in place");
 
   m.attr("TILE") = py::make_tuple(kc_cuda::kFinalBlockRows, kc_cuda::kFinalBlockCols);
-  m.attr("DTYPES") = kc::enum_dict(kc_cuda::kDTypeNames, kc_cuda::kNumDTypes, [](int i) { return i; });
+  {
+    using namespace kc_cuda;
+    KC_EXPORT_ENUM(m, "DTYPES", KC_DTYPES);
+  }
   kc::export_soft_target_layout(m);
 
   m.def("device_count", &kc_cuda::device_count,

@@ -5,12 +5,13 @@
 #pragma once
 #include <cstdint>
 
+#include "common/soft_target_layout.h"  // KC_ENUM_ITEM
+
 namespace kc_cuda {
 
 // Element type of a buffer whose type varies with the inputs (scores, teacher logits).
-enum DType { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
-constexpr int kNumDTypes = 4;
-constexpr const char* kDTypeNames[kNumDTypes] = {"float32", "float16", "bfloat16", "float64"};
+#define KC_DTYPES(X) X(kFloat32, "float32") X(kFloat16, "float16") X(kBFloat16, "bfloat16") X(kFloat64, "float64")
+enum DType { KC_DTYPES(KC_ENUM_ITEM) kNumDTypes };
 
 // ---- soft-target epilogue (soft_target.cu; contract: docs/epilogue.md, "GPU epilogue")
 
