@@ -12,6 +12,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from kc_kernels.layout import NORM_EPS  # added to a segment's sum of squares under a scale
+from kc_kernels.reduction import compute_dtype
 
 __all__ = ["soft_target_logits"]
 
@@ -57,7 +58,7 @@ def soft_target_logits(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
         _fail("block", f"must be a positive number of rows, got {block!r}")
 
-    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dt = compute_dtype(x.dtype)
     B, device = x.shape[0], x.device
     w = weight.to(dt)
     seg = gamma = None

@@ -22,12 +22,13 @@ import torch
 import torch.nn.functional as F
 
 from kc_kernels import reference
+from kc_kernels.layout import NORM_EPS  # added to a segment's sum of squares under a scale
 from kc_kernels.loss_modes import LossMode
+from kc_kernels.reduction import compute_dtype
 
 __all__ = ["TERMS", "Terms", "Piece", "no_reduce", "soft_target_rows", "linear_soft_target_loss",
            "soft_target_loss"]
 
-NORM_EPS = 1e-12  # added to the segment's sum of squares under the self-paced scale (kc_kernels/reference.py)
 DEFAULT_MEMORY_BUDGET = 16 << 20  # bytes of [B, chunk] temporaries (small enough to stay near the cache)
 _TEMPS = 8  # [B, chunk] temporaries alive at once in a chunk's backward (u, y, z, exp, the loss terms, gradients)
 
@@ -380,7 +381,7 @@ def soft_target_rows(x: Optional[torch.Tensor], weight: Optional[torch.Tensor], 
     Returns fp32 (fp64 for fp64 inputs).
     """
     src = x if x is not None else logits
-    dt = torch.float64 if src.dtype == torch.float64 else torch.float32
+    dt = compute_dtype(src.dtype)
     walk = _Walk(terms=TERMS[LossMode.of(mode)], temperature=float(temperature),
                  chunks=_chunks(pieces, chunk, src.device),
                  width=width, dtype=dt, target_index=target_index, target_value=target_value,

@@ -10,6 +10,7 @@ import torch.distributed as dist
 from kc_kernels.distributed.accounting import record
 from kc_kernels.distributed.collectives import all_reduce, copy_to_ranks, gather_ranges, rank, sum_over_ranks, world
 from kc_kernels.distributed.sharding import check_tiling
+from kc_kernels.reduction import compute_dtype, reduce_loss
 
 __all__ = ["vocab_parallel_sampled_softmax_loss"]
 
@@ -114,7 +115,7 @@ def vocab_parallel_sampled_softmax_loss(
         ids = ids.long()
         true_expected = true_expected.reshape(labels2.shape)
 
-    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dt = compute_dtype(x.dtype)
     x_all = copy_to_ranks(x, group, "grad_x").to(dt)
     w = weight_shard.to(dt)
     b = None if bias_shard is None else bias_shard.to(dt)
@@ -147,8 +148,4 @@ def vocab_parallel_sampled_softmax_loss(
     sum_exp = torch.exp(logits - row_max[:, None]).sum(dim=1)
     both = sum_over_ranks(torch.stack([sum_exp, picked], dim=1), group, "sum_exp_and_true")
     per_row = row_max + torch.log(both[:, 0]) - both[:, 1]
-    if sample_weight is not None:
-        per_row = per_row * sample_weight.to(dt)
-    if reduction == "none":
-        return per_row
-    return per_row.sum() if reduction == "sum" else per_row.sum() / per_row.shape[0]
+    return reduce_loss(per_row, sample_weight, reduction)

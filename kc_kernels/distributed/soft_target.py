@@ -10,6 +10,7 @@ from kc_kernels.distributed.collectives import check_rows, copy_to_ranks, gather
 from kc_kernels.distributed.sharding import bounds_of, check_tiling
 from kc_kernels.distributed.split import Plan, make_plan, split_segment_rows
 from kc_kernels.ops import linear_soft_target_loss
+from kc_kernels.reduction import compute_dtype, reduce_loss
 
 __all__ = ["vocab_parallel_linear_soft_target_loss"]
 
@@ -124,11 +125,7 @@ def vocab_parallel_linear_soft_target_loss(
         parts.append(split_segment_rows(x_all, weight_shard, bias_shard, scale_all, plan,
                                         scale_per_segment=scale_per_segment, memory_budget=memory_budget,
                                         group=group, **kw))
-    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dt = compute_dtype(x.dtype)
     per_row = sum(p.to(dt) for p in parts)
     per_row = sum_over_ranks(per_row, group, "loss")
-    if sample_weight is not None:
-        per_row = per_row * sample_weight.to(dt)
-    if reduction == "none":
-        return per_row
-    return per_row.sum() if reduction == "sum" else per_row.sum() / per_row.shape[0]
+    return reduce_loss(per_row, sample_weight, reduction)
