@@ -12,14 +12,10 @@ from typing import Optional, Sequence, Union
 import torch
 
 from kc_kernels.layout import NORM_EPS  # added to a segment's sum of squares under a scale
+from kc_kernels.ops.checks import fail
 from kc_kernels.reduction import compute_dtype
 
 __all__ = ["soft_target_logits"]
-
-
-
-def _fail(name: str, msg: str):
-    raise ValueError(f"{name}: {msg}")
 
 
 def soft_target_logits(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -35,28 +31,28 @@ def soft_target_logits(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     Gram matrix, or a segment that ``weight`` holds only part of); computed from u otherwise.
     """
     if x.dim() not in (2, 3):
-        _fail("x", f"must be [B, H] or grouped [B, G, H], got {tuple(x.shape)}")
+        fail("x", f"must be [B, H] or grouped [B, G, H], got {tuple(x.shape)}")
     if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
-        _fail("weight", f"must be [V, {x.shape[-1]}], got {tuple(weight.shape)}")
+        fail("weight", f"must be [V, {x.shape[-1]}], got {tuple(weight.shape)}")
     V = weight.shape[0]
     bounds = [0, V] if segments is None else [int(b) for b in (segments.tolist() if torch.is_tensor(segments)
                                                                else segments)]
     if bounds[0] != 0 or bounds[-1] != V or any(a >= b for a, b in zip(bounds, bounds[1:])):
-        _fail("segments", f"must increase strictly from 0 to V={V}, got {bounds}")
+        fail("segments", f"must increase strictly from 0 to V={V}, got {bounds}")
     G = len(bounds) - 1
     if x.dim() == 3 and x.shape[1] != G:
-        _fail("x", f"grouped x has {x.shape[1]} groups but there are {G} segments")
+        fail("x", f"grouped x has {x.shape[1]} groups but there are {G} segments")
     if bias is not None and tuple(bias.shape) != (V,):
-        _fail("bias", f"must be [{V}], got {tuple(bias.shape)}")
+        fail("bias", f"must be [{V}], got {tuple(bias.shape)}")
     if scale is not None and scale.numel() not in (G, V):
-        _fail("scale", f"length {scale.numel()} is neither the number of segments {G} nor of classes {V}")
+        fail("scale", f"length {scale.numel()} is neither the number of segments {G} nor of classes {V}")
     if norms is not None:
         if scale is None:
-            _fail("norms", "the norms only enter the logits under a scale")
+            fail("norms", "the norms only enter the logits under a scale")
         if tuple(norms.shape) != (x.shape[0], G):
-            _fail("norms", f"must be [{x.shape[0]}, {G}], got {tuple(norms.shape)}")
+            fail("norms", f"must be [{x.shape[0]}, {G}], got {tuple(norms.shape)}")
     if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
-        _fail("block", f"must be a positive number of rows, got {block!r}")
+        fail("block", f"must be a positive number of rows, got {block!r}")
 
     dt = compute_dtype(x.dtype)
     B, device = x.shape[0], x.device

@@ -10,13 +10,10 @@ import torch.distributed as dist
 from kc_kernels.distributed.accounting import record
 from kc_kernels.distributed.collectives import all_reduce, copy_to_ranks, gather_ranges, rank, sum_over_ranks, world
 from kc_kernels.distributed.sharding import check_tiling
+from kc_kernels.ops.checks import fail
 from kc_kernels.reduction import compute_dtype, reduce_loss
 
 __all__ = ["vocab_parallel_sampled_softmax_loss"]
-
-
-def _fail(name: str, msg: str):
-    raise ValueError(f"{name}: {msg}")
 
 
 def _shared_candidates(num_sampled: int, num_classes: int, sampler: str, unique: bool, class_counts, distortion,
@@ -68,49 +65,49 @@ def vocab_parallel_sampled_softmax_loss(
     V = int(num_classes)
     checks.tensor("x", x, dims=(2,), floating=True)
     if not (0 <= lo < hi <= V):
-        _fail("class_range", f"({lo}, {hi}) is not a non-empty range inside [0, {V})")
+        fail("class_range", f"({lo}, {hi}) is not a non-empty range inside [0, {V})")
     if weight_shard.dim() != 2 or tuple(weight_shard.shape) != (hi - lo, x.shape[1]):
-        _fail("weight_shard", f"must be [{hi - lo}, {x.shape[1]}] for class_range ({lo}, {hi}), got "
+        fail("weight_shard", f"must be [{hi - lo}, {x.shape[1]}] for class_range ({lo}, {hi}), got "
                               f"{tuple(weight_shard.shape)}")
     if bias_shard is not None and tuple(bias_shard.shape) != (hi - lo,):
-        _fail("bias_shard", f"must be [{hi - lo}], got {tuple(bias_shard.shape)}")
+        fail("bias_shard", f"must be [{hi - lo}], got {tuple(bias_shard.shape)}")
     checks.tensor("labels", labels, dims=(1, 2), integer=True)
     if labels.shape[0] != x.shape[0]:
-        _fail("labels", f"has {labels.shape[0]} rows but x has {x.shape[0]}")
+        fail("labels", f"has {labels.shape[0]} rows but x has {x.shape[0]}")
     checks.index_range("labels", labels, V)
     labels2 = (labels if labels.dim() == 2 else labels[:, None]).long()
     valid = labels2 >= 0
     if labels2.numel() and bool((valid.sum(dim=1) == 0).any()):
-        _fail("labels", "every row needs at least one label (a row is all -1 padding)")
+        fail("labels", "every row needs at least one label (a row is all -1 padding)")
     if reduction not in ("none", "sum", "mean"):
-        _fail("reduction", f"must be 'none', 'sum' or 'mean', got {reduction!r}")
+        fail("reduction", f"must be 'none', 'sum' or 'mean', got {reduction!r}")
     if sample_weight is not None and tuple(sample_weight.shape) != (x.shape[0],):
-        _fail("sample_weight", f"must be [{x.shape[0]}], got {tuple(sample_weight.shape)}")
+        fail("sample_weight", f"must be [{x.shape[0]}], got {tuple(sample_weight.shape)}")
     ranges = gather_ranges(lo, hi, x.device, group)
     check_tiling(ranges, V)
     if sampled is None:
         if num_sampled is None or isinstance(num_sampled, bool) or int(num_sampled) != num_sampled \
                 or num_sampled < 1:
-            _fail("num_sampled", f"must be a positive integer, got {num_sampled!r}")
+            fail("num_sampled", f"must be a positive integer, got {num_sampled!r}")
         if unique and num_sampled > V:
-            _fail("num_sampled", f"{num_sampled} exceeds the {V} classes (unique sampling)")
+            fail("num_sampled", f"{num_sampled} exceeds the {V} classes (unique sampling)")
         cc = None if class_counts is None else class_counts.cpu()
         if sampler == "unigram" and cc is None:
-            _fail("class_counts", "the unigram sampler needs class_counts [V]")
+            fail("class_counts", "the unigram sampler needs class_counts [V]")
         cand = _shared_candidates(int(num_sampled), V, sampler, unique, cc, distortion, generator, x.device, group)
         ids = cand.ids.to(x.device)
         true_expected = cand.expected_count(labels2.cpu(), int(num_sampled), unique).to(x.device)
         sampled_expected = cand.expected_count(cand.ids, int(num_sampled), unique).to(x.device)
         if subtract_log_q and bool(((true_expected <= 0) & valid).any()):
-            _fail("labels", "hold a class that the unigram sampler can never draw (class_counts 0)")
+            fail("labels", "hold a class that the unigram sampler can never draw (class_counts 0)")
     else:
         if not isinstance(sampled, (tuple, list)) or len(sampled) != 3:
-            _fail("sampled", "expected a tuple (ids [S], true_expected, sampled_expected [S])")
+            fail("sampled", "expected a tuple (ids [S], true_expected, sampled_expected [S])")
         ids, true_expected, sampled_expected = sampled
         if ids.dim() != 1 or tuple(sampled_expected.shape) != tuple(ids.shape):
-            _fail("sampled", "ids and sampled_expected must both be [S]")
+            fail("sampled", "ids and sampled_expected must both be [S]")
         if tuple(true_expected.shape) != tuple(labels.shape):
-            _fail("sampled", f"true_expected has shape {tuple(true_expected.shape)}, labels {tuple(labels.shape)}")
+            fail("sampled", f"true_expected has shape {tuple(true_expected.shape)}, labels {tuple(labels.shape)}")
         checks.index_range("sampled", ids, V, allow_padding=False)
         ids = ids.long()
         true_expected = true_expected.reshape(labels2.shape)

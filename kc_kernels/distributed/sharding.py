@@ -6,11 +6,9 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from kc_kernels.ops.checks import fail
+
 __all__ = ["bounds_of", "shard_classes", "segment_of", "split_segments", "check_tiling"]
-
-
-def _fail(name: str, msg: str):
-    raise ValueError(f"{name}: {msg}")
 
 
 def bounds_of(segments_or_classes) -> Tuple[int, Optional[List[int]]]:
@@ -34,9 +32,9 @@ def shard_classes(segments_or_classes: Union[int, Sequence[int], torch.Tensor], 
     """
     V, bounds = bounds_of(segments_or_classes)
     if world_size < 1:
-        _fail("world_size", f"must be >= 1, got {world_size}")
+        fail("world_size", f"must be >= 1, got {world_size}")
     if V < world_size:
-        _fail("segments_or_classes", f"{V} classes cannot give each of {world_size} ranks at least one")
+        fail("segments_or_classes", f"{V} classes cannot give each of {world_size} ranks at least one")
     cuts = [0]
     for k in range(1, world_size):
         ideal = k * V / world_size
@@ -74,4 +72,4 @@ def split_segments(bounds: List[int], ranges: List[Tuple[int, int]]) -> List[int
 def check_tiling(ranges: List[Tuple[int, int]], num_classes: int) -> None:
     """ValueError naming ``class_range`` unless the ranks' ranges tile [0, V) in rank order."""
     if ranges[0][0] != 0 or ranges[-1][1] != num_classes or any(a[1] != b[0] for a, b in zip(ranges, ranges[1:])):
-        _fail("class_range", f"the ranks' ranges {ranges} do not tile [0, {num_classes}) in rank order")
+        fail("class_range", f"the ranks' ranges {ranges} do not tile [0, {num_classes}) in rank order")

@@ -10,36 +10,33 @@ from kc_kernels.distributed.collectives import check_rows, copy_to_ranks, gather
 from kc_kernels.distributed.sharding import bounds_of, check_tiling
 from kc_kernels.distributed.split import Plan, make_plan, split_segment_rows
 from kc_kernels.ops import linear_soft_target_loss
+from kc_kernels.ops.checks import fail
 from kc_kernels.reduction import compute_dtype, reduce_loss
 
 __all__ = ["vocab_parallel_linear_soft_target_loss"]
 
 
-def _fail(name: str, msg: str):
-    raise ValueError(f"{name}: {msg}")
-
-
 def _check(x, weight, bias, lo, hi, V, bounds, target_index, target_value, teacher_logits, scale, mode):
     if not (0 <= lo < hi <= V):
-        _fail("class_range", f"({lo}, {hi}) is not a non-empty range inside [0, {V})")
+        fail("class_range", f"({lo}, {hi}) is not a non-empty range inside [0, {V})")
     if weight.dim() != 2 or weight.shape[0] != hi - lo:
-        _fail("weight_shard", f"must be [{hi - lo}, H] for class_range ({lo}, {hi}), got {tuple(weight.shape)}")
+        fail("weight_shard", f"must be [{hi - lo}, H] for class_range ({lo}, {hi}), got {tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (hi - lo,):
-        _fail("bias_shard", f"must be [{hi - lo}], got {tuple(bias.shape)}")
+        fail("bias_shard", f"must be [{hi - lo}], got {tuple(bias.shape)}")
     if bounds[0] != 0 or bounds[-1] != V or any(a >= b for a, b in zip(bounds, bounds[1:])):
-        _fail("segments", f"must increase strictly from 0 to num_classes={V}")
+        fail("segments", f"must increase strictly from 0 to num_classes={V}")
     if x.dim() == 3 and x.shape[1] != len(bounds) - 1:
-        _fail("x", f"grouped x has {x.shape[1]} groups but there are {len(bounds) - 1} segments")
+        fail("x", f"grouped x has {x.shape[1]} groups but there are {len(bounds) - 1} segments")
     if mode not in ("sigmoid", "softmax"):
-        _fail("mode", f"must be 'sigmoid' or 'softmax', got {mode!r}")
+        fail("mode", f"must be 'sigmoid' or 'softmax', got {mode!r}")
     if (target_index is None) == (teacher_logits is None):
-        _fail("target_index", "give either target_index/target_value (global class ids) or teacher_logits (shard)")
+        fail("target_index", "give either target_index/target_value (global class ids) or teacher_logits (shard)")
     if target_index is not None and (target_value is None or target_value.shape != target_index.shape):
-        _fail("target_value", "must be given with target_index, of the same shape")
+        fail("target_value", "must be given with target_index, of the same shape")
     if teacher_logits is not None and tuple(teacher_logits.shape) != (x.shape[0], hi - lo):
-        _fail("teacher_logits", f"must be the shard's [{x.shape[0]}, {hi - lo}], got {tuple(teacher_logits.shape)}")
+        fail("teacher_logits", f"must be the shard's [{x.shape[0]}, {hi - lo}], got {tuple(teacher_logits.shape)}")
     if scale is not None and scale.numel() not in (len(bounds) - 1, hi - lo):
-        _fail("scale", f"must be per segment [{len(bounds) - 1}] or the shard's per class [{hi - lo}]")
+        fail("scale", f"must be per segment [{len(bounds) - 1}] or the shard's per class [{hi - lo}]")
 
 
 def _fused_part(x, weight, bias, scale, plan: Plan, scale_per_segment, kw, backend, memory_budget):
@@ -100,15 +97,15 @@ def vocab_parallel_linear_soft_target_loss(
     bounds = [0, V] if segments is None else bounds_of(segments)[1]
     _check(x, weight_shard, bias_shard, lo, hi, V, bounds, target_index, target_value, teacher_logits, scale, mode)
     if reduction not in ("none", "sum", "mean"):
-        _fail("reduction", f"must be 'none', 'sum' or 'mean', got {reduction!r}")
+        fail("reduction", f"must be 'none', 'sum' or 'mean', got {reduction!r}")
     ranges = gather_ranges(lo, hi, x.device, group)
     check_tiling(ranges, V)
     if scale_kind not in (None, "segment", "class"):
-        _fail("scale_kind", f"must be None, 'segment' or 'class', got {scale_kind!r}")
+        fail("scale_kind", f"must be None, 'segment' or 'class', got {scale_kind!r}")
     if scale is not None and scale_kind is not None:
         want = len(bounds) - 1 if scale_kind == "segment" else hi - lo
         if scale.numel() != want:
-            _fail("scale", f"scale_kind={scale_kind!r} needs {want} values, got {scale.numel()}")
+            fail("scale", f"scale_kind={scale_kind!r} needs {want} values, got {scale.numel()}")
     scale_per_segment = scale is not None and (scale.numel() == len(bounds) - 1 if scale_kind is None
                                                else scale_kind == "segment")
     plan = make_plan(lo, hi, bounds, ranges, needs_stats=mode == "softmax" or scale is not None)
