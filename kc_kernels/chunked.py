@@ -27,17 +27,25 @@ def _epilogue(name: str) -> Epilogue:
     return dispatch.epilogue("soft_target_loss", name)
 
 
-def _problem(inp, weight, bias, scale, target_index, target_value, teacher_logits, sample_weight, bounds, mode,
-             reduction, temperature):
-    """The problem the op's arguments describe (validated by the op front before the op was called)."""
+def _problem(inp, weight, bias, scale, target_index, target_value, teacher_logits, sample_weight, teacher_x,
+             teacher_weight, teacher_bias, bounds, mode, reduction, temperature, options):
+    """The problem the op's arguments describe (validated by the op front before the op was called).
+    ``options``: [beta, softcap (0: none), z_loss, uniform_target]."""
     from kc_kernels.ops.soft_target import SoftTargetProblem
 
     linear = weight is not None
+    beta, softcap, z_loss, uniform_target = options
     return SoftTargetProblem(batch=inp.shape[0], num_classes=weight.shape[0] if linear else inp.shape[1], mode=mode,
                              reduction=reduction, temperature=temperature, x=inp if linear else None,
                              weight=weight, bias=bias, logits=None if linear else inp, target_index=target_index,
-                             target_value=target_value, teacher_logits=teacher_logits, bounds=list(bounds),
-                             scale=scale, sample_weight=sample_weight)
+                             target_value=target_value, teacher_logits=teacher_logits, teacher_x=teacher_x,
+                             teacher_weight=teacher_weight, teacher_bias=teacher_bias, bounds=list(bounds),
+                             scale=scale, sample_weight=sample_weight, beta=beta, softcap=softcap or None,
+                             z_loss=z_loss, uniform_target=uniform_target)
+
+
+def _options(p) -> List[float]:
+    return [float(p.beta), float(p.softcap or 0.0), float(p.z_loss), float(p.uniform_target)]
 
 
 def _grad_names(linear: bool, needs: int) -> Tuple[str, ...]:
@@ -69,14 +77,16 @@ def _out_dtype(inp: torch.Tensor) -> torch.dtype:
 def chunked_soft_target(inp: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                         scale: Optional[torch.Tensor], target_index: Optional[torch.Tensor],
                         target_value: Optional[torch.Tensor], teacher_logits: Optional[torch.Tensor],
-                        sample_weight: Optional[torch.Tensor], bounds: List[int], mode: str, reduction: str,
-                        temperature: float, backend: str, memory_budget: int,
+                        sample_weight: Optional[torch.Tensor], teacher_x: Optional[torch.Tensor],
+                        teacher_weight: Optional[torch.Tensor], teacher_bias: Optional[torch.Tensor],
+                        bounds: List[int], mode: str, reduction: str, temperature: float, options: List[float],
+                        backend: str, memory_budget: int,
                         needs: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The loss of x [B, H] (or grouped) and weight [V, H], or of logits [B, V] when weight is None; with
     reduction "mean"/"sum" also the gradients of the inputs whose bit is set in ``needs`` (the backward only
     scales them). Outputs: (loss, four gradient slots: see _grad_slots)."""
-    p = _problem(inp, weight, bias, scale, target_index, target_value, teacher_logits, sample_weight, bounds, mode,
-                 reduction, temperature)
+    p = _problem(inp, weight, bias, scale, target_index, target_value, teacher_logits, sample_weight, teacher_x,
+                 teacher_weight, teacher_bias, bounds, mode, reduction, temperature, options)
     sweep = Sweep(p, _epilogue(backend), memory_budget)
     grads = None
     if needs and reduction != "none":
@@ -90,7 +100,8 @@ def chunked_soft_target(inp: torch.Tensor, weight: Optional[torch.Tensor], bias:
 
 @chunked_soft_target.register_fake
 def _chunked_soft_target_fake(inp, weight, bias, scale, target_index, target_value, teacher_logits, sample_weight,
-                              bounds, mode, reduction, temperature, backend, memory_budget, needs):
+                              teacher_x, teacher_weight, teacher_bias, bounds, mode, reduction, temperature, options,
+                              backend, memory_budget, needs):
     loss = inp.new_empty((inp.shape[0],) if reduction == "none" else (), dtype=_out_dtype(inp))
     return (loss,) + _grad_slots(inp, weight, bias, scale, needs if reduction != "none" else 0, None)
 
@@ -100,13 +111,14 @@ def chunked_soft_target_backward(grad_loss: torch.Tensor, inp: torch.Tensor, wei
                                  bias: Optional[torch.Tensor], scale: Optional[torch.Tensor],
                                  target_index: Optional[torch.Tensor], target_value: Optional[torch.Tensor],
                                  teacher_logits: Optional[torch.Tensor], sample_weight: Optional[torch.Tensor],
-                                 bounds: List[int], mode: str, reduction: str, temperature: float, backend: str,
-                                 memory_budget: int,
+                                 teacher_x: Optional[torch.Tensor], teacher_weight: Optional[torch.Tensor],
+                                 teacher_bias: Optional[torch.Tensor], bounds: List[int], mode: str, reduction: str,
+                                 temperature: float, options: List[float], backend: str, memory_budget: int,
                                  needs: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A second walk that makes the gradients, rows weighted by ``grad_loss``: reduction "none" (whose row
     weights are known only now), or a backward whose saved gradients were already used."""
-    p = _problem(inp, weight, bias, scale, target_index, target_value, teacher_logits, sample_weight, bounds, mode,
-                 reduction, temperature)
+    p = _problem(inp, weight, bias, scale, target_index, target_value, teacher_logits, sample_weight, teacher_x,
+                 teacher_weight, teacher_bias, bounds, mode, reduction, temperature, options)
     sweep = Sweep(p, _epilogue(backend), memory_budget)
     rows = grad_loss if reduction == "none" else None
     coef = row_coef(p, sweep.device, sweep.state_dtype, rows)
@@ -121,18 +133,16 @@ def _chunked_soft_target_backward_fake(grad_loss, inp, weight, bias, scale, *res
     return _grad_slots(inp, weight, bias, scale, rest[-1], None)
 
 
-_TENSOR_ARGS = 8  # inp .. sample_weight; then bounds, mode, reduction, temperature, backend, memory_budget, needs
-
-
-# options after the tensors: bounds, mode, reduction (index 2), temperature, backend, memory_budget, needs
+_TENSOR_ARGS = 11  # inp .. teacher_bias; then bounds, mode, reduction, temperature, options, backend,
+# memory_budget, needs (reduction is the third option, needs the last: register_forward_made_grads reads them)
 register_forward_made_grads(chunked_soft_target, chunked_soft_target_backward, _TENSOR_ARGS, GRAD_INPUTS)
 
 
 def _call(p, inp: torch.Tensor, weight, bias, backend: str, memory_budget: int) -> torch.Tensor:
     needs = needs_mask(inp, weight, bias, p.scale)
     out = chunked_soft_target(inp, weight, bias, p.scale, p.target_index, p.target_value, p.teacher_logits,
-                              p.sample_weight, list(p.bounds), p.mode, p.reduction, float(p.temperature), backend,
-                              int(memory_budget), needs)
+                              p.sample_weight, p.teacher_x, p.teacher_weight, p.teacher_bias, list(p.bounds), p.mode,
+                              p.reduction, float(p.temperature), _options(p), backend, int(memory_budget), needs)
     return out[0]
 
 

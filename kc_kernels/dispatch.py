@@ -28,6 +28,21 @@ TEACHER_NAN = "reports a NaN teacher from its teacher phase"
 INTERPRETED_ON_CPU = "takes CPU tensors under TRITON_INTERPRET=1"  # how the Triton kernels run in CPU tests
 CAPABILITIES = frozenset({TEACHER_NAN, INTERPRETED_ON_CPU})
 
+# Features of a problem that not every row implements yet (the op front names the ones a call uses; ``auto`` passes
+# over a row without them, a named backend without them is refused naming the argument). The keys are the feature,
+# the values the argument that asks for it.
+FEATURES: Dict[str, str] = {
+    "mode:kl": "mode",
+    "mode:reverse_kl": "mode",
+    "mode:jsd": "mode",
+    "teacher_head": "teacher_x",
+    "sparse_teacher_tail": "target_index",  # top-K teacher probabilities under reverse_kl / jsd
+    "softcap": "softcap",
+    "z_loss": "z_loss",
+    "label_smoothing": "label_smoothing",
+}
+ALL_FEATURES = frozenset(FEATURES)
+
 
 @dataclass(frozen=True)
 class Row:
@@ -44,6 +59,7 @@ class Row:
     devices: Tuple[str, ...]  # device types of the tensors it takes
     dtypes: Tuple[torch.dtype, ...]  # input dtypes it takes; ``auto`` passes over a row for any other
     capabilities: FrozenSet[str] = frozenset()
+    features: FrozenSet[str] = frozenset()  # of FEATURES: what it implements beyond the two base modes
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
@@ -56,6 +72,9 @@ class Row:
         unknown = set(self.capabilities) - CAPABILITIES
         if unknown:
             raise ValueError(f"Row.capabilities: unknown {sorted(unknown)}")
+        unknown = set(self.features) - ALL_FEATURES
+        if unknown:
+            raise ValueError(f"Row.features: unknown {sorted(unknown)}")
 
     def takes(self, device_type: str) -> bool:
         return device_type in self.devices or (
@@ -68,13 +87,17 @@ _CHUNKED = "kc_kernels.chunked"
 _SAMPLED = "kc_kernels.ops.sampled_softmax_autograd:run"
 _ANY_DEVICE = ("cpu", "cuda", "meta")
 _TRITON = frozenset({INTERPRETED_ON_CPU})
+# what the chunked driver does itself, for every epilogue that reads the teacher chunks it hands out
+_DRIVER_FEATURES = frozenset({"teacher_head"})
 
 TABLE: Tuple[Row, ...] = (
-    Row("linear_soft_target_loss", "reference", f"{_REF}:linear_soft_target_loss", None, _ANY_DEVICE, ALL_DTYPES),
-    Row("soft_target_loss", "reference", f"{_REF}:soft_target_loss", None, _ANY_DEVICE, ALL_DTYPES),
+    Row("linear_soft_target_loss", "reference", f"{_REF}:linear_soft_target_loss", None, _ANY_DEVICE, ALL_DTYPES,
+        features=ALL_FEATURES),
+    Row("soft_target_loss", "reference", f"{_REF}:soft_target_loss", None, _ANY_DEVICE, ALL_DTYPES,
+        features=ALL_FEATURES),
     Row("sampled_softmax_loss", "reference", f"{_REF}:sampled_softmax_loss", None, _ANY_DEVICE, ALL_DTYPES),
     Row("linear_soft_target_loss", "cpu", f"{_CHUNKED}:linear_soft_target_loss", "kc_kernels.cpu.epilogue:EPILOGUE",
-        ("cpu",), ALL_DTYPES, frozenset({TEACHER_NAN})),
+        ("cpu",), ALL_DTYPES, frozenset({TEACHER_NAN}), features=_DRIVER_FEATURES),
     Row("soft_target_loss", "cpu", f"{_CHUNKED}:soft_target_loss", "kc_kernels.cpu.epilogue:EPILOGUE",
         ("cpu",), ALL_DTYPES, frozenset({TEACHER_NAN})),
     Row("sampled_softmax_loss", "cpu", _SAMPLED, "kc_kernels.cpu.sampled_softmax:IMPL", ("cpu",), ALL_DTYPES),
@@ -196,24 +219,39 @@ def epilogue(op: str, backend: str) -> Any:
     return load(ref)
 
 
-def _lookup(op: str, backend: str, device_type: str, dtype: Optional[torch.dtype]) -> Row:
+def _missing(r: Row, features: FrozenSet[str]) -> None:
+    """ValueError naming the argument of the first feature of ``features`` that row ``r`` lacks."""
+    lacking = sorted(features - r.features)
+    if lacking:
+        f = lacking[0]
+        have = [b for b in BACKEND_NAMES if (r.op, b) in _ROWS and f in _ROWS[(r.op, b)].features]
+        raise ValueError(f"{FEATURES[f]}: the {r.backend} backend does not implement {f.replace('mode:', 'mode ')} "
+                         f"(backends that do: {', '.join(have)})")
+
+
+def _lookup(op: str, backend: str, device_type: str, dtype: Optional[torch.dtype],
+            features: FrozenSet[str] = frozenset()) -> Row:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
         status = _probe(backend)
         if not status:
             raise RuntimeError(f"backend {backend!r} is not available: {status.reason}")
-        return row(op, backend)
+        r = row(op, backend)
+        _missing(r, features)
+        return r
     for name in AUTO_ORDER.get(device_type, AUTO_ORDER_DEFAULT):
         r = _ROWS.get((op, name))
-        if r is not None and _probe(name) and device_type in r.devices and (dtype is None or dtype in r.dtypes):
+        if (r is not None and _probe(name) and device_type in r.devices and (dtype is None or dtype in r.dtypes)
+                and features <= r.features):
             return r
     return row(op, "reference")
 
 
 @lru_cache(maxsize=None)
-def _resolve_cached(op: str, backend: str, device_type: str, dtype: Optional[torch.dtype]) -> Row:
-    return _lookup(op, backend, device_type, dtype)
+def _resolve_cached(op: str, backend: str, device_type: str, dtype: Optional[torch.dtype],
+                    features: FrozenSet[str] = frozenset()) -> Row:
+    return _lookup(op, backend, device_type, dtype, features)
 
 
 # the implementations of resolved rows, by their "module:attr": a plain dict, which torch.compile reads as a constant
@@ -221,18 +259,21 @@ _IMPLEMENTATIONS: Dict[str, Any] = {}
 
 
 @torch.compiler.assume_constant_result
-def _resolve_name(op: str, backend: str, device_type: str, dtype: Optional[torch.dtype] = None) -> str:
+def _resolve_name(op: str, backend: str, device_type: str, dtype: Optional[torch.dtype] = None,
+                  features: FrozenSet[str] = frozenset()) -> str:
     """The name of the backend that runs ``op``. torch.compile runs this at trace time and keeps the name as a
     constant: the imports and probes behind it are not traceable, and their answer does not change."""
-    r = _resolve_cached(op, backend, device_type, dtype)
+    r = _resolve_cached(op, backend, device_type, dtype, features)
     _IMPLEMENTATIONS[r.implementation] = load(r.implementation)
     return r.backend
 
 
-def resolve(op: str, backend: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> Tuple[str, Row]:
-    """(backend name, its row) of the implementation that runs ``op`` for tensors on ``device`` of ``dtype``.
-    With ``auto`` the first available row in AUTO_ORDER that takes the device and dtype."""
-    name = _resolve_name(op, backend, device.type, dtype)
+def resolve(op: str, backend: str, device: torch.device, dtype: Optional[torch.dtype] = None,
+            features: FrozenSet[str] = frozenset()) -> Tuple[str, Row]:
+    """(backend name, its row) of the implementation that runs ``op`` for tensors on ``device`` of ``dtype``
+    using ``features`` (of FEATURES). With ``auto`` the first available row in AUTO_ORDER that takes the device and
+    dtype and implements the features."""
+    name = _resolve_name(op, backend, device.type, dtype, features)
     return name, _ROWS[(op, name)]
 
 

@@ -71,6 +71,7 @@ class Phases:
 
     norm: bool  # the self-paced norm (a scale was given)
     stats: bool  # segment statistics (a mode with a segment log-sum-exp, or a scale)
+    mix: int  # Phase.MIX (the JSD's sums over the mixture, after STATS), or 0
     final: int  # Phase.FINAL, or 0 (such a mode's loss without gradients needs no FINAL: the statistics hold it)
     teacher: bool  # a dense teacher's log-sum-exp (the softmax's targets)
     fused: bool  # the teacher phase runs in the calls of the other phases where they hold whole segments
@@ -96,7 +97,12 @@ class Sweep:
             self.xw = p.x.to(self.work_dtype)
             if self.xw.dim() == 3 or not self.xw.is_contiguous():
                 self.xw = self.xw.contiguous()
-        per_col = epilogue.bytes_per_class(self)
+        self.mode = LossMode.of(p.mode)
+        # sparse top-K probabilities under a mode that reads the teacher at every class become a dense teacher
+        self.teacher_from_targets = p.target_index is not None and self.mode.terms.dense_teacher
+        self.has_teacher = (p.teacher_logits is not None or p.teacher_weight is not None
+                            or self.teacher_from_targets)
+        per_col = epilogue.bytes_per_class(self) + self._teacher_bytes_per_class()
         # column chunks of at most the epilogue's chunk_bytes (the CPU's: small enough that the chunk the logits GEMM
         # writes is still in cache when the epilogue and the gradient GEMMs read it); a segment longer than a chunk
         # is walked in row blocks that may use the whole budget (fewer passes over its weight rows)
@@ -105,7 +111,6 @@ class Sweep:
         full_capacity = int(min(p.num_classes, max(MIN_CHUNK, memory_budget // max(per_col, 1))))
         self.block_elems = p.batch * self.row_stride(full_capacity)
         self.plan = plan(tuple(p.bounds), self.capacity, p.grouped)
-        self.mode = LossMode.of(p.mode)
         self.scale_kind = ScaleKind.NONE
         self.scale32 = None
         if p.scale is not None:
@@ -113,9 +118,65 @@ class Sweep:
             self.scale_kind = ScaleKind.SEGMENT if per_segment else ScaleKind.CLASS
             self.scale32 = p.scale.detach().float().contiguous()
         self.bias32 = None if p.bias is None else p.bias.detach().float().contiguous()
+        self._init_teacher()
         self.buf = take_workspace(p.batch * self.row_stride(self.capacity), self.work_dtype, self.device)
         self._w_cached: Tuple[Optional[Tuple[int, int]], Optional[torch.Tensor]] = (None, None)
         self.walk = epilogue.begin(self)
+
+    # ------------------------------------------------------------------ the teacher
+    def _teacher_bytes_per_class(self) -> int:
+        """A teacher head's (or a filled top-K teacher's) chunk of logits, per class (fp32 on the CPU)."""
+        if self.p.teacher_weight is None and not self.teacher_from_targets:
+            return 0
+        per = 4 if self.device.type == "cpu" else self.buf_itemsize
+        return self.p.batch * per + (8 * self.p.teacher_weight.shape[1] if self.p.teacher_weight is not None else 0)
+
+    def _init_teacher(self) -> None:
+        p = self.p
+        self._tw_cached: Tuple[Optional[Tuple[int, int]], Optional[torch.Tensor]] = (None, None)
+        self.tbuf: Optional[torch.Tensor] = None
+        if p.teacher_weight is not None:
+            # the head's GEMMs run in the student's work dtype on a GPU, in fp32 on the CPU (the epilogue reads fp32)
+            self.teacher_dtype = torch.float32 if self.device.type == "cpu" else self.work_dtype
+            tx = p.teacher_x.to(self.teacher_dtype)
+            self.teacher_x = tx.contiguous() if tx.dim() == 3 or not tx.is_contiguous() else tx
+            self.teacher_b = None if p.teacher_bias is None else p.teacher_bias.to(self.teacher_dtype)
+        elif self.teacher_from_targets:
+            self.teacher_dtype = torch.float32
+            self._topk = _sparse_teacher(p, self.plan.seg_of_class(self.device))
+
+    def teacher_chunk(self, c: Chunk, r0: int = 0, r1: Optional[int] = None) -> Optional[torch.Tensor]:
+        """Rows [r0, r1) of the chunk's teacher logits, [r1 - r0, hi - lo] with unit column stride: a view of the
+        dense teacher_logits; for a teacher head, its GEMM into a scratch buffer (reused by the next chunk, so
+        read it before asking for another); for sparse top-K probabilities under reverse KL or JSD, T log z of the
+        teacher distribution reference.teacher_log_probs defines. None without a teacher."""
+        p = self.p
+        r1 = p.batch if r1 is None else r1
+        if p.teacher_logits is not None:
+            return p.teacher_logits[r0:r1, c.lo:c.hi]
+        if not self.has_teacher:
+            return None
+        n = (r1 - r0) * (c.hi - c.lo)
+        if self.tbuf is None or self.tbuf.numel() < n:
+            self.tbuf = torch.empty(n, dtype=self.teacher_dtype, device=self.device)
+        t = self.tbuf[:n].view(r1 - r0, c.hi - c.lo)
+        if p.teacher_weight is not None:
+            key, w = self._tw_cached
+            if key != (c.lo, c.hi) or w is None:
+                w = p.teacher_weight[c.lo:c.hi].to(self.teacher_dtype)
+                self._tw_cached = ((c.lo, c.hi), w)
+            x = self.teacher_x[:, c.piece_seg[0]] if self.teacher_x.dim() == 3 else self.teacher_x
+            if self.teacher_b is not None:
+                torch.addmm(self.teacher_b[c.lo:c.hi], x[r0:r1], w.t(), out=t)
+            else:
+                torch.mm(x[r0:r1], w.t(), out=t)
+            return t
+        tail, rows, cols, logv = self._topk
+        seg = self.plan.seg_of_class(self.device)[c.lo:c.hi].long()
+        torch.index_select(tail[r0:r1], 1, seg, out=t)
+        keep = (rows >= r0) & (rows < r1) & (cols >= c.lo) & (cols < c.hi)
+        t[rows[keep] - r0, cols[keep] - c.lo] = logv[keep]
+        return t.mul_(p.temperature)
 
     # ------------------------------------------------------------------ GEMM pieces
     def row_stride(self, cols: int) -> int:
@@ -268,14 +329,16 @@ class Sweep:
         norm = self.scale_kind != ScaleKind.NONE
         terms = self.mode.terms
         stats = terms.segment_lse or norm
+        mix = Phase.MIX if terms.mix else 0
         final = Phase.FINAL if (grads or not terms.segment_lse) else 0
-        teacher = terms.teacher_lse and self.p.teacher_logits is not None
+        teacher = terms.teacher_lse and self.has_teacher
         # an epilogue that fuses the teacher phase runs it in the same call as the other phases wherever a call
         # holds whole segments (a whole chunk, or a long segment's row block): the teacher is read once, while its
         # rows are in cache, instead of in a walk of its own
         fused = teacher and self.ep.fuses_teacher
-        whole = (Phase.NORM if norm else 0) | (Phase.STATS if stats else 0) | final | (Phase.TEACHER if fused else 0)
-        return Phases(norm, stats, final, teacher, fused, whole)
+        whole = ((Phase.NORM if norm else 0) | (Phase.STATS if stats else 0) | mix | final
+                 | (Phase.TEACHER if fused else 0))
+        return Phases(norm, stats, mix, final, teacher, fused, whole)
 
     def _walk(self, ph: Phases, coef: Optional[torch.Tensor], grads: bool) -> None:
         """Every step of the plan (none for an empty batch): the teacher walk where it is not fused, then each chunk
@@ -301,7 +364,8 @@ class Sweep:
                 self._row_blocks(step, ph.whole, coef if grads else None)
                 continue
             # a segment longer than a chunk: one walk per phase, recomputing (or re-reading) its logits
-            for phase, needed in ((Phase.NORM, ph.norm), (Phase.STATS, ph.stats), (ph.final, ph.final != 0)):
+            for phase, needed in ((Phase.NORM, ph.norm), (Phase.STATS, ph.stats), (ph.mix, ph.mix != 0),
+                                  (ph.final, ph.final != 0)):
                 if not needed:
                     continue
                 for c in step:
@@ -317,7 +381,13 @@ class Sweep:
                   ) -> Tuple[torch.Tensor, Optional[Dict[str, Optional[torch.Tensor]]]]:
         """The per-row loss from the statistics, and the gradients in the inputs' dtypes."""
         p, st = self.p, self.state
-        loss = self.mode.terms.row_loss(st, self.softplus, p.temperature ** 2)
+        t2 = p.temperature ** 2
+        loss = self.mode.terms.row_loss(st, self.softplus, t2)
+        if self.mode.terms.sparse_entropy and p.target_index is not None:
+            loss = loss + t2 * sparse_plogp(p.target_index, p.target_value, p.num_classes).to(loss.dtype)
+        if p.z_loss and self.mode.terms.segment_lse:
+            lse = st[State.MAX] + torch.log(st[State.SUMEXP])
+            loss = loss + p.z_loss * (lse * lse).sum(dim=1)
         if not grads:
             return loss, None
         out: Dict[str, Optional[torch.Tensor]] = {}
@@ -334,6 +404,47 @@ class Sweep:
         elif self.scale_kind == ScaleKind.CLASS and self.dscale is not None:
             out["scale"] = self.dscale.to(p.scale.dtype)
         return loss, out
+
+
+def _coalesced(target_index: torch.Tensor, target_value: torch.Tensor, num_classes: int):
+    """(rows, classes, summed values) of the positive sums of sparse targets (duplicates add up; padding, indices
+    outside [0, V) and values summing to 0 or less dropped)."""
+    B, K = target_index.shape
+    idx = target_index.long()
+    valid = (idx >= 0) & (idx < num_classes)
+    keys = (torch.arange(B, device=idx.device)[:, None] * num_classes + idx)[valid]
+    uniq, inv = torch.unique(keys, return_inverse=True)
+    sums = torch.zeros(uniq.numel(), dtype=torch.float64, device=idx.device)
+    sums.index_add_(0, inv, target_value[valid].double())
+    pos = sums > 0
+    return uniq[pos] // num_classes, uniq[pos] % num_classes, sums[pos]
+
+
+def sparse_plogp(target_index: torch.Tensor, target_value: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """[B] sum over each row's classes of z log z of sparse targets (the teacher's negative entropy in KL)."""
+    rows, _, v = _coalesced(target_index, target_value, num_classes)
+    out = torch.zeros(target_index.shape[0], dtype=torch.float64, device=target_index.device)
+    return out.index_add_(0, rows, v * torch.log(v))
+
+
+def _sparse_teacher(p, seg_of_class: torch.Tensor):
+    """Sparse top-K teacher probabilities as the logits of a dense teacher (reference.teacher_log_probs): per (row,
+    segment) log of the tail probability max(1 - mass, TAIL_MIN) / (classes outside the top K); the given classes'
+    log values. Returns (tail [B, G] fp32, rows, classes, log values) of which the driver fills each chunk (times T;
+    the teacher's softmax normalises)."""
+    from kc_kernels.reference import TAIL_MIN
+
+    B, G = p.batch, p.num_segments
+    rows, cls, v = _coalesced(p.target_index, p.target_value, p.num_classes)
+    seg = seg_of_class.long()[cls]
+    flat = rows * G + seg
+    mass = torch.zeros(B * G, dtype=torch.float64, device=rows.device).index_add_(0, flat, v)
+    given = torch.zeros(B * G, dtype=torch.float64, device=rows.device).index_add_(0, flat, torch.ones_like(v))
+    sizes = torch.tensor([p.bounds[g + 1] - p.bounds[g] for g in range(G)], dtype=torch.float64,
+                         device=rows.device).repeat(B)
+    outside = (sizes - given).clamp(min=1)
+    tail = torch.log((1 - mass).clamp(min=TAIL_MIN) / outside).view(B, G).float()
+    return tail, rows, cls, torch.log(v).float()
 
 
 def row_coef(p, device, dtype, grad_rows: Optional[torch.Tensor] = None) -> torch.Tensor:

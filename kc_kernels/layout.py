@@ -17,12 +17,14 @@ import torch
 
 
 class Phase(IntFlag):
-    """Phases of an epilogue call (a bitmask), in the order a call runs them (docs/epilogue.md)."""
+    """Phases of an epilogue call (a bitmask); a call runs them in the order TEACHER, NORM, STATS, MIX, FINAL
+    (docs/epilogue.md)."""
 
     TEACHER = 1  # a dense softmax teacher's log-sum-exp
     NORM = 2  # the self-paced norm
     STATS = 4  # statistics that need the norm and the teacher's log-sum-exp
     FINAL = 8  # loss sums and, with a coefficient, the logit gradient
+    MIX = 16  # JSD: sums over the mixture M, which need STATS' log-sum-exp (runs after STATS, before FINAL)
 
 
 class State(IntEnum):
@@ -41,6 +43,9 @@ class State(IntEnum):
     TSUMEXP = 10
     R = 11
     S = 12
+    TENT = 13  # dense teacher: sum exp(t/T - TMAX) t/T, merged as TSUMEXP (the teacher's entropy)
+    DIV = 14  # reverse KL: sum exp(y - MAX) (y - t/T), merged as SUMEXP; JSD: sum p log(p / M) (MIX)
+    DLOSS = 15  # JSD: the divergence summed over the segment (MIX)
 
 
 class Const(IntEnum):
@@ -51,6 +56,7 @@ class Const(IntEnum):
     MASS = 2
     TLSE = 3
     S_N2 = 4
+    DBAR = 5  # reverse KL: DIV / SUMEXP; JSD: DIV
 
 
 class ScaleKind(IntEnum):

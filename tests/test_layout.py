@@ -28,11 +28,11 @@ def test_a_stale_extension_is_refused():
         CONSTS = {m.name: int(m) for m in Const}
         PHASES = {m.name: int(m) for m in Phase}
         SCALE_KINDS = {m.name: int(m) for m in ScaleKind}
-        LOSS_MODES = {"SIGMOID": 0, "SOFTMAX": 1, "REVERSE_KL": 2}
+        LOSS_MODES = {"SIGMOID": 0, "SOFTMAX": 1, "KL": 2, "REVERSE_KL": 3, "JSD": 4, "TOPK": 5}
         NUM_STATES, NUM_CONSTS, NORM_EPS = layout.NUM_STATES, layout.NUM_CONSTS, layout.NORM_EPS
 
-    layout.check_layout(type("Fresh", (Stale,), {"LOSS_MODES": {"SIGMOID": 0, "SOFTMAX": 1}}), "fresh")
-    with pytest.raises(ImportError, match="LossMode.REVERSE_KL"):
+    layout.check_layout(type("Fresh", (Stale,), {"LOSS_MODES": {m.name: int(m) for m in LossMode}}), "fresh")
+    with pytest.raises(ImportError, match="LossMode.TOPK"):
         layout.check_layout(Stale, "stale")
 
 

@@ -234,7 +234,8 @@ def test_opcheck_chunked_soft_target(backend, budget, reduction, needs):
     for t in (x, w, b, scale):
         t.requires_grad_(bool(needs))
     idx, val = torch.randint(-1, 700, (6, 3), generator=g), torch.rand(6, 3, generator=g)
-    args = (x, w, b, scale, idx, val, None, None, [0, 300, 700], "softmax", reduction, 1.5, backend, budget, needs)
+    args = (x, w, b, scale, idx, val, None, None, None, None, None, [0, 300, 700], "softmax", reduction, 1.5,
+            [0.5, 0.0, 0.0, 0.0], backend, budget, needs)
     _opcheck(torch.ops.kc_kernels.chunked_soft_target.default, args)
     grad = torch.ones(6) if reduction == "none" else torch.tensor(1.0)
     _opcheck(torch.ops.kc_kernels.chunked_soft_target_backward.default,

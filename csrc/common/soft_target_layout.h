@@ -10,12 +10,14 @@ namespace kc {
 #define KC_ENUM_ITEM(name, py, ...) name,
 #define KC_ENUM_NAME(name, py, ...) py,
 
-// Phases of one epilogue call, as a bitmask (phase i is bit i); a call runs its phases in this order per row and piece.
+// Phases of one epilogue call, as a bitmask (phase i is bit i). A call runs them per row and piece in the order
+// TEACHER, NORM, STATS, MIX, FINAL (MIX came last to the list, so FINAL kept its bit).
 #define KC_PHASES(X)                                                                    \
   X(kPhaseTeacher, "TEACHER") /* dense softmax targets: the teacher's log-sum-exp */    \
   X(kPhaseNorm, "NORM")       /* the self-paced norm (SUMSQ) */                         \
   X(kPhaseStats, "STATS")     /* statistics that need the norm and the teacher's lse */ \
-  X(kPhaseFinal, "FINAL")     /* loss sums and, with a coefficient, the logit gradient */
+  X(kPhaseFinal, "FINAL")     /* loss sums and, with a coefficient, the logit gradient */  \
+  X(kPhaseMix, "MIX")         /* JSD: sums over the mixture, run after STATS and before FINAL */
 namespace phase_index {
 enum { KC_PHASES(KC_ENUM_ITEM) kCount };
 }
@@ -39,7 +41,10 @@ constexpr const char* kPhaseNames[kNumPhases] = {KC_PHASES(KC_ENUM_NAME)};
   X(kTeacherMax, "TMAX")        /* dense softmax targets: running max of t/T */                   \
   X(kTeacherSumExp, "TSUMEXP")  /* and sum exp(t/T - TMAX) */                                     \
   X(kR, "R")                    /* sum q u/(nT): a per-segment scale's gradient per row */        \
-  X(kS, "S")                    /* sum q yh: the norm's gradient term per row */
+  X(kS, "S")                    /* sum q yh: the norm's gradient term per row */                  \
+  X(kTeacherEnt, "TENT")        /* dense teacher: sum exp(t/T - TMAX) t/T (the teacher's entropy) */ \
+  X(kDiv, "DIV")                /* reverse KL: sum exp(y - MAX) (y - t/T) | JSD: sum p log(p/M) */ \
+  X(kDivLoss, "DLOSS")          /* JSD: the divergence summed over the segment (MIX) */
 enum State { KC_STATES(KC_ENUM_ITEM) kNumStates };
 constexpr const char* kStateNames[kNumStates] = {KC_STATES(KC_ENUM_NAME)};
 
@@ -49,7 +54,8 @@ constexpr const char* kStateNames[kNumStates] = {KC_STATES(KC_ENUM_NAME)};
   X(kConstLse, "LSE")           /* softmax: log-sum-exp of y over the segment */ \
   X(kConstMass, "MASS")         /* softmax: target mass m */                \
   X(kConstTeacherLse, "TLSE")   /* dense softmax targets: TMAX + log TSUMEXP */ \
-  X(kConstSN2, "S_N2")          /* S / n^2 (0 without a scale) */
+  X(kConstSN2, "S_N2")          /* S / n^2 (0 without a scale) */           \
+  X(kConstDbar, "DBAR")         /* reverse KL: DIV / SUMEXP | JSD: DIV */
 enum Const { KC_CONSTS(KC_ENUM_ITEM) kNumConsts };
 constexpr const char* kConstNames[kNumConsts] = {KC_CONSTS(KC_ENUM_NAME)};
 

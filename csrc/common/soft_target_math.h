@@ -31,9 +31,12 @@ constexpr double kNormEps = 1e-12;  // n = sqrt(sum u^2 + eps): a zero score row
 // kc_kernels.loss_modes.LossMode and the Triton constants (kc_kernels/triton/loss_modes.py) must agree with it
 // (tests/test_layout.py). A mode's per-element terms are the LossTerms specialisation below; adding a mode:
 // docs/architecture.md, "Adding a loss mode".
-#define KC_LOSS_MODES(X)                                              \
-  X(kModeSigmoid, "SIGMOID") /* binary cross-entropy per class */     \
-  X(kModeSoftmax, "SOFTMAX") /* cross-entropy per segment, times T^2 */
+#define KC_LOSS_MODES(X)                                                          \
+  X(kModeSigmoid, "SIGMOID")       /* binary cross-entropy per class */           \
+  X(kModeSoftmax, "SOFTMAX")       /* cross-entropy per segment, times T^2 */     \
+  X(kModeKL, "KL")                 /* KL(teacher || student): SOFTMAX's walk */   \
+  X(kModeReverseKL, "REVERSE_KL")  /* KL(student || teacher), times T^2 */        \
+  X(kModeJSD, "JSD")               /* generalized Jensen-Shannon (beta), T^2 */
 enum LossMode { KC_LOSS_MODES(KC_ENUM_ITEM) kNumLossModes };
 constexpr const char* kLossModeNames[kNumLossModes] = {KC_LOSS_MODES(KC_ENUM_NAME)};
 

@@ -78,7 +78,7 @@ class CpuEpilogue:
         p = sw.p
         # the logits chunk (work dtype), a converted teacher chunk, fp32 weight/gradient rows of converted weights
         per_col = sw.buf_itemsize * p.batch
-        if p.teacher_logits is not None and p.teacher_logits.dtype != torch.float32:
+        if p.teacher_logits is not None and p.teacher_logits.dtype != torch.float32:  # (a head's chunk: the driver)
             per_col += 4 * p.batch
         if sw.linear and p.weight.dtype != sw.work_dtype:
             per_col += 8 * sw.H
@@ -94,7 +94,7 @@ class CpuWalk:
     def __init__(self, sw: "Sweep"):
         p = sw.p
         self.tidx = self.tval = None
-        if p.target_index is not None:
+        if p.target_index is not None and not sw.teacher_from_targets:
             self.tidx = p.target_index.long().contiguous()
             self.tval = p.target_value.float().contiguous()
         self.teacher = p.teacher_logits
@@ -104,6 +104,7 @@ class CpuWalk:
                 self.teacher = self.teacher.contiguous()
             else:
                 self.tbuf = torch.empty(p.batch * sw.capacity, dtype=torch.float32)
+        self.made_teacher = sw.has_teacher and self.teacher is None  # a head's (or filled) chunks, fp32
 
     def after_teacher(self, sw: "Sweep") -> None:
         """The teacher phase poisons the log-sum-exp of a segment holding a NaN teacher logit: the front's NaN
@@ -111,9 +112,11 @@ class CpuWalk:
         if checks.values_enabled(torch.device("cpu")) and bool(torch.isnan(sw.state[layout.State.TSUMEXP]).any()):
             checks.fail("teacher_logits", "contains NaN")
 
-    def _teacher(self, c: Chunk, r0: int, r1: int) -> Optional[torch.Tensor]:
+    def _teacher(self, sw: "Sweep", c: Chunk, r0: int, r1: int) -> Optional[torch.Tensor]:
         """The teacher logits of rows [r0, r1) and the chunk's classes as fp32 with unit column stride: a view of
         an fp32 teacher, else a converted copy (which the caller keeps alive until the kernel has read it)."""
+        if self.made_teacher:
+            return sw.teacher_chunk(c, r0, r1)
         if self.teacher is None:
             return None
         if self.tbuf is None:  # fp32 teacher: read in place
@@ -130,7 +133,7 @@ class CpuWalk:
         """One epilogue call; ``rows`` = (r0, r1): ``u`` holds only those rows (the row-block walk of a long
         segment), every other per-row buffer is sliced to them."""
         r0, r1 = rows if rows is not None else (0, sw.p.batch)
-        teacher = self._teacher(c, r0, r1)  # a converted copy lives until the kernel has run
+        teacher = self._teacher(sw, c, r0, r1)  # a converted copy lives until the kernel has run
         a = self._params(sw, c, u, phases, coef, r0, r1)
         if teacher is not None:
             a.teacher, a.teacher_ld = teacher.data_ptr(), teacher.stride(0)

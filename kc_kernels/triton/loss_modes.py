@@ -11,6 +11,9 @@ from kc_kernels.triton._soft_target_tiles import sigmoid, softplus_and_sigmoid
 
 SIGMOID = tl.constexpr(0)
 SOFTMAX = tl.constexpr(1)
+KL = tl.constexpr(2)
+REVERSE_KL = tl.constexpr(3)
+JSD = tl.constexpr(4)
 
 
 @triton.jit
