@@ -87,8 +87,9 @@ _CHUNKED = "kc_kernels.chunked"
 _SAMPLED = "kc_kernels.ops.sampled_softmax_autograd:run"
 _ANY_DEVICE = ("cpu", "cuda", "meta")
 _TRITON = frozenset({INTERPRETED_ON_CPU})
-# what the chunked driver does itself, for every epilogue that reads the teacher chunks it hands out
-_DRIVER_FEATURES = frozenset({"teacher_head"})
+# the features of the chunked backends (the driver makes a head's and a top-K teacher's chunks; each epilogue does
+# the modes and options)
+_DRIVER_FEATURES = ALL_FEATURES
 
 TABLE: Tuple[Row, ...] = (
     Row("linear_soft_target_loss", "reference", f"{_REF}:linear_soft_target_loss", None, _ANY_DEVICE, ALL_DTYPES,
@@ -99,25 +100,26 @@ TABLE: Tuple[Row, ...] = (
     Row("linear_soft_target_loss", "cpu", f"{_CHUNKED}:linear_soft_target_loss", "kc_kernels.cpu.epilogue:EPILOGUE",
         ("cpu",), ALL_DTYPES, frozenset({TEACHER_NAN}), features=_DRIVER_FEATURES),
     Row("soft_target_loss", "cpu", f"{_CHUNKED}:soft_target_loss", "kc_kernels.cpu.epilogue:EPILOGUE",
-        ("cpu",), ALL_DTYPES, frozenset({TEACHER_NAN})),
+        ("cpu",), ALL_DTYPES, frozenset({TEACHER_NAN}), features=_DRIVER_FEATURES - {"teacher_head"}),
     Row("sampled_softmax_loss", "cpu", _SAMPLED, "kc_kernels.cpu.sampled_softmax:IMPL", ("cpu",), ALL_DTYPES),
     Row("linear_soft_target_loss", "triton", f"{_CHUNKED}:linear_soft_target_loss",
-        "kc_kernels.triton.epilogue:EPILOGUE", ("cuda",), HALF_AND_SINGLE, _TRITON),
+        "kc_kernels.triton.epilogue:EPILOGUE", ("cuda",), HALF_AND_SINGLE, _TRITON, _DRIVER_FEATURES),
     Row("soft_target_loss", "triton", f"{_CHUNKED}:soft_target_loss", "kc_kernels.triton.epilogue:EPILOGUE",
-        ("cuda",), HALF_AND_SINGLE, _TRITON),
+        ("cuda",), HALF_AND_SINGLE, _TRITON, _DRIVER_FEATURES - {"teacher_head"}),
     # fp64 accumulates in fp64 in the Triton sampled-softmax kernels
     Row("sampled_softmax_loss", "triton", _SAMPLED, "kc_kernels.triton.sampled_softmax:IMPL", ("cuda",), ALL_DTYPES,
         _TRITON),
     Row("linear_soft_target_loss", "cuda", f"{_CHUNKED}:linear_soft_target_loss", "kc_kernels.cuda.epilogue:EPILOGUE",
-        ("cuda",), HALF_AND_SINGLE),
+        ("cuda",), HALF_AND_SINGLE, features=_DRIVER_FEATURES),
     Row("soft_target_loss", "cuda", f"{_CHUNKED}:soft_target_loss", "kc_kernels.cuda.epilogue:EPILOGUE",
-        ("cuda",), HALF_AND_SINGLE),
+        ("cuda",), HALF_AND_SINGLE, features=_DRIVER_FEATURES - {"teacher_head"}),
     Row("sampled_softmax_loss", "cuda", _SAMPLED, "kc_kernels.cuda.sampled_softmax:IMPL", ("cuda",),
         HALF_AND_SINGLE),
     # plain PyTorch over class chunks, memory-bounded: the fallback where no kernel runs (kc_kernels/portable.py)
     Row("linear_soft_target_loss", "portable", "kc_kernels.portable:linear_soft_target_loss", None, _ANY_DEVICE,
-        ALL_DTYPES),
-    Row("soft_target_loss", "portable", "kc_kernels.portable:soft_target_loss", None, _ANY_DEVICE, ALL_DTYPES),
+        ALL_DTYPES, features=ALL_FEATURES),
+    Row("soft_target_loss", "portable", "kc_kernels.portable:soft_target_loss", None, _ANY_DEVICE, ALL_DTYPES,
+        features=ALL_FEATURES - {"teacher_head"}),
     # the reference's sampled softmax holds only [B, T + S] logits: already plain PyTorch without a [B, V] tensor
     Row("sampled_softmax_loss", "portable", f"{_REF}:sampled_softmax_loss", None, _ANY_DEVICE, ALL_DTYPES),
 )
