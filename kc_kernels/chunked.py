@@ -80,11 +80,12 @@ def chunked_soft_target(inp: torch.Tensor, weight: Optional[torch.Tensor], bias:
                         sample_weight: Optional[torch.Tensor], teacher_x: Optional[torch.Tensor],
                         teacher_weight: Optional[torch.Tensor], teacher_bias: Optional[torch.Tensor],
                         bounds: List[int], mode: str, reduction: str, temperature: float, options: List[float],
-                        backend: str, memory_budget: int,
-                        needs: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                        backend: str, memory_budget: int, needs: int
+                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The loss of x [B, H] (or grouped) and weight [V, H], or of logits [B, V] when weight is None; with
     reduction "mean"/"sum" also the gradients of the inputs whose bit is set in ``needs`` (the backward only
-    scales them). Outputs: (loss, four gradient slots: see _grad_slots)."""
+    scales them). Outputs: (loss, the log-sum-exp of y per row and segment [B, G] (softmax-family modes; [B, 0]
+    for sigmoid), four gradient slots: see _grad_slots)."""
     p = _problem(inp, weight, bias, scale, target_index, target_value, teacher_logits, sample_weight, teacher_x,
                  teacher_weight, teacher_bias, bounds, mode, reduction, temperature, options)
     sweep = Sweep(p, _epilogue(backend), memory_budget)
@@ -95,7 +96,13 @@ def chunked_soft_target(inp: torch.Tensor, weight: Optional[torch.Tensor], bias:
         loss_rows, _ = sweep.run(None)
         needs = 0
     loss = reduce_rows(loss_rows, p).to(_out_dtype(inp))
-    return (loss,) + _grad_slots(inp, weight, bias, scale, needs, grads)
+    return (loss, sweep.segment_lse().to(_out_dtype(inp))) + _grad_slots(inp, weight, bias, scale, needs, grads)
+
+
+def _lse_shape(inp, bounds, mode) -> Tuple[int, int]:
+    from kc_kernels.loss_modes import LossMode
+
+    return inp.shape[0], (len(bounds) - 1 if LossMode.of(mode).terms.segment_lse else 0)
 
 
 @chunked_soft_target.register_fake
@@ -103,7 +110,8 @@ def _chunked_soft_target_fake(inp, weight, bias, scale, target_index, target_val
                               teacher_x, teacher_weight, teacher_bias, bounds, mode, reduction, temperature, options,
                               backend, memory_budget, needs):
     loss = inp.new_empty((inp.shape[0],) if reduction == "none" else (), dtype=_out_dtype(inp))
-    return (loss,) + _grad_slots(inp, weight, bias, scale, needs if reduction != "none" else 0, None)
+    lse = inp.new_empty(_lse_shape(inp, bounds, mode), dtype=_out_dtype(inp))
+    return (loss, lse) + _grad_slots(inp, weight, bias, scale, needs if reduction != "none" else 0, None)
 
 
 @torch.library.custom_op("kc_kernels::chunked_soft_target_backward", mutates_args=())
@@ -135,15 +143,16 @@ def _chunked_soft_target_backward_fake(grad_loss, inp, weight, bias, scale, *res
 
 _TENSOR_ARGS = 11  # inp .. teacher_bias; then bounds, mode, reduction, temperature, options, backend,
 # memory_budget, needs (reduction is the third option, needs the last: register_forward_made_grads reads them)
-register_forward_made_grads(chunked_soft_target, chunked_soft_target_backward, _TENSOR_ARGS, GRAD_INPUTS)
+register_forward_made_grads(chunked_soft_target, chunked_soft_target_backward, _TENSOR_ARGS, GRAD_INPUTS,
+                            side_outputs=1)
 
 
-def _call(p, inp: torch.Tensor, weight, bias, backend: str, memory_budget: int) -> torch.Tensor:
+def _call(p, inp: torch.Tensor, weight, bias, backend: str, memory_budget: int):
     needs = needs_mask(inp, weight, bias, p.scale)
     out = chunked_soft_target(inp, weight, bias, p.scale, p.target_index, p.target_value, p.teacher_logits,
                               p.sample_weight, p.teacher_x, p.teacher_weight, p.teacher_bias, list(p.bounds), p.mode,
                               p.reduction, float(p.temperature), _options(p), backend, int(memory_budget), needs)
-    return out[0]
+    return (out[0], out[1]) if p.want_lse else out[0]
 
 
 def linear_soft_target_loss(p, backend: str) -> torch.Tensor:

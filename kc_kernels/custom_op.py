@@ -24,11 +24,14 @@ def _scaled(grads, grad_loss: torch.Tensor):
     return grads
 
 
-def register_forward_made_grads(op, backward_op, tensor_args: int, grad_inputs: int) -> None:
-    """Autograd of a custom op whose outputs are (loss, one gradient per slot) and whose arguments are
-    ``tensor_args`` tensors, then options ending with ``reduction``, backend, ..., ``needs`` (the gradient bitmask,
-    last). For reduction "mean"/"sum" the forward made the gradients: backward only scales them by the scalar
-    grad_output (once: a second backward, and reduction "none", call ``backward_op`` to make them again)."""
+def register_forward_made_grads(op, backward_op, tensor_args: int, grad_inputs: int, side_outputs: int = 0) -> None:
+    """Autograd of a custom op whose outputs are (loss, ``side_outputs`` values without a gradient, one gradient
+    per slot) and whose arguments are ``tensor_args`` tensors, then options ending with ``reduction``, backend, ...,
+    ``needs`` (the gradient bitmask, last). For reduction "mean"/"sum" the forward made the gradients: backward only
+    scales them by the scalar grad_output (once: a second backward, and reduction "none", call ``backward_op`` to
+    make them again)."""
+    first = 1 + side_outputs
+
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs[:tensor_args])
         ctx.options = inputs[tensor_args:]
@@ -37,7 +40,7 @@ def register_forward_made_grads(op, backward_op, tensor_args: int, grad_inputs: 
         # no zero gradients made up for those outputs in backward: that was a [V, H] fill (and its page faults)
         # per step
         ctx.set_materialize_grads(False)
-        ctx.grads = list(output[1:]) if inputs[-1] and inputs[tensor_args + 2] != "none" else None
+        ctx.grads = list(output[first:]) if inputs[-1] and inputs[tensor_args + 2] != "none" else None
 
     def backward(ctx, grad_loss, *unused):
         needs = ctx.options[-1]

@@ -377,6 +377,12 @@ class Sweep:
         if ph.fused:
             self.walk.after_teacher(self)
 
+    def segment_lse(self) -> torch.Tensor:
+        """[B, G] log-sum-exp of y per row and segment after a walk ([B, 0] for a mode without one)."""
+        if not self.mode.terms.segment_lse:
+            return self.state.new_empty(self.p.batch, 0)
+        return self.state[State.MAX] + torch.log(self.state[State.SUMEXP])
+
     def _assemble(self, coef: Optional[torch.Tensor], grads: bool
                   ) -> Tuple[torch.Tensor, Optional[Dict[str, Optional[torch.Tensor]]]]:
         """The per-row loss from the statistics, and the gradients in the inputs' dtypes."""

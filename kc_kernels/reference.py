@@ -203,14 +203,15 @@ def linear_soft_target_loss(x: torch.Tensor, weight: torch.Tensor, bias: Optiona
                             target_index=None, target_value=None, teacher_logits=None, teacher_x=None,
                             teacher_weight=None, teacher_bias=None, mode: str = "sigmoid", beta: float = 0.5,
                             segments=None, scale=None, temperature: float = 1.0, sample_weight=None,
-                            reduction: str = "mean") -> torch.Tensor:
-    """Fused linear + soft-target loss, defined by materialising the logits (and a teacher head's logits)."""
+                            reduction: str = "mean", **options) -> torch.Tensor:
+    """Fused linear + soft-target loss, defined by materialising the logits (and a teacher head's logits).
+    ``options``: soft_target_loss's softcap, z_loss, uniform_target."""
     u = linear_logits(x, weight, None, segments)
     if teacher_x is not None:
         teacher_logits = teacher_head_logits(teacher_x, teacher_weight, teacher_bias, segments)
     return soft_target_loss(u, target_index=target_index, target_value=target_value, teacher_logits=teacher_logits,
                             mode=mode, segments=segments, scale=scale, temperature=temperature,
-                            sample_weight=sample_weight, reduction=reduction, bias=bias, beta=beta)
+                            sample_weight=sample_weight, reduction=reduction, bias=bias, beta=beta, **options)
 
 
 # ------------------------------------------------------------------------------------------ hard-label cross-entropy

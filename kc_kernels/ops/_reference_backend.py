@@ -5,8 +5,19 @@ import torch
 from kc_kernels import reference
 
 
-def linear_soft_target_loss(p, backend: str = "reference") -> torch.Tensor:
-    return reference.linear_soft_target_loss(p.x, p.weight, p.bias, **p.loss_kwargs())
+def linear_soft_target_loss(p, backend: str = "reference"):
+    loss = reference.linear_soft_target_loss(p.x, p.weight, p.bias, **p.loss_kwargs())
+    if not p.want_lse:
+        return loss
+    with torch.no_grad():  # (loss, lse [B, G]) as the chunked op returns them
+        y = reference.linear_logits(p.x, p.weight, None, p.segments)
+        if p.bias is not None:
+            y = y + p.bias.to(y.dtype)
+        if p.softcap is not None:
+            y = p.softcap * torch.tanh(y / p.softcap)
+        y = y / p.temperature
+        lse = torch.stack([torch.logsumexp(y[:, a:b], dim=1) for a, b in zip(p.bounds[:-1], p.bounds[1:])], dim=1)
+    return loss, lse
 
 
 def soft_target_loss(p, backend: str = "reference") -> torch.Tensor:

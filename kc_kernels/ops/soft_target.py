@@ -43,6 +43,7 @@ class SoftTargetProblem:
     softcap: Optional[float] = None  # y = softcap tanh((u + bias) / softcap) / T (linear_cross_entropy)
     z_loss: float = 0.0  # adds z_loss * lse^2 per segment (linear_cross_entropy)
     uniform_target: float = 0.0  # added to every class's target (label smoothing: eps / V)
+    want_lse: bool = False  # the implementation returns (loss, lse [B, G]) (linear_cross_entropy's return_lse)
     segments: Optional[torch.Tensor] = None  # [G + 1] int64 on the input's device
     bounds: Optional[List[int]] = None  # the same offsets on the host ([0, V] when segments is None)
     scale: Optional[torch.Tensor] = None  # [G] or [V]
@@ -89,6 +90,8 @@ class SoftTargetProblem:
             f.add("z_loss")
         if self.uniform_target:
             f.add("label_smoothing")
+        if self.want_lse:
+            f.add("return_lse")
         return frozenset(f)
 
     def loss_kwargs(self) -> dict:
