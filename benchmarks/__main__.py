@@ -141,8 +141,11 @@ def main(argv=None) -> None:
     ap.add_argument("--shapes", default="small,paper", help="names (small, paper, llm) or BxHxV, comma separated")
     ap.add_argument("--losses", default=",".join(LOSSES))
     ap.add_argument("--peers", default="eager,cce,liger", help="eager, compile, cce, liger (comma separated)")
-    ap.add_argument("--parts", default="soft-target,sampled,student")
+    ap.add_argument("--parts", default="soft-target,sampled,student",
+                    help="soft-target, sampled, student, distill (teacher head and CE options; comma separated)")
     ap.add_argument("--num-sampled", type=int, default=8192)
+    ap.add_argument("--distill-shape", default="1024,512,100000,512",
+                    help="B,H,V,Ht of the distill part (Ht: the teacher head's width)")
     ap.add_argument("--memory-budgets", default="",
                     help="extra kc rows at these memory budgets (MiB, comma separated), e.g. 32,128,512")
     ap.add_argument("--rounds", type=int, default=7,
@@ -163,6 +166,10 @@ def main(argv=None) -> None:
         run_sampled(args, device, dtype, rows)
     if "student" in parts:
         run_student(args, device, dtype, rows)
+    if "distill" in parts:
+        from benchmarks.distill import run_distill
+
+        run_distill(args, device, dtype, rows, kc_backends(device))
     print("\n" + common.format_table(rows))
     tag = re.sub(r"[^A-Za-z0-9]+", "-", device_name(device)).strip("-").lower()
     out = Path(args.out) if args.out else RESULTS / f"{tag}-{_dt.date.today().isoformat()}.json"
