@@ -28,18 +28,24 @@ def _epilogue(name: str) -> Epilogue:
 
 
 def _problem(inp, weight, bias, scale, target_index, target_value, teacher_logits, sample_weight, teacher_x,
-             teacher_weight, teacher_bias, bounds, mode, reduction, temperature, options):
+             teacher_weight, teacher_bias, segments, bounds, mode, reduction, temperature, options):
     """The problem the op's arguments describe (validated by the op front before the op was called).
-    ``options``: [beta, softcap (0: none), z_loss, uniform_target]."""
+    ``options``: [beta, softcap (0: none), z_loss, uniform_target]. Empty ``bounds``: the offsets are the values
+    of ``segments``, read (and checked) here, where the op runs, not where a graph was traced."""
+    from kc_kernels.ops import checks
     from kc_kernels.ops.soft_target import SoftTargetProblem
 
     linear = weight is not None
+    if not bounds:
+        V = weight.shape[0] if linear else inp.shape[1]
+        bounds = [0, V] if segments is None else checks.bounds_of(segments, V)
     beta, softcap, z_loss, uniform_target = options
     return SoftTargetProblem(batch=inp.shape[0], num_classes=weight.shape[0] if linear else inp.shape[1], mode=mode,
                              reduction=reduction, temperature=temperature, x=inp if linear else None,
                              weight=weight, bias=bias, logits=None if linear else inp, target_index=target_index,
                              target_value=target_value, teacher_logits=teacher_logits, teacher_x=teacher_x,
-                             teacher_weight=teacher_weight, teacher_bias=teacher_bias, bounds=list(bounds),
+                             teacher_weight=teacher_weight, teacher_bias=teacher_bias, segments=segments,
+                             bounds=list(bounds),
                              scale=scale, sample_weight=sample_weight, beta=beta, softcap=softcap or None,
                              z_loss=z_loss, uniform_target=uniform_target)
 
@@ -79,15 +85,15 @@ def chunked_soft_target(inp: torch.Tensor, weight: Optional[torch.Tensor], bias:
                         target_value: Optional[torch.Tensor], teacher_logits: Optional[torch.Tensor],
                         sample_weight: Optional[torch.Tensor], teacher_x: Optional[torch.Tensor],
                         teacher_weight: Optional[torch.Tensor], teacher_bias: Optional[torch.Tensor],
-                        bounds: List[int], mode: str, reduction: str, temperature: float, options: List[float],
-                        backend: str, memory_budget: int, needs: int
+                        segments: Optional[torch.Tensor], bounds: List[int], mode: str, reduction: str,
+                        temperature: float, options: List[float], backend: str, memory_budget: int, needs: int
                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The loss of x [B, H] (or grouped) and weight [V, H], or of logits [B, V] when weight is None; with
     reduction "mean"/"sum" also the gradients of the inputs whose bit is set in ``needs`` (the backward only
     scales them). Outputs: (loss, the log-sum-exp of y per row and segment [B, G] (softmax-family modes; [B, 0]
     for sigmoid), four gradient slots: see _grad_slots)."""
     p = _problem(inp, weight, bias, scale, target_index, target_value, teacher_logits, sample_weight, teacher_x,
-                 teacher_weight, teacher_bias, bounds, mode, reduction, temperature, options)
+                 teacher_weight, teacher_bias, segments, bounds, mode, reduction, temperature, options)
     sweep = Sweep(p, _epilogue(backend), memory_budget)
     grads = None
     if needs and reduction != "none":
@@ -99,18 +105,19 @@ def chunked_soft_target(inp: torch.Tensor, weight: Optional[torch.Tensor], bias:
     return (loss, sweep.segment_lse().to(_out_dtype(inp))) + _grad_slots(inp, weight, bias, scale, needs, grads)
 
 
-def _lse_shape(inp, bounds, mode) -> Tuple[int, int]:
+def _lse_shape(inp, segments, bounds, mode) -> Tuple[int, int]:
     from kc_kernels.loss_modes import LossMode
 
-    return inp.shape[0], (len(bounds) - 1 if LossMode.of(mode).terms.segment_lse else 0)
+    G = len(bounds) - 1 if bounds else (1 if segments is None else segments.shape[0] - 1)
+    return inp.shape[0], (G if LossMode.of(mode).terms.segment_lse else 0)
 
 
 @chunked_soft_target.register_fake
 def _chunked_soft_target_fake(inp, weight, bias, scale, target_index, target_value, teacher_logits, sample_weight,
-                              teacher_x, teacher_weight, teacher_bias, bounds, mode, reduction, temperature, options,
-                              backend, memory_budget, needs):
+                              teacher_x, teacher_weight, teacher_bias, segments, bounds, mode, reduction, temperature,
+                              options, backend, memory_budget, needs):
     loss = inp.new_empty((inp.shape[0],) if reduction == "none" else (), dtype=_out_dtype(inp))
-    lse = inp.new_empty(_lse_shape(inp, bounds, mode), dtype=_out_dtype(inp))
+    lse = inp.new_empty(_lse_shape(inp, segments, bounds, mode), dtype=_out_dtype(inp))
     return (loss, lse) + _grad_slots(inp, weight, bias, scale, needs if reduction != "none" else 0, None)
 
 
@@ -120,13 +127,14 @@ def chunked_soft_target_backward(grad_loss: torch.Tensor, inp: torch.Tensor, wei
                                  target_index: Optional[torch.Tensor], target_value: Optional[torch.Tensor],
                                  teacher_logits: Optional[torch.Tensor], sample_weight: Optional[torch.Tensor],
                                  teacher_x: Optional[torch.Tensor], teacher_weight: Optional[torch.Tensor],
-                                 teacher_bias: Optional[torch.Tensor], bounds: List[int], mode: str, reduction: str,
+                                 teacher_bias: Optional[torch.Tensor], segments: Optional[torch.Tensor],
+                                 bounds: List[int], mode: str, reduction: str,
                                  temperature: float, options: List[float], backend: str, memory_budget: int,
                                  needs: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A second walk that makes the gradients, rows weighted by ``grad_loss``: reduction "none" (whose row
     weights are known only now), or a backward whose saved gradients were already used."""
     p = _problem(inp, weight, bias, scale, target_index, target_value, teacher_logits, sample_weight, teacher_x,
-                 teacher_weight, teacher_bias, bounds, mode, reduction, temperature, options)
+                 teacher_weight, teacher_bias, segments, bounds, mode, reduction, temperature, options)
     sweep = Sweep(p, _epilogue(backend), memory_budget)
     rows = grad_loss if reduction == "none" else None
     coef = row_coef(p, sweep.device, sweep.state_dtype, rows)
@@ -141,7 +149,7 @@ def _chunked_soft_target_backward_fake(grad_loss, inp, weight, bias, scale, *res
     return _grad_slots(inp, weight, bias, scale, rest[-1], None)
 
 
-_TENSOR_ARGS = 11  # inp .. teacher_bias; then bounds, mode, reduction, temperature, options, backend,
+_TENSOR_ARGS = 12  # inp .. teacher_bias, segments; then bounds, mode, reduction, temperature, options, backend,
 # memory_budget, needs (reduction is the third option, needs the last: register_forward_made_grads reads them)
 register_forward_made_grads(chunked_soft_target, chunked_soft_target_backward, _TENSOR_ARGS, GRAD_INPUTS,
                             side_outputs=1)
@@ -150,8 +158,9 @@ register_forward_made_grads(chunked_soft_target, chunked_soft_target_backward, _
 def _call(p, inp: torch.Tensor, weight, bias, backend: str, memory_budget: int):
     needs = needs_mask(inp, weight, bias, p.scale)
     out = chunked_soft_target(inp, weight, bias, p.scale, p.target_index, p.target_value, p.teacher_logits,
-                              p.sample_weight, p.teacher_x, p.teacher_weight, p.teacher_bias, list(p.bounds), p.mode,
-                              p.reduction, float(p.temperature), _options(p), backend, int(memory_budget), needs)
+                              p.sample_weight, p.teacher_x, p.teacher_weight, p.teacher_bias, p.segments,
+                              list(p.bounds or []), p.mode, p.reduction, float(p.temperature), _options(p), backend,
+                              int(memory_budget), needs)
     return (out[0], out[1]) if p.want_lse else out[0]
 
 

@@ -234,7 +234,7 @@ def test_opcheck_chunked_soft_target(backend, budget, reduction, needs):
     for t in (x, w, b, scale):
         t.requires_grad_(bool(needs))
     idx, val = torch.randint(-1, 700, (6, 3), generator=g), torch.rand(6, 3, generator=g)
-    args = (x, w, b, scale, idx, val, None, None, None, None, None, [0, 300, 700], "softmax", reduction, 1.5,
+    args = (x, w, b, scale, idx, val, None, None, None, None, None, None, [0, 300, 700], "softmax", reduction, 1.5,
             [0.5, 0.0, 0.0, 0.0], backend, budget, needs)
     _opcheck(torch.ops.kc_kernels.chunked_soft_target.default, args)
     grad = torch.ones(6) if reduction == "none" else torch.tensor(1.0)
@@ -261,3 +261,54 @@ def test_opcheck_sampled_softmax(backend, reduction):
     grad = torch.ones(5) if reduction == "none" else torch.tensor(1.0)
     _opcheck(torch.ops.kc_kernels.sampled_softmax_backward.default,
              (grad,) + tuple(t.detach() for t in (x, w, b)) + args[3:])
+
+
+SEGMENTS_TENSOR = torch.tensor(SEGMENTS)
+
+
+class SegmentsAsTensor(nn.Module):
+    """A head whose loss takes its segment layout as a list, a module-level CPU tensor or a registered buffer."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.form = form
+        self.head = nn.Linear(H, V)
+        self.register_buffer("layout", torch.tensor(SEGMENTS))
+
+    def forward(self, h: torch.Tensor, idx: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
+        seg = {"list": SEGMENTS, "tensor": SEGMENTS_TENSOR, "buffer": self.layout}[self.form]
+        return kc_kernels.linear_soft_target_loss(h, self.head.weight, self.head.bias, target_index=idx,
+                                                  target_value=val, mode="softmax", segments=seg, backend="cpu")
+
+
+@pytest.mark.parametrize("form", ["list", "tensor", "buffer"])
+def test_segments_as_a_tensor_compile_into_one_graph_and_equal_eager(form):
+    """A segments tensor is handed to the custom op, which reads its offsets when it runs: tracing never needs
+    their values, so no graph break (aten._local_scalar_dense) and fullgraph=True compiles."""
+    torch.manual_seed(0)
+    model = SegmentsAsTensor(form)
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(B, H, generator=g, requires_grad=True)
+    batch = (h, torch.randint(0, V, (B, K), generator=g), torch.rand(B, K, generator=g))
+    eager = _step(model, model, batch) + [h.grad.clone()]
+    h.grad = None
+    explained = torch._dynamo.explain(model)(*batch)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    got = _step(model, compiled, batch) + [h.grad.clone()]
+    for a, b in zip(got, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        exported = torch.export.export(model, batch)
+        nodes = [str(n.target) for n in exported.graph_module.graph.nodes if n.op == "call_function"]
+        assert nodes.count("kc_kernels.chunked_soft_target.default") == 1
+        torch.testing.assert_close(exported.module()(*batch), model(*batch))
+
+
+def test_a_bad_segments_tensor_in_a_compiled_graph_is_refused_when_the_op_runs():
+    model = SegmentsAsTensor("buffer")
+    model.layout.copy_(torch.tensor([0, 200, 100]))  # not increasing: refused when the op reads the offsets
+    g = torch.Generator().manual_seed(4)
+    batch = (torch.randn(B, H, generator=g), torch.randint(0, V, (B, K), generator=g), torch.rand(B, K, generator=g))
+    with pytest.raises(Exception, match="segments: offsets must be strictly increasing"):
+        torch.compile(model, fullgraph=True, backend="aot_eager")(*batch)

@@ -16,7 +16,8 @@ def linear_soft_target_loss(p, backend: str = "reference"):
         if p.softcap is not None:
             y = p.softcap * torch.tanh(y / p.softcap)
         y = y / p.temperature
-        lse = torch.stack([torch.logsumexp(y[:, a:b], dim=1) for a, b in zip(p.bounds[:-1], p.bounds[1:])], dim=1)
+        bounds = p.bounds if p.bounds is not None else p.segments.tolist()
+        lse = torch.stack([torch.logsumexp(y[:, a:b], dim=1) for a, b in zip(bounds[:-1], bounds[1:])], dim=1)
     return loss, lse
 
 

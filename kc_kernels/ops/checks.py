@@ -139,8 +139,12 @@ def segments(segs, num_classes: int, device) -> Optional[torch.Tensor]:
     return segment_layout(segs, num_classes, device)[1]
 
 
-def segment_layout(segs, num_classes: int, device) -> Tuple[Optional[List[int]], Optional[torch.Tensor]]:
-    """(offsets as a host list, int64 tensor on ``device``) of validated segments; (None, None) for None."""
+def segment_layout(segs, num_classes: int, device, defer: bool = False
+                   ) -> Tuple[Optional[List[int]], Optional[torch.Tensor]]:
+    """(offsets as a host list, int64 tensor on ``device``) of validated segments; (None, None) for None.
+    ``defer``: a tensor's values are not read while torch.compile traces (reading them would break the graph):
+    (None, the int64 tensor) is returned, and the op that takes the tensor reads and checks the offsets when it
+    runs (``bounds_of``)."""
     if segs is None:
         return None, None
     cached = None
@@ -149,6 +153,10 @@ def segment_layout(segs, num_classes: int, device) -> Tuple[Optional[List[int]],
             fail("segments", f"expected an integer tensor, got {segs.dtype}")
         if segs.dim() != 1:
             fail("segments", f"expected a 1-D tensor of class offsets, got shape {tuple(segs.shape)}")
+        if defer and torch.compiler.is_compiling():
+            if segs.shape[0] < 2:
+                fail("segments", f"needs at least two offsets [0, ..., V], got {segs.shape[0]}")
+            return None, segs.to(device=device, dtype=torch.long)
         if segs.device.type != "cpu" and segs.device == torch.device(device):
             bounds, cached = _device_segments(segs)
         else:
@@ -169,6 +177,14 @@ def segment_layout(segs, num_classes: int, device) -> Tuple[Optional[List[int]],
     if cached is not None:
         return bounds, cached
     return bounds, _host_segments(tuple(bounds), str(device))
+
+
+def bounds_of(segs: torch.Tensor, num_classes: int) -> List[int]:
+    """The checked host offsets of a segments tensor whose values the front deferred (segment_layout), read once
+    per tensor on a GPU (cached by address and version, as the front does)."""
+    bounds, _ = segment_layout(segs, num_classes, segs.device)
+    assert bounds is not None
+    return bounds
 
 
 _HOST_SEGMENTS: Dict[Tuple, torch.Tensor] = {}

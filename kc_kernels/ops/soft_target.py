@@ -45,7 +45,9 @@ class SoftTargetProblem:
     uniform_target: float = 0.0  # added to every class's target (label smoothing: eps / V)
     want_lse: bool = False  # the implementation returns (loss, lse [B, G]) (linear_cross_entropy's return_lse)
     segments: Optional[torch.Tensor] = None  # [G + 1] int64 on the input's device
-    bounds: Optional[List[int]] = None  # the same offsets on the host ([0, V] when segments is None)
+    # the same offsets on the host ([0, V] when segments is None; None while torch.compile traces a segments tensor,
+    # whose values the chunked op reads when it runs: checks.bounds_of)
+    bounds: Optional[List[int]] = None
     scale: Optional[torch.Tensor] = None  # [G] or [V]
     sample_weight: Optional[torch.Tensor] = None  # [B]
     memory_budget: Optional[int] = None  # bytes a chunked backend may use for its class chunk (None: its default)
@@ -57,7 +59,9 @@ class SoftTargetProblem:
 
     @property
     def num_segments(self) -> int:
-        assert self.bounds is not None, "bounds are set by the front's checks"
+        if self.bounds is None:
+            assert self.segments is not None, "bounds or segments are set by the front's checks"
+            return self.segments.shape[0] - 1
         return len(self.bounds) - 1
 
     @property
@@ -219,8 +223,8 @@ def _check_common(p: SoftTargetProblem, ref: torch.Tensor, ref_name: str, *, tar
                   teacher_x=None, teacher_weight=None, teacher_bias=None):
     _check_targets(p, ref, ref_name, target_index, target_value, teacher_logits, teacher_x, teacher_weight,
                    teacher_bias)
-    bounds, p.segments = checks.segment_layout(segments, p.num_classes, ref.device)
-    p.bounds = [0, p.num_classes] if bounds is None else bounds
+    bounds, p.segments = checks.segment_layout(segments, p.num_classes, ref.device, defer=True)
+    p.bounds = bounds if bounds is not None else (None if p.segments is not None else [0, p.num_classes])
     if grouped_groups is not None:
         if p.segments is None:
             checks.fail("segments", "grouped x [B, G, H] needs segments (G + 1 class offsets)")
@@ -266,6 +270,9 @@ def _dispatch(op: str, p: SoftTargetProblem, backend: str, device: torch.device)
     assert inp is not None
     name, row = dispatch.resolve(op, backend, device, inp.dtype, p.features)
     dispatch.check_inputs(row, "x" if p.x is not None else "logits", inp)
+    if p.bounds is None and not row.implementation.startswith("kc_kernels.chunked:"):
+        assert p.segments is not None
+        p.bounds = checks.bounds_of(p.segments, p.num_classes)  # (only the chunked op reads them inside a graph)
     if p.check_teacher_nan and p.teacher_logits is not None and not (
             LossMode.of(p.mode).terms.teacher_lse and dispatch.TEACHER_NAN in row.capabilities):
         if bool(torch.isnan(p.teacher_logits).any()):
