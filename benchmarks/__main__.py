@@ -25,7 +25,57 @@ import kc_kernels
 from benchmarks import common
 from benchmarks.common import LOSSES, SHAPES, Row
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results"  # where results are kept in the repository (committed by hand)
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+PARTS = ("soft-target", "sampled", "student", "distill")
+PEERS = ("eager", "compile", "cce", "liger")
+
+
+def default_out_dir() -> Path:
+    """Outside the source tree: $KC_BENCH_DIR, else $XDG_CACHE_HOME/kc/benchmarks, else ~/.cache/kc/benchmarks."""
+    env = os.environ.get("KC_BENCH_DIR")
+    if env:
+        return Path(env)
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "kc" / "benchmarks"
+
+
+def _fail(option: str, msg: str) -> "SystemExit":
+    return SystemExit(f"python -m benchmarks: {option}: {msg}")
+
+
+def _check_args(args) -> Tuple[torch.device, torch.dtype]:
+    """One-line errors (exit status 1 with the message, no traceback) for options that cannot run here."""
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise _fail("--device", f"unknown device {args.device!r} (use cpu or cuda)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise _fail("--device", f"{args.device!r}: the benchmarks run on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise _fail("--device", "cuda was asked for but this machine has no usable CUDA device (use --device cpu)")
+    if args.dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    elif args.dtype.lower() in DTYPES:
+        dtype = DTYPES[args.dtype.lower()]
+    else:
+        raise _fail("--dtype", f"unknown dtype {args.dtype!r} (use one of {', '.join(DTYPES)})")
+    for option, given, known in (("--parts", args.parts, PARTS), ("--peers", args.peers, PEERS)):
+        unknown = [v for v in given.split(",") if v.strip() and v.strip() not in known]
+        if unknown:
+            raise _fail(option, f"unknown {', '.join(map(repr, unknown))} (use {', '.join(known)})")
+    unknown = [v for v in args.losses.split(",") if v not in LOSSES]
+    if unknown:
+        raise _fail("--losses", f"unknown {', '.join(map(repr, unknown))} (use {', '.join(LOSSES)})")
+    if args.rounds < 1:
+        raise _fail("--rounds", f"must be at least 1, got {args.rounds}")
+    try:
+        [int(m) for m in args.memory_budgets.split(",") if m.strip()]
+    except ValueError:
+        raise _fail("--memory-budgets", f"expected MiB as integers, comma separated, got {args.memory_budgets!r}") \
+            from None
+    return device, dtype
 
 
 def device_name(device: torch.device) -> str:
@@ -136,14 +186,17 @@ def run_student(args, device, dtype, rows) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cpu or cuda (default: cuda where a CUDA device is usable)")
+    ap.add_argument("--dtype", default=None,
+                    help="float32/fp32 (CPU default), bfloat16/bf16 (CUDA default) or float16/fp16")
     ap.add_argument("--shapes", default="small,paper", help="names (small, paper, llm) or BxHxV, comma separated")
-    ap.add_argument("--losses", default=",".join(LOSSES))
+    ap.add_argument("--losses", default=",".join(LOSSES), help="the soft-target cases, comma separated")
     ap.add_argument("--peers", default="eager,cce,liger", help="eager, compile, cce, liger (comma separated)")
     ap.add_argument("--parts", default="soft-target,sampled,student",
                     help="soft-target, sampled, student, distill (teacher head and CE options; comma separated)")
-    ap.add_argument("--num-sampled", type=int, default=8192)
+    ap.add_argument("--num-sampled", type=int, default=8192,
+                    help="candidates drawn per call in the sampled-softmax part (at most V/2)")
     ap.add_argument("--distill-shape", default="1024,512,100000,512",
                     help="B,H,V,Ht of the distill part (Ht: the teacher head's width)")
     ap.add_argument("--memory-budgets", default="",
@@ -152,10 +205,10 @@ def main(argv=None) -> None:
                     help="interleaved timing rounds per case (every implementation and the floor once a round)")
     ap.add_argument("--reference-max-elements", type=float, default=2.0e9,
                     help="skip the reference backend above this many B*V logits (it materialises them)")
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device>-<date>.json)")
+    ap.add_argument("--out", default=None,
+                    help="JSON path (default: <device>-<date>.json in $KC_BENCH_DIR, else ~/.cache/kc/benchmarks)")
     args = ap.parse_args(argv)
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    device, dtype = _check_args(args)
     print(f"device: {device_name(device)}; dtype {dtype}; torch {torch.__version__}; backends {kc_kernels.backends()}")
     print("\n".join(common.format_table([]).splitlines()[:2]))
     rows = []
@@ -172,7 +225,8 @@ def main(argv=None) -> None:
         run_distill(args, device, dtype, rows, kc_backends(device))
     print("\n" + common.format_table(rows))
     tag = re.sub(r"[^A-Za-z0-9]+", "-", device_name(device)).strip("-").lower()
-    out = Path(args.out) if args.out else RESULTS / f"{tag}-{_dt.date.today().isoformat()}.json"
+    out = Path(args.out) if args.out else default_out_dir() / f"{tag}-{_dt.date.today().isoformat()}.json"
+    out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"device": device_name(device), "device_type": device.type, "dtype": str(dtype),
             "torch": torch.__version__, "date": _dt.datetime.now().isoformat(timespec="seconds"),

@@ -27,3 +27,28 @@ def test_distill_part_runs_with_its_floor_and_peers(tmp_path):
         assert want <= impls
     assert {("hard-ce-options", "kc-cpu-ce"), ("hard-ce-options", "kc-cpu-ce+extras")} <= impls
     assert all(r["median_ms"] > 0 for r in rows if not r["note"])
+
+
+def test_bad_options_are_one_line_errors_naming_the_option(monkeypatch):
+    import pytest
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for argv, option in ((["--device", "cuda"], "--device"), (["--dtype", "fp33"], "--dtype"),
+                         (["--parts", "soft-target,foo"], "--parts"), (["--peers", "tf"], "--peers"),
+                         (["--losses", "mse"], "--losses"), (["--rounds", "0"], "--rounds"),
+                         (["--memory-budgets", "a,b"], "--memory-budgets")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        msg = str(e.value)
+        assert msg.startswith(f"python -m benchmarks: {option}: ") and "\n" not in msg
+
+
+def test_default_results_go_outside_the_source_tree(monkeypatch, tmp_path):
+    from benchmarks.__main__ import default_out_dir
+
+    monkeypatch.delenv("KC_BENCH_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_out_dir() == tmp_path / "kc" / "benchmarks"
+    monkeypatch.setenv("KC_BENCH_DIR", str(tmp_path / "mine"))
+    assert default_out_dir() == tmp_path / "mine"
