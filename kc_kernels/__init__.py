@@ -13,13 +13,20 @@ from kc_kernels.distributed import shard_classes, vocab_parallel_linear_soft_tar
 from kc_kernels.host_buffers import release_host_buffers
 from kc_kernels.logits import soft_target_logits
 from kc_kernels.modules import LinearSoftTargetLoss, SampledSoftmaxLoss
-from kc_kernels.ops import linear_cross_entropy, linear_soft_target_loss, sampled_softmax_loss, soft_target_loss
+from kc_kernels.ops import (
+    linear_cross_entropy,
+    linear_distillation_loss,
+    linear_soft_target_loss,
+    sampled_softmax_loss,
+    soft_target_loss,
+)
 from kc_kernels.samplers import PhiloxGenerator
 
 __version__ = "0.1.0"
 __all__ = [
     "linear_soft_target_loss",
     "linear_cross_entropy",
+    "linear_distillation_loss",
     "soft_target_loss",
     "soft_target_logits",
     "sampled_softmax_loss",
