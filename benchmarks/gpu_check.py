@@ -56,7 +56,8 @@ from tests.helpers import TOLERANCES, make_problem, rel_err  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 STEPS = ("headline", "correctness", "bench", "syncs", "determinism")  # in the order gpu.sh runs them
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-FLOAT_ARGS = ("x", "weight", "bias", "scale", "teacher_logits", "target_value", "sample_weight")
+FLOAT_ARGS = ("x", "weight", "bias", "scale", "teacher_logits", "target_value", "sample_weight", "teacher_x",
+              "teacher_weight", "teacher_bias")
 GRAD_ARGS = ("x", "weight", "bias", "scale")
 
 
@@ -97,6 +98,17 @@ SMALL_CASES = [
     Case("softmax dense one-class segments", dict(B=9, H=16, V=6, G=6, target_form="dense", scale_kind="segment"),
          dict(mode="softmax")),
 ]
+# the divergence modes, the teacher head and top-K teachers (docs/ops.md); "teacher_head": the head's width Ht
+DISTILL_CASES = [
+    Case("kl dense G=2 T=2", dict(B=21, H=32, V=777, G=2, target_form="dense"), dict(mode="kl", temperature=2.0)),
+    Case("reverse_kl dense chunked", dict(B=19, H=32, V=1237, target_form="dense"),
+         dict(mode="reverse_kl", memory_budget=1)),
+    Case("jsd beta=0.3 teacher head T=2", dict(B=17, H=32, V=901, teacher_head=24),
+         dict(mode="jsd", beta=0.3, temperature=2.0)),
+    Case("jsd beta=0.6 sparse top-K G=3 row blocks", dict(B=13, H=24, V=600, G=3, K=5),
+         dict(mode="jsd", beta=0.6, memory_budget=1)),
+    Case("reverse_kl teacher head B=1", dict(B=1, H=16, V=1237, teacher_head=16), dict(mode="reverse_kl")),
+]
 BIG_CASE = Case("sigmoid sparse K=100 B=256 H=512 V=100000", dict(B=256, H=512, V=100_000, K=100),
                 dict(mode="sigmoid"), dtypes=("bf16",))
 
@@ -123,7 +135,8 @@ class Settings:
 LLM = (8192, 4096, 128_256)
 PAPER = (4096, 512, 100_000)
 GPU = Settings(
-    device="cuda", backends=("triton", "cuda"), timed_backends=("triton", "cuda"), cases=(BIG_CASE, *SMALL_CASES),
+    device="cuda", backends=("triton", "cuda"), timed_backends=("triton", "cuda"),
+    cases=(BIG_CASE, *SMALL_CASES, *DISTILL_CASES),
     bench_cases=(("softmax-ce-hard", *LLM, 5),
                  ("sigmoid-k100", *PAPER, 7), ("softmax-kl-dense", *PAPER, 7), ("sampled-softmax", *PAPER, 7),
                  ("softmax-ce-hard", *PAPER, 7), ("sigmoid-k100", *LLM, 3), ("softmax-kl-dense", *LLM, 3)),
@@ -145,7 +158,8 @@ DRY = Settings(
     device="cpu", backends=("cpu", "triton", "cuda"), timed_backends=("cpu", "cuda"),
     cases=(Case("sigmoid sparse K=20 (big case, tiny)", dict(B=6, H=32, V=700, K=20), dict(mode="sigmoid"),
                 dtypes=("bf16",)),
-           *(_tiny(SMALL_CASES[i], dt) for i, dt in ((0, "fp32"), (1, "fp16"), (2, "fp32"), (4, "bf16"), (7, "fp16")))),
+           *(_tiny(SMALL_CASES[i], dt) for i, dt in ((0, "fp32"), (1, "fp16"), (2, "fp32"), (4, "bf16"), (7, "fp16"))),
+           _tiny(DISTILL_CASES[2], "fp32")),
     bench_cases=(("softmax-ce-hard", 12, 16, 700, 2), ("sampled-softmax", 8, 16, 400, 1),
                  ("sigmoid-k100", 8, 16, 400, 2), ("softmax-kl-dense", 8, 16, 400, 1)),
     bench_dtype=torch.bfloat16, peers=("cce", "cce-exact", "liger-flce", "raising-peer"),
@@ -225,8 +239,14 @@ def _build(case: Case, device) -> Dict:
     kw = dict(case.problem)
     B, H, V = kw.pop("B"), kw.pop("H"), kw.pop("V")
     hard = kw.pop("hard", False)
+    head = kw.pop("teacher_head", 0)
     gen = torch.Generator().manual_seed(7)
     prob = make_problem(B, H, V, gen=gen, device=device, **({"K": 1} if hard else {}), **kw)
+    if head:  # a teacher head in place of the sparse targets
+        del prob["target_index"], prob["target_value"]
+        prob["teacher_x"] = torch.randn(B, head, generator=gen, dtype=torch.float64).to(device)
+        prob["teacher_weight"] = (torch.randn(V, head, generator=gen, dtype=torch.float64) * 2 / head ** 0.5).to(device)
+        prob["teacher_bias"] = (torch.randn(V, generator=gen, dtype=torch.float64) * 0.5).to(device)
     if hard:
         prob["target_index"] = torch.randint(0, V, (B, 1), generator=gen).to(device)
         prob["target_value"] = torch.ones(B, 1, dtype=torch.float64, device=device)
