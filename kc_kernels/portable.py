@@ -2,15 +2,20 @@
 
 The classes are walked in chunks of ``chunk`` columns; a chunk's scores u, logits y and targets z are [B, chunk]
 and are dropped before the next chunk, so memory is O(B * H + V * H + B * chunk) and no [B, V] tensor exists
-(beyond the given logits of ``soft_target_loss``). Each loss mode is its per-element terms in ``TERMS``; autograd
-derives every gradient from them, chunk by chunk, with the chunk recomputed in backward, so no gradient is written
-out by hand here.
+(beyond the given logits of ``soft_target_loss`` and a given dense teacher). A teacher head's logits are one GEMM
+per chunk, made again in each pass that reads them. Each loss mode is its per-element terms in ``TERMS``, given a
+segment's log-sum-exp lse of y and the teacher's target (z, or log z for reverse_kl and jsd); autograd derives
+every gradient from them, chunk by chunk, with the chunk recomputed in backward, so no gradient is written out by
+hand here.
 
-The row statistics that couple a segment's classes (its sum of u^2 under the self-paced scale, its log-sum-exp in
-softmax mode) are sums over classes into columns of a [B, width] tensor, one column per segment, passed through a
-``reduce`` hook once complete, and their gradients through it again in backward. In one process the hook does
-nothing. The vocab-parallel op (kc_kernels.distributed) walks only the pieces of the segments cut by its shards,
-with one column per cut segment, and all-reduces them across ranks: the same formula serves both.
+The row statistics that couple a segment's classes (its sum of u^2 under the self-paced scale; its log-sum-exp
+in the softmax-family modes, with a dense teacher's beside it; a top-K teacher's mass and count of classes outside
+the top K under reverse_kl and jsd) are sums over classes into columns of [B, width] tensors, one column per
+segment, passed through a ``reduce`` hook once complete, and the gradients of the log-sum-exp and the sum of
+squares through it again in backward. Everything else is per element (the z-loss too, spread over the segment's
+classes), so a segment's loss is the sum of its pieces' losses once the statistics are whole. In one process the
+hook does nothing. The vocab-parallel op (kc_kernels.distributed) walks only the pieces of the segments cut by its
+shards, with one column per cut segment, and all-reduces them across ranks: the same formula serves both.
 """
 from __future__ import annotations
 

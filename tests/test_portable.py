@@ -177,6 +177,9 @@ def test_terms_table_has_one_row_per_mode():
 
     assert set(portable.TERMS) == set(LossMode)
     assert portable.TERMS[LossMode.SOFTMAX].segment_lse and not portable.TERMS[LossMode.SIGMOID].segment_lse
+    for mode in LossMode:  # the softmax family reads the segment's lse; the divergences read the teacher's log z
+        assert portable.TERMS[mode].segment_lse == mode.terms.segment_lse
+        assert portable.TERMS[mode].log_target == (mode in (LossMode.REVERSE_KL, LossMode.JSD))
 
 
 @pytest.mark.parametrize("given_logits", [False, True])
