@@ -96,7 +96,7 @@ TERMS = {  # by kc_kernels.loss_modes.LossMode
                                temperature_power=2, log_target=True, temporaries=10),
     # generalized Jensen-Shannon divergence with weight beta
     LossMode.JSD: Terms(loss=_jsd, target=lambda t, t_lse: t - t_lse, segment_lse=True, temperature_power=2,
-                        log_target=True, temporaries=16),
+                        log_target=True, temporaries=20),
 }
 
 
