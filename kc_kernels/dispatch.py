@@ -118,9 +118,9 @@ TABLE: Tuple[Row, ...] = (
         HALF_AND_SINGLE),
     # plain PyTorch over class chunks, memory-bounded: the fallback where no kernel runs (kc_kernels/portable.py)
     Row("linear_soft_target_loss", "portable", "kc_kernels.portable:linear_soft_target_loss", None, _ANY_DEVICE,
-        ALL_DTYPES, features=ALL_FEATURES - {"return_lse"}),
+        ALL_DTYPES, features=ALL_FEATURES),
     Row("soft_target_loss", "portable", "kc_kernels.portable:soft_target_loss", None, _ANY_DEVICE, ALL_DTYPES,
-        features=ALL_FEATURES - {"teacher_head", "return_lse"}),
+        features=ALL_FEATURES - {"teacher_head"}),
     # the reference's sampled softmax holds only [B, T + S] logits: already plain PyTorch without a [B, V] tensor
     Row("sampled_softmax_loss", "portable", f"{_REF}:sampled_softmax_loss", None, _ANY_DEVICE, ALL_DTYPES),
 )

@@ -10,7 +10,7 @@ from kc_kernels import reference
 
 OPTIONS = [dict(), dict(label_smoothing=0.1), dict(z_loss=1e-3), dict(softcap=3.0),
            dict(label_smoothing=0.2, z_loss=1e-2, softcap=5.0)]
-BACKENDS = ["reference", "cpu"]
+BACKENDS = ["reference", "cpu", "portable"]
 
 
 def _problem(B, H, V, seed, dtype=torch.float64, ignored=(1,)):
