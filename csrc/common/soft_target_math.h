@@ -181,6 +181,9 @@ template <>
 struct LossTerms<kModeSigmoid> {
   static constexpr bool kSegmentLse = false;  // no statistics over a segment (but a scale's norm)
   static constexpr bool kTeacherLse = false;  // a dense target needs no teacher log-sum-exp
+  static constexpr bool kDenseTeacher = false;  // takes sparse targets as they are (see the divergence modes)
+  static constexpr bool kStatsDiv = false;
+  static constexpr bool kMix = false;
   static KC_HD float dq_dz(float) { return -1.0f; }  // how a target's value enters q (sparse-target correction)
   template <class M>
   static KC_HD float dense_target(float t, float inv_t, float) { return teacher_target_sigmoid<M>(t, inv_t); }
@@ -195,6 +198,9 @@ template <>
 struct LossTerms<kModeSoftmax> {
   static constexpr bool kSegmentLse = true;
   static constexpr bool kTeacherLse = true;
+  static constexpr bool kDenseTeacher = false;
+  static constexpr bool kStatsDiv = false;
+  static constexpr bool kMix = false;
   static KC_HD float dq_dz(float t2) { return -t2; }
   template <class M>
   static KC_HD float dense_target(float t, float inv_t, float tlse) {
@@ -206,5 +212,119 @@ struct LossTerms<kModeSoftmax> {
     return {t2 * (zsum * sumexp_u / sumexp - zu), t2 * (zsum * sumexp_y / sumexp - zyh)};
   }
 };
+
+
+// KL(teacher || student) is SOFTMAX's walk and gradient; only its loss differs (the teacher's sum z log z, which the
+// driver adds from TENT or from sparse values).
+template <>
+struct LossTerms<kModeKL> : LossTerms<kModeSoftmax> {};
+
+// ---- the divergence modes (reverse KL, JSD): always a dense teacher, no self-paced scale
+//
+// Per row and segment: lp_j = y_j - lse, lz_j = t_j / T - tlse, p = exp(lp), z = exp(lz). A term whose log
+// difference is at or below kNegligibleLog is 0 (its weight p or z is below e^-100 there): a class at -inf (a masked
+// teacher or student logit) then adds 0, as 0 log 0 = 0, and not 0 * -inf. A NaN passes (the select tests d <= .).
+constexpr float kNegligibleLog = -100.0f;
+
+// w * d, 0 where d <= kNegligibleLog.
+KC_HD float weighted_log_ratio(float w, float d) { return d <= kNegligibleLog ? 0.0f : w * d; }
+
+// log(exp(a) + exp(b)) = max(a, b) + log1p(exp(-|a - b|)); equal infinities give that infinity.
+template <class M>
+KC_HD float log_add_exp(float a, float b) {
+  const float d = a == b ? 0.0f : fabsf(a - b);
+  return (a > b ? a : b) + M::log1p_unit(M::exp(-d));
+}
+
+// One class of the JSD with M = beta z + (1 - beta) p (log_beta = log(beta), log_1mbeta = log(1 - beta)):
+// loss = beta z (lz - lm) + (1 - beta) p (lp - lm), div = p (lp - lm), dlp = lp - lm, p = exp(lp).
+struct JsdElement {
+  float loss;
+  float div;
+  float dlp;
+  float p;
+};
+
+template <class M>
+KC_HD JsdElement jsd_element(float lz, float lp, float beta, float log_beta, float log_1mbeta) {
+  const float z = M::exp(lz);
+  const float p = M::exp(lp);
+  const float lm = log_add_exp<M>(lz + log_beta, lp + log_1mbeta);
+  const float dlp = lp - lm;
+  const float sp = weighted_log_ratio(p, dlp);
+  return {beta * weighted_log_ratio(z, lz - lm) + (1.0f - beta) * sp, sp, dlp, p};
+}
+
+// q = dl/dy. Reverse KL: T^2 p ((y - t/T) - DBAR), DBAR = DIV / SUMEXP = sum_j p_j (y_j - t_j/T) (d = y - t/T).
+KC_HD float q_reverse_kl(float p, float d, float dbar, float t2) { return t2 * (p * (d - dbar)); }
+// JSD: T^2 (1 - beta) p ((lp - lm) - DBAR), DBAR = DIV = sum_j p_j (lp_j - lm_j); t2_1mbeta = T^2 (1 - beta).
+KC_HD float q_jsd(float p, float dlp, float dbar, float t2_1mbeta) {
+  return t2_1mbeta * weighted_log_ratio(p, dlp - dbar);
+}
+
+// Reverse KL, DBAR from the states: (sum exp(y - MAX) (y - t/T)) / (sum exp(y - MAX)).
+template <class T>
+KC_HD T reverse_kl_dbar(T div, T sumexp) {
+  return div / sumexp;
+}
+
+// What a mode keeps beyond SOFTMAX's log-sum-exp: DIV in STATS (reverse KL) or the MIX phase (JSD).
+template <>
+struct LossTerms<kModeReverseKL> {
+  static constexpr bool kSegmentLse = true;
+  static constexpr bool kTeacherLse = true;
+  static constexpr bool kDenseTeacher = true;  // sparse targets reach the kernels as a dense teacher
+  static constexpr bool kStatsDiv = true;      // STATS accumulates DIV (max-merged like SUMEXP)
+  static constexpr bool kMix = false;
+  template <class T>
+  static KC_HD T dbar(T div, T sumexp) { return reverse_kl_dbar<T>(div, sumexp); }
+};
+
+template <>
+struct LossTerms<kModeJSD> {
+  static constexpr bool kSegmentLse = true;
+  static constexpr bool kTeacherLse = true;
+  static constexpr bool kDenseTeacher = true;
+  static constexpr bool kStatsDiv = false;
+  static constexpr bool kMix = true;  // DLOSS and DIV in MIX, after STATS (lse) and TEACHER (tlse) are complete
+  template <class T>
+  static KC_HD T dbar(T div, T) { return div; }
+};
+
+// ---- the hard-label options of SOFTMAX and KL (no scale): soft-capping, z-loss, a uniform target
+
+// y = c tanh(v / c) with v = u + bias (inv_c = 1 / c) and its derivative dy/dv = 1 - tanh^2 = 4 e / (1 + e)^2,
+// e = exp(-2 |v / c|) in (0, 1] (exact to rounding at every |v|, where 1 - (y / c)^2 cancels near saturation).
+// tanh: (1 - e) / (1 + e) for |v / c| >= 0.5 (1 - e >= 0.63, so e's rounding stays below an ulp), below it the odd
+// Taylor series to x^15 (the x^17 term, 4.5e-9 relative, is dropped). Branch-free: M::exp and M::inv_1_2 only.
+struct Softcapped {
+  float value;
+  float grad;
+};
+
+template <class M>
+KC_HD Softcapped softcap(float v, float c, float inv_c) {
+  const float x = v * inv_c;
+  const float ax = fabsf(x);
+  const float e = M::exp(-2.0f * ax);
+  const float inv = M::inv_1_2(1.0f + e);
+  const float x2 = x * x;
+  float s = -929569.0f / 638512875.0f;
+  s = fmaf(s, x2, 21844.0f / 6081075.0f);
+  s = fmaf(s, x2, -1382.0f / 155925.0f);
+  s = fmaf(s, x2, 62.0f / 2835.0f);
+  s = fmaf(s, x2, -17.0f / 315.0f);
+  s = fmaf(s, x2, 2.0f / 15.0f);
+  s = fmaf(s, x2, -1.0f / 3.0f);
+  const float small = fmaf(s * x2, ax, ax);
+  const float th = ax < 0.5f ? small : (1.0f - e) * inv;
+  return {c * copysignf(th, x), 4.0f * e * (inv * inv)};
+}
+
+// z-loss zl lse^2 per segment: its gradient 2 zl lse p_j enters q = T^2 (m p - z) as the mass m + 2 zl lse / T^2.
+template <class T>
+KC_HD T z_loss_mass(T mass, T z_loss, T lse, T t2) {
+  return mass + T(2) * z_loss * lse / t2;
+}
 
 }  // namespace kc

@@ -5,6 +5,7 @@
 // headers are needed here.
 #include <pybind11/pybind11.h>
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 
@@ -56,6 +57,29 @@ void check_buffers(const Params& p) {
   if (p.scale_kind != kc::kScaleNone) require(p.scale, "scale", "when scale_kind is not NONE");
 }
 
+bool finite_non_negative(float v) { return v >= 0.f && v < INFINITY; }
+
+// The divergence modes' teacher and beta, and the options of SOFTMAX and KL.
+void check_modes(const Params& p) {
+  const bool divergence = p.mode == kc::kModeReverseKL || p.mode == kc::kModeJSD;
+  if (divergence) {
+    const std::string mode = kc::kLossModeNames[p.mode];
+    if (p.scale_kind != kc::kScaleNone) invalid("scale_kind", "must be NONE under mode " + mode);
+    if (p.phases & ~kc::kPhaseTeacher) require(p.teacher, "teacher", ("by mode " + mode).c_str());
+    if (p.k > 0) invalid("k", "must be 0 under mode " + mode + " (sparse targets reach it as a dense teacher)");
+  }
+  if (p.mode == kc::kModeJSD && !(p.beta > 0.f && p.beta < 1.f))
+    invalid("beta", "must be in (0, 1) under mode JSD (got " + std::to_string(p.beta) + ")");
+  if (!finite_non_negative(p.softcap) || !finite_non_negative(p.z_loss) || !finite_non_negative(p.uniform_target))
+    invalid("softcap/z_loss/uniform_target", "must be finite and >= 0 (0 = off)");
+  if (p.softcap != 0.f || p.z_loss != 0.f || p.uniform_target != 0.f) {
+    if (p.mode != kc::kModeSoftmax && p.mode != kc::kModeKL)
+      invalid("softcap/z_loss/uniform_target", std::string("are options of SOFTMAX and KL, not of mode ") +
+                                                   kc::kLossModeNames[p.mode]);
+    if (p.scale_kind != kc::kScaleNone) invalid("softcap/z_loss/uniform_target", "take no scale (scale_kind NONE)");
+  }
+}
+
 // A pointer field as a Python int property.
 template <class Ptr>
 void def_address(py::class_<Params>& cls, const char* name, Ptr Params::*field) {
@@ -84,7 +108,11 @@ void def_params(py::module_& m) {
       .def_readwrite("state_stride", &Params::state_stride)
       .def_readwrite("state_row_stride", &Params::state_row_stride)
       .def_readwrite("state_segment_stride", &Params::state_segment_stride)
-      .def_readwrite("teacher_ld", &Params::teacher_ld);
+      .def_readwrite("teacher_ld", &Params::teacher_ld)
+      .def_readwrite("beta", &Params::beta)
+      .def_readwrite("softcap", &Params::softcap)
+      .def_readwrite("z_loss", &Params::z_loss)
+      .def_readwrite("uniform_target", &Params::uniform_target);
   def_address(cls, "u", &Params::u);
   def_address(cls, "piece_lo", &Params::piece_lo);
   def_address(cls, "piece_seg", &Params::piece_seg);
@@ -110,6 +138,7 @@ PYBIND11_MODULE(_C, m) {
       [](Params p) {
         check_sizes(p);
         check_buffers(p);
+        check_modes(p);
         if (p.state_stride == 0 && p.state_row_stride == 0 && p.state_segment_stride == 0) {
           p.state_segment_stride = 1;  // the contiguous [kNumStates, rows, num_segments] layout
           p.state_row_stride = p.num_segments;

@@ -47,6 +47,12 @@ struct SoftTargetChunk {
   float* dscale_class = nullptr;  // [ncols] per-class scale gradient of this chunk (accumulated), or null
   const float* bias = nullptr;  // [V] fp32 class bias, added after the scale: y = s u / (n T) + b / T (null: none)
   float* dbias = nullptr;  // [ncols] bias gradient of this chunk (accumulated in FINAL), or null
+  // JSD: M = beta z + (1 - beta) p, beta in (0, 1)
+  float beta = 0.f;
+  // options of SOFTMAX and KL without a scale (0 = off): y = softcap tanh((u + bias) / softcap) / T; the z-loss
+  // z_loss lse^2 per segment (its gradient here, its loss added by the driver); uniform_target added to every
+  // class's target (label smoothing's eps / V)
+  float softcap = 0.f, z_loss = 0.f, uniform_target = 0.f;
 };
 
 void soft_target_chunk(const SoftTargetChunk& args);

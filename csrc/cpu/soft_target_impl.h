@@ -24,6 +24,8 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <stdexcept>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -70,6 +72,14 @@ constexpr bool kBiasFolded = kSegmentLse<MODE> && SK == kScaleNone;
 // exps) or a sigmoid under one (its sigmoids and loss).
 template <int SK, LossMode MODE>
 constexpr bool kStatsStores = kSegmentLse<MODE> == (SK == kScaleNone);
+
+// The options of a softmax without a scale (SoftTargetChunk::softcap, z_loss, uniform_target), as a template
+// argument: the option-free instances keep their code (and bits), and a call with options runs one of these.
+enum Opts : int {
+  kOptsNone = 0,
+  kOptsTargets = 1,  // z-loss and/or a uniform target (each read at run time: 0 adds nothing)
+  kOptsCap = 2,      // soft-capping, with whichever of the two above are set
+};
 
 // The logit gradient of one class written over its score (and its column-sum terms), shared by both modes' loops.
 template <int SK, bool BIAS_GRAD>
@@ -159,13 +169,17 @@ KC_VEC_INLINE void lane_walk(int64_t n, SoftplusLanes& sl, Step step) {
 // see teacher_targets). FROM_STATS: the STATS phase of the same call left what FINAL would recompute (see
 // stats_phase): softmax, exp(y - m) over the scores, so softmax(y) = u * escale is a multiply instead of an exp;
 // sigmoid, sigmoid(y) in ``sg`` and the softplus sum already counted (no exp, no loss sums here).
-template <int SK, LossMode MODE, bool DENSE, bool GRAD, bool BIAS_GRAD, bool FROM_STATS = false>
+// OPTS (a softmax without a scale): every target gets + ``uni`` (the uniform target), and under kOptsCap the
+// gradient of class j is times capf[j], the soft-cap's derivative (see fold_bias).
+template <int SK, LossMode MODE, bool DENSE, bool GRAD, bool BIAS_GRAD, bool FROM_STATS = false, int OPTS = kOptsNone>
 __attribute__((noinline)) FinalSums final_loop(float* __restrict u, const float* __restrict t,
                                                const float* __restrict sg, const float* __restrict sc,
                                                const float* __restrict bias, int64_t n, float s_seg, float inv_nt,
                                                float inv_t, float t2, float zscale, float lse, float escale,
                                                float zmass, float c, float s_n2, double* __restrict ds,
-                                               float* __restrict db) {
+                                               float* __restrict db, float uni = 0.f,
+                                               const float* __restrict capf = nullptr) {
+  static_assert(OPTS == kOptsNone || (kSegmentLse<MODE> && SK == kScaleNone), "options: a softmax without a scale");
   if constexpr (kSegmentLse<MODE> || FROM_STATS) {
     float sq = 0.f, zs = 0.f;
 #pragma omp simd reduction(+ : sq, zs)
@@ -176,9 +190,11 @@ __attribute__((noinline)) FinalSums final_loop(float* __restrict u, const float*
       const float y = logit(uj, s, inv_nt, kBiasFolded<SK, MODE> ? 0.0f : bias[j], inv_t);  // see fold_bias
       float q;
       if constexpr (kSegmentLse<MODE>) {
-        const float z = DENSE ? t[j] * zscale : 0.f;
+        float z = DENSE ? t[j] * zscale : 0.f;
+        if constexpr (OPTS != kOptsNone) z += uni;
         q = FROM_STATS ? t2 * (zmass * (uj * escale) - z)  // q_softmax with the stored exp
                        : q_softmax<VecMath>(y, lse, zmass, z, t2);
+        if constexpr (OPTS == kOptsCap) q *= capf[j];  // (sq and zs below are not read in this mode)
         // every reduction variable is updated in every instance: one that is not makes GCC give up vectorising
         sq += q;
         zs += z;
@@ -232,14 +248,16 @@ struct RowPiece {
   const float* bp;           // bias of the chunk's columns (zeros when the op has none)
   float* tz;                 // softmax with a dense teacher: the row's teacher exps (see teacher_targets), else null
   float* sg;                 // sigmoid under a scale: the row's sigmoid(y) from STATS for FINAL (see run_row), or null
+  float* cap = nullptr;      // soft-capping: the row's dy/d(u + bias) (see fold_bias), or null
   double& st(int which) const {
     return a.state[which * a.state_stride + b * a.state_row_stride + g * a.state_segment_stride];
   }
 };
 
-// TEACHER: the online log-sum-exp of the dense teacher's t / T over the segment. The piece's exp(t / T - m) are kept
-// in r.tz: when STATS and FINAL run in the same call (a whole segment), its targets are then one multiply each.
-// Returns m.
+// TEACHER: the online log-sum-exp of the dense teacher's t / T over the segment, and TENT = sum exp(t / T - m) t / T
+// (KL's loss reads the teacher's entropy from it), summed about m (t / T - m: no cancellation against m s) and
+// max-merged like TSUMEXP. The piece's exp(t / T - m) are kept in r.tz: when STATS and FINAL run in the same call (a
+// whole segment), its targets are then one multiply each. Returns m.
 inline float teacher_phase(const RowPiece& r) {
   const float inv_t = r.a.inv_t;
   float m = -std::numeric_limits<float>::infinity();
@@ -250,18 +268,21 @@ inline float teacher_phase(const RowPiece& r) {
     m = std::max(m, t * inv_t);
     nan |= t != t;
   }
-  float s = 0.f;
+  float s = 0.f, ent = 0.f;
   const float* __restrict t = r.trow;
   float* __restrict tz = r.tz;
-#pragma omp simd reduction(+ : s)
+#pragma omp simd reduction(+ : s, ent)
   for (int64_t j = r.lo; j < r.hi; ++j) {
     const float e = teacher_target_softmax<VecMath>(t[j], inv_t, m);
     tz[j] = e;
     s += e;
+    ent += e * std::fma(t[j], inv_t, -m);
   }
   if (nan) s = std::numeric_limits<float>::quiet_NaN();
   const MaxMerge<double> f = merge_max<double>(r.st(kTeacherMax), m);
   merge_sum<double>(r.st(kTeacherSumExp), s, f);
+  // sum e t/T = sum e (t/T - m) + m s (a piece at -inf has s = 0: no -inf * 0)
+  merge_sum<double>(r.st(kTeacherEnt), s > 0.f ? ent + static_cast<double>(m) * s : static_cast<double>(ent), f);
   r.st(kTeacherMax) = f.max;
   return m;
 }
@@ -289,9 +310,23 @@ inline void norm_phase(const RowPiece& r) {
 // A softmax without a scale has y = (u + b) / T and dl/du = dl/db, so the bias is added to u once here and its
 // three loops (max, exps, gradient) read no bias stream (they see a bias of 0 at compile time, see bias_of); the
 // gradient overwrites u anyway. The sigmoid without a scale has one loop: it reads the bias there.
-template <int SK, LossMode MODE>
+// Soft-capping (kOptsCap) is folded here too: u <- c tanh((u + b) / c), and r.cap[j] = 1 - tanh^2, the factor of
+// class j's logit and bias gradients (kept apart: STATS may overwrite u with its exps before FINAL reads it).
+template <int SK, LossMode MODE, int OPTS = kOptsNone>
 inline void fold_bias(const RowPiece& r) {
-  if constexpr (kBiasFolded<SK, MODE>) {
+  if constexpr (OPTS == kOptsCap) {
+    static_assert(kBiasFolded<SK, MODE>, "soft-capping: a softmax without a scale");
+    float* __restrict u = r.urow;
+    float* __restrict cap = r.cap;
+    const float* __restrict bp = r.bp;  // (zeros without a bias)
+    const float c = r.a.softcap, inv_c = 1.0f / c;
+#pragma omp simd
+    for (int64_t j = r.lo; j < r.hi; ++j) {
+      const Softcapped v = softcap<VecMath>(u[j] + bp[j], c, inv_c);
+      u[j] = v.value;
+      cap[j] = v.grad;
+    }
+  } else if constexpr (kBiasFolded<SK, MODE>) {
     if (r.a.bias != nullptr) {
       float* __restrict u = r.urow;
       const float* __restrict bp = r.bp;
@@ -313,8 +348,10 @@ inline void add_target_sums(const RowPiece& r, float zsum, float zy, float zu, f
 // STORE (FINAL with a gradient in the same call): softmax without a scale, each score is overwritten by its
 // exp(y - m), which FINAL turns into softmax(y) with a multiply; sigmoid under a scale, sigmoid(y) goes to r.sg and
 // the softplus sum is counted here, so that FINAL has no exp to compute (see final_loop). Returns m (softmax).
-template <int SK, LossMode MODE, bool DENSE, bool STORE = false>
+// OPTS: the uniform target adds to every class's z (so to ZSUM and ZY, sparse targets or dense).
+template <int SK, LossMode MODE, bool DENSE, bool STORE = false, int OPTS = kOptsNone>
 __attribute__((noinline)) float stats_phase(const RowPiece& r, const std::vector<Target>& targets, float inv_nt, float zscale) {
+  static_assert(OPTS == kOptsNone || kBiasFolded<SK, MODE>, "options: a softmax without a scale");
   const SoftTargetChunk& a = r.a;
   const int64_t lo = r.lo, hi = r.hi, g = r.g;
   const float inv_t = a.inv_t;
@@ -351,6 +388,7 @@ __attribute__((noinline)) float stats_phase(const RowPiece& r, const std::vector
     for (int64_t j = lo; j < hi; ++j)
       m = std::max(m, logit(urow[j], scale_at<SK>(a, g, j), inv_nt, bias_of<SK, MODE>(bp, j), inv_t));
     float se = 0.f, seu = 0.f, sey = 0.f;
+    const float uni = OPTS != kOptsNone ? a.uniform_target : 0.0f;
     float* __restrict ur = r.urow;
     const float* __restrict tz = r.tz;
 #pragma omp simd reduction(+ : se, seu, sey, zsum, zy, zu, zyh)
@@ -365,8 +403,8 @@ __attribute__((noinline)) float stats_phase(const RowPiece& r, const std::vector
       // the dense targets' sums (sparse ones were summed above; every reduction is updated in every instance, or
       // GCC gives up vectorising)
       const float z = DENSE ? tz[j] * zscale : 0.0f;
-      zsum += z;
-      zy += z * y;
+      zsum += z;  // (the uniform target's uni * n is added after the loop: n adds of one small value drift)
+      zy += (OPTS != kOptsNone ? z + uni : z) * y;
       zu += z * up;
       zyh += z * (s * up);
       if constexpr (STORE) ur[j] = e;
@@ -377,6 +415,7 @@ __attribute__((noinline)) float stats_phase(const RowPiece& r, const std::vector
     merge_sum<double>(r.st(kSumExpY), sey, f);
     r.st(kMax) = f.max;
     add_target_sums(r, zsum, zy, zu, zyh);
+    if constexpr (OPTS != kOptsNone) r.st(kZSum) += static_cast<double>(uni) * static_cast<double>(hi - lo);
     return m;
   } else if constexpr (STORE) {
     static_assert(SK != kScaleNone, "sigmoid without a scale has no STATS phase");
@@ -425,7 +464,9 @@ __attribute__((noinline)) float stats_phase(const RowPiece& r, const std::vector
 
 // FINAL: loss terms that are sums of elementwise functions, and (with coef) the gradient written over the scores.
 // ``from_stats``: the STATS phase of this call stored what the gradient loop reads (see stats_phase).
-template <int SK, LossMode MODE, bool DENSE>
+// OPTS: the z-loss's gradient enters as the mass m + 2 z_loss lse / T^2; every target gets the uniform one; under
+// soft-capping each class's gradient (the sparse targets' corrections too) is times r.cap[j].
+template <int SK, LossMode MODE, bool DENSE, int OPTS = kOptsNone>
 void final_phase(const RowPiece& r, const std::vector<Target>& targets, float inv_nt, float zscale, bool from_stats,
                  float m, double* dscale_acc, float* dbias_acc, std::vector<float>& corr) {
   const SoftTargetChunk& a = r.a;
@@ -439,7 +480,8 @@ void final_phase(const RowPiece& r, const std::vector<Target>& targets, float in
     const double lse_d = log_sum_exp<double>(r.st(kMax), r.st(kSumExp));
     lse = static_cast<float>(lse_d);
     escale = static_cast<float>(exp_of(static_cast<double>(m) - lse_d));
-    zmass = static_cast<float>(r.st(kZSum));
+    zmass = static_cast<float>(OPTS != kOptsNone ? z_loss_mass<double>(r.st(kZSum), a.z_loss, lse_d, t2)
+                                                 : r.st(kZSum));
   }
   if constexpr (SK != kScaleNone) {
     const ScaleGradTerms<double> rs =
@@ -463,6 +505,7 @@ void final_phase(const RowPiece& r, const std::vector<Target>& targets, float in
       const float up = scaled_score(urow[j], inv_nt);
       zy += v * logit(urow[j], s, inv_nt, bias_of<SK, MODE>(bp, j), inv_t);
       corr[t] = c * dqz * v * s * inv_nt;  // coef (dq/dz) v a_j
+      if constexpr (OPTS == kOptsCap) corr[t] *= r.cap[j];
       if (SK == kScaleClass && a.coef) dscale_acc[j] += static_cast<double>(c) * dqz * v * up;
     }
     if (!need_stats) r.st(kZY) += zy;
@@ -471,6 +514,8 @@ void final_phase(const RowPiece& r, const std::vector<Target>& targets, float in
   const float* sc = SK == kScaleClass ? a.scale + a.col0 + lo : nullptr;
   const float s_seg = SK == kScaleSegment ? a.scale[g] : 1.0f;
   const float* tp = DENSE ? (kSegmentLse<MODE> ? r.tz : r.trow) + lo : nullptr;
+  const float uni = OPTS != kOptsNone ? a.uniform_target : 0.f;
+  const float* capf = OPTS == kOptsCap ? r.cap + lo : nullptr;
   FinalSums sums;
   if (a.coef == nullptr) {
     if constexpr (kSegmentLse<MODE>) return;  // the softmax loss comes from the statistics alone
@@ -484,12 +529,13 @@ void final_phase(const RowPiece& r, const std::vector<Target>& targets, float in
     // the gradient loop with or without the bias gradient, FROM_STATS given as a std::bool_constant
     const auto grad_loop = [&](auto from_stats_c) {
       constexpr bool kFrom = decltype(from_stats_c)::value;
-      return db ? final_loop<SK, MODE, DENSE, true, true, kFrom>(urow + lo, tp, sg, sc, bp + lo, hi - lo, s_seg,
-                                                                    inv_nt, inv_t, t2, zscale, lse, escale, zmass, c,
-                                                                    s_n2, ds, db)
-                : final_loop<SK, MODE, DENSE, true, false, kFrom>(urow + lo, tp, sg, sc, bp + lo, hi - lo, s_seg,
-                                                                     inv_nt, inv_t, t2, zscale, lse, escale, zmass,
-                                                                     c, s_n2, ds, nullptr);
+      return db ? final_loop<SK, MODE, DENSE, true, true, kFrom, OPTS>(urow + lo, tp, sg, sc, bp + lo, hi - lo,
+                                                                          s_seg, inv_nt, inv_t, t2, zscale, lse,
+                                                                          escale, zmass, c, s_n2, ds, db, uni, capf)
+                : final_loop<SK, MODE, DENSE, true, false, kFrom, OPTS>(urow + lo, tp, sg, sc, bp + lo, hi - lo,
+                                                                           s_seg, inv_nt, inv_t, t2, zscale, lse,
+                                                                           escale, zmass, c, s_n2, ds, nullptr, uni,
+                                                                           capf);
     };
     if constexpr (kStatsStores<SK, MODE>) {
       sums = from_stats ? grad_loop(std::true_type{}) : grad_loop(std::false_type{});
@@ -506,19 +552,179 @@ void final_phase(const RowPiece& r, const std::vector<Target>& targets, float in
     for (int64_t t = r.t_begin; t < r.t_end; ++t) {
       urow[targets[t].col] += corr[t];
       // the bias gradient's correction is coef (dq/dz) v / T, which differs from the logit's under the scale
-      if (dbias_acc) dbias_acc[targets[t].col] += bias_grad(c, dqz * targets[t].value, inv_t);
+      float dq = dqz * targets[t].value;
+      if constexpr (OPTS == kOptsCap) dq *= r.cap[targets[t].col];
+      if (dbias_acc) dbias_acc[targets[t].col] += bias_grad(c, dq, inv_t);
     }
+  }
+}
+
+
+// ---- the divergence modes (reverse KL, JSD): a dense teacher, no scale, the bias folded into u (y = u / T)
+//
+// Per row and piece, after TEACHER: STATS (MAX, SUMEXP, and for reverse KL DIV = sum exp(y - m) (y - t/T)), MIX
+// (JSD: DLOSS and DIV over the mixture, from the finished lse and tlse), FINAL (the gradient from DBAR). STORE (all
+// of them in one call with a gradient): the last phase before FINAL leaves in u the student's exp (reverse KL:
+// exp(y - m); JSD: p) and in the row buffer tz the log ratio FINAL reads (reverse KL: y - t/T; JSD: lp - lm), so
+// FINAL has no exp or log and no teacher to read. (tz held the teacher's exps of TEACHER, which these modes do not
+// read again.)
+template <LossMode MODE>
+constexpr bool kDivergence = LossTerms<MODE>::kDenseTeacher;
+
+// STATS of a divergence mode. Returns the piece's max of y.
+template <LossMode MODE, bool STORE>
+__attribute__((noinline)) float divergence_stats(const RowPiece& r) {
+  const int64_t lo = r.lo, hi = r.hi;
+  const float inv_t = r.a.inv_t;
+  float* __restrict u = r.urow;
+  const float* __restrict t = r.trow;
+  float* __restrict tz = r.tz;
+  const float m = lane_max(lo, hi, -std::numeric_limits<float>::infinity(),
+                           [&](int64_t j) __attribute__((always_inline)) { return u[j] * inv_t; });
+  float se = 0.f, dv = 0.f;
+#pragma omp simd reduction(+ : se, dv)
+  for (int64_t j = lo; j < hi; ++j) {
+    const float y = u[j] * inv_t;
+    const float e = VecMath::exp(y - m);
+    se += e;
+    if constexpr (LossTerms<MODE>::kStatsDiv) {
+      const float d = y - t[j] * inv_t;
+      dv += e * d;
+      if constexpr (STORE) {
+        u[j] = e;
+        tz[j] = d;
+      }
+    }
+  }
+  const MaxMerge<double> f = merge_max<double>(r.st(kMax), m);
+  merge_sum<double>(r.st(kSumExp), se, f);
+  if constexpr (LossTerms<MODE>::kStatsDiv) merge_sum<double>(r.st(kDiv), dv, f);
+  r.st(kMax) = f.max;
+  return m;
+}
+
+// MIX (JSD): DLOSS += sum beta z (lz - lm) + (1 - beta) p (lp - lm), DIV += sum p (lp - lm) over the piece.
+template <bool STORE>
+__attribute__((noinline)) void jsd_mix(const RowPiece& r, float lse, float tlse) {
+  const SoftTargetChunk& a = r.a;
+  const float inv_t = a.inv_t, beta = a.beta;
+  const float log_beta = static_cast<float>(std::log(static_cast<double>(beta)));
+  const float log_1mbeta = static_cast<float>(std::log1p(-static_cast<double>(beta)));
+  float* __restrict u = r.urow;
+  const float* __restrict t = r.trow;
+  float* __restrict tz = r.tz;
+  float dl = 0.f, dv = 0.f;
+#pragma omp simd reduction(+ : dl, dv)
+  for (int64_t j = r.lo; j < r.hi; ++j) {
+    const JsdElement el = jsd_element<VecMath>(t[j] * inv_t - tlse, u[j] * inv_t - lse, beta, log_beta, log_1mbeta);
+    dl += el.loss;
+    dv += el.div;
+    if constexpr (STORE) {
+      u[j] = el.p;
+      tz[j] = el.dlp;
+    }
+  }
+  r.st(kDivLoss) += dl;
+  r.st(kDiv) += dv;
+}
+
+// FINAL of a divergence mode with a gradient: u <- coef q / T, the bias gradient's column terms into db.
+// FROM_STATS: u holds the student's exp (times escale: reverse KL's exp(m - lse); JSD's p as it is) and d the log
+// ratio (see above); else both are computed here from u and the teacher t.
+template <LossMode MODE, bool BIAS_GRAD, bool FROM_STATS>
+__attribute__((noinline)) void divergence_final_loop(float* __restrict u, const float* __restrict t,
+                                                     const float* __restrict d, int64_t n, float inv_t,
+                                                     float qscale, float lse, float tlse, float escale, float dbar,
+                                                     float beta, float c, float* __restrict db) {
+  const float log_beta = static_cast<float>(std::log(static_cast<double>(beta)));
+  const float log_1mbeta = static_cast<float>(std::log1p(-static_cast<double>(beta)));
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    float q;
+    if constexpr (LossTerms<MODE>::kStatsDiv) {  // reverse KL
+      if constexpr (FROM_STATS) {
+        q = q_reverse_kl(u[j] * escale, d[j], dbar, qscale);
+      } else {
+        const float y = u[j] * inv_t;
+        q = q_reverse_kl(VecMath::exp(y - lse), y - t[j] * inv_t, dbar, qscale);
+      }
+    } else {  // JSD
+      if constexpr (FROM_STATS) {
+        q = q_jsd(u[j], d[j], dbar, qscale);
+      } else {
+        const JsdElement el =
+            jsd_element<VecMath>(t[j] * inv_t - tlse, u[j] * inv_t - lse, beta, log_beta, log_1mbeta);
+        q = q_jsd(el.p, el.dlp, dbar, qscale);
+      }
+    }
+    u[j] = logit_grad_unscaled(c, q, inv_t);
+    if constexpr (BIAS_GRAD) db[j] += bias_grad(c, q, inv_t);
+  }
+}
+
+template <LossMode MODE>
+void divergence_final(const RowPiece& r, bool from_stats, float m, float* dbias_acc) {
+  const SoftTargetChunk& a = r.a;
+  const int64_t lo = r.lo, n = r.hi - r.lo;
+  const double lse_d = log_sum_exp<double>(r.st(kMax), r.st(kSumExp));
+  const double tlse_d = log_sum_exp<double>(r.st(kTeacherMax), r.st(kTeacherSumExp));
+  const float lse = static_cast<float>(lse_d), tlse = static_cast<float>(tlse_d);
+  const float escale = static_cast<float>(exp_of(static_cast<double>(m) - lse_d));
+  const float dbar = static_cast<float>(LossTerms<MODE>::template dbar<double>(r.st(kDiv), r.st(kSumExp)));
+  const float qscale = LossTerms<MODE>::kMix ? a.t2 * (1.0f - a.beta) : a.t2;
+  const float c = a.coef[r.b];
+  float* u = r.urow + lo;
+  const float* t = r.trow + lo;
+  const float* d = r.tz + lo;
+  float* db = dbias_acc ? dbias_acc + lo : nullptr;
+  const auto loop = [&](auto from_c) {
+    constexpr bool kFrom = decltype(from_c)::value;
+    if (db)
+      divergence_final_loop<MODE, true, kFrom>(u, t, d, n, a.inv_t, qscale, lse, tlse, escale, dbar, a.beta, c, db);
+    else
+      divergence_final_loop<MODE, false, kFrom>(u, t, d, n, a.inv_t, qscale, lse, tlse, escale, dbar, a.beta, c,
+                                                 nullptr);
+  };
+  from_stats ? loop(std::true_type{}) : loop(std::false_type{});
+}
+
+// One row of a divergence mode: the requested phases, piece by piece (see run_row).
+template <LossMode MODE>
+void divergence_row(const SoftTargetChunk& a, int64_t b, float* urow, const float* bias, float* dbias_acc,
+                    float* tz) {
+  constexpr bool kMix = LossTerms<MODE>::kMix;
+  const int before_final = kMix ? kPhaseMix : kPhaseStats;  // the phase that can STORE for FINAL
+  const bool store = a.coef != nullptr && (a.phases & before_final) && (a.phases & kPhaseFinal);
+  for (int64_t p = 0; p < a.npieces; ++p) {
+    const RowPiece r{a, b, a.piece_lo[p], a.piece_lo[p + 1], a.piece_seg[p], 0, 0, urow,
+                     a.teacher + b * a.teacher_ld, bias, tz, nullptr};
+    if (a.phases & kPhaseTeacher) teacher_phase(r);
+    if (!(a.phases & (kPhaseStats | kPhaseMix | kPhaseFinal))) continue;
+    fold_bias<kScaleNone, MODE>(r);
+    float m = 0.f;
+    if (a.phases & kPhaseStats) {
+      m = store && !kMix ? divergence_stats<MODE, true>(r) : divergence_stats<MODE, false>(r);
+    }
+    if constexpr (kMix) {
+      if (a.phases & kPhaseMix) {
+        const float lse = static_cast<float>(log_sum_exp<double>(r.st(kMax), r.st(kSumExp)));
+        const float tlse = static_cast<float>(log_sum_exp<double>(r.st(kTeacherMax), r.st(kTeacherSumExp)));
+        store ? jsd_mix<true>(r, lse, tlse) : jsd_mix<false>(r, lse, tlse);
+      }
+    }
+    if ((a.phases & kPhaseFinal) && a.coef != nullptr) divergence_final<MODE>(r, store, m, dbias_acc);
   }
 }
 
 // One row of the chunk: the requested phases, piece by piece, while the row is in cache.
 // ``urow`` is the row's fp32 scores: the buffer itself, or the fp32 copy of a bf16 row (see run). ``tz``: a row of
 // ncols floats for the teacher exps (softmax with a dense teacher), else null; ``sg``: a row of ncols floats for the
-// sigmoids (sigmoid under a scale), else null.
-template <int SK, LossMode MODE, bool DENSE>
+// sigmoids (sigmoid under a scale), else null; ``cap``: a row of ncols floats for the soft-cap's derivatives
+// (kOptsCap), else null.
+template <int SK, LossMode MODE, bool DENSE, int OPTS = kOptsNone>
 void run_row(const SoftTargetChunk& a, int64_t b, float* urow, const std::vector<Target>& targets,
              const std::vector<int64_t>& piece_first, const float* bias, double* dscale_acc, float* dbias_acc,
-             std::vector<float>& corr, float* tz, float* sg) {
+             std::vector<float>& corr, float* tz, float* sg, float* cap = nullptr) {
   const bool need_stats = kSegmentLse<MODE> || SK != kScaleNone;
   // a whole segment in one call with a gradient wanted: softmax without a scale, STATS leaves exp(y - m) for FINAL;
   // sigmoid under a scale, sigmoid(y) (and counts the loss)
@@ -535,7 +741,8 @@ void run_row(const SoftTargetChunk& a, int64_t b, float* urow, const std::vector
                      DENSE ? a.teacher + b * a.teacher_ld : nullptr,
                      bias,
                      tz,
-                     sg};
+                     sg,
+                     cap};
     const bool teacher_ran = kSegmentLse<MODE> && DENSE && (a.phases & kPhaseTeacher);
     const float tmax = teacher_ran ? teacher_phase(r) : 0.f;
     if (SK != kScaleNone && (a.phases & kPhaseNorm)) norm_phase(r);
@@ -545,18 +752,31 @@ void run_row(const SoftTargetChunk& a, int64_t b, float* urow, const std::vector
     float zscale = 0.f;
     if constexpr (kSegmentLse<MODE> && DENSE)
       zscale = teacher_targets(r, teacher_ran, tmax, log_sum_exp<double>(r.st(kTeacherMax), r.st(kTeacherSumExp)));
-    fold_bias<SK, MODE>(r);
+    fold_bias<SK, MODE, OPTS>(r);
     float m = 0.f;
     if (need_stats && (a.phases & kPhaseStats)) {
       if constexpr (kStatsStores<SK, MODE>) {
-        m = store ? stats_phase<SK, MODE, DENSE, true>(r, targets, inv_nt, zscale)
-                  : stats_phase<SK, MODE, DENSE>(r, targets, inv_nt, zscale);
+        m = store ? stats_phase<SK, MODE, DENSE, true, OPTS>(r, targets, inv_nt, zscale)
+                  : stats_phase<SK, MODE, DENSE, false, OPTS>(r, targets, inv_nt, zscale);
       } else {
         m = stats_phase<SK, MODE, DENSE>(r, targets, inv_nt, zscale);
       }
     }
     if (a.phases & kPhaseFinal)
-      final_phase<SK, MODE, DENSE>(r, targets, inv_nt, zscale, store, m, dscale_acc, dbias_acc, corr);
+      final_phase<SK, MODE, DENSE, OPTS>(r, targets, inv_nt, zscale, store, m, dscale_acc, dbias_acc, corr);
+  }
+}
+
+// The row of a sigmoid or softmax (run_row) or of a divergence mode (divergence_row).
+template <int SK, LossMode MODE, bool DENSE, int OPTS>
+KC_VEC_INLINE void row_of_mode(const SoftTargetChunk& a, int64_t b, float* urow, const std::vector<Target>& targets,
+                               const std::vector<int64_t>& piece_first, const float* bias, double* dscale_acc,
+                               float* dbias_acc, std::vector<float>& corr, float* tz, float* sg, float* cap) {
+  if constexpr (kDivergence<MODE>) {
+    static_assert(SK == kScaleNone && DENSE && OPTS == kOptsNone, "a divergence mode: dense teacher, no scale");
+    divergence_row<MODE>(a, b, urow, bias, dbias_acc, tz);
+  } else {
+    run_row<SK, MODE, DENSE, OPTS>(a, b, urow, targets, piece_first, bias, dscale_acc, dbias_acc, corr, tz, sg, cap);
   }
 }
 
@@ -574,7 +794,7 @@ inline void fold_into(double* __restrict acc, float* __restrict part, int64_t n)
 // Scores of type T (float, or bf16 as uint16_t). bf16 rows are widened into a per-thread fp32 row buffer, every phase
 // runs on it exactly as on fp32 scores, and after a FINAL phase with coef the fp32 logit gradient is rounded back into
 // the bf16 row (once: the sparse targets' corrections are added in fp32 before the rounding).
-template <int SK, LossMode MODE, bool DENSE, class T>
+template <int SK, LossMode MODE, bool DENSE, class T, int OPTS = kOptsNone>
 void run(const SoftTargetChunk& a) {
   constexpr bool kWide = std::is_same_v<T, uint16_t>;
   const bool reads_u = (a.phases & ~kPhaseTeacher) != 0;
@@ -600,6 +820,7 @@ void run(const SoftTargetChunk& a) {
     std::vector<float> row_f32(kWide && reads_u ? ncols : 0);
     std::vector<float> tz(kSegmentLse<MODE> && DENSE ? ncols : 0);
     std::vector<float> sg(!kSegmentLse<MODE> && SK != kScaleNone ? ncols : 0);
+    std::vector<float> cap(OPTS == kOptsCap ? ncols : 0);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < a.rows; ++b) {
       targets.clear();
@@ -634,8 +855,9 @@ void run(const SoftTargetChunk& a) {
       } else {
         urow = scores;
       }
-      run_row<SK, MODE, DENSE>(a, b, urow, targets, piece_first, bias, dscale_acc.data(),
-                                  want_dbias ? dbias_rows.data() : nullptr, corr, tz.data(), sg.data());
+      row_of_mode<SK, MODE, DENSE, OPTS>(a, b, urow, targets, piece_first, bias, dscale_acc.data(),
+                                         want_dbias ? dbias_rows.data() : nullptr, corr, tz.data(), sg.data(),
+                                         cap.data());
       if (want_dbias && ++rows_unfolded == kBiasFoldRows) {
         fold_into(dbias_acc.data(), dbias_rows.data(), ncols);
         rows_unfolded = 0;
@@ -656,15 +878,63 @@ void run(const SoftTargetChunk& a) {
   }
 }
 
+inline bool has_options(const SoftTargetChunk& a) {
+  return a.softcap != 0.f || a.z_loss != 0.f || a.uniform_target != 0.f;
+}
+
+[[noreturn]] inline void refuse_options(const SoftTargetChunk& a) {
+  throw std::invalid_argument(std::string("soft_target_chunk: softcap, z_loss and uniform_target are options of "
+                                          "SOFTMAX and KL, not of mode ") + kLossModeNames[a.mode]);
+}
+
+// The softmax instance of a call: its options (if any) pick an instance of their own (only without a scale).
+template <int SK, bool DENSE, class T>
+void run_softmax(const SoftTargetChunk& a) {
+  const bool opts = has_options(a);
+  if constexpr (SK == kScaleNone) {
+    if (a.softcap != 0.f) return run<SK, kModeSoftmax, DENSE, T, kOptsCap>(a);
+    if (opts) return run<SK, kModeSoftmax, DENSE, T, kOptsTargets>(a);
+  } else if (opts) {
+    throw std::invalid_argument("soft_target_chunk: softcap, z_loss and uniform_target take no scale");
+  }
+  run<SK, kModeSoftmax, DENSE, T>(a);
+}
+
+// A divergence mode: a dense teacher and no scale (the bindings check both before the kernel runs).
+template <int SK, LossMode MODE, class T>
+void run_divergence(const SoftTargetChunk& a) {
+  if (has_options(a)) refuse_options(a);
+  if constexpr (SK == kScaleNone) {
+    if (a.teacher == nullptr && (a.phases & ~kPhaseTeacher))
+      throw std::invalid_argument(std::string("soft_target_chunk: mode ") + kLossModeNames[MODE] +
+                                  " reads a dense teacher (got teacher 0)");
+    run<SK, MODE, true, T>(a);
+  } else {
+    throw std::invalid_argument(std::string("soft_target_chunk: mode ") + kLossModeNames[MODE] +
+                                " takes no scale");
+  }
+}
+
 template <int SK, class T>
 void dispatch_mode(const SoftTargetChunk& a) {
   const bool dense = a.teacher != nullptr;
   switch (a.mode) {
+    case kModeSigmoid:
+      if (has_options(a)) refuse_options(a);
+      dense ? run<SK, kModeSigmoid, true, T>(a) : run<SK, kModeSigmoid, false, T>(a);
+      break;
     case kModeSoftmax:
-      dense ? run<SK, kModeSoftmax, true, T>(a) : run<SK, kModeSoftmax, false, T>(a);
+    case kModeKL:  // SOFTMAX's walk and gradient (its loss differs in the driver only)
+      dense ? run_softmax<SK, true, T>(a) : run_softmax<SK, false, T>(a);
+      break;
+    case kModeReverseKL:
+      run_divergence<SK, kModeReverseKL, T>(a);
+      break;
+    case kModeJSD:
+      run_divergence<SK, kModeJSD, T>(a);
       break;
     default:
-      dense ? run<SK, kModeSigmoid, true, T>(a) : run<SK, kModeSigmoid, false, T>(a);
+      throw std::invalid_argument("soft_target_chunk: mode " + std::to_string(a.mode) + " is not a LOSS_MODES value");
   }
 }
 

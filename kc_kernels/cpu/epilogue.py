@@ -155,6 +155,8 @@ class CpuWalk:
         a.npieces, a.piece_lo, a.piece_seg, a.num_segments = len(c.piece_seg), lo_t.data_ptr(), seg_t.data_ptr(), sw.G
         a.phases, a.mode, a.inv_t, a.t2 = int(phases), int(sw.mode), 1.0 / p.temperature, p.temperature ** 2
         a.scale, a.scale_kind, a.bias = _ptr(sw.scale32), int(sw.scale_kind), _ptr(sw.bias32)
+        # JSD's beta; the options of softmax and kl (the kernel refuses them for another mode)
+        a.beta, a.softcap, a.z_loss, a.uniform_target = p.beta, p.softcap or 0.0, p.z_loss, p.uniform_target
         if self.tidx is not None and self.tval is not None:
             a.k = self.tidx.shape[1]
             a.tidx, a.tval = self.tidx[r0:r1].data_ptr(), self.tval[r0:r1].data_ptr()
