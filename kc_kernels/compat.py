@@ -13,7 +13,7 @@ memory budget.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
@@ -92,8 +92,8 @@ class LigerFusedLinearJSDLoss(torch.nn.Module):
         T = float(self.temperature)
         wh, ws = float(self.weight_hard_loss), float(self.weight_soft_loss)
         mode, beta = self._mode(), float(self.beta)
-        head = dict(teacher_x=tx, teacher_weight=teacher_weight, teacher_bias=teacher_bias, mode=mode, beta=beta,
-                    temperature=T)
+        head: Dict[str, Any] = dict(teacher_x=tx, teacher_weight=teacher_weight, teacher_bias=teacher_bias,
+                                    mode=mode, beta=beta, temperature=T)
         if Vt == V and not self.return_soft_hard_loss and wh >= 0 and ws >= 0:
             if wh == 0:  # no hard term: Liger-Kernel skips its cross-entropy too
                 return ws * self._soft(x, student_weight, student_bias, labels, head, T)
@@ -103,6 +103,7 @@ class LigerFusedLinearJSDLoss(torch.nn.Module):
                                                 reduction="mean", **head)
         hard = _kc_linear_cross_entropy(x, student_weight, student_bias, labels, ignore_index=self.ignore_index,
                                         reduction="mean")
+        assert isinstance(hard, torch.Tensor)
         if Vt > V:  # Liger-Kernel pads the student's logits with zeros up to the teacher's classes
             pad = Vt - V
             student_weight = torch.cat([student_weight, student_weight.new_zeros(pad, student_weight.shape[1])])
@@ -114,7 +115,7 @@ class LigerFusedLinearJSDLoss(torch.nn.Module):
             return loss, soft.detach(), hard.detach()
         return loss
 
-    def _soft(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, head: dict,
+    def _soft(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, head: Dict[str, Any],
               T: float) -> Tensor:
         """The soft term: the divergence summed over the counted tokens, divided by their number and by T^2."""
         valid = (labels != self.ignore_index).to(_compute_dtype(x))
@@ -174,7 +175,7 @@ def linear_cross_entropy(e: Tensor, c: Tensor, targets: Tensor, bias: Optional[T
     labels = _shift_labels(targets, k, ignore_index)
     out = _kc_linear_cross_entropy(e, c, bias, labels, ignore_index=ignore_index, softcap=softcap,
                                    reduction=reduction, return_lse=return_lse)
-    loss, lse = (out if return_lse else (out, None))
+    loss, lse = (out[0], out[1]) if isinstance(out, tuple) else (out, None)
     T = targets.shape[-1] if k else 0
     if reduction == "none" and k:
         loss = loss[..., :max(T - k, 0)]
