@@ -4,6 +4,7 @@
 // launch functions check the fields a kernel cannot run without and raise ValueError before anything is launched.
 #include <pybind11/pybind11.h>
 
+#include <cmath>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -58,8 +59,12 @@ void def_soft_target_inputs(py::class_<P>& cls) {
       .def_readwrite("teacher_dtype", &In::teacher_dtype)
       .def_readwrite("num_targets", &In::num_targets)
       .def_readwrite("targets_row_stride", &In::targets_row_stride)
+      .def_readwrite("teacher_col0", &In::teacher_col0)
       .def_readwrite("mode", &In::mode)
-      .def_readwrite("inv_t", &In::inv_t);
+      .def_readwrite("inv_t", &In::inv_t)
+      .def_readwrite("beta", &In::beta)
+      .def_readwrite("softcap", &In::softcap)
+      .def_readwrite("uniform_target", &In::uniform_target);
   def_address(cls, "scale", &In::scale);
   def_address(cls, "bias", &In::bias);
   def_address(cls, "teacher", &In::teacher);
@@ -77,13 +82,44 @@ void check_soft_target_inputs(const kc_cuda::SoftTargetInputs& p, const char* ke
     require_address(p.target_index, kernel, "target_index (num_targets > 0)");
     require_address(p.target_value, kernel, "target_value (num_targets > 0)");
   }
+  require_non_negative(p.teacher_col0, kernel, "teacher_col0");
+  if (p.mode < 0 || p.mode >= kc::kNumLossModes) {
+    throw py::value_error(std::string(kernel) + ": mode " + std::to_string(p.mode) + " is not a LOSS_MODES value");
+  }
+  const bool divergence = p.mode == kc::kModeReverseKL || p.mode == kc::kModeJSD;
+  if (p.mode == kc::kModeJSD && !(p.beta > 0.f && p.beta < 1.f)) {
+    throw py::value_error(std::string(kernel) + ": beta " + std::to_string(p.beta) + " is outside (0, 1) (JSD)");
+  }
+  if (!(p.softcap >= 0.f) || std::isinf(p.softcap)) {
+    throw py::value_error(std::string(kernel) + ": softcap " + std::to_string(p.softcap) +
+                          " must be finite and >= 0 (0: none)");
+  }
+  if (!std::isfinite(p.uniform_target)) throw py::value_error(std::string(kernel) + ": uniform_target is not finite");
+  if ((p.softcap > 0.f || p.uniform_target != 0.f) && p.mode == kc::kModeSigmoid) {
+    throw py::value_error(std::string(kernel) + ": softcap and uniform_target are implemented for the softmax-family "
+                                                "modes, not SIGMOID");
+  }
+  if (p.softcap > 0.f && p.scale != nullptr) {
+    throw py::value_error(std::string(kernel) + ": softcap with a self-paced scale is not implemented");
+  }
+  if (divergence && p.scale != nullptr) {
+    throw py::value_error(std::string(kernel) + ": REVERSE_KL and JSD take no self-paced scale");
+  }
 }
 
 void launch_row_stats(const kc_cuda::RowStatsParams& p) {
   constexpr const char* kernel = "soft_target_row_stats";
   check_soft_target_inputs(p, kernel);
   require_non_negative(p.pieces, kernel, "pieces");
-  if (p.phases & (kc::kPhaseNorm | kc::kPhaseStats)) require_address(p.scores, kernel, "scores (NORM or STATS)");
+  if (p.phases & (kc::kPhaseNorm | kc::kPhaseStats | kc::kPhaseMix)) {
+    require_address(p.scores, kernel, "scores (NORM, STATS or MIX)");
+  }
+  if ((p.phases & kc::kPhaseMix) && p.mode != kc::kModeJSD) {
+    throw py::value_error(std::string(kernel) + ": MIX is a phase of JSD only");
+  }
+  if (((p.phases & kc::kPhaseStats) && p.mode == kc::kModeReverseKL) || (p.phases & kc::kPhaseMix)) {
+    require_address(p.teacher, kernel, "teacher (REVERSE_KL's STATS, JSD's MIX)");
+  }
   require_address(p.piece_lo, kernel, "piece_lo");
   require_address(p.piece_seg, kernel, "piece_seg");
   require_address(p.states, kernel, "states");
@@ -97,6 +133,9 @@ void launch_final(const kc_cuda::FinalParams& p) {
   require_address(p.seg_of_class, kernel, "seg_of_class");
   require_address(p.consts, kernel, "consts");
   require_address(p.row_part, kernel, "row_part");
+  if (p.coef != nullptr && (p.mode == kc::kModeReverseKL || p.mode == kc::kModeJSD)) {
+    require_address(p.teacher, kernel, "teacher (REVERSE_KL and JSD with coef)");
+  }
   if (p.coef != nullptr && (p.want_dbias || p.want_dscale)) {
     require_address(p.col_part, kernel, "col_part (coef with want_dbias or want_dscale)");
   }
@@ -127,6 +166,7 @@ PYBIND11_MODULE(_cuda, m) {
       .def_readwrite("state_row_stride", &kc_cuda::RowStatsParams::state_row_stride)
       .def_readwrite("state_segment_stride", &kc_cuda::RowStatsParams::state_segment_stride)
       .def_readwrite("phases", &kc_cuda::RowStatsParams::phases);
+  def_address(row_stats_params, "consts", &kc_cuda::RowStatsParams::consts);
   def_address(row_stats_params, "scores", &kc_cuda::RowStatsParams::scores);
   def_address(row_stats_params, "piece_lo", &kc_cuda::RowStatsParams::piece_lo);
   def_address(row_stats_params, "piece_seg", &kc_cuda::RowStatsParams::piece_seg);
@@ -147,7 +187,7 @@ PYBIND11_MODULE(_cuda, m) {
   def_address(final_params, "stream", &kc_cuda::FinalParams::stream);
 
   m.def("soft_target_row_stats", &launch_row_stats, py::arg("params"),
-        "Fold each (row, segment piece) of a chunk into the state array (phases TEACHER | NORM | STATS)");
+        "Fold each (row, segment piece) of a chunk into the state array (phases TEACHER | NORM | STATS | MIX)");
   m.def("soft_target_final", &launch_final, py::arg("params"),
         "Loss row sums per column tile; with coef the logit gradient in place and the column sums per row tile");
   py::class_<kc_cuda::SampledSoftmaxParams> sampled_params(m, "SampledSoftmaxParams",

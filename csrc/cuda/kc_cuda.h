@@ -19,8 +19,10 @@ enum DType { KC_DTYPES(KC_ENUM_ITEM) kNumDTypes };
 constexpr int kFinalBlockRows = 32;
 constexpr int kFinalBlockCols = 256;
 
-// Inputs both epilogue kernels read. Per-row buffers start at the chunk's first row; class-indexed ones (scale,
-// bias, teacher columns, target indices) use global class ids; the chunk holds classes [col0, col0 + ncols).
+// Inputs every epilogue kernel reads. Per-row buffers start at the chunk's first row; class-indexed ones (scale,
+// bias, target indices) use global class ids; the chunk holds classes [col0, col0 + ncols). The teacher's column
+// teacher_col0 + j holds the chunk's local column j (class col0 + j): teacher_col0 = col0 for the full dense
+// teacher, 0 for a teacher made per chunk (a teacher head's, or a filled top-K teacher's).
 struct SoftTargetInputs {
   int64_t col0 = 0, rows = 0, ncols = 0;
   int64_t num_segments = 0;        // G
@@ -28,8 +30,9 @@ struct SoftTargetInputs {
   int scores_dtype = kFloat32;     // kFloat32, kFloat16 or kBFloat16
   const void* scale = nullptr;     // fp32 [V] self-paced scale per class (a segment's scale expanded), or null
   const void* bias = nullptr;      // fp32 [V] class bias, or null
-  const void* teacher = nullptr;   // [rows, V] dense teacher logits (columns contiguous), or null
+  const void* teacher = nullptr;   // [rows, >= teacher_col0 + ncols] dense teacher logits (columns contiguous)
   int64_t teacher_row_stride = 0;
+  int64_t teacher_col0 = 0;        // the teacher's column of class col0
   int teacher_dtype = kFloat32;    // any DType
   const void* target_index = nullptr;  // int32 [rows, K] sparse targets, sorted per row; V marks padding
   const void* target_value = nullptr;  // fp32 [rows, K]
@@ -37,9 +40,15 @@ struct SoftTargetInputs {
   int64_t targets_row_stride = 0;      // of both target_index and target_value
   int mode = 0;                        // a kc::LossMode (csrc/common/soft_target_math.h)
   float inv_t = 1.f;                   // 1 / T
+  float beta = 0.5f;                   // JSD: M = beta z + (1 - beta) p, in (0, 1)
+  float softcap = 0.f;                 // c > 0: y = c tanh((u + bias) / c) / T (softmax-family modes); 0: off
+  float uniform_target = 0.f;          // added to every class's target (SOFTMAX and KL)
 };
 
-// row_stats: one block per (row, piece) folds the piece's columns into states[:, row, piece_seg[piece]].
+// row_stats: one block per (row, piece) folds the piece's columns into states[:, row, piece_seg[piece]]. With MIX
+// in phases (JSD) a second kernel over the same grid adds the mixture's sums once TEACHER and STATS are complete;
+// it reads the log-sums-exp from consts (LSE, TLSE) when given and the call runs neither TEACHER nor STATS, else
+// from the states.
 struct RowStatsParams : SoftTargetInputs {
   const void* scores = nullptr;     // [rows, ncols] u = x W_c^T (no bias), read only
   int64_t pieces = 0;
@@ -47,7 +56,8 @@ struct RowStatsParams : SoftTargetInputs {
   const void* piece_seg = nullptr;  // int32 [pieces] segment of each piece
   void* states = nullptr;           // fp32 [NUM_STATES, rows, G] view
   int64_t state_stride = 0, state_row_stride = 0, state_segment_stride = 0;
-  int phases = 0;                   // bitmask of kc::Phase among TEACHER | NORM | STATS
+  int phases = 0;                   // bitmask of kc::Phase among TEACHER | NORM | STATS | MIX
+  const void* consts = nullptr;     // fp32 [NUM_CONSTS, rows, G] contiguous (MIX), or null: from the states
   void* stream = nullptr;
 };
 

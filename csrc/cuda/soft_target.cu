@@ -1,9 +1,11 @@
-// CUDA epilogue of the chunked linear + soft-target loss: the two kernels of docs/epilogue.md, "GPU epilogue".
+// CUDA epilogue of the chunked linear + soft-target loss: the kernels of docs/epilogue.md, "GPU epilogue".
 //
 // - row_stats: one block per (row, segment piece) reduces the piece's columns and folds them into
-//   states[:, row, piece_seg]: the dense teacher's log-sum-exp (TEACHER), the squared norm (NORM), then the target
-//   and softmax / sigmoid sums that need the norm and the teacher's log-sum-exp (STATS). A chunk holds a segment at
-//   most once, so each block owns its states.
+//   states[:, row, piece_seg]: the dense teacher's log-sum-exp and entropy sum (TEACHER), the squared norm (NORM),
+//   then the target and softmax / sigmoid sums that need the norm and the teacher's log-sum-exp (STATS). A chunk
+//   holds a segment at most once, so each block owns its states.
+// - mix (JSD): the same grid, after the segment's STATS and TEACHER are complete: the sums over the mixture
+//   M = beta z + (1 - beta) p (DLOSS, DIV), which need the finished log-sums-exp.
 // - final: one block per [kFinalBlockRows, kFinalBlockCols] tile, elementwise given the per-(row, segment) consts:
 //   the loss's row sums per column tile, and with coef the logit gradient written over the scores in place plus the
 //   bias / per-class scale gradients as column sums per row tile, which the driver adds up.
@@ -39,6 +41,21 @@ constexpr int kWarpsPerRow = kFinalColThreads / 32;
 static_assert(kFinalBlockCols % kFinalColThreads == 0 && kFinalColThreads % 32 == 0, "tile layout");
 static_assert(kFinalBlockRows >= 1 && kFinalThreads % 32 == 0, "tile layout");
 
+// The instance of the kernels a call runs, chosen by the launchers from the mode and the options. kBase is the
+// sigmoid / softmax code with the mode read at run time (KL is softmax's walk and gradient: it runs there); the
+// others are compiled apart so that the base instances keep their code and registers.
+enum class Variant {
+  kBase,       // SIGMOID, SOFTMAX, KL
+  kOptions,    // SOFTMAX, KL with a softcap or a uniform target
+  kReverseKL,  // REVERSE_KL
+  kJSD,        // JSD
+};
+
+template <Variant V>
+__device__ __forceinline__ bool softmax_family(const SoftTargetInputs& p) {
+  return V != Variant::kBase || p.mode == kc::kModeSoftmax;
+}
+
 // One class of the chunk as the formulas see it: raw score, scale, bias (1 and 0 when absent).
 struct ClassLogit {
   float up;  // u/(nT)
@@ -57,6 +74,65 @@ __device__ __forceinline__ float scale_of(const SoftTargetInputs& p, int64_t cls
 __device__ __forceinline__ float bias_of(const SoftTargetInputs& p, int64_t cls) {
   return p.bias ? static_cast<const float*>(p.bias)[cls] : 0.f;
 }
+
+// ---- the new modes' per-element math (fp32, as the formulas of docs/epilogue.md)
+
+// The soft cap of the logit: y = c tanh(v / c) / T with v = y_raw T = u + bias, and its derivative
+// dy / dy_raw = 1 - tanh^2, the factor of the logit and bias gradients. Off (c = 0): y_raw, factor 1.
+struct SoftCap {
+  float in = 0.f;   // T / c: y_raw -> v / c
+  float out = 0.f;  // c / T
+  bool on = false;
+
+  __device__ explicit SoftCap(const SoftTargetInputs& p) {
+    if (p.softcap > 0.f) {
+      on = true;
+      out = p.softcap * p.inv_t;
+      // 1/out without a division, whose slow path is a called subroutine that spills: the approximate
+      // reciprocal and one Newton step (within an ulp)
+      const float r = __fdividef(1.f, out);
+      in = fmaf(r, fmaf(-out, r, 1.f), r);
+    }
+  }
+  struct Capped {
+    float y, dy;
+  };
+  __device__ __forceinline__ Capped operator()(float y_raw) const {
+    if (!on) return {y_raw, 1.f};
+    const float th = tanhf(y_raw * in);
+    return {out * th, 1.f - th * th};
+  }
+};
+
+// log M = log(beta z + (1 - beta) p) from a = lz + log beta and b = lp + log(1 - beta): max(a, b) +
+// log1p(exp(-|a - b|)); -inf when both are (no mass on either side; every term that reads it is then 0).
+__device__ __forceinline__ float log_mix(float a, float b) {
+  const float m = fmaxf(a, b);
+  const float lm = m + log1pf(CudaMath::exp(-fabsf(a - b)));
+  return m == -INFINITY ? -INFINITY : lm;
+}
+
+// x log(x / M) given x = exp(lx), 0 where x = 0 (0 log 0 = 0, also against lx = lm = -inf).
+__device__ __forceinline__ float x_log_ratio(float x, float lx, float lm) { return x > 0.f ? x * (lx - lm) : 0.f; }
+
+// JSD's constants of one call: beta, log beta, log(1 - beta).
+struct MixWeights {
+  float beta, log_beta, log_rest;
+  __device__ explicit MixWeights(const SoftTargetInputs& p)
+      : beta(p.beta), log_beta(logf(p.beta)), log_rest(log1pf(-p.beta)) {}
+};
+
+// What a variant's elements need beyond the params, computed once per thread (nothing for kBase).
+template <Variant V>
+struct ModeArgs {
+  SoftCap cap;
+  MixWeights mix;
+  __device__ explicit ModeArgs(const SoftTargetInputs& p) : cap(p), mix(p) {}
+};
+template <>
+struct ModeArgs<Variant::kBase> {
+  __device__ explicit ModeArgs(const SoftTargetInputs&) {}
+};
 
 // The row's sparse targets with class in [cls_lo, cls_hi): one run of positions of the sorted row.
 struct TargetRange {
@@ -77,26 +153,62 @@ struct SharedStates {
   float teacher_max, teacher_sumexp, sumsq;
 };
 
+// The state of (row, piece_seg[piece]) and the piece's local columns [lo, hi): the grid of row_stats and mix.
+struct PieceOf {
+  int64_t row, lo, hi;
+  float* state;
+
+  __device__ explicit PieceOf(const RowStatsParams& p) {
+    row = blockIdx.x;
+    const int piece = blockIdx.y;
+    const int32_t* piece_lo = static_cast<const int32_t*>(p.piece_lo);
+    lo = piece_lo[piece];
+    hi = piece_lo[piece + 1];
+    const int64_t seg = static_cast<const int32_t*>(p.piece_seg)[piece];
+    state = static_cast<float*>(p.states) + row * p.state_row_stride + seg * p.state_segment_stride;
+  }
+};
+
+// local column j of the chunk is the teacher's column teacher_col0 + j
 template <class TT>
-__device__ void teacher_phase(const RowStatsParams& p, const TT* t, int64_t lo, int64_t hi, float* state,
-                              SharedStates& run, float* scratch) {
+__device__ __forceinline__ const TT* teacher_row(const SoftTargetInputs& p, int64_t row) {
+  return p.teacher ? static_cast<const TT*>(p.teacher) + row * p.teacher_row_stride + p.teacher_col0 : nullptr;
+}
+
+// TEACHER (a softmax-family mode's dense teacher; a kernel of its own, templated on the teacher's dtype alone):
+// TMAX, TSUMEXP and TENT = sum exp(t/T - TMAX) t/T (the teacher's entropy: sum z log z = TENT / TSUMEXP - tlse),
+// merged with the same factors. A class the teacher rules out (t = -inf) adds 0 to both sums.
+template <class TT>
+__global__ void __launch_bounds__(kRowStatsMaxThreads) teacher_kernel(const RowStatsParams p) {
+  __shared__ float scratch[32 * 2];
+  const PieceOf piece(p);
+  const TT* t = teacher_row<TT>(p, piece.row);
+  float* state = piece.state;
+  // every thread reads the running values before thread 0 writes them (the reductions below hold barriers)
+  const float run_max = state[kc::kTeacherMax * p.state_stride];
+  float run_sumexp = state[kc::kTeacherSumExp * p.state_stride];
+  float run_ent = state[kc::kTeacherEnt * p.state_stride];
+
   float m = -INFINITY;
-  for (int64_t j = lo + threadIdx.x; j < hi; j += blockDim.x) m = fmaxf(m, to_float(t[j]) * p.inv_t);
+  for (int64_t j = piece.lo + threadIdx.x; j < piece.hi; j += blockDim.x) m = fmaxf(m, to_float(t[j]) * p.inv_t);
   m = block_max(m, scratch);
   // a piece the teacher rules out entirely (all -inf) adds nothing; exp(-inf - -inf) would be NaN
   const float shift = m == -INFINITY ? 0.f : m;
-  float s[1] = {0.f};
-  for (int64_t j = lo + threadIdx.x; j < hi; j += blockDim.x) {
-    s[0] += kc::teacher_target_softmax<CudaMath>(to_float(t[j]), p.inv_t, shift);
+  float s[2] = {0.f, 0.f};
+  for (int64_t j = piece.lo + threadIdx.x; j < piece.hi; j += blockDim.x) {
+    const float tv = to_float(t[j]);
+    const float e = kc::teacher_target_softmax<CudaMath>(tv, p.inv_t, shift);
+    s[0] += e;
+    s[1] += e > 0.f ? e * (tv * p.inv_t) : 0.f;
   }
   block_sum(s, scratch);
-  const kc::MaxMerge<float> f = kc::merge_max(run.teacher_max, m);
-  kc::merge_sum(run.teacher_sumexp, s[0], f);
-  run.teacher_max = f.max;
-  if (threadIdx.x == 0) {
-    state[kc::kTeacherMax * p.state_stride] = run.teacher_max;
-    state[kc::kTeacherSumExp * p.state_stride] = run.teacher_sumexp;
-  }
+  if (threadIdx.x != 0) return;
+  const kc::MaxMerge<float> f = kc::merge_max(run_max, m);
+  kc::merge_sum(run_sumexp, s[0], f);
+  kc::merge_sum(run_ent, s[1], f);
+  state[kc::kTeacherMax * p.state_stride] = f.max;
+  state[kc::kTeacherSumExp * p.state_stride] = run_sumexp;
+  state[kc::kTeacherEnt * p.state_stride] = run_ent;
 }
 
 template <class TS>
@@ -113,21 +225,27 @@ __device__ void norm_phase(const RowStatsParams& p, const TS* u, int64_t lo, int
 }
 
 // STATS: the softmax (max, sum-exp) or sigmoid sums of the piece and its target sums, folded into the states.
-template <class TS, class TT>
+// kOptions: the logits soft-capped and every target raised by the uniform target (also where there is no other).
+template <Variant V, class TS, class TT>
 __device__ void stats_phase(const RowStatsParams& p, int64_t row, const TS* u, const TT* t, int64_t lo, int64_t hi,
                             float* state, const SharedStates& run, float* scratch) {
+  constexpr bool kOpts = V == Variant::kOptions;
+  static_assert(V == Variant::kBase || kOpts, "the divergences have their own STATS");
   const float inv_t = p.inv_t;
   const float inv_nt = kc::inv_norm_t<float>(p.scale != nullptr, run.sumsq, inv_t);
-  const bool dense_softmax = (p.mode == kc::kModeSoftmax) && t != nullptr;
+  const bool dense_softmax = softmax_family<V>(p) && t != nullptr;
   const float tlse = dense_softmax ? kc::log_sum_exp(run.teacher_max, run.teacher_sumexp) : 0.f;
+  const SoftCap cap(p);  // kOptions only
   auto logit_at = [&](int64_t j) {
     const int64_t cls = p.col0 + j;
-    return class_logit(to_float(u[j]), scale_of(p, cls), bias_of(p, cls), inv_nt, inv_t);
+    ClassLogit l = class_logit(to_float(u[j]), scale_of(p, cls), bias_of(p, cls), inv_nt, inv_t);
+    if constexpr (kOpts) l.y = cap(l.y).y;
+    return l;
   };
 
   // softmax: the piece's max first, so each exp is taken once, relative to it
   float m = -INFINITY;
-  if ((p.mode == kc::kModeSoftmax)) {
+  if (softmax_family<V>(p)) {
     for (int64_t j = lo + threadIdx.x; j < hi; j += blockDim.x) m = fmaxf(m, logit_at(j).y);
     m = block_max(m, scratch);
   }
@@ -135,11 +253,18 @@ __device__ void stats_phase(const RowStatsParams& p, int64_t row, const TS* u, c
   float acc[kRowStatsSums] = {};
   for (int64_t j = lo + threadIdx.x; j < hi; j += blockDim.x) {
     const ClassLogit l = logit_at(j);
-    const float w = (p.mode == kc::kModeSoftmax) ? CudaMath::exp(l.y - m) : kc::sigmoid<CudaMath>(l.y);
+    const float w = softmax_family<V>(p) ? CudaMath::exp(l.y - m) : kc::sigmoid<CudaMath>(l.y);
     acc[kE] += w;
     acc[kEU] += w * l.up;
     acc[kEY] += w * l.yh;
-    if (t != nullptr) {
+    if constexpr (kOpts) {
+      float z = p.uniform_target;
+      if (t != nullptr) z += kc::teacher_target_softmax<CudaMath>(to_float(t[j]), inv_t, tlse);
+      acc[kZ] += z;
+      acc[kZY] += z * l.y;
+      acc[kZU] += z * l.up;
+      acc[kZYH] += z * l.yh;
+    } else if (t != nullptr) {
       const float tv = to_float(t[j]);
       const float z = (p.mode == kc::kModeSoftmax) ? kc::teacher_target_softmax<CudaMath>(tv, inv_t, tlse)
                                 : kc::teacher_target_sigmoid<CudaMath>(tv, inv_t);
@@ -166,13 +291,13 @@ __device__ void stats_phase(const RowStatsParams& p, int64_t row, const TS* u, c
   block_sum(acc, scratch);
   if (threadIdx.x != 0) return;
   auto st = [&](kc::State which) -> float& { return state[which * p.state_stride]; };
-  if (t != nullptr || sparse) {
+  if (kOpts || t != nullptr || sparse) {
     st(kc::kZSum) += acc[kZ];
     st(kc::kZY) += acc[kZY];
     st(kc::kZU) += acc[kZU];
     st(kc::kZYScaled) += acc[kZYH];
   }
-  if ((p.mode == kc::kModeSoftmax)) {
+  if (softmax_family<V>(p)) {
     const kc::MaxMerge<float> f = kc::merge_max(st(kc::kMax), m);
     kc::merge_sum(st(kc::kSumExp), acc[kE], f);
     kc::merge_sum(st(kc::kSumExpU), acc[kEU], f);
@@ -184,32 +309,107 @@ __device__ void stats_phase(const RowStatsParams& p, int64_t row, const TS* u, c
   }
 }
 
-template <class TS, class TT>
+// The logit of a divergence mode (no self-paced scale: the front refuses one), soft-capped when asked.
+template <class TS>
+__device__ __forceinline__ SoftCap::Capped divergence_logit(const SoftTargetInputs& p, const SoftCap& cap,
+                                                            const TS* u, int64_t j) {
+  const float y = kc::logit(to_float(u[j]), 1.f, p.inv_t, bias_of(p, p.col0 + j), p.inv_t);
+  return cap(y);
+}
+
+// STATS of the divergences: MAX and SUMEXP as softmax's, and for REVERSE_KL DIV = sum exp(y - MAX) (y - t/T),
+// merged like SUMEXP. The teacher is dense.
+template <Variant V, class TS, class TT>
+__device__ void divergence_stats_phase(const RowStatsParams& p, const TS* u, const TT* t, int64_t lo, int64_t hi,
+                                       float* state, float* scratch) {
+  constexpr bool kReverse = V == Variant::kReverseKL;
+  const SoftCap cap(p);
+  float m = -INFINITY;
+  for (int64_t j = lo + threadIdx.x; j < hi; j += blockDim.x) m = fmaxf(m, divergence_logit(p, cap, u, j).y);
+  m = block_max(m, scratch);
+  float acc[kReverse ? 2 : 1] = {};
+  for (int64_t j = lo + threadIdx.x; j < hi; j += blockDim.x) {
+    const float y = divergence_logit(p, cap, u, j).y;
+    const float w = CudaMath::exp(y - m);
+    acc[0] += w;
+    if constexpr (kReverse) acc[1] += w * (y - to_float(t[j]) * p.inv_t);
+  }
+  block_sum(acc, scratch);
+  if (threadIdx.x != 0) return;
+  auto st = [&](kc::State which) -> float& { return state[which * p.state_stride]; };
+  const kc::MaxMerge<float> f = kc::merge_max(st(kc::kMax), m);
+  kc::merge_sum(st(kc::kSumExp), acc[0], f);
+  if constexpr (kReverse) kc::merge_sum(st(kc::kDiv), acc[kReverse ? 1 : 0], f);
+  st(kc::kMax) = f.max;
+}
+
+// NORM and STATS (TEACHER, which they follow, is teacher_kernel).
+template <Variant V, class TS, class TT>
 __global__ void __launch_bounds__(kRowStatsMaxThreads) row_stats_kernel(const RowStatsParams p) {
   __shared__ float scratch[32 * kRowStatsSums];
-  const int64_t row = blockIdx.x;
-  const int piece = blockIdx.y;
-  const int32_t* piece_lo = static_cast<const int32_t*>(p.piece_lo);
-  const int64_t lo = piece_lo[piece], hi = piece_lo[piece + 1];
-  const int64_t seg = static_cast<const int32_t*>(p.piece_seg)[piece];
-  float* state = static_cast<float*>(p.states) + row * p.state_row_stride + seg * p.state_segment_stride;
+  const PieceOf piece(p);
+  const int64_t row = piece.row, lo = piece.lo, hi = piece.hi;
+  float* state = piece.state;
   const TS* u = static_cast<const TS*>(p.scores) + row * p.scores_row_stride;
-  // local column j of the chunk is global class col0 + j
-  const TT* t = p.teacher ? static_cast<const TT*>(p.teacher) + row * p.teacher_row_stride + p.col0 : nullptr;
+  const TT* t = teacher_row<TT>(p, row);
 
-  const bool dense_softmax = (p.mode == kc::kModeSoftmax) && t != nullptr;
-  // Every thread reads the running values it needs before thread 0 writes any (the reductions below hold
-  // barriers), then merges the piece into its own copy: no thread reads a state after another wrote it.
-  SharedStates run{-INFINITY, 0.f, 0.f};
-  if (dense_softmax) {
-    run.teacher_max = state[kc::kTeacherMax * p.state_stride];
-    run.teacher_sumexp = state[kc::kTeacherSumExp * p.state_stride];
+  if constexpr (V == Variant::kBase || V == Variant::kOptions) {
+    // Every thread reads the running values it needs before thread 0 writes any (the reductions below hold
+    // barriers), then merges the piece into its own copy: no thread reads a state after another wrote it.
+    SharedStates run{-INFINITY, 0.f, 0.f};
+    if (softmax_family<V>(p) && t != nullptr) {
+      run.teacher_max = state[kc::kTeacherMax * p.state_stride];
+      run.teacher_sumexp = state[kc::kTeacherSumExp * p.state_stride];
+    }
+    run.sumsq = state[kc::kSumSq * p.state_stride];
+    if (p.phases & kc::kPhaseNorm) norm_phase(p, u, lo, hi, state, run, scratch);
+    if (p.phases & kc::kPhaseStats) stats_phase<V>(p, row, u, t, lo, hi, state, run, scratch);
+  } else {
+    if (p.phases & kc::kPhaseStats) divergence_stats_phase<V>(p, u, t, lo, hi, state, scratch);
   }
-  run.sumsq = state[kc::kSumSq * p.state_stride];
+}
 
-  if ((p.phases & kc::kPhaseTeacher) && dense_softmax) teacher_phase(p, t, lo, hi, state, run, scratch);
-  if (p.phases & kc::kPhaseNorm) norm_phase(p, u, lo, hi, state, run, scratch);
-  if (p.phases & kc::kPhaseStats) stats_phase(p, row, u, t, lo, hi, state, run, scratch);
+// ------------------------------------------------------------------------------------------------ mix (JSD)
+
+// Per (row, piece): DLOSS += sum_j beta z (lz - lm) + (1 - beta) p (lp - lm) and DIV += sum_j p (lp - lm), with
+// lp = y - lse, lz = t/T - tlse, lm = log(beta z + (1 - beta) p). Plain sums: no max to merge.
+template <class TS, class TT>
+__global__ void __launch_bounds__(kRowStatsMaxThreads) mix_kernel(const RowStatsParams p) {
+  __shared__ float scratch[32 * 2];
+  const PieceOf piece(p);
+  const int64_t row = piece.row;
+  float* state = piece.state;
+  const TS* u = static_cast<const TS*>(p.scores) + row * p.scores_row_stride;
+  const TT* t = teacher_row<TT>(p, row);
+
+  float lse, tlse;
+  if (p.consts != nullptr) {
+    const int64_t seg = static_cast<const int32_t*>(p.piece_seg)[blockIdx.y];
+    const float* c = static_cast<const float*>(p.consts) + row * p.num_segments + seg;
+    const int64_t plane = p.rows * p.num_segments;
+    lse = c[kc::kConstLse * plane];
+    tlse = c[kc::kConstTeacherLse * plane];
+  } else {
+    lse = kc::log_sum_exp(state[kc::kMax * p.state_stride], state[kc::kSumExp * p.state_stride]);
+    tlse = kc::log_sum_exp(state[kc::kTeacherMax * p.state_stride], state[kc::kTeacherSumExp * p.state_stride]);
+  }
+  const ModeArgs<Variant::kJSD> args(p);
+  const SoftCap& cap = args.cap;
+  const MixWeights& mw = args.mix;
+  float acc[2] = {0.f, 0.f};  // DLOSS, DIV
+  for (int64_t j = piece.lo + threadIdx.x; j < piece.hi; j += blockDim.x) {
+    const float lp = divergence_logit(p, cap, u, j).y - lse;
+    const float lz = to_float(t[j]) * p.inv_t - tlse;
+    const float lm = log_mix(lz + mw.log_beta, lp + mw.log_rest);
+    const float student = x_log_ratio(CudaMath::exp(lp), lp, lm);
+    const float teacher = x_log_ratio(CudaMath::exp(lz), lz, lm);
+    acc[0] += mw.beta * teacher + (1.f - mw.beta) * student;
+    acc[1] += student;
+  }
+  block_sum(acc, scratch);
+  if (threadIdx.x != 0) return;
+  state[kc::kDivLoss * p.state_stride] += acc[0];
+  state[kc::kDiv * p.state_stride] += acc[1];
 }
 
 // ------------------------------------------------------------------------------------------------ final
@@ -235,45 +435,88 @@ struct FinalSums {
   float dbias[kColsPerThread] = {}, dscale[kColsPerThread] = {};  // of the thread's columns, over its rows
 };
 
-// One element: loss terms into `sums`, and with coef the gradient written over the score.
-template <class TS, class TT>
-__device__ __forceinline__ void final_element(const FinalParams& p, int64_t row, int64_t j, int k, float s, float b,
-                                              int32_t seg, float c, TargetRange range, FinalSums& sums) {
-  const int64_t cls = p.col0 + j;
+// One element of a divergence (REVERSE_KL, JSD): q = dL/dy from the consts (LSE, TLSE, DBAR) and the teacher;
+// with coef the gradient (times the soft cap's factor) over the score and the bias column sum. The loss comes from
+// the states (DIV, DLOSS), so nothing is added to the row sums.
+template <Variant V, class TS, class TT>
+__device__ __forceinline__ void divergence_element(const FinalParams& p, const ModeArgs<V>& args, int64_t row,
+                                                   int64_t j, int k, float b, int32_t seg, float c,
+                                                   FinalSums& sums) {
+  if (p.coef == nullptr) return;
   const SegmentConsts consts{static_cast<const float*>(p.consts) + row * p.num_segments + seg,
                              p.rows * p.num_segments};
-  const float inv_nt = consts[kc::kConstInvNT];
   TS* score = static_cast<TS*>(p.scores) + row * p.scores_row_stride + j;
-  const float u = to_float(*score);
-  const ClassLogit l = class_logit(u, s, b, inv_nt, p.inv_t);
-
-  float z = 0.f;
-  if (p.teacher != nullptr) {
-    const float t = to_float(static_cast<const TT*>(p.teacher)[row * p.teacher_row_stride + cls]);
-    z = (p.mode == kc::kModeSoftmax) ? kc::teacher_target_softmax<CudaMath>(t, p.inv_t, consts[kc::kConstTeacherLse])
-                  : kc::teacher_target_sigmoid<CudaMath>(t, p.inv_t);
-  } else if (p.num_targets > 0) {
-    z = sparse_target(static_cast<const int32_t*>(p.target_index) + row * p.targets_row_stride,
-                      static_cast<const float*>(p.target_value) + row * p.targets_row_stride, range, cls);
-  }
+  const SoftCap::Capped y = args.cap(kc::logit(to_float(*score), 1.f, p.inv_t, b, p.inv_t));
+  const float tt = to_float(static_cast<const TT*>(p.teacher)[row * p.teacher_row_stride + p.teacher_col0 + j]) *
+                   p.inv_t;
+  const float lp = y.y - consts[kc::kConstLse];
+  const float prob = CudaMath::exp(lp);
   float q;
-  if ((p.mode == kc::kModeSoftmax)) {
-    q = kc::q_softmax<CudaMath>(l.y, consts[kc::kConstLse], consts[kc::kConstMass], z, p.t2);
+  if constexpr (V == Variant::kReverseKL) {
+    q = p.t2 * prob * ((y.y - tt) - consts[kc::kConstDbar]);  // T^2 p ((y - t/T) - DIV / SUMEXP)
   } else {
-    const kc::SoftplusSigmoid f = kc::softplus_sigmoid<CudaMath>(l.y);
-    sums.softplus += f.softplus;
-    q = kc::q_sigmoid(f.sigmoid, z);
+    const MixWeights& mw = args.mix;
+    const float lz = tt - consts[kc::kConstTeacherLse];
+    const float lm = log_mix(lz + mw.log_beta, lp + mw.log_rest);
+    q = prob > 0.f ? p.t2 * (1.f - mw.beta) * prob * ((lp - lm) - consts[kc::kConstDbar]) : 0.f;
   }
-  sums.zy += z * l.y;
-  if (p.coef == nullptr) return;
-  const float grad = p.scale ? kc::logit_grad_scaled(c, s, inv_nt, q, u, consts[kc::kConstSN2])
-                             : kc::logit_grad_unscaled(c, q, p.inv_t);
-  *score = from_float<TS>(grad);
-  sums.dbias[k] += kc::bias_grad(c, q, p.inv_t);
-  sums.dscale[k] += kc::scale_grad(c, q, l.up);
+  const float qg = q * y.dy;
+  *score = from_float<TS>(kc::logit_grad_unscaled(c, qg, p.inv_t));
+  sums.dbias[k] += kc::bias_grad(c, qg, p.inv_t);
 }
 
-template <class TS, class TT>
+// One element: loss terms into `sums`, and with coef the gradient written over the score.
+template <Variant V, class TS, class TT>
+__device__ __forceinline__ void final_element(const FinalParams& p, const ModeArgs<V>& args, int64_t row, int64_t j,
+                                              int k, float s, float b, int32_t seg, float c, TargetRange range,
+                                              FinalSums& sums) {
+  if constexpr (V == Variant::kReverseKL || V == Variant::kJSD) {
+    divergence_element<V, TS, TT>(p, args, row, j, k, b, seg, c, sums);
+  } else {
+    constexpr bool kOpts = V == Variant::kOptions;
+    const SegmentConsts consts{static_cast<const float*>(p.consts) + row * p.num_segments + seg,
+                               p.rows * p.num_segments};
+    const float inv_nt = consts[kc::kConstInvNT];
+    TS* score = static_cast<TS*>(p.scores) + row * p.scores_row_stride + j;
+    const float u = to_float(*score);
+    ClassLogit l = class_logit(u, s, b, inv_nt, p.inv_t);
+    float dy = 1.f;  // the soft cap's factor
+    if constexpr (kOpts) {
+      const SoftCap::Capped capped = args.cap(l.y);
+      l.y = capped.y;
+      dy = capped.dy;
+    }
+
+    float z = 0.f;
+    if (p.teacher != nullptr) {
+      const float t = to_float(static_cast<const TT*>(p.teacher)[row * p.teacher_row_stride + p.teacher_col0 + j]);
+      z = softmax_family<V>(p) ? kc::teacher_target_softmax<CudaMath>(t, p.inv_t, consts[kc::kConstTeacherLse])
+                               : kc::teacher_target_sigmoid<CudaMath>(t, p.inv_t);
+    } else if (p.num_targets > 0) {
+      z = sparse_target(static_cast<const int32_t*>(p.target_index) + row * p.targets_row_stride,
+                        static_cast<const float*>(p.target_value) + row * p.targets_row_stride, range, p.col0 + j);
+    }
+    if constexpr (kOpts) z += p.uniform_target;
+    float q;
+    if (softmax_family<V>(p)) {
+      q = kc::q_softmax<CudaMath>(l.y, consts[kc::kConstLse], consts[kc::kConstMass], z, p.t2);
+    } else {
+      const kc::SoftplusSigmoid f = kc::softplus_sigmoid<CudaMath>(l.y);
+      sums.softplus += f.softplus;
+      q = kc::q_sigmoid(f.sigmoid, z);
+    }
+    sums.zy += z * l.y;
+    if (p.coef == nullptr) return;
+    if constexpr (kOpts) q *= dy;  // a soft cap comes without a scale (the launchers refuse both)
+    const float grad = p.scale ? kc::logit_grad_scaled(c, s, inv_nt, q, u, consts[kc::kConstSN2])
+                               : kc::logit_grad_unscaled(c, q, p.inv_t);
+    *score = from_float<TS>(grad);
+    sums.dbias[k] += kc::bias_grad(c, q, p.inv_t);
+    sums.dscale[k] += kc::scale_grad(c, q, l.up);
+  }
+}
+
+template <Variant V, class TS, class TT>
 __global__ void __launch_bounds__(kFinalThreads) final_kernel(const FinalParams p) {
   __shared__ float row_sums[kFinalBlockRows][2][kWarpsPerRow];  // softplus, z y per warp of a row
   __shared__ float col_sums[kFinalRowGroups][2][kFinalBlockCols];  // dbias, dscale per row group
@@ -305,6 +548,7 @@ __global__ void __launch_bounds__(kFinalThreads) final_kernel(const FinalParams 
     seg[k] = static_cast<const int32_t*>(p.seg_of_class)[cls];
   }
 
+  const ModeArgs<V> args(p);
   FinalSums sums;
   for (int r = group; r < rows_here; r += kFinalRowGroups) {
     const int64_t row = row0 + r;
@@ -313,7 +557,7 @@ __global__ void __launch_bounds__(kFinalThreads) final_kernel(const FinalParams 
     sums.softplus = sums.zy = 0.f;
 #pragma unroll
     for (int k = 0; k < kColsPerThread; ++k) {
-      if (col[k] < p.ncols) final_element<TS, TT>(p, row, col[k], k, s[k], b[k], seg[k], c, range, sums);
+      if (col[k] < p.ncols) final_element<V, TS, TT>(p, args, row, col[k], k, s[k], b[k], seg[k], c, range, sums);
     }
     float v[2] = {sums.softplus, sums.zy};
     warp_sum(v);
@@ -369,6 +613,42 @@ int row_stats_threads(const RowStatsParams& p) {
   return threads;
 }
 
+template <Variant V>
+struct VariantTag {
+  static constexpr Variant value = V;
+};
+
+// The instance of a call (see Variant), as f(VariantTag<V>{}). KL runs softmax's instances with the mode set to
+// SOFTMAX (`base_mode`): the two differ only in the loss, which the driver assembles from the states.
+template <class F>
+int dispatch_variant(const SoftTargetInputs& p, int& base_mode, F&& f) {
+  base_mode = p.mode;
+  switch (p.mode) {
+    case kc::kModeSigmoid:
+      return f(VariantTag<Variant::kBase>{});
+    case kc::kModeSoftmax:
+    case kc::kModeKL:
+      base_mode = kc::kModeSoftmax;
+      if (p.softcap > 0.f || p.uniform_target != 0.f) return f(VariantTag<Variant::kOptions>{});
+      return f(VariantTag<Variant::kBase>{});
+    case kc::kModeReverseKL:
+      return f(VariantTag<Variant::kReverseKL>{});
+    case kc::kModeJSD:
+      return f(VariantTag<Variant::kJSD>{});
+    default:
+      return static_cast<int>(cudaErrorInvalidValue);
+  }
+}
+
+// f(TypeTag<TS>{}, TypeTag<TT>{}) for the scores' and the teacher's dtypes.
+template <class F>
+int dispatch_dtypes(const SoftTargetInputs& p, F&& f) {
+  const int teacher_dtype = p.teacher ? p.teacher_dtype : kFloat32;  // absent: any instance will do
+  return dispatch_work_dtype(p.scores_dtype, [&](auto ts) {
+    return dispatch_any_float_dtype(teacher_dtype, [&](auto tt) { return f(ts, tt); });
+  });
+}
+
 }  // namespace
 
 int soft_target_row_stats(const RowStatsParams& p) {
@@ -377,13 +657,33 @@ int soft_target_row_stats(const RowStatsParams& p) {
   const dim3 grid(static_cast<unsigned>(p.rows), static_cast<unsigned>(p.pieces));
   const int threads = row_stats_threads(p);
   auto stream = static_cast<cudaStream_t>(p.stream);
-  const int teacher_dtype = p.teacher ? p.teacher_dtype : kFloat32;  // absent: any instance will do
-  return dispatch_work_dtype(p.scores_dtype, [&](auto ts) {
-    return dispatch_any_float_dtype(teacher_dtype, [&](auto tt) {
+  RowStatsParams q = p;
+  return dispatch_variant(p, q.mode, [&](auto variant) {
+    constexpr Variant V = decltype(variant)::value;
+    return dispatch_dtypes(q, [&](auto ts, auto tt) {
       using TS = typename decltype(ts)::type;
       using TT = typename decltype(tt)::type;
-      row_stats_kernel<TS, TT><<<grid, threads, 0, stream>>>(p);
-      return launch_status();
+      // TEACHER first: STATS reads its log-sum-exp
+      if ((q.phases & kc::kPhaseTeacher) && q.teacher != nullptr && q.mode != kc::kModeSigmoid) {
+        teacher_kernel<TT><<<grid, threads, 0, stream>>>(q);
+        const int status = launch_status();
+        if (status != 0) return status;
+      }
+      if (q.phases & (kc::kPhaseNorm | kc::kPhaseStats)) {
+        row_stats_kernel<V, TS, TT><<<grid, threads, 0, stream>>>(q);
+        const int status = launch_status();
+        if (status != 0) return status;
+      }
+      if constexpr (V == Variant::kJSD) {
+        if (q.phases & kc::kPhaseMix) {
+          RowStatsParams m = q;
+          // statistics of this very call are in the states, not yet in the consts
+          if (q.phases & (kc::kPhaseTeacher | kc::kPhaseStats)) m.consts = nullptr;
+          mix_kernel<TS, TT><<<grid, threads, 0, stream>>>(m);
+          return launch_status();
+        }
+      }
+      return 0;
     });
   });
 }
@@ -395,12 +695,13 @@ int soft_target_final(const FinalParams& p) {
   if (row_tiles > kMaxGridX || col_tiles > kMaxGridY) return static_cast<int>(cudaErrorInvalidConfiguration);
   const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(col_tiles));
   auto stream = static_cast<cudaStream_t>(p.stream);
-  const int teacher_dtype = p.teacher ? p.teacher_dtype : kFloat32;
-  return dispatch_work_dtype(p.scores_dtype, [&](auto ts) {
-    return dispatch_any_float_dtype(teacher_dtype, [&](auto tt) {
+  FinalParams q = p;
+  return dispatch_variant(p, q.mode, [&](auto variant) {
+    constexpr Variant V = decltype(variant)::value;
+    return dispatch_dtypes(q, [&](auto ts, auto tt) {
       using TS = typename decltype(ts)::type;
       using TT = typename decltype(tt)::type;
-      final_kernel<TS, TT><<<grid, kFinalThreads, 0, stream>>>(p);
+      final_kernel<V, TS, TT><<<grid, kFinalThreads, 0, stream>>>(q);
       return launch_status();
     });
   });

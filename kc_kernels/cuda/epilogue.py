@@ -2,7 +2,9 @@
 "GPU epilogue").
 
 - ``row_stats``: one block per (row, segment piece) folds the piece into ``states[:, row, piece_seg]`` (TEACHER,
-  NORM, STATS).
+  NORM, STATS, and JSD's MIX after them).
+- ``mix``: JSD's MIX alone (the sums over the mixture), once a segment's STATS and TEACHER are complete; it reads
+  the log-sums-exp from ``consts`` when the driver has filled them, else from the states.
 - ``final``: one block per [BLOCK_R, BLOCK_C] tile: loss row sums per column tile into ``row_part``; with ``coef``
   the logit gradient over S in place and the bias / per-class scale column sums per row tile into ``col_part``.
 
@@ -22,7 +24,7 @@ from kc_kernels import _cuda, layout
 from kc_kernels.gpu_epilogue import DeviceEpilogue, EpilogueArgs
 from kc_kernels.layout import NUM_CONSTS, NUM_STATES, Phase
 
-__all__ = ["TILE", "row_stats", "final", "EPILOGUE"]
+__all__ = ["TILE", "row_stats", "mix", "final", "EPILOGUE"]
 
 TILE = tuple(_cuda.TILE)  # (BLOCK_R, BLOCK_C) of the final kernel: the driver sizes row_part and col_part with it
 
@@ -73,18 +75,32 @@ def _fill_inputs(p, a: EpilogueArgs):
             _expect(name, t, torch.float32)
     p.scale, p.bias = _address(a.scale), _address(a.bias)
     p.mode, p.inv_t = int(a.mode), float(a.inv_t)
+    p.beta = float(getattr(a, "beta", 0.5))
+    p.softcap = float(getattr(a, "softcap", None) or 0.0)
+    p.uniform_target = float(getattr(a, "uniform_target", 0.0))
     if a.teacher is not None:
         _rows_view("teacher", a.teacher, a.rows)
         if a.teacher.dtype not in _DTYPES:
             _fail("teacher", f"must be a float tensor, got {a.teacher.dtype}")
+        tcol0 = _teacher_col0(a)
+        if a.teacher.shape[1] < tcol0 + a.ncols:
+            _fail("teacher", f"has {a.teacher.shape[1]} columns; the chunk reads columns [{tcol0}, "
+                             f"{tcol0 + a.ncols})")
         p.teacher, p.teacher_row_stride, p.teacher_dtype = a.teacher.data_ptr(), a.teacher.stride(0), \
             _DTYPES[a.teacher.dtype]
+        p.teacher_col0 = tcol0
     elif a.tidx is not None and a.tidx.shape[1] > 0:
         K = a.tidx.shape[1]
         _expect("tidx", a.tidx, torch.int32, (a.rows, K))
         _expect("tval", a.tval, torch.float32, (a.rows, K))
         p.target_index, p.target_value = a.tidx.data_ptr(), a.tval.data_ptr()
         p.num_targets, p.targets_row_stride = K, K
+
+
+def _teacher_col0(a: EpilogueArgs) -> int:
+    """The teacher's column of the chunk's first class: col0 for the full dense teacher, 0 for a chunk's teacher."""
+    off = getattr(a, "teacher_col0", None)
+    return a.col0 if off is None else int(off)
 
 
 def _device(a: EpilogueArgs) -> torch.device:
@@ -96,25 +112,39 @@ def _stream(device: torch.device) -> int:
 
 
 def row_stats(a: EpilogueArgs, phases: int) -> None:
-    """Fold the chunk's pieces into ``a.states`` for the requested phases (TEACHER | NORM | STATS)."""
+    """Fold the chunk's pieces into ``a.states`` for the requested phases (TEACHER | NORM | STATS | MIX, run in that
+    order). MIX (JSD) reads the log-sums-exp from ``a.consts`` when given and the call holds neither TEACHER nor
+    STATS, else from the states."""
     teacher_phase = bool(phases & Phase.TEACHER) and a.mode.terms.teacher_lse and a.teacher is not None
-    if not (teacher_phase or phases & (Phase.NORM | Phase.STATS)) or a.rows == 0 or a.pieces == 0:
+    if not a.mode.terms.mix:
+        phases &= ~Phase.MIX
+    if not (teacher_phase or phases & (Phase.NORM | Phase.STATS | Phase.MIX)) or a.rows == 0 or a.pieces == 0:
         return
     p = _cuda.RowStatsParams()
     _fill_inputs(p, a)
     _expect("piece_lo", a.piece_lo, torch.int32, (a.pieces + 1,))
     _expect("piece_seg", a.piece_seg, torch.int32, (a.pieces,))
     _expect("states", a.states, torch.float32, (NUM_STATES, a.rows, a.num_segments), contiguous=False)
-    if phases & (Phase.NORM | Phase.STATS) and a.S is None:
-        _fail("S", "is required by NORM and STATS")
+    if phases & (Phase.NORM | Phase.STATS | Phase.MIX) and a.S is None:
+        _fail("S", "is required by NORM, STATS and MIX")
+    if phases & Phase.MIX and a.teacher is None:
+        _fail("teacher", "is required by MIX")
     p.scores, p.pieces = _address(a.S), a.pieces
     p.piece_lo, p.piece_seg = a.piece_lo.data_ptr(), a.piece_seg.data_ptr()
     p.states = a.states.data_ptr()
     p.state_stride, p.state_row_stride, p.state_segment_stride = a.states.stride()
     p.phases = int(phases)
+    if phases & Phase.MIX and a.consts is not None:
+        _expect("consts", a.consts, torch.float32, (NUM_CONSTS, a.rows, a.num_segments))
+        p.consts = a.consts.data_ptr()
     with torch.cuda.device(_device(a)):
         p.stream = _stream(_device(a))
         _cuda.soft_target_row_stats(p)
+
+
+def mix(a: EpilogueArgs) -> None:
+    """JSD's MIX over the chunk's pieces: DLOSS and DIV of ``a.states`` from the finished log-sums-exp."""
+    row_stats(a, Phase.MIX)
 
 
 def final(a: EpilogueArgs) -> None:
@@ -144,4 +174,4 @@ def final(a: EpilogueArgs) -> None:
         _cuda.soft_target_final(p)
 
 
-EPILOGUE = DeviceEpilogue(sys.modules[__name__])  # the driver's interface over the two kernels above
+EPILOGUE = DeviceEpilogue(sys.modules[__name__])  # the driver's interface over the kernels above
