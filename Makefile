@@ -9,12 +9,14 @@ CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/nu
 
 .PHONY: install run test lint bench clean
 
-$(STAMP): setup.py pyproject.toml requirements-dev.txt $(CSRC)
+$(STAMP): setup.py pyproject.toml requirements-dev.txt requirements-peers.txt $(CSRC)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# a plain `pip install torch` would pull a multi-GB CUDA build: pin the CPU build when no torch is present
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements-dev.txt
+	# the peers the compat tests compare with: without their declared dependencies (a CUDA torch)
+	$(PY) -m pip install -q --no-deps -r requirements-peers.txt
 	$(PY) -m pip install -q --no-build-isolation -e .
 	touch $(STAMP)
 

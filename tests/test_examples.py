@@ -31,10 +31,18 @@ def _sampled(out):
     assert float(after) < float(before) - 1.0, out  # sampled training lowers the full softmax's loss
 
 
+def _distil_lm(out):
+    (diff,) = re.findall(rf"largest difference {NUM}", out)
+    assert float(diff) < 1e-5, out  # the fused teacher-head loss equals eager's at the first step
+    ((a, b),) = re.findall(rf"^loss {NUM} -> {NUM}", out, re.M)
+    assert float(b) < 0.95 * float(a), out
+
+
 CASES = {
     "distill_topk.py": (["--vocab", "4000", "--steps", "4", "--batch", "4", "--seq", "16"], _distill_topk),
     "hard_label_cross_entropy.py": (["--classes", "3000", "--steps", "10"], _hard_label),
     "sampled_softmax_100k.py": (["--steps", "15", "--num-sampled", "256"], _sampled),
+    "distil_lm.py": (["--vocab", "1000", "--steps", "20"], _distil_lm),
 }
 
 
