@@ -1,10 +1,11 @@
 """The epilogue of the chunked driver on a GPU, shared by the triton and cuda backends (docs/epilogue.md).
 
-A backend supplies two kernels (``row_stats`` and ``final``, see kc_kernels/triton/epilogue.py and
+A backend supplies its kernels (``row_stats``, ``mix`` and ``final``, see kc_kernels/triton/epilogue.py and
 kc_kernels/cuda/epilogue.py); this module prepares their inputs once per walk (targets sorted per row, the scale
-expanded to classes, the segment of every class), derives the per-(row, segment) constants of the final kernel from
-the statistics with a few device ops, and sums the kernels' partial results in a fixed order. Nothing here reads a
-device value on the host: no synchronisation in the hot path.
+expanded to classes, the segment of every class), picks each call's teacher (the dense teacher logits, or the chunk
+of a teacher head or of a filled top-K teacher that the sweep makes), derives the per-(row, segment) constants of
+the mix and final kernels from the statistics with a few device ops, and sums the kernels' partial results in a
+fixed order. Nothing here reads a device value on the host: no synchronisation in the hot path.
 """
 from __future__ import annotations
 
@@ -60,6 +61,12 @@ class EpilogueArgs:
     col_part: Optional[torch.Tensor]
     want_dbias: bool
     want_dscale: bool
+    # the teacher's column of class col0: None = col0 (``teacher`` is the full dense teacher, indexed from class 0);
+    # 0 when ``teacher`` is the chunk's own [rows, ncols] logits (a teacher head's, or a filled top-K teacher's)
+    teacher_col0: Optional[int] = None
+    beta: float = 0.5  # JSD: M = beta z + (1 - beta) p, beta in (0, 1)
+    softcap: float = 0.0  # SOFTMAX/KL without a scale: y = softcap tanh((u + bias) / softcap) / T; 0 = off
+    uniform_target: float = 0.0  # SOFTMAX/KL without a scale: added to every class's target z_j; 0 = off
 
 
 class DeviceEpilogue:
@@ -94,13 +101,20 @@ class DeviceWalk:
     def __init__(self, kernels, sw: "Sweep"):
         p = sw.p
         self.k = kernels
+        options = [name for name, v in (("softcap", p.softcap), ("z_loss", p.z_loss),
+                                        ("uniform_target", p.uniform_target)) if v]
+        if options and (sw.mode not in (LossMode.SOFTMAX, LossMode.KL) or sw.scale_kind != ScaleKind.NONE):
+            raise ValueError(f"{options[0]}: an option of the modes softmax and kl without a scale, not of mode "
+                             f"{sw.mode.name.lower()}{' with a scale' if sw.scale_kind != ScaleKind.NONE else ''}")
         self.tidx = self.tval = None
-        if p.target_index is not None:
+        if p.target_index is not None and not sw.teacher_from_targets:  # else the sweep fills them in as a teacher
             self.tidx, self.tval = sorted_targets(p.target_index, p.target_value, p.num_classes)
         self.teacher = None
         if p.teacher_logits is not None:
             t = p.teacher_logits
             self.teacher = t if t.stride(1) == 1 else t.contiguous()
+        # a teacher head's or a filled top-K teacher's logits exist per chunk only (Sweep.teacher_chunk)
+        self.made_teacher = sw.has_teacher and self.teacher is None
         self.seg_of_class = sw.plan.seg_of_class(sw.device)
         self.scale_cls = None
         if sw.scale_kind != ScaleKind.NONE:
@@ -128,11 +142,16 @@ class DeviceWalk:
         else:
             cs[Const.INV_NT] = inv_t
         cs[Const.LSE:] = 0
-        if sw.mode.terms.segment_lse:
-            cs[Const.LSE] = st[State.MAX] + torch.log(st[State.SUMEXP])
+        terms = sw.mode.terms
+        if terms.segment_lse:
+            lse = st[State.MAX] + torch.log(st[State.SUMEXP])
+            cs[Const.LSE] = lse
             cs[Const.MASS] = st[State.ZSUM]
-            if self.teacher is not None:
+            if sw.p.z_loss:  # z_loss lse^2 per segment: its gradient 2 z_loss lse p_j is the mass's share of q
+                cs[Const.MASS] += 2.0 * sw.p.z_loss * lse / t2
+            if sw.has_teacher:
                 cs[Const.TLSE] = st[State.TMAX] + torch.log(st[State.TSUMEXP])
+            cs[Const.DBAR] = terms.dbar(st)
         if scaled:
             R, S = sw.mode.terms.scale_grad_terms(st, t2)
             sw.state[State.R, r0:r1, g0:g1] = R
@@ -140,30 +159,52 @@ class DeviceWalk:
             cs[Const.S_N2] = S / sq
         self.consts[:, r0:r1, g0:g1] = cs
 
+    def _teacher(self, sw: "Sweep", c: Chunk, r0: int, r1: int) -> Tuple[Optional[torch.Tensor], Optional[int]]:
+        """(teacher, teacher_col0) of rows [r0, r1) of chunk ``c``: the dense teacher's rows (class j at column j),
+        or the chunk's logits the sweep makes (column 0 = class c.lo; a buffer the next chunk reuses: the kernels
+        read it first, in stream order)."""
+        if self.made_teacher:
+            return sw.teacher_chunk(c, r0, r1), 0
+        if self.teacher is not None:
+            return self.teacher[r0:r1], c.lo
+        return None, None
+
+    def _set_consts(self, sw: "Sweep", a: EpilogueArgs, c: Chunk, rows: Optional[Tuple[int, int]], r0: int,
+                    r1: int) -> None:
+        g0, g1 = c.piece_seg[0], c.piece_seg[-1] + 1
+        self._consts(sw, r0, r1, g0, g1)
+        a.consts = self.consts[:, r0:r1].contiguous() if rows is not None else self.consts
+
     def run(self, sw: "Sweep", c: Chunk, u: Optional[torch.Tensor], phases: int, coef: Optional[torch.Tensor],
             rows: Optional[Tuple[int, int]]) -> None:
+        """The phases of one call in their order: TEACHER, NORM, STATS (the row_stats kernel), the constants, MIX
+        (the mix kernel; then the constants again, DBAR needing its sums), FINAL."""
         p = sw.p
         r0, r1 = rows if rows is not None else (0, p.batch)
         n = r1 - r0
         piece_lo, piece_seg = sw.plan.tables(c, sw.device, torch.int32)
         want_dbias = coef is not None and sw.db32 is not None
         want_dscale = coef is not None and sw.dscale is not None
+        mix = bool(phases & Phase.MIX) and sw.mode.terms.mix
+        teacher, teacher_col0 = self._teacher(sw, c, r0, r1) if phases & ~Phase.NORM else (None, None)
         a = EpilogueArgs(
             S=u, col0=c.lo, rows=n, ncols=c.hi - c.lo, pieces=len(c.piece_seg), piece_lo=piece_lo,
             piece_seg=piece_seg, num_segments=sw.G, seg_of_class=self.seg_of_class, bias=sw.bias32,
-            scale=self.scale_cls, teacher=None if self.teacher is None else self.teacher[r0:r1],
+            scale=self.scale_cls, teacher=teacher,
             tidx=None if self.tidx is None else self.tidx[r0:r1], tval=None if self.tval is None else self.tval[r0:r1],
             states=sw.state[:, r0:r1], consts=None, coef=None if coef is None else coef[r0:r1],
             mode=sw.mode, inv_t=1.0 / p.temperature, t2=p.temperature ** 2, row_part=None, col_part=None,
-            want_dbias=want_dbias, want_dscale=want_dscale)
+            want_dbias=want_dbias, want_dscale=want_dscale, teacher_col0=teacher_col0, beta=float(p.beta),
+            softcap=float(p.softcap or 0.0), uniform_target=float(p.uniform_target))
         stat_phases = phases & (Phase.TEACHER | Phase.NORM | Phase.STATS)
         if stat_phases:
             self.k.row_stats(a, stat_phases)
+        if mix:
+            self._set_consts(sw, a, c, rows, r0, r1)  # LSE and TLSE of the finished statistics
+            self.k.mix(a)
         if not phases & Phase.FINAL:
             return
-        g0, g1 = c.piece_seg[0], c.piece_seg[-1] + 1
-        self._consts(sw, r0, r1, g0, g1)
-        a.consts = self.consts[:, r0:r1].contiguous() if rows is not None else self.consts
+        self._set_consts(sw, a, c, rows, r0, r1)
         br, bc = self.k.TILE
         a.row_part = torch.empty(2, -(-a.ncols // bc), n, dtype=torch.float32, device=sw.device)
         if want_dbias or want_dscale:

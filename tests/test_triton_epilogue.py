@@ -208,7 +208,9 @@ def reference_row_stats(pr: Problem, states: torch.Tensor, phases: int) -> torch
         t = pr.teacher.double()[:, cls] * inv_t if c.targets == "dense" else None
         if phases & Phase.TEACHER and c.softmax and t is not None:
             m = t.max(dim=1).values
-            merge(sg, State.TMAX, [State.TSUMEXP], m, [torch.exp(t - m[:, None]).sum(1)])
+            e = torch.exp(t - m[:, None])
+            merge(sg, State.TMAX, [State.TSUMEXP, State.TENT], m,
+                  [e.sum(1), (e * torch.where(e > 0, t, 0.0)).sum(1)])
         if phases & Phase.NORM:
             sg[State.SUMSQ] += (uu * uu).sum(1)
         if not phases & Phase.STATS:

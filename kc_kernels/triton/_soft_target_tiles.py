@@ -1,5 +1,6 @@
 """Pieces of the soft-target epilogue kernels (kc_kernels/triton/epilogue.py): stable sigmoid/softplus without
-libdevice (it fails under the interpreter) and the sparse targets of a tile from each row's sorted target list."""
+libdevice (it fails under the interpreter), the sparse targets of a tile from each row's sorted target list, and the
+per-element pieces of the soft-cap and of the divergences."""
 from __future__ import annotations
 
 import os
@@ -67,3 +68,39 @@ def sparse_tile(idx_ptr, val_ptr, rows, row_mask, K, cursor, cols, end_class,
         nxt = tl.load(base + cursor, mask=row_mask & (cursor < K), other=end_class)
         more = row_mask & (cursor < K) & (nxt < end_class)
     return z, cursor
+
+
+# ---- per-element pieces of the softmax family's options and divergences (the C++ ones: csrc/common/soft_target_math.h)
+
+@triton.jit
+def softcap_tanh(x):
+    """(tanh(x), 1 - tanh(x)^2) without libdevice, accurate at every |x|: with e = exp(-2|x|), tanh|x| = (1 - e) /
+    (1 + e) for |x| >= 0.5, below it the odd Taylor series to x^15 (where 1 - e would cancel); the derivative
+    4 e / (1 + e)^2 (1 - tanh^2 itself cancels near saturation)."""
+    ax = tl.abs(x)
+    e = tl.exp(-2.0 * ax)
+    inv = 1.0 / (1.0 + e)
+    x2 = x * x
+    s = -929569.0 / 638512875.0
+    s = s * x2 + 21844.0 / 6081075.0
+    s = s * x2 - 1382.0 / 155925.0
+    s = s * x2 + 62.0 / 2835.0
+    s = s * x2 - 17.0 / 315.0
+    s = s * x2 + 2.0 / 15.0
+    s = s * x2 - 1.0 / 3.0
+    th = tl.where(ax < 0.5, s * x2 * ax + ax, (1.0 - e) * inv)
+    return tl.where(x < 0, -th, th), 4.0 * e * (inv * inv)
+
+
+@triton.jit
+def log_add_exp(a, b):
+    """log(exp(a) + exp(b)) = max(a, b) + log(1 + exp(-|a - b|)); equal infinities give that infinity."""
+    d = tl.where(a == b, 0.0, tl.abs(a - b))
+    return tl.maximum(a, b) + tl.log(1.0 + tl.exp(-d))
+
+
+@triton.jit
+def weighted_log_ratio(w, d):
+    """w * d, and 0 where d <= -100 (w is below e^-100 there): a class at -inf adds 0 (0 log 0), not 0 * -inf.
+    A NaN d passes."""
+    return w * tl.where(d <= -100.0, 0.0, d)
