@@ -245,14 +245,18 @@ struct JsdElement {
   float p;
 };
 
+// The same with z = exp(lz) and p = exp(lp) given (e.g. exps an earlier phase kept).
 template <class M>
-KC_HD JsdElement jsd_element(float lz, float lp, float beta, float log_beta, float log_1mbeta) {
-  const float z = M::exp(lz);
-  const float p = M::exp(lp);
+KC_HD JsdElement jsd_element_of(float lz, float lp, float z, float p, float beta, float log_beta, float log_1mbeta) {
   const float lm = log_add_exp<M>(lz + log_beta, lp + log_1mbeta);
   const float dlp = lp - lm;
   const float sp = weighted_log_ratio(p, dlp);
   return {beta * weighted_log_ratio(z, lz - lm) + (1.0f - beta) * sp, sp, dlp, p};
+}
+
+template <class M>
+KC_HD JsdElement jsd_element(float lz, float lp, float beta, float log_beta, float log_1mbeta) {
+  return jsd_element_of<M>(lz, lp, M::exp(lz), M::exp(lp), beta, log_beta, log_1mbeta);
 }
 
 // q = dl/dy. Reverse KL: T^2 p ((y - t/T) - DBAR), DBAR = DIV / SUMEXP = sum_j p_j (y_j - t_j/T) (d = y - t/T).

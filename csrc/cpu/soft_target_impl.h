@@ -249,6 +249,7 @@ struct RowPiece {
   float* tz;                 // softmax with a dense teacher: the row's teacher exps (see teacher_targets), else null
   float* sg;                 // sigmoid under a scale: the row's sigmoid(y) from STATS for FINAL (see run_row), or null
   float* cap = nullptr;      // soft-capping: the row's dy/d(u + bias) (see fold_bias), or null
+  float* ex = nullptr;       // JSD: the row's exp(y - m) from STATS for MIX (see divergence_row), or null
   double& st(int which) const {
     return a.state[which * a.state_stride + b * a.state_row_stride + g * a.state_segment_stride];
   }
@@ -566,19 +567,21 @@ void final_phase(const RowPiece& r, const std::vector<Target>& targets, float in
 // (JSD: DLOSS and DIV over the mixture, from the finished lse and tlse), FINAL (the gradient from DBAR). STORE (all
 // of them in one call with a gradient): the last phase before FINAL leaves in u the student's exp (reverse KL:
 // exp(y - m); JSD: p) and in the row buffer tz the log ratio FINAL reads (reverse KL: y - t/T; JSD: lp - lm), so
-// FINAL has no exp or log and no teacher to read. (tz held the teacher's exps of TEACHER, which these modes do not
-// read again.)
+// FINAL has no exp or log and no teacher to read. STASH (JSD with TEACHER, STATS and MIX in one call): MIX takes z
+// from the teacher's exps TEACHER left in tz and p from the exps STATS leaves in the row buffer ex, so its only exp
+// is the mixture's (3 exps a logit in all instead of 5).
 template <LossMode MODE>
 constexpr bool kDivergence = LossTerms<MODE>::kDenseTeacher;
 
 // STATS of a divergence mode. Returns the piece's max of y.
-template <LossMode MODE, bool STORE>
+template <LossMode MODE, bool STORE, bool STASH = false>
 __attribute__((noinline)) float divergence_stats(const RowPiece& r) {
   const int64_t lo = r.lo, hi = r.hi;
   const float inv_t = r.a.inv_t;
   float* __restrict u = r.urow;
   const float* __restrict t = r.trow;
   float* __restrict tz = r.tz;
+  float* __restrict ex = r.ex;
   const float m = lane_max(lo, hi, -std::numeric_limits<float>::infinity(),
                            [&](int64_t j) __attribute__((always_inline)) { return u[j] * inv_t; });
   float se = 0.f, dv = 0.f;
@@ -587,6 +590,7 @@ __attribute__((noinline)) float divergence_stats(const RowPiece& r) {
     const float y = u[j] * inv_t;
     const float e = VecMath::exp(y - m);
     se += e;
+    if constexpr (STASH) ex[j] = e;
     if constexpr (LossTerms<MODE>::kStatsDiv) {
       const float d = y - t[j] * inv_t;
       dv += e * d;
@@ -604,8 +608,9 @@ __attribute__((noinline)) float divergence_stats(const RowPiece& r) {
 }
 
 // MIX (JSD): DLOSS += sum beta z (lz - lm) + (1 - beta) p (lp - lm), DIV += sum p (lp - lm) over the piece.
-template <bool STORE>
-__attribute__((noinline)) void jsd_mix(const RowPiece& r, float lse, float tlse) {
+// STASH: z = tz * zscale and p = ex * escale (see above).
+template <bool STORE, bool STASH>
+__attribute__((noinline)) void jsd_mix(const RowPiece& r, float lse, float tlse, float zscale, float escale) {
   const SoftTargetChunk& a = r.a;
   const float inv_t = a.inv_t, beta = a.beta;
   const float log_beta = static_cast<float>(std::log(static_cast<double>(beta)));
@@ -613,10 +618,14 @@ __attribute__((noinline)) void jsd_mix(const RowPiece& r, float lse, float tlse)
   float* __restrict u = r.urow;
   const float* __restrict t = r.trow;
   float* __restrict tz = r.tz;
+  const float* __restrict ex = r.ex;
   float dl = 0.f, dv = 0.f;
 #pragma omp simd reduction(+ : dl, dv)
   for (int64_t j = r.lo; j < r.hi; ++j) {
-    const JsdElement el = jsd_element<VecMath>(t[j] * inv_t - tlse, u[j] * inv_t - lse, beta, log_beta, log_1mbeta);
+    const float lz = t[j] * inv_t - tlse, lp = u[j] * inv_t - lse;
+    const JsdElement el = STASH ? jsd_element_of<VecMath>(lz, lp, tz[j] * zscale, ex[j] * escale, beta, log_beta,
+                                                          log_1mbeta)
+                                : jsd_element<VecMath>(lz, lp, beta, log_beta, log_1mbeta);
     dl += el.loss;
     dv += el.div;
     if constexpr (STORE) {
@@ -691,25 +700,39 @@ void divergence_final(const RowPiece& r, bool from_stats, float m, float* dbias_
 // One row of a divergence mode: the requested phases, piece by piece (see run_row).
 template <LossMode MODE>
 void divergence_row(const SoftTargetChunk& a, int64_t b, float* urow, const float* bias, float* dbias_acc,
-                    float* tz) {
+                    float* tz, float* ex) {
   constexpr bool kMix = LossTerms<MODE>::kMix;
   const int before_final = kMix ? kPhaseMix : kPhaseStats;  // the phase that can STORE for FINAL
   const bool store = a.coef != nullptr && (a.phases & before_final) && (a.phases & kPhaseFinal);
   for (int64_t p = 0; p < a.npieces; ++p) {
     const RowPiece r{a, b, a.piece_lo[p], a.piece_lo[p + 1], a.piece_seg[p], 0, 0, urow,
-                     a.teacher + b * a.teacher_ld, bias, tz, nullptr};
-    if (a.phases & kPhaseTeacher) teacher_phase(r);
+                     a.teacher + b * a.teacher_ld, bias, tz, nullptr, nullptr, ex};
+    const bool teacher_ran = a.phases & kPhaseTeacher;
+    const float tmax = teacher_ran ? teacher_phase(r) : 0.f;
     if (!(a.phases & (kPhaseStats | kPhaseMix | kPhaseFinal))) continue;
     fold_bias<kScaleNone, MODE>(r);
     float m = 0.f;
+    const bool stash = kMix && teacher_ran && (a.phases & kPhaseStats) && (a.phases & kPhaseMix);
     if (a.phases & kPhaseStats) {
-      m = store && !kMix ? divergence_stats<MODE, true>(r) : divergence_stats<MODE, false>(r);
+      if constexpr (kMix) {
+        m = stash ? divergence_stats<MODE, false, true>(r) : divergence_stats<MODE, false>(r);
+      } else {
+        m = store ? divergence_stats<MODE, true>(r) : divergence_stats<MODE, false>(r);
+      }
     }
     if constexpr (kMix) {
       if (a.phases & kPhaseMix) {
-        const float lse = static_cast<float>(log_sum_exp<double>(r.st(kMax), r.st(kSumExp)));
-        const float tlse = static_cast<float>(log_sum_exp<double>(r.st(kTeacherMax), r.st(kTeacherSumExp)));
-        store ? jsd_mix<true>(r, lse, tlse) : jsd_mix<false>(r, lse, tlse);
+        const double lse_d = log_sum_exp<double>(r.st(kMax), r.st(kSumExp));
+        const double tlse_d = log_sum_exp<double>(r.st(kTeacherMax), r.st(kTeacherSumExp));
+        const float lse = static_cast<float>(lse_d), tlse = static_cast<float>(tlse_d);
+        if (stash) {
+          const float zscale = static_cast<float>(exp_of(static_cast<double>(tmax) - tlse_d));
+          const float escale = static_cast<float>(exp_of(static_cast<double>(m) - lse_d));
+          store ? jsd_mix<true, true>(r, lse, tlse, zscale, escale)
+                : jsd_mix<false, true>(r, lse, tlse, zscale, escale);
+        } else {
+          store ? jsd_mix<true, false>(r, lse, tlse, 0.f, 0.f) : jsd_mix<false, false>(r, lse, tlse, 0.f, 0.f);
+        }
       }
     }
     if ((a.phases & kPhaseFinal) && a.coef != nullptr) divergence_final<MODE>(r, store, m, dbias_acc);
@@ -771,10 +794,11 @@ void run_row(const SoftTargetChunk& a, int64_t b, float* urow, const std::vector
 template <int SK, LossMode MODE, bool DENSE, int OPTS>
 KC_VEC_INLINE void row_of_mode(const SoftTargetChunk& a, int64_t b, float* urow, const std::vector<Target>& targets,
                                const std::vector<int64_t>& piece_first, const float* bias, double* dscale_acc,
-                               float* dbias_acc, std::vector<float>& corr, float* tz, float* sg, float* cap) {
+                               float* dbias_acc, std::vector<float>& corr, float* tz, float* sg, float* cap,
+                               float* ex) {
   if constexpr (kDivergence<MODE>) {
     static_assert(SK == kScaleNone && DENSE && OPTS == kOptsNone, "a divergence mode: dense teacher, no scale");
-    divergence_row<MODE>(a, b, urow, bias, dbias_acc, tz);
+    divergence_row<MODE>(a, b, urow, bias, dbias_acc, tz, ex);
   } else {
     run_row<SK, MODE, DENSE, OPTS>(a, b, urow, targets, piece_first, bias, dscale_acc, dbias_acc, corr, tz, sg, cap);
   }
@@ -821,6 +845,7 @@ void run(const SoftTargetChunk& a) {
     std::vector<float> tz(kSegmentLse<MODE> && DENSE ? ncols : 0);
     std::vector<float> sg(!kSegmentLse<MODE> && SK != kScaleNone ? ncols : 0);
     std::vector<float> cap(OPTS == kOptsCap ? ncols : 0);
+    std::vector<float> ex(LossTerms<MODE>::kMix ? ncols : 0);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < a.rows; ++b) {
       targets.clear();
@@ -857,7 +882,7 @@ void run(const SoftTargetChunk& a) {
       }
       row_of_mode<SK, MODE, DENSE, OPTS>(a, b, urow, targets, piece_first, bias, dscale_acc.data(),
                                          want_dbias ? dbias_rows.data() : nullptr, corr, tz.data(), sg.data(),
-                                         cap.data());
+                                         cap.data(), ex.data());
       if (want_dbias && ++rows_unfolded == kBiasFoldRows) {
         fold_into(dbias_acc.data(), dbias_rows.data(), ncols);
         rows_unfolded = 0;
