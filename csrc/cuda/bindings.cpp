@@ -99,8 +99,8 @@ void check_soft_target_inputs(const kc_cuda::SoftTargetInputs& p, const char* ke
     throw py::value_error(std::string(kernel) + ": softcap and uniform_target are implemented for the softmax-family "
                                                 "modes, not SIGMOID");
   }
-  if (p.softcap > 0.f && p.scale != nullptr) {
-    throw py::value_error(std::string(kernel) + ": softcap with a self-paced scale is not implemented");
+  if ((p.softcap > 0.f || p.uniform_target != 0.f) && p.scale != nullptr) {
+    throw py::value_error(std::string(kernel) + ": softcap and uniform_target take no self-paced scale");
   }
   if (divergence && p.scale != nullptr) {
     throw py::value_error(std::string(kernel) + ": REVERSE_KL and JSD take no self-paced scale");

@@ -56,6 +56,13 @@ __device__ __forceinline__ bool softmax_family(const SoftTargetInputs& p) {
   return V != Variant::kBase || p.mode == kc::kModeSoftmax;
 }
 
+// A self-paced scale exists for the base variant only: the options and the divergences take none (the bindings
+// refuse one), so their instances carry no scale code.
+template <Variant V>
+__device__ __forceinline__ bool scaled(const SoftTargetInputs& p) {
+  return V == Variant::kBase && p.scale != nullptr;
+}
+
 // One class of the chunk as the formulas see it: raw score, scale, bias (1 and 0 when absent).
 struct ClassLogit {
   float up;  // u/(nT)
@@ -68,52 +75,52 @@ __device__ __forceinline__ ClassLogit class_logit(float u, float s, float bias, 
   return {up, s * up, kc::logit(u, s, inv_nt, bias, inv_t)};
 }
 
+template <Variant V>
 __device__ __forceinline__ float scale_of(const SoftTargetInputs& p, int64_t cls) {
-  return p.scale ? static_cast<const float*>(p.scale)[cls] : 1.f;
+  return scaled<V>(p) ? static_cast<const float*>(p.scale)[cls] : 1.f;
 }
 __device__ __forceinline__ float bias_of(const SoftTargetInputs& p, int64_t cls) {
   return p.bias ? static_cast<const float*>(p.bias)[cls] : 0.f;
 }
 
-// ---- the new modes' per-element math (fp32, as the formulas of docs/epilogue.md)
+// ---- the options' and the divergences' per-element math: csrc/common/soft_target_math.h (kc::softcap,
+// kc::jsd_element, kc::q_reverse_kl, kc::q_jsd), shared with the CPU epilogue
 
-// The soft cap of the logit: y = c tanh(v / c) / T with v = y_raw T = u + bias, and its derivative
-// dy / dy_raw = 1 - tanh^2, the factor of the logit and bias gradients. Off (c = 0): y_raw, factor 1.
+// CudaMath for the new variants: the reciprocal on [1, 2] (the soft cap's) without a division, whose slow path is a
+// called subroutine that spills registers in the final kernel: the approximate reciprocal refined by one Newton
+// step (within an ulp; no denormal or overflow on [1, 2]).
+struct CudaMathNoDivide : CudaMath {
+  static __device__ __forceinline__ float inv_1_2(float x) {
+    const float r = __fdividef(1.f, x);
+    return fmaf(r, fmaf(-x, r, 1.f), r);
+  }
+};
+
+// The soft cap of the logit: y = c tanh(v / c) / T with v = u + bias, and dy / dy_raw = 1 - tanh^2, the factor of
+// the logit and bias gradients. Off (c = 0): y_raw = (u + bias) / T as the other modes compute it, factor 1.
 struct SoftCap {
-  float in = 0.f;   // T / c: y_raw -> v / c
-  float out = 0.f;  // c / T
+  float c = 0.f, inv_c = 0.f;
   bool on = false;
 
   __device__ explicit SoftCap(const SoftTargetInputs& p) {
     if (p.softcap > 0.f) {
       on = true;
-      out = p.softcap * p.inv_t;
-      // 1/out without a division, whose slow path is a called subroutine that spills: the approximate
-      // reciprocal and one Newton step (within an ulp)
-      const float r = __fdividef(1.f, out);
-      in = fmaf(r, fmaf(-out, r, 1.f), r);
+      c = p.softcap;
+      // 1/c without a division, whose slow path is a called subroutine that spills: the approximate reciprocal
+      // and one Newton step (within an ulp)
+      const float r = __fdividef(1.f, c);
+      inv_c = fmaf(r, fmaf(-c, r, 1.f), r);
     }
   }
   struct Capped {
     float y, dy;
   };
-  __device__ __forceinline__ Capped operator()(float y_raw) const {
+  __device__ __forceinline__ Capped operator()(float u, float bias, float y_raw, float inv_t) const {
     if (!on) return {y_raw, 1.f};
-    const float th = tanhf(y_raw * in);
-    return {out * th, 1.f - th * th};
+    const kc::Softcapped v = kc::softcap<CudaMathNoDivide>(u + bias, c, inv_c);
+    return {v.value * inv_t, v.grad};
   }
 };
-
-// log M = log(beta z + (1 - beta) p) from a = lz + log beta and b = lp + log(1 - beta): max(a, b) +
-// log1p(exp(-|a - b|)); -inf when both are (no mass on either side; every term that reads it is then 0).
-__device__ __forceinline__ float log_mix(float a, float b) {
-  const float m = fmaxf(a, b);
-  const float lm = m + log1pf(CudaMath::exp(-fabsf(a - b)));
-  return m == -INFINITY ? -INFINITY : lm;
-}
-
-// x log(x / M) given x = exp(lx), 0 where x = 0 (0 log 0 = 0, also against lx = lm = -inf).
-__device__ __forceinline__ float x_log_ratio(float x, float lx, float lm) { return x > 0.f ? x * (lx - lm) : 0.f; }
 
 // JSD's constants of one call: beta, log beta, log(1 - beta).
 struct MixWeights {
@@ -232,14 +239,15 @@ __device__ void stats_phase(const RowStatsParams& p, int64_t row, const TS* u, c
   constexpr bool kOpts = V == Variant::kOptions;
   static_assert(V == Variant::kBase || kOpts, "the divergences have their own STATS");
   const float inv_t = p.inv_t;
-  const float inv_nt = kc::inv_norm_t<float>(p.scale != nullptr, run.sumsq, inv_t);
+  const float inv_nt = kc::inv_norm_t<float>(scaled<V>(p), run.sumsq, inv_t);
   const bool dense_softmax = softmax_family<V>(p) && t != nullptr;
   const float tlse = dense_softmax ? kc::log_sum_exp(run.teacher_max, run.teacher_sumexp) : 0.f;
   const SoftCap cap(p);  // kOptions only
   auto logit_at = [&](int64_t j) {
     const int64_t cls = p.col0 + j;
-    ClassLogit l = class_logit(to_float(u[j]), scale_of(p, cls), bias_of(p, cls), inv_nt, inv_t);
-    if constexpr (kOpts) l.y = cap(l.y).y;
+    const float uj = to_float(u[j]), bias = bias_of(p, cls);
+    ClassLogit l = class_logit(uj, scale_of<V>(p, cls), bias, inv_nt, inv_t);
+    if constexpr (kOpts) l.y = cap(uj, bias, l.y, inv_t).y;
     return l;
   };
 
@@ -258,9 +266,10 @@ __device__ void stats_phase(const RowStatsParams& p, int64_t row, const TS* u, c
     acc[kEU] += w * l.up;
     acc[kEY] += w * l.yh;
     if constexpr (kOpts) {
-      float z = p.uniform_target;
-      if (t != nullptr) z += kc::teacher_target_softmax<CudaMath>(to_float(t[j]), inv_t, tlse);
-      acc[kZ] += z;
+      // the uniform target's part of ZSUM is added once below (n adds of one small value would drift)
+      const float zt = t != nullptr ? kc::teacher_target_softmax<CudaMath>(to_float(t[j]), inv_t, tlse) : 0.f;
+      const float z = zt + p.uniform_target;
+      acc[kZ] += zt;
       acc[kZY] += z * l.y;
       acc[kZU] += z * l.up;
       acc[kZYH] += z * l.yh;
@@ -291,6 +300,7 @@ __device__ void stats_phase(const RowStatsParams& p, int64_t row, const TS* u, c
   block_sum(acc, scratch);
   if (threadIdx.x != 0) return;
   auto st = [&](kc::State which) -> float& { return state[which * p.state_stride]; };
+  if constexpr (kOpts) acc[kZ] += p.uniform_target * static_cast<float>(hi - lo);
   if (kOpts || t != nullptr || sparse) {
     st(kc::kZSum) += acc[kZ];
     st(kc::kZY) += acc[kZY];
@@ -310,11 +320,14 @@ __device__ void stats_phase(const RowStatsParams& p, int64_t row, const TS* u, c
 }
 
 // The logit of a divergence mode (no self-paced scale: the front refuses one), soft-capped when asked.
+__device__ __forceinline__ SoftCap::Capped divergence_logit(const SoftTargetInputs& p, const SoftCap& cap, float u,
+                                                            float bias) {
+  return cap(u, bias, kc::logit(u, 1.f, p.inv_t, bias, p.inv_t), p.inv_t);
+}
 template <class TS>
 __device__ __forceinline__ SoftCap::Capped divergence_logit(const SoftTargetInputs& p, const SoftCap& cap,
                                                             const TS* u, int64_t j) {
-  const float y = kc::logit(to_float(u[j]), 1.f, p.inv_t, bias_of(p, p.col0 + j), p.inv_t);
-  return cap(y);
+  return divergence_logit(p, cap, to_float(u[j]), bias_of(p, p.col0 + j));
 }
 
 // STATS of the divergences: MAX and SUMEXP as softmax's, and for REVERSE_KL DIV = sum exp(y - MAX) (y - t/T),
@@ -400,11 +413,9 @@ __global__ void __launch_bounds__(kRowStatsMaxThreads) mix_kernel(const RowStats
   for (int64_t j = piece.lo + threadIdx.x; j < piece.hi; j += blockDim.x) {
     const float lp = divergence_logit(p, cap, u, j).y - lse;
     const float lz = to_float(t[j]) * p.inv_t - tlse;
-    const float lm = log_mix(lz + mw.log_beta, lp + mw.log_rest);
-    const float student = x_log_ratio(CudaMath::exp(lp), lp, lm);
-    const float teacher = x_log_ratio(CudaMath::exp(lz), lz, lm);
-    acc[0] += mw.beta * teacher + (1.f - mw.beta) * student;
-    acc[1] += student;
+    const kc::JsdElement el = kc::jsd_element<CudaMath>(lz, lp, mw.beta, mw.log_beta, mw.log_rest);
+    acc[0] += el.loss;
+    acc[1] += el.div;
   }
   block_sum(acc, scratch);
   if (threadIdx.x != 0) return;
@@ -446,19 +457,20 @@ __device__ __forceinline__ void divergence_element(const FinalParams& p, const M
   const SegmentConsts consts{static_cast<const float*>(p.consts) + row * p.num_segments + seg,
                              p.rows * p.num_segments};
   TS* score = static_cast<TS*>(p.scores) + row * p.scores_row_stride + j;
-  const SoftCap::Capped y = args.cap(kc::logit(to_float(*score), 1.f, p.inv_t, b, p.inv_t));
+  const SoftCap::Capped y = divergence_logit(p, args.cap, to_float(*score), b);
   const float tt = to_float(static_cast<const TT*>(p.teacher)[row * p.teacher_row_stride + p.teacher_col0 + j]) *
                    p.inv_t;
   const float lp = y.y - consts[kc::kConstLse];
-  const float prob = CudaMath::exp(lp);
   float q;
   if constexpr (V == Variant::kReverseKL) {
-    q = p.t2 * prob * ((y.y - tt) - consts[kc::kConstDbar]);  // T^2 p ((y - t/T) - DIV / SUMEXP)
+    // T^2 p ((y - t/T) - DIV / SUMEXP)
+    q = kc::q_reverse_kl(CudaMath::exp(lp), y.y - tt, consts[kc::kConstDbar], p.t2);
   } else {
+    // T^2 (1 - beta) p ((lp - lm) - DIV)
     const MixWeights& mw = args.mix;
-    const float lz = tt - consts[kc::kConstTeacherLse];
-    const float lm = log_mix(lz + mw.log_beta, lp + mw.log_rest);
-    q = prob > 0.f ? p.t2 * (1.f - mw.beta) * prob * ((lp - lm) - consts[kc::kConstDbar]) : 0.f;
+    const kc::JsdElement el =
+        kc::jsd_element<CudaMath>(tt - consts[kc::kConstTeacherLse], lp, mw.beta, mw.log_beta, mw.log_rest);
+    q = kc::q_jsd(el.p, el.dlp, consts[kc::kConstDbar], p.t2 * (1.f - mw.beta));
   }
   const float qg = q * y.dy;
   *score = from_float<TS>(kc::logit_grad_unscaled(c, qg, p.inv_t));
@@ -482,7 +494,7 @@ __device__ __forceinline__ void final_element(const FinalParams& p, const ModeAr
     ClassLogit l = class_logit(u, s, b, inv_nt, p.inv_t);
     float dy = 1.f;  // the soft cap's factor
     if constexpr (kOpts) {
-      const SoftCap::Capped capped = args.cap(l.y);
+      const SoftCap::Capped capped = args.cap(u, b, l.y, p.inv_t);
       l.y = capped.y;
       dy = capped.dy;
     }
@@ -507,12 +519,12 @@ __device__ __forceinline__ void final_element(const FinalParams& p, const ModeAr
     }
     sums.zy += z * l.y;
     if (p.coef == nullptr) return;
-    if constexpr (kOpts) q *= dy;  // a soft cap comes without a scale (the launchers refuse both)
-    const float grad = p.scale ? kc::logit_grad_scaled(c, s, inv_nt, q, u, consts[kc::kConstSN2])
+    if constexpr (kOpts) q *= dy;  // (no scale here)
+    const float grad = scaled<V>(p) ? kc::logit_grad_scaled(c, s, inv_nt, q, u, consts[kc::kConstSN2])
                                : kc::logit_grad_unscaled(c, q, p.inv_t);
     *score = from_float<TS>(grad);
     sums.dbias[k] += kc::bias_grad(c, q, p.inv_t);
-    sums.dscale[k] += kc::scale_grad(c, q, l.up);
+    if constexpr (!kOpts) sums.dscale[k] += kc::scale_grad(c, q, l.up);
   }
 }
 
@@ -543,7 +555,7 @@ __global__ void __launch_bounds__(kFinalThreads) final_kernel(const FinalParams 
     col[k] = col_first + col_thread + k * kFinalColThreads;
     const bool inside = col[k] < p.ncols;
     const int64_t cls = p.col0 + (inside ? col[k] : 0);
-    s[k] = scale_of(p, cls);
+    s[k] = scale_of<V>(p, cls);
     b[k] = bias_of(p, cls);
     seg[k] = static_cast<const int32_t*>(p.seg_of_class)[cls];
   }

@@ -75,9 +75,7 @@ def _fill_inputs(p, a: EpilogueArgs):
             _expect(name, t, torch.float32)
     p.scale, p.bias = _address(a.scale), _address(a.bias)
     p.mode, p.inv_t = int(a.mode), float(a.inv_t)
-    p.beta = float(getattr(a, "beta", 0.5))
-    p.softcap = float(getattr(a, "softcap", None) or 0.0)
-    p.uniform_target = float(getattr(a, "uniform_target", 0.0))
+    p.beta, p.softcap, p.uniform_target = float(a.beta), float(a.softcap or 0.0), float(a.uniform_target)
     if a.teacher is not None:
         _rows_view("teacher", a.teacher, a.rows)
         if a.teacher.dtype not in _DTYPES:
@@ -99,8 +97,7 @@ def _fill_inputs(p, a: EpilogueArgs):
 
 def _teacher_col0(a: EpilogueArgs) -> int:
     """The teacher's column of the chunk's first class: col0 for the full dense teacher, 0 for a chunk's teacher."""
-    off = getattr(a, "teacher_col0", None)
-    return a.col0 if off is None else int(off)
+    return a.col0 if a.teacher_col0 is None else int(a.teacher_col0)
 
 
 def _device(a: EpilogueArgs) -> torch.device:
