@@ -30,8 +30,10 @@ def _epilogue(name: str) -> Epilogue:
 def _problem(inp, weight, bias, scale, target_index, target_value, teacher_logits, sample_weight, teacher_x,
              teacher_weight, teacher_bias, segments, bounds, mode, reduction, temperature, options):
     """The problem the op's arguments describe (validated by the op front before the op was called).
-    ``options``: [beta, softcap (0: none), z_loss, uniform_target]. Empty ``bounds``: the offsets are the values
-    of ``segments``, read (and checked) here, where the op runs, not where a graph was traced."""
+    ``options``: [beta, softcap (0: none), z_loss, uniform_target] and optionally hard_weight: when it is > 0,
+    target_index [B, 1] holds hard labels (-1: none) of a hard-label term mixed into the walk of a dense teacher
+    (linear_distillation_loss), not sparse targets. Empty ``bounds``: the offsets are the values of ``segments``,
+    read (and checked) here, where the op runs, not where a graph was traced."""
     from kc_kernels.ops import checks
     from kc_kernels.ops.soft_target import SoftTargetProblem
 
@@ -39,7 +41,11 @@ def _problem(inp, weight, bias, scale, target_index, target_value, teacher_logit
     if not bounds:
         V = weight.shape[0] if linear else inp.shape[1]
         bounds = [0, V] if segments is None else checks.bounds_of(segments, V)
-    beta, softcap, z_loss, uniform_target = options
+    beta, softcap, z_loss, uniform_target = options[:4]
+    hard_weight = options[4] if len(options) > 4 else 0.0
+    hard_labels = None
+    if hard_weight > 0:
+        hard_labels, target_index, target_value = target_index[:, 0], None, None
     return SoftTargetProblem(batch=inp.shape[0], num_classes=weight.shape[0] if linear else inp.shape[1], mode=mode,
                              reduction=reduction, temperature=temperature, x=inp if linear else None,
                              weight=weight, bias=bias, logits=None if linear else inp, target_index=target_index,
@@ -47,11 +53,13 @@ def _problem(inp, weight, bias, scale, target_index, target_value, teacher_logit
                              teacher_weight=teacher_weight, teacher_bias=teacher_bias, segments=segments,
                              bounds=list(bounds),
                              scale=scale, sample_weight=sample_weight, beta=beta, softcap=softcap or None,
-                             z_loss=z_loss, uniform_target=uniform_target)
+                             z_loss=z_loss, uniform_target=uniform_target, hard_labels=hard_labels,
+                             hard_weight=hard_weight)
 
 
 def _options(p) -> List[float]:
-    return [float(p.beta), float(p.softcap or 0.0), float(p.z_loss), float(p.uniform_target)]
+    opts = [float(p.beta), float(p.softcap or 0.0), float(p.z_loss), float(p.uniform_target)]
+    return opts + [float(p.hard_weight)] if p.hard_labels is not None else opts
 
 
 def _grad_names(linear: bool, needs: int) -> Tuple[str, ...]:
@@ -157,7 +165,10 @@ register_forward_made_grads(chunked_soft_target, chunked_soft_target_backward, _
 
 def _call(p, inp: torch.Tensor, weight, bias, backend: str, memory_budget: int):
     needs = needs_mask(inp, weight, bias, p.scale)
-    out = chunked_soft_target(inp, weight, bias, p.scale, p.target_index, p.target_value, p.teacher_logits,
+    target_index, target_value = p.target_index, p.target_value
+    if p.hard_labels is not None:  # (see _problem)
+        target_index, target_value = p.hard_labels[:, None], None
+    out = chunked_soft_target(inp, weight, bias, p.scale, target_index, target_value, p.teacher_logits,
                               p.sample_weight, p.teacher_x, p.teacher_weight, p.teacher_bias, p.segments,
                               list(p.bounds or []), p.mode, p.reduction, float(p.temperature), _options(p), backend,
                               int(memory_budget), needs)

@@ -41,6 +41,7 @@ FEATURES: Dict[str, str] = {
     "z_loss": "z_loss",
     "label_smoothing": "label_smoothing",
     "return_lse": "return_lse",  # the per-row log-sum-exps as a second result
+    "hard_mix": "weight_hard",  # linear_distillation_loss's hard-label term in the soft term's walk
 }
 ALL_FEATURES = frozenset(FEATURES)
 
@@ -94,33 +95,33 @@ _DRIVER_FEATURES = ALL_FEATURES
 
 TABLE: Tuple[Row, ...] = (
     Row("linear_soft_target_loss", "reference", f"{_REF}:linear_soft_target_loss", None, _ANY_DEVICE, ALL_DTYPES,
-        features=ALL_FEATURES),
+        features=ALL_FEATURES - {"hard_mix"}),
     Row("soft_target_loss", "reference", f"{_REF}:soft_target_loss", None, _ANY_DEVICE, ALL_DTYPES,
-        features=ALL_FEATURES),
+        features=ALL_FEATURES - {"hard_mix"}),
     Row("sampled_softmax_loss", "reference", f"{_REF}:sampled_softmax_loss", None, _ANY_DEVICE, ALL_DTYPES),
     Row("linear_soft_target_loss", "cpu", f"{_CHUNKED}:linear_soft_target_loss", "kc_kernels.cpu.epilogue:EPILOGUE",
         ("cpu",), ALL_DTYPES, frozenset({TEACHER_NAN}), features=_DRIVER_FEATURES),
     Row("soft_target_loss", "cpu", f"{_CHUNKED}:soft_target_loss", "kc_kernels.cpu.epilogue:EPILOGUE",
-        ("cpu",), ALL_DTYPES, frozenset({TEACHER_NAN}), features=_DRIVER_FEATURES - {"teacher_head"}),
+        ("cpu",), ALL_DTYPES, frozenset({TEACHER_NAN}), features=_DRIVER_FEATURES - {"teacher_head", "hard_mix"}),
     Row("sampled_softmax_loss", "cpu", _SAMPLED, "kc_kernels.cpu.sampled_softmax:IMPL", ("cpu",), ALL_DTYPES),
     Row("linear_soft_target_loss", "triton", f"{_CHUNKED}:linear_soft_target_loss",
         "kc_kernels.triton.epilogue:EPILOGUE", ("cuda",), HALF_AND_SINGLE, _TRITON, _DRIVER_FEATURES),
     Row("soft_target_loss", "triton", f"{_CHUNKED}:soft_target_loss", "kc_kernels.triton.epilogue:EPILOGUE",
-        ("cuda",), HALF_AND_SINGLE, _TRITON, _DRIVER_FEATURES - {"teacher_head"}),
+        ("cuda",), HALF_AND_SINGLE, _TRITON, _DRIVER_FEATURES - {"teacher_head", "hard_mix"}),
     # fp64 accumulates in fp64 in the Triton sampled-softmax kernels
     Row("sampled_softmax_loss", "triton", _SAMPLED, "kc_kernels.triton.sampled_softmax:IMPL", ("cuda",), ALL_DTYPES,
         _TRITON),
     Row("linear_soft_target_loss", "cuda", f"{_CHUNKED}:linear_soft_target_loss", "kc_kernels.cuda.epilogue:EPILOGUE",
         ("cuda",), HALF_AND_SINGLE, features=_DRIVER_FEATURES),
     Row("soft_target_loss", "cuda", f"{_CHUNKED}:soft_target_loss", "kc_kernels.cuda.epilogue:EPILOGUE",
-        ("cuda",), HALF_AND_SINGLE, features=_DRIVER_FEATURES - {"teacher_head"}),
+        ("cuda",), HALF_AND_SINGLE, features=_DRIVER_FEATURES - {"teacher_head", "hard_mix"}),
     Row("sampled_softmax_loss", "cuda", _SAMPLED, "kc_kernels.cuda.sampled_softmax:IMPL", ("cuda",),
         HALF_AND_SINGLE),
     # plain PyTorch over class chunks, memory-bounded: the fallback where no kernel runs (kc_kernels/portable.py)
     Row("linear_soft_target_loss", "portable", "kc_kernels.portable:linear_soft_target_loss", None, _ANY_DEVICE,
-        ALL_DTYPES, features=ALL_FEATURES),
+        ALL_DTYPES, features=ALL_FEATURES - {"hard_mix"}),
     Row("soft_target_loss", "portable", "kc_kernels.portable:soft_target_loss", None, _ANY_DEVICE, ALL_DTYPES,
-        features=ALL_FEATURES - {"teacher_head"}),
+        features=ALL_FEATURES - {"teacher_head", "hard_mix"}),
     # the reference's sampled softmax holds only [B, T + S] logits: already plain PyTorch without a [B, V] tensor
     Row("sampled_softmax_loss", "portable", f"{_REF}:sampled_softmax_loss", None, _ANY_DEVICE, ALL_DTYPES),
 )

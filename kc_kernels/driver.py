@@ -282,6 +282,7 @@ class Sweep:
             r1 = min(p.batch, r0 + block)
             u = self.logits(c, r0, r1)
             self.walk.run(self, c, u, phases, coef, (r0, r1))
+            self._hard_label_grads(c, u, coef, r0, r1)
             if coef is not None:
                 self.accumulate_grads(c, u, r0, r1, dw=dw, add=r0 > 0)
         if dw is not None and self.dw is not None and dw.data_ptr() != self.dw[lo:hi].data_ptr():
@@ -293,6 +294,7 @@ class Sweep:
         scaled row-wise by it. Gradient GEMMs of inputs that need no gradient are skipped."""
         grads = coef is not None
         coef = self._allocate(coef, needs)
+        self._seed_hard_mass()
         self._walk(self._phases(grads), coef, grads)
         return self._assemble(coef, grads)
 
@@ -324,6 +326,30 @@ class Sweep:
         if not B and self.dw is not None:
             self.dw.zero_()  # an empty batch walks nothing: dW is an uninitialised output otherwise
         return coef
+
+    def _seed_hard_mass(self) -> None:
+        """A hard-label term in the walk (softmax/kl, T = 1, one segment): its p_j - [j = label] gradient is the
+        softmax's own q with the label's weight added to the mass m, which the kernels read from ZSUM (and its
+        lse term of the loss comes with it); the -1 at the label is the driver's (_hard_label_grads) and so is its
+        -y[label] in the loss (_assemble)."""
+        p = self.p
+        if p.hard_labels is not None:
+            self.state[State.ZSUM, :, 0] += (p.hard_labels >= 0).to(self.state.dtype) * p.hard_weight
+
+    def _hard_label_grads(self, c: Chunk, u: torch.Tensor, coef: Optional[torch.Tensor], r0: int, r1: int) -> None:
+        """The hard term's -coef * weight at each row's label in the chunk's logit gradient ``u`` (rows [r0, r1)),
+        before the gradient GEMMs read it."""
+        p = self.p
+        if p.hard_labels is None or coef is None:
+            return
+        lab = p.hard_labels[r0:r1]
+        hit = (lab >= c.lo) & (lab < c.hi)
+        rows = hit.nonzero()[:, 0]
+        if rows.numel():
+            vals = u[rows, lab[rows] - c.lo].float() - coef[r0:r1][rows].float() * p.hard_weight
+            u[rows, lab[rows] - c.lo] = vals.to(u.dtype)
+        if self.db32 is not None and rows.numel():
+            self.db32.index_add_(0, lab[rows], -coef[r0:r1][rows].float() * p.hard_weight)
 
     def _phases(self, grads: bool) -> Phases:
         norm = self.scale_kind != ScaleKind.NONE
@@ -357,6 +383,7 @@ class Sweep:
                 c = step[0]
                 u = self.logits(c)
                 self.walk.run(self, c, u, ph.whole, coef, None)
+                self._hard_label_grads(c, u, coef if grads else None, 0, self.p.batch)
                 if grads:
                     self.accumulate_grads(c, u)
                 continue
@@ -372,10 +399,23 @@ class Sweep:
                     u = self.logits(c)
                     self.walk.run(self, c, u, phase, coef if phase == Phase.FINAL else None, None)
                     if phase == Phase.FINAL and grads:
+                        self._hard_label_grads(c, u, coef, 0, self.p.batch)
                         self.accumulate_grads(c, u)
         give_back_workspace(self.buf)  # no output views it
         if ph.fused:
             self.walk.after_teacher(self)
+
+    def _label_logits(self) -> torch.Tensor:
+        """[B] y[label] of the rows with a hard label (0 elsewhere): x . w_label + bias_label (T = 1, no scale)."""
+        p = self.p
+        lab = p.hard_labels
+        ok = lab >= 0
+        safe = torch.where(ok, lab, torch.zeros_like(lab))
+        dt = self.state.dtype
+        y = (p.x.to(dt) * p.weight[safe].to(dt)).sum(dim=1)
+        if p.bias is not None:
+            y = y + p.bias[safe].to(dt)
+        return torch.where(ok, y, torch.zeros_like(y))
 
     def segment_lse(self) -> torch.Tensor:
         """[B, G] log-sum-exp of y per row and segment after a walk ([B, 0] for a mode without one)."""
@@ -391,6 +431,8 @@ class Sweep:
         loss = self.mode.terms.row_loss(st, self.softplus, t2)
         if self.mode.terms.sparse_entropy and p.target_index is not None:
             loss = loss + t2 * sparse_plogp(p.target_index, p.target_value, p.num_classes).to(loss.dtype)
+        if p.hard_labels is not None:
+            loss = loss - p.hard_weight * self._label_logits().to(loss.dtype)
         if p.z_loss and self.mode.terms.segment_lse:
             lse = st[State.MAX] + torch.log(st[State.SUMEXP])
             loss = loss + p.z_loss * (lse * lse).sum(dim=1)

@@ -65,3 +65,31 @@ def test_bad_arguments_name_themselves(kwargs, name):
     kw.update(kwargs)
     with pytest.raises(ValueError, match=f"^{name}: "):
         kc_kernels.linear_distillation_loss(x, w, b, **kw)
+
+
+@pytest.mark.parametrize("mode", ["kl", "softmax"])
+@pytest.mark.parametrize("budget", [None, 12 * 4 * 256], ids=["one-chunk", "row-blocks"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_temperature_one_runs_both_terms_in_one_walk(monkeypatch, mode, budget, bias):
+    """At T = 1 with softmax/kl the cpu backend walks the classes once (the hard term's mass rides on the soft
+    term's walk, its label's -1 is added before the gradient GEMMs), with the same values and gradients."""
+    from kc_kernels import driver
+
+    walks = []
+    real = driver.Sweep.run
+    monkeypatch.setattr(driver.Sweep, "run", lambda self, *a, **k: walks.append(1) or real(self, *a, **k))
+    x, w, b, tx, tw, lab = _case(12, 16, 1001, 20, seed=11)
+    if not bias:
+        b = None
+    leaves64 = [t.clone().requires_grad_() for t in (x, w, b) if t is not None]
+    want = _expected(*(leaves64 if bias else leaves64 + [None]), tx, tw, lab, mode, 0.5, 1.0, 0.4, 0.6, "mean")
+    g64 = torch.autograd.grad(want, leaves64)
+    leaves = [t.float().requires_grad_() for t in leaves64]
+    got = kc_kernels.linear_distillation_loss(*(leaves if bias else leaves + [None]), lab, teacher_x=tx.float(),
+                                              teacher_weight=tw.float(), mode=mode, weight_hard=0.4,
+                                              weight_soft=0.6, backend="cpu", memory_budget=budget)
+    grads = torch.autograd.grad(got, leaves)
+    assert len(walks) == 1
+    torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-5)
+    for a, r in zip(grads, g64):
+        torch.testing.assert_close(a.double(), r, rtol=2e-5, atol=2e-5)

@@ -4,10 +4,11 @@ call (docs/ops.md, "linear_distillation_loss"), as Liger-Kernel's fused distilla
     loss = weight_hard * CE(y, labels) + weight_soft * D(teacher || student)
 
 per row (D one of linear_soft_target_loss's softmax-family modes, T^2 included), averaged over the rows whose label
-is not ignore_index. At temperature 1 (the hard term's softmax is then the soft term's) a backend that implements
-the feature "hard_mix" runs both terms in one walk over the classes: the soft mode's walk with the hard term's
-p_j folded into its gradient (the kernels' mass_add) and the -1 at each row's label added to the chunk's gradient
-before the gradient GEMMs (the driver). Elsewhere the two terms are two walks.
+is not ignore_index. At temperature 1 with the modes softmax and kl (the hard term's softmax is then the soft
+term's, and its gradient p_j - [j = label] is the softmax's own q with the label's weight added to the target
+mass), a backend that implements the feature "hard_mix" runs both terms in one walk over the classes: four GEMMs
+with a teacher head, as the soft term alone. Elsewhere (reverse_kl and jsd, whose gradients have no mass term, or
+another temperature) the two terms are two walks.
 """
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from kc_kernels import dispatch
 from kc_kernels.ops import checks
 from kc_kernels.ops.cross_entropy import linear_cross_entropy
-from kc_kernels.ops.soft_target import linear_soft_target_loss
+from kc_kernels.ops.soft_target import _dispatch, linear_problem, linear_soft_target_loss
 
 SOFT_MODES = ("softmax", "kl", "reverse_kl", "jsd")
 Result = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -66,6 +68,11 @@ def linear_distillation_loss(x: torch.Tensor, weight: torch.Tensor, bias: Option
         n = w.sum()
         w = torch.where(n > 0, w / torch.where(n > 0, n, torch.ones_like(n)), torch.zeros_like(w))
     inner = "none" if reduction == "none" else "sum"
+    one_walk = _one_walk(x2, weight, bias, lab, valid, w, teacher_logits, teacher_x, teacher_weight, teacher_bias,
+                         mode, temperature, weight_hard, weight_soft, inner, return_parts, backend, memory_budget)
+    if one_walk is not None:
+        loss = one_walk.reshape(lead) if reduction == "none" else one_walk
+        return loss
     hard = linear_cross_entropy(x2, weight, bias, lab, ignore_index=ignore_index, reduction=inner,
                                 sample_weight=w if reduction != "none" else None, backend=backend,
                                 memory_budget=memory_budget)
@@ -80,3 +87,25 @@ def linear_distillation_loss(x: torch.Tensor, weight: torch.Tensor, bias: Option
     if return_parts:
         return loss, hard.detach(), soft.detach()
     return loss
+
+
+def _one_walk(x, weight, bias, lab, valid, w, teacher_logits, teacher_x, teacher_weight, teacher_bias, mode,
+              temperature, weight_hard, weight_soft, reduction, return_parts, backend, memory_budget
+              ) -> Optional[torch.Tensor]:
+    """Both terms in one walk where that is exact and the backend implements it, else None (two walks)."""
+    if (temperature != 1.0 or mode not in ("softmax", "kl") or weight_soft <= 0 or weight_hard <= 0 or return_parts
+            or x.dim() != 2):
+        return None
+    p = linear_problem(x, weight, bias, teacher_logits=teacher_logits, teacher_x=teacher_x,
+                       teacher_weight=teacher_weight, teacher_bias=teacher_bias, mode=mode,
+                       sample_weight=(w * weight_soft).to(torch.float32 if x.dtype != torch.float64 else x.dtype),
+                       reduction=reduction, memory_budget=memory_budget)
+    p.hard_labels = torch.where(valid, lab, torch.full_like(lab, -1)).long()
+    p.hard_weight = float(weight_hard) / float(weight_soft)
+    try:
+        _, row = dispatch.resolve("linear_soft_target_loss", backend, x.device, x.dtype, p.features)
+    except ValueError:
+        return None
+    if "hard_mix" not in row.features:
+        return None
+    return _dispatch("linear_soft_target_loss", p, backend, x.device)

@@ -44,6 +44,10 @@ class SoftTargetProblem:
     z_loss: float = 0.0  # adds z_loss * lse^2 per segment (linear_cross_entropy)
     uniform_target: float = 0.0  # added to every class's target (label smoothing: eps / V)
     want_lse: bool = False  # the implementation returns (loss, lse [B, G]) (linear_cross_entropy's return_lse)
+    # a hard-label term in the same walk (linear_distillation_loss at T = 1, one segment, modes softmax/kl):
+    # per row + hard_weight (lse - y[label]) where hard_labels >= 0
+    hard_labels: Optional[torch.Tensor] = None  # [B] int64, -1: no label
+    hard_weight: float = 0.0
     segments: Optional[torch.Tensor] = None  # [G + 1] int64 on the input's device
     # the same offsets on the host ([0, V] when segments is None; None while torch.compile traces a segments tensor,
     # whose values the chunked op reads when it runs: checks.bounds_of)
@@ -96,6 +100,8 @@ class SoftTargetProblem:
             f.add("label_smoothing")
         if self.want_lse:
             f.add("return_lse")
+        if self.hard_labels is not None:
+            f.add("hard_mix")
         return frozenset(f)
 
     def loss_kwargs(self) -> dict:
@@ -303,6 +309,21 @@ def linear_soft_target_loss(x: torch.Tensor, weight: torch.Tensor, bias: Optiona
     backends (cpu: default 64 MiB; GPU: 512 MiB). Under torch.autocast, x, weight and bias are cast as nn.Linear
     casts them; the loss stays fp32. See docs/ops.md.
     """
+    p = linear_problem(x, weight, bias, target_index=target_index, target_value=target_value,
+                       teacher_logits=teacher_logits, teacher_x=teacher_x, teacher_weight=teacher_weight,
+                       teacher_bias=teacher_bias, mode=mode, beta=beta, segments=segments, scale=scale,
+                       temperature=temperature, sample_weight=sample_weight, reduction=reduction,
+                       memory_budget=memory_budget)
+    assert p.x is not None
+    return _dispatch("linear_soft_target_loss", p, backend, p.x.device)
+
+
+def linear_problem(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+                   target_index=None, target_value=None, teacher_logits=None, teacher_x=None, teacher_weight=None,
+                   teacher_bias=None, mode: str = "sigmoid", beta: float = 0.5, segments=None, scale=None,
+                   temperature: float = 1.0, sample_weight=None, reduction: str = "mean",
+                   memory_budget: Optional[int] = None) -> SoftTargetProblem:
+    """The checked problem of a linear_soft_target_loss call (the fronts that build on it add fields)."""
     checks.tensor("x", x, dims=(2, 3), floating=True)
     x, weight, bias = amp.cast_inputs(x.device.type, x, weight, bias)
     checks.tensor("weight", weight, dims=(2,), floating=True)
@@ -330,7 +351,7 @@ def linear_soft_target_loss(x: torch.Tensor, weight: torch.Tensor, bias: Optiona
                   grouped_groups=x.shape[1] if x.dim() == 3 else None, teacher_x=teacher_x,
                   teacher_weight=teacher_weight, teacher_bias=teacher_bias)
     p.memory_budget = _check_budget(memory_budget)
-    return _dispatch("linear_soft_target_loss", p, backend, x.device)
+    return p
 
 
 def soft_target_loss(logits: torch.Tensor, *, target_index: Optional[torch.Tensor] = None,
