@@ -54,6 +54,7 @@ class SyntheticGenerator:
         mode_code = cfg.mode_spread * rng.standard_normal((taxonomy.num_classes, cfg.modes, d))
         self.mode_code = mode_code.astype(np.float32)
         self.siblings = {}
+        self._terms, self._classes = {}, {}  # the posterior's per-vertical matrices (built on first use)
 
     def fine_classes(self, split: str) -> np.ndarray:
         """The fine (leaf) class of every row of a split, in row order."""
@@ -120,52 +121,118 @@ class SyntheticGenerator:
     # A row of leaf c in vertical v is x = center_v + B_v (code_c + mode + noise_v * z) + iso * e, z and e standard
     # normal: Gaussian with covariance S_v = iso^2 I + noise_v^2 B_v B_v^T (B_v orthonormal columns), one Gaussian
     # per pose. With r = x - center_v: -2 log N(x) = |r - B c|^2 / iso^2 - a_v |B^T r - c|^2 + log det S_v + const,
-    # a_v = noise_v^2 / (iso^2 (iso^2 + noise_v^2)), which takes two GEMMs per vertical.
+    # a_v = noise_v^2 / (iso^2 (iso^2 + noise_v^2)), which takes one small GEMM per vertical and pose.
 
     def _leaves_of(self, v: int) -> np.ndarray:
         c = np.asarray(self.tax.classes_of(v))
         return c[self.tax.is_leaf[c]]
 
+    def _leaf_terms(self, v: int):
+        """Vertical v's leaves as one GEMM per pose: log p(x, leaf) = [p, row term, 1] @ [k code^T; 1; leaf term]
+        with p = B_v^T (x - center_v), k = 1 / iso^2 - a_v (see leaf_log_joint). Cached: (leaves, row factors
+        (1 / iso^2, a_v), a [d + 2, L] matrix per pose)."""
+        if v not in self._terms:
+            cfg = self.cfg
+            iso2 = max(cfg.isotropic_noise, 1e-3) ** 2
+            n2 = float(self.noise[v]) ** 2
+            a = n2 / (iso2 * (iso2 + n2))
+            D, d = cfg.feature_dim, cfg.subspace_dim
+            logdet = (D - d) * np.log(iso2) + d * np.log(iso2 + n2)
+            leaves = self._leaves_of(v)
+            const = -0.5 * logdet - np.log(cfg.modes) - np.log(int(self.tax.is_leaf.sum()))
+            k = 1.0 / iso2 - a
+            mats = []
+            for m in range(cfg.modes):
+                code = (self.code[leaves] + self.mode_code[self.root[leaves], m]).astype(np.float64)  # [L, d]
+                cc = (code * code).sum(1)
+                mats.append(np.concatenate([k * code.T, np.ones((1, len(leaves))), (-0.5 * k * cc + const)[None]]))
+            self._terms[v] = (leaves, (1.0 / iso2, a), mats)
+        return self._terms[v]
+
     def leaf_log_joint(self, x: np.ndarray, v: int) -> np.ndarray:
-        """log p(x, c) for every leaf c of vertical v (prior: leaves equally likely): [n, leaves of v]."""
-        cfg = self.cfg
-        iso2 = max(cfg.isotropic_noise, 1e-3) ** 2
-        n2 = float(self.noise[v]) ** 2
-        a = n2 / (iso2 * (iso2 + n2))
-        D, d = cfg.feature_dim, cfg.subspace_dim
-        logdet = (D - d) * np.log(iso2) + d * np.log(iso2 + n2)
-        leaves = self._leaves_of(v)
+        """log p(x, c) for every leaf c of vertical v (prior: leaves equally likely): [n, leaves of v].
+
+        -2 log N(x) = (|r|^2 - 2 p.c + |c|^2) / iso^2 - a (|p|^2 - 2 p.c + |c|^2) + log det + const (p = B^T r):
+        a term of the row, a term of the leaf and k p.c, k = 1 / iso^2 - a, so one GEMM of [p, row term, 1]
+        against the cached [k code^T; 1; leaf term] gives every leaf's value (float64)."""
+        _, (inv_iso2, a), mats = self._leaf_terms(v)
         r = x.astype(np.float64) - self.center[v]
         p = r @ self.basis[v].astype(np.float64)  # [n, d]
-        rr = (r * r).sum(1, keepdims=True)
-        pp = (p * p).sum(1, keepdims=True)
-        out = None
-        for m in range(cfg.modes):
-            code = (self.code[leaves] + self.mode_code[self.root[leaves], m]).astype(np.float64)  # [L, d]
-            cc = (code * code).sum(1)[None]
-            pc = p @ code.T
-            # |r - B c|^2 = rr - 2 p.c + cc;  |p - c|^2 = pp - 2 p.c + cc
-            q = (rr - 2 * pc + cc) / iso2 - a * (pp - 2 * pc + cc)
-            lm = -0.5 * (q + logdet) - np.log(cfg.modes)
-            out = lm if out is None else np.logaddexp(out, lm)
-        n_leaves = int(self.tax.is_leaf.sum())
-        return out - np.log(n_leaves)
+        row = -0.5 * (inv_iso2 * np.einsum("ij,ij->i", r, r) - a * np.einsum("ij,ij->i", p, p))
+        P = np.concatenate([p, row[:, None], np.ones((len(p), 1))], axis=1)
+        out = P @ mats[0]
+        for mat in mats[1:]:  # further poses: a mixture
+            out = np.logaddexp(out, P @ mat)
+        return out
 
-    def class_log_posterior(self, x: np.ndarray, v: int, log_z: Optional[np.ndarray] = None) -> np.ndarray:
+    def _class_map(self, v: int):
+        """Where vertical v's leaves and its other classes sit among its classes, and which leaves each other
+        class is the sum of ([L, internal] 0/1): cached."""
+        if v not in self._classes:
+            c0 = int(self.tax.segments[v])
+            leaves = self._leaves_of(v)
+            n_v = len(self.tax.classes_of(v))
+            inner = np.setdiff1d(np.arange(n_v), leaves - c0)
+            where = np.full(n_v, -1)
+            where[inner] = np.arange(len(inner))
+            member = np.zeros((len(leaves), len(inner)))  # leaf -> every other class it is a sample of
+            for i, c in enumerate(leaves):
+                up = np.asarray(self.tax.labels_of(int(c))) - c0
+                up = where[up[where[up] >= 0]]
+                member[i, up] = 1.0
+            self._classes[v] = (leaves - c0, inner, member)
+        return self._classes[v]
+
+    def class_log_posterior(self, x: np.ndarray, v: int, log_z: Optional[np.ndarray] = None,
+                            dtype=np.float64) -> np.ndarray:
         """log P(k | x) for every class k of vertical v (a parent: the sum over its leaves): [n, N_v]. log_z [n]:
         log p(x) over all verticals; None conditions on the row belonging to v (what v's teacher is asked)."""
         lj = self.leaf_log_joint(x, v)
         m = lj.max(1, keepdims=True)
-        if log_z is None:
-            log_z = (m + np.log(np.exp(lj - m).sum(1, keepdims=True)))[:, 0]
         rel = np.exp(lj - m)  # [n, L]
-        c0 = int(self.tax.segments[v])
-        leaves = self._leaves_of(v)
-        member = np.zeros((len(leaves), len(self.tax.classes_of(v))))  # leaf -> every class it is a sample of
-        for i, c in enumerate(leaves):
-            member[i, np.asarray(self.tax.labels_of(int(c))) - c0] = 1.0
-        with np.errstate(divide="ignore"):
-            return np.log(rel @ member) + m - log_z[:, None]
+        if log_z is None:
+            log_z = m[:, 0] + np.log(rel.sum(1))
+        return self._posterior(v, lj, m, rel @ self._class_map(v)[2], log_z, dtype)
+
+    def _posterior(self, v, lj, m, inner_sum, log_z, dtype, out=None) -> np.ndarray:
+        """A leaf's log posterior is its log joint less log_z; another class's, the log of its leaves' summed
+        exp(lj - m) (inner_sum), plus m, less log_z. Written into out [n, N_v] when given."""
+        leaf_col, inner, _ = self._class_map(v)
+        if out is None:
+            out = np.empty((len(lj), len(leaf_col) + len(inner)), dtype=dtype)
+        lo = int(leaf_col[0]) if len(leaf_col) else 0
+        contiguous = len(leaf_col) and int(leaf_col[-1]) - lo + 1 == len(leaf_col)
+        cols = slice(lo, lo + len(leaf_col)) if contiguous else leaf_col  # a slice writes far faster
+        out[:, cols] = lj - log_z[:, None]
+        if len(inner):
+            with np.errstate(divide="ignore"):
+                out[:, inner] = np.log(inner_sum) + (m - log_z[:, None])
+        return out
+
+    def log_evidence(self, x: np.ndarray) -> np.ndarray:
+        """log p(x) [n]: the log-sum-exp of every leaf's log joint over every vertical."""
+        log_z = np.full(len(x), -np.inf)
+        for v in range(self.tax.num_verticals):
+            lv = self.leaf_log_joint(x, v)
+            m = lv.max(1)
+            log_z = np.logaddexp(log_z, m + np.log(np.exp(lv - m[:, None]).sum(1)))
+        return log_z
+
+    def all_log_posteriors(self, x: np.ndarray, dtype=np.float32, out: Optional[list] = None) -> list:
+        """log P(k | x) of every class of every vertical ([n, N_v] per vertical, or written into out's arrays)
+        in one pass: each vertical's leaf log joints and their exp are computed once and serve both log p(x) and
+        the posteriors. The values are those of log_evidence and class_log_posterior(x, v, log_z), computed in
+        float64, stored as dtype."""
+        log_z = np.full(len(x), -np.inf)
+        parts = []
+        for v in range(self.tax.num_verticals):
+            lj = self.leaf_log_joint(x, v)
+            m = lj.max(1, keepdims=True)
+            rel = np.exp(lj - m)
+            log_z = np.logaddexp(log_z, m[:, 0] + np.log(rel.sum(1)))
+            parts.append((lj, m, rel @ self._class_map(v)[2]))
+        return [self._posterior(v, lj, m, inner_sum, log_z, dtype, None if out is None else out[v])
+                for v, (lj, m, inner_sum) in enumerate(parts)]
 
     def _siblings(self, c: int) -> np.ndarray:
         if c not in self.siblings:
