@@ -469,6 +469,12 @@ def memory_terms(cfg: RunConfig) -> List[tuple]:
                      "taxonomy.num_classes"]),
         # one shard of features in the making, with its temporaries
         (16 * min(d.shard_size, max(rows, 1)) * D, ["data.shard_size", "data.feature_dim"]),
+        # the teacher cache held in memory (kc.cache.TeacherCache.IN_MEMORY_BYTES at most): int32 + fp16 a target
+        (min(6 * N * d.train_per_class * cfg.cache.top_k, 512 << 20) if d.kind == "synthetic" else 0,
+         ["cache.top_k", "data.train_per_class"]),
+        # splits of feature rows held in memory (kc.data.FeatureShards.IN_MEMORY_BYTES each, at most)
+        (min(4 * rows * D, 3 * (256 << 20)) if d.kind != "images" else 0,
+         ["data.train_per_class", "data.feature_dim"]),
     ]
     widths = [D] + list(sp.hidden)
     body = sum(a * b for a, b in zip(widths, widths[1:]))

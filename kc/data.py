@@ -212,9 +212,24 @@ class FeatureShards(SampleSet):
         self.labels = Labels(np.concatenate([[0]] + ptrs).astype(np.int64), np.concatenate(inds))
         self.starts = np.cumsum([0] + [f.shape[0] for f in self.features])
         self.input_shape = (dim,)
+        self._rows = None  # every row's features, once read (IN_MEMORY_BYTES)
+
+    # a split of at most this many bytes of float32 features is read into memory at its first use: a training
+    # step then takes its rows with one indexing call instead of a search and a read per shard (the default
+    # preset's 102,000 training rows are 26 MB)
+    IN_MEMORY_BYTES = 256 << 20
 
     def inputs(self, idx: np.ndarray) -> torch.Tensor:
         idx = np.asarray(idx, dtype=np.int64)
+        if self._rows is None and len(self) * self.input_shape[0] * 4 <= self.IN_MEMORY_BYTES:
+            self._rows = torch.from_numpy(self._read(np.arange(len(self), dtype=np.int64)))
+        if self._rows is not None:
+            if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
+                raise IndexError(f"row ids must lie in [0, {len(self)}), got {idx.min()}..{idx.max()}")
+            return self._rows[torch.from_numpy(idx)]
+        return torch.from_numpy(self._read(idx))
+
+    def _read(self, idx: np.ndarray) -> np.ndarray:
         out = np.empty((len(idx), self.input_shape[0]), dtype=np.float32)
         shard = np.searchsorted(self.starts, idx, side="right") - 1
         for s in np.unique(shard):
@@ -223,7 +238,7 @@ class FeatureShards(SampleSet):
             order = np.argsort(local)  # sorted reads are kinder to a memmap
             rows = np.asarray(self.features[s][local[order]], dtype=np.float32)
             out[np.flatnonzero(m)[order]] = rows
-        return torch.from_numpy(out)
+        return out
 
 
 class ShardWriter:

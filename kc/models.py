@@ -74,8 +74,11 @@ class BlockLinear(nn.Module):
 
     def forward(self, x) -> torch.Tensor:
         # x [B, in] (shared input: every block reads it) or [B, M, in] (block g reads x[:, g])
-        eq = "bi,moi->bmo" if x.dim() == 2 else "bmi,moi->bmo"
-        return torch.einsum(eq, x, self.weight) + self.bias
+        if x.dim() == 2:  # one GEMM against the blocks stacked: [B, in] x [in, M * out]
+            M, out, inp = self.weight.shape
+            return nn.functional.linear(x, self.weight.reshape(M * out, inp), self.bias.reshape(M * out)).view(
+                x.shape[0], M, out)
+        return torch.einsum("bmi,moi->bmo", x, self.weight) + self.bias
 
 
 class Head(nn.Module):

@@ -21,6 +21,7 @@ from kc import checkpoint, validation
 from kc.data import SampleSet
 from kc.models import Specialist, build_specialist
 from kc.taxonomy import Taxonomy
+from kc.train import adam_options
 
 
 def teacher_path(directory: str, vertical: int) -> str:
@@ -54,13 +55,15 @@ def train_specialist(cfg, taxonomy: Taxonomy, train: SampleSet, vertical: int, s
     torch.manual_seed(seed * 1000 + vertical)
     rng = np.random.default_rng([seed, 11, vertical])
     model = build_specialist(cfg, train.input_shape, taxonomy, vertical).to(cfg.device)
-    opt = torch.optim.Adam(model.parameters(), lr=sp.lr, weight_decay=sp.weight_decay)
+    params = list(model.parameters())
+    opt = torch.optim.Adam(params, lr=sp.lr, weight_decay=sp.weight_decay, **adam_options(params))
     own = train.rows_of_vertical(taxonomy, vertical)[0]
     mask = np.ones(len(train), dtype=bool)
     mask[own] = False
     others = np.flatnonzero(mask)
     n_bg = min(len(others), int(round(sp.background_fraction * len(own))))
     first, size = taxonomy.classes_of(vertical).start, len(taxonomy.classes_of(vertical))
+    targets = local_targets(train.labels.padded(np.arange(len(train))), first, size)  # every row's, made once
     steps = -(-(len(own) + n_bg) // sp.batch_size)
     sched = one_cycle(opt, sp.lr, sp.epochs * steps)
     bar = (progress(total=sp.epochs * steps, desc=f"specialist {vertical}", unit="step", leave=False)
@@ -75,7 +78,7 @@ def train_specialist(cfg, taxonomy: Taxonomy, train: SampleSet, vertical: int, s
         for s in range(steps):
             idx = np.sort(rows[s * sp.batch_size:(s + 1) * sp.batch_size])
             x = train.inputs(idx).to(cfg.device)
-            tgt = torch.from_numpy(local_targets(train.labels.padded(idx), first, size)).to(cfg.device)
+            tgt = torch.from_numpy(targets[idx]).to(cfg.device)
             h = model.backbone(x)
             loss = kc_kernels.linear_soft_target_loss(h, model.out.weight, model.out.bias, target_index=tgt,
                                                       target_value=(tgt >= 0).float(), backend=cfg.backend)

@@ -149,7 +149,17 @@ def _optimizer(cfg, model: Student):
     groups = [{"params": main, "lr": st.lr, "weight_decay": st.weight_decay}]
     if model.scale is not None and model.log_scale.requires_grad:
         groups.append({"params": [model.log_scale], "lr": st.scale_lr, "weight_decay": 0.0})
-    return torch.optim.Adam(groups)
+    return torch.optim.Adam(groups, **adam_options(main))
+
+
+def adam_options(params) -> Dict:
+    """Adam's fused implementation (one kernel for every parameter of a step, the same update) where torch has
+    one for the parameters' device and dtype: a default student's step spent 0.9 ms of its 6 ms in the loop of
+    per-tensor updates on CPU."""
+    p = next(iter(params), None)
+    ok = p is not None and p.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16) and \
+        p.device.type in ("cpu", "cuda")
+    return {"fused": True} if ok else {}
 
 
 def _lr_factor(step: int, total: int) -> float:
@@ -207,6 +217,7 @@ def train_student(cfg, taxonomy: Taxonomy, train: SampleSet, run: str, path: str
         if state["done"]:
             return {"model": model, **state}
     width = max(int(np.diff(train.labels.indptr).max()), 1)
+    hard_all = train.labels.padded(np.arange(n), width)  # every row's labels, padded, made once
     bar = progress(total=total, initial=state["epoch"] * steps + state["step"], desc=f"student {run}",
                    unit="step") if progress else None
     every = max(1, steps // CURVE_POINTS_PER_EPOCH)
@@ -226,7 +237,7 @@ def train_student(cfg, taxonomy: Taxonomy, train: SampleSet, run: str, path: str
         for s in range(state["step"], steps):
             idx = perm[s * st.batch_size:(s + 1) * st.batch_size]
             x = train.inputs(idx if shards is None else shards.my_rows(idx)).to(cfg.device)
-            ti, tv = make_targets(method, train.labels.padded(idx, width), cache, idx, st.hard_weight)
+            ti, tv = make_targets(method, hard_all[idx], cache, idx, st.hard_weight)
             f = _lr_factor(e * steps + s, total)
             for g, lr in zip(opt.param_groups, base_lrs):
                 g["lr"] = lr * f
