@@ -408,7 +408,7 @@ def apply_bad(c: dict, a: Args) -> Tuple[str, ...]:
         kw["temperature"] = [0.0, -1.0, math.nan, math.inf, "warm", None][c["bad_pick"]]
         return ("temperature",)
     if bad == "mode":
-        kw["mode"] = ["softmax2", "", None, "SIGMOID", 1, "kl"][c["bad_pick"]]
+        kw["mode"] = ["softmax2", "", None, "SIGMOID", 1, "kl2"][c["bad_pick"]]
         return ("mode",)
     if bad == "reduction":
         kw["reduction"] = ["avg", "", None, "MEAN", 0, "batchmean"][c["bad_pick"]]
