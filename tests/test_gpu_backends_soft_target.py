@@ -291,3 +291,247 @@ def test_no_host_synchronisation_in_a_training_step(form, backend, monkeypatch):
             loss.backward()
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+# ------------------------------------------------------------------------ the divergence modes and the options
+#
+# kl, reverse_kl and jsd (dense teacher, teacher head, top-K probabilities) and softmax/kl's softcap, z-loss and
+# uniform target against the float64 reference, on a GPU: the reference on float64 copies of the float32 inputs the
+# backend gets; the loss and every gradient. memory_budget=1 gives chunks of MIN_CHUNK classes, so the segment of
+# 590 classes is walked in chunks (the linear op in row blocks, two of them at B=40; given logits once per phase:
+# TEACHER, STATS, MIX, FINAL). (Under the interpreter these cases are tests/test_triton_divergences.py's.)
+
+DIV_MODES = ("kl", "reverse_kl", "jsd")
+DIV_TEACHERS = ("dense", "head", "topk")
+DIV_LINEAR = ("x", "weight", "bias")
+# B, H, V, segment bounds (None: one segment), temperature, beta, reduction, memory_budget
+DIV_CASES = {
+    "one_segment": (6, 12, 301, None, 1.0, 0.5, "mean", None),
+    "segments": (5, 10, 523, [0, 17, 230, 523], 2.0, 0.3, "sum", None),
+    "long_segment": (6, 8, 700, [0, 60, 650, 700], 2.0, 0.7, "mean", 1),
+    "row_blocks": (40, 8, 700, [0, 60, 650, 700], 2.0, 0.3, "mean", 1),
+    "single_row": (1, 9, 400, [0, 150, 400], 1.0, 0.7, "none", None),
+}
+
+
+def _div_problem(case, teacher, seed, device=DEVICE):
+    """(float64 kwargs for the reference, float32 kwargs for the backend, shared kwargs) on ``device``;
+    x/weight/bias require gradients."""
+    B, H, V, bounds, T, beta, reduction, _ = DIV_CASES[case]
+    g = torch.Generator().manual_seed(seed)
+    raw = {"x": torch.randn(B, H, generator=g) * 1.5, "weight": torch.randn(V, H, generator=g) * (2 / math.sqrt(H)),
+           "bias": torch.randn(V, generator=g) * 0.5}
+    if teacher == "dense":
+        raw["teacher_logits"] = torch.randn(B, V, generator=g) * 2
+    elif teacher == "head":
+        Ht = H + 3
+        raw.update(teacher_x=torch.randn(B, Ht, generator=g),
+                   teacher_weight=torch.randn(V, Ht, generator=g) * (2 / math.sqrt(Ht)),
+                   teacher_bias=torch.randn(V, generator=g) * 0.5)
+    else:  # top-K probabilities (-1 padding; duplicates add up), at most 0.9 of each row's mass
+        raw["target_index"] = torch.randint(-1, V, (B, 6), generator=g)
+        raw["target_value"] = torch.rand(B, 6, generator=g) * 0.15
+    p32, p64 = {}, {}
+    for k, t in raw.items():
+        if t.is_floating_point():
+            p32[k] = t.float().to(device)
+            p64[k] = p32[k].double()
+        else:
+            p32[k] = p64[k] = t.to(device)
+    for p in (p32, p64):
+        if bounds is not None:
+            p["segments"] = torch.tensor(bounds, device=device)
+        for k in DIV_LINEAR:
+            p[k] = p[k].clone().requires_grad_()
+    return p64, p32, dict(temperature=T, beta=beta, reduction=reduction)
+
+
+def _div_compare(out, ref, tensors32, tensors64, names):
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    assert_close(out, ref, torch.float32, "loss")
+    for name, a, e in zip(names, grads(out, tensors32), grads(ref, tensors64)):
+        assert a.dtype == torch.float32, name
+        assert_close(a, e, torch.float32, f"d{name}")
+
+
+def _div_logits(p32):
+    """The problem's logits x W^T + bias as the input of soft_target_loss (float32, and its float64 copy)."""
+    with torch.no_grad():
+        lg32 = torch.addmm(p32["bias"], p32["x"], p32["weight"].t())
+    return lg32.double().requires_grad_(), lg32.requires_grad_()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("teacher", DIV_TEACHERS)
+@pytest.mark.parametrize("case", list(DIV_CASES))
+@pytest.mark.parametrize("mode", DIV_MODES)
+def test_divergence_linear_gpu(mode, case, teacher, backend):
+    p64, p32, kw = _div_problem(case, teacher, 100 + 10 * DIV_MODES.index(mode) + list(DIV_CASES).index(case)
+                                + 1000 * DIV_TEACHERS.index(teacher))
+    ref = kc_kernels.reference.linear_soft_target_loss(**p64, mode=mode, **kw)
+    out = kc_kernels.linear_soft_target_loss(**p32, mode=mode, backend=backend, memory_budget=DIV_CASES[case][-1],
+                                             **kw)
+    _div_compare(out, ref, [p32[k] for k in DIV_LINEAR], [p64[k] for k in DIV_LINEAR], DIV_LINEAR)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("teacher", ["dense", "topk"])
+@pytest.mark.parametrize("case", ["segments", "long_segment", "single_row"])
+@pytest.mark.parametrize("mode", DIV_MODES)
+def test_divergence_logits_gpu(mode, case, teacher, backend):
+    """soft_target_loss on given logits: the long segment is walked once per phase, MIX reading its log-sums-exp
+    from the constants of the finished statistics."""
+    p64, p32, kw = _div_problem(case, teacher, 5000 + 10 * DIV_MODES.index(mode) + list(DIV_CASES).index(case))
+    lg64, lg32 = _div_logits(p32)
+    tk = [k for k in ("teacher_logits", "target_index", "target_value", "segments") if k in p32]
+    ref = kc_kernels.reference.soft_target_loss(lg64, **{k: p64[k] for k in tk}, mode=mode, **kw)
+    out = kc_kernels.soft_target_loss(lg32, **{k: p32[k] for k in tk}, mode=mode, backend=backend,
+                                      memory_budget=DIV_CASES[case][-1], **kw)
+    _div_compare(out, ref, [lg32], [lg64], ("logits",))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", DIV_MODES)
+def test_divergence_sample_weight_beta_limits_and_masked_teacher_gpu(mode, backend):
+    """Sample weights; jsd with beta 0 and 1 (kl and reverse_kl); a teacher of -inf at some classes (masked: 0 log 0
+    adds 0, not NaN) under kl and jsd (reverse KL is infinite there)."""
+    p64, p32, kw = _div_problem("segments", "dense", 77 + DIV_MODES.index(mode))
+    sw = torch.rand(DIV_CASES["segments"][0], generator=torch.Generator().manual_seed(3)).to(DEVICE) + 0.5
+    if mode != "reverse_kl":
+        mask = torch.rand(p32["teacher_logits"].shape, generator=torch.Generator().manual_seed(4)).to(DEVICE) < 0.3
+        mask[:, [0, 17, 230]] = False  # every segment keeps a class
+        for p in (p32, p64):
+            p["teacher_logits"] = p["teacher_logits"].masked_fill(mask, -math.inf)
+    for beta in ((0.0, 1.0, 0.8) if mode == "jsd" else (0.5,)):
+        kw["beta"] = beta
+        ref = kc_kernels.reference.linear_soft_target_loss(**p64, mode=mode, sample_weight=sw.double(), **kw)
+        out = kc_kernels.linear_soft_target_loss(**p32, mode=mode, sample_weight=sw, backend=backend, **kw)
+        if torch.isfinite(ref):
+            _div_compare(out, ref, [p32[k] for k in DIV_LINEAR], [p64[k] for k in DIV_LINEAR], DIV_LINEAR)
+        else:  # reverse KL against a masked class, or jsd's beta = 1 limit on masked classes
+            assert not torch.isfinite(out)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("mode,teacher", [("kl", "dense"), ("reverse_kl", "topk"), ("jsd", "head")])
+def test_divergence_half_gpu(mode, teacher, dtype, backend):
+    """Half inputs (half scores and teacher chunks, fp32 math) against the float64 reference on the same values."""
+    p64, p32, kw = _div_problem("long_segment", teacher, 900 + DIV_MODES.index(mode))
+    low = {k: (v.detach().to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point()
+               and k != "target_value" else v) for k, v in p32.items()}
+    high = {k: (v.detach().double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+            for k, v in low.items()}
+    for p in (low, high):
+        for k in DIV_LINEAR:
+            p[k] = p[k].requires_grad_()
+    ref = kc_kernels.reference.linear_soft_target_loss(**high, mode=mode, **kw)
+    out = kc_kernels.linear_soft_target_loss(**low, mode=mode, backend=backend, memory_budget=1, **kw)
+    assert_close(out, ref, dtype, "loss")
+    for name, a, e in zip(DIV_LINEAR, grads(out, [low[k] for k in DIV_LINEAR]),
+                          grads(ref, [high[k] for k in DIV_LINEAR])):
+        assert a.dtype == dtype, name
+        assert_close(a, e, dtype, f"d{name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", DIV_MODES)
+def test_divergence_bitwise_identical_across_calls_gpu(mode, backend):
+    p64, p32, kw = _div_problem("row_blocks", "head", 4242 + DIV_MODES.index(mode))
+    outs = []
+    for _ in range(2):
+        loss = kc_kernels.linear_soft_target_loss(**p32, mode=mode, backend=backend, memory_budget=1, **kw)
+        outs.append([loss] + grads(loss, [p32[k] for k in DIV_LINEAR]))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+# the options of softmax and kl, through the custom op (they are not arguments of the public soft-target ops):
+# softcap (0: off), z_loss, uniform_target
+DIV_OPTIONS = {
+    "softcap": (3.0, 0.0, 0.0),
+    "z_loss": (0.0, 0.05, 0.0),
+    "uniform": (0.0, 0.0, 2e-3),
+    "all": (2.5, 0.05, 2e-3),
+}
+
+
+def _options_case(mode, target, option, case, linear, backend, check_loss=True):
+    from kc_kernels.chunked import chunked_soft_target
+
+    B, H, V, bounds, T, _, _, budget = DIV_CASES[case]
+    softcap, z_loss, uniform = DIV_OPTIONS[option]
+    p64, p32, _ = _div_problem(case, "dense" if target == "dense" else "topk",
+                               7000 + list(DIV_OPTIONS).index(option) + 31 * list(DIV_CASES).index(case))
+    reduction = "sum" if linear else "mean"
+    if linear:
+        names = DIV_LINEAR
+        inputs32, inputs64 = [p32[k] for k in names], [p64[k] for k in names]
+    else:
+        lg64, lg32 = _div_logits(p32)
+        inputs32, inputs64, names = [lg32], [lg64], ("logits",)
+    args = [*(inputs32 if linear else [inputs32[0], None, None]), None, p32.get("target_index"),
+            p32.get("target_value"), p32.get("teacher_logits"), None, None, None, None, p32.get("segments"), [], mode,
+            reduction, T, [0.5, softcap, z_loss, uniform], backend, budget or 0, 7 if linear else 1]
+    out = chunked_soft_target(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+    tk = {k: p64[k] for k in ("teacher_logits", "target_index", "target_value", "segments") if k in p64}
+    opts = dict(softcap=softcap or None, z_loss=z_loss, uniform_target=uniform)
+    if linear:
+        ref = kc_kernels.reference.linear_soft_target_loss(*inputs64, mode=mode, temperature=T, reduction=reduction,
+                                                           **tk, **opts)
+        u = kc_kernels.reference.linear_logits(*[t.detach() for t in inputs64])
+    else:
+        ref = kc_kernels.reference.soft_target_loss(inputs64[0], mode=mode, temperature=T, reduction=reduction,
+                                                    **tk, **opts)
+        u = inputs64[0].detach()
+    if check_loss:
+        assert_close(out[0], ref, torch.float32, "loss")
+    for name, a, e in zip(names, out[2:], torch.autograd.grad(ref, inputs64)):
+        assert_close(a, e, torch.float32, f"d{name}")
+    y = (softcap * torch.tanh(u / softcap) if softcap else u) / T
+    b = bounds or [0, V]
+    lse = torch.stack([torch.logsumexp(y[:, lo:hi], dim=1) for lo, hi in zip(b[:-1], b[1:])], dim=1)
+    assert_close(out[1], lse, torch.float32, "lse")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("option", list(DIV_OPTIONS))
+@pytest.mark.parametrize("target", ["sparse", "dense"])
+@pytest.mark.parametrize("mode", ["softmax", "kl"])
+@pytest.mark.parametrize("case", ["segments", "row_blocks"])
+def test_options_linear_gpu(case, mode, target, option, backend):
+    # kl's loss adds the entropy of the targets without the uniform target (the driver's part, where the reference
+    # takes sum (z + e) log(z + e)): there only the gradients, which are softmax's, are compared
+    _options_case(mode, target, option, case, True, backend,
+                  check_loss=not (mode == "kl" and DIV_OPTIONS[option][2]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("option", list(DIV_OPTIONS))
+@pytest.mark.parametrize("target", ["sparse", "dense"])
+def test_options_logits_walked_per_phase_gpu(target, option, backend):
+    _options_case("softmax", target, option, "long_segment", False, backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_options_of_linear_cross_entropy_gpu(backend):
+    """The public front of the options: hard labels with label smoothing, z-loss and soft-capping, in row blocks."""
+    g = torch.Generator().manual_seed(11)
+    x = (torch.randn(45, 16, generator=g) * 2).to(DEVICE)
+    w = (torch.randn(800, 16, generator=g) / 2).to(DEVICE)
+    lab = torch.randint(0, 800, (45,), generator=g).to(DEVICE)
+    lab[3] = -100
+    kw = dict(label_smoothing=0.1, z_loss=1e-3, softcap=4.0)
+    x32, w32 = x.clone().requires_grad_(), w.clone().requires_grad_()
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    out = kc_kernels.linear_cross_entropy(x32, w32, labels=lab, backend=backend, memory_budget=1, **kw)
+    ref = kc_kernels.reference.cross_entropy_loss(x64 @ w64.t(), lab, **kw)
+    _div_compare(out, ref, [x32, w32], [x64, w64], ("x", "weight"))

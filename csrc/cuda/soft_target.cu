@@ -1,17 +1,19 @@
 // CUDA epilogue of the chunked linear + soft-target loss: the kernels of docs/epilogue.md, "GPU epilogue".
 //
 // - row_stats: one block per (row, segment piece) reduces the piece's columns and folds them into
-//   states[:, row, piece_seg]: the dense teacher's log-sum-exp and entropy sum (TEACHER), the squared norm (NORM),
-//   then the target and softmax / sigmoid sums that need the norm and the teacher's log-sum-exp (STATS). A chunk
-//   holds a segment at most once, so each block owns its states.
-// - mix (JSD): the same grid, after the segment's STATS and TEACHER are complete: the sums over the mixture
-//   M = beta z + (1 - beta) p (DLOSS, DIV), which need the finished log-sums-exp.
+//   states[:, row, piece_seg], in up to three kernels over that grid, launched in the phases' order: teacher_kernel
+//   (TEACHER: the dense teacher's log-sum-exp and entropy sum), row_stats_kernel (NORM: the squared norm; STATS: the
+//   target and softmax / sigmoid sums, which need the norm and the teacher's log-sum-exp; reverse KL's DIV) and
+//   mix_kernel (JSD's MIX: the sums over the mixture M = beta z + (1 - beta) p, which need the finished
+//   log-sums-exp). A chunk holds a segment at most once, so each block owns its states.
 // - final: one block per [kFinalBlockRows, kFinalBlockCols] tile, elementwise given the per-(row, segment) consts:
 //   the loss's row sums per column tile, and with coef the logit gradient written over the scores in place plus the
 //   bias / per-class scale gradients as column sums per row tile, which the driver adds up.
 //
-// The formulas are those of the CPU epilogue (csrc/common/soft_target_math.h) in fp32, whatever the dtypes of the
-// scores and of the teacher. Offsets are int64 (rows x stride passes 2^31 at 100K classes). No atomics and
+// Each kernel is instantiated per Variant (below): the sigmoid / softmax code, softmax with its options, reverse KL and
+// JSD, so that the options and the divergences add no code or registers to the sigmoid / softmax instances
+// (tests/test_cuda_build.py reads them from ptxas). The formulas are those of the CPU epilogue (csrc/common/soft_target_math.h) in fp32,
+// whatever the dtypes of the scores and of the teacher. Offsets are int64 (rows x stride passes 2^31 at 100K classes). No atomics and
 // fixed-order reductions: the same inputs give the same bits.
 #include <cuda_runtime.h>
 
