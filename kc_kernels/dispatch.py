@@ -245,10 +245,10 @@ def _lookup(op: str, backend: str, device_type: str, dtype: Optional[torch.dtype
         _missing(r, features)
         return r
     for name in AUTO_ORDER.get(device_type, AUTO_ORDER_DEFAULT):
-        r = _ROWS.get((op, name))
-        if (r is not None and _probe(name) and device_type in r.devices and (dtype is None or dtype in r.dtypes)
-                and features <= r.features):
-            return r
+        found = _ROWS.get((op, name))
+        if (found is not None and _probe(name) and device_type in found.devices
+                and (dtype is None or dtype in found.dtypes) and features <= found.features):
+            return found
     return row(op, "reference")
 
 

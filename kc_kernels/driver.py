@@ -52,6 +52,9 @@ class Epilogue(Protocol):
 
     state_dtype: torch.dtype  # of the [NUM_STATES, B, G] statistics
     default_memory_budget: int  # bytes, when the call gives none
+    # the default grows with the problem up to the bytes of the weight gradient the op returns anyway (a long
+    # segment then walks fewer, taller row blocks; working memory stays within the op's own output)
+    budget_grows_to_weight_grad: bool
     chunk_bytes: Optional[int]  # a cap on a column chunk below the budget (None: the budget)
     fuses_teacher: bool  # runs TEACHER in the same call as the other phases where a call holds whole segments
 
@@ -83,7 +86,10 @@ class Sweep:
     gradients. ``epilogue`` is the backend's (see kc_kernels/cpu/epilogue.py for the interface)."""
 
     def __init__(self, p: Any, epilogue: Epilogue, memory_budget: int):  # p: ops.soft_target.SoftTargetProblem
-        memory_budget = memory_budget or epilogue.default_memory_budget  # 0: the epilogue's default
+        if not memory_budget:  # 0: the epilogue's default
+            memory_budget = epilogue.default_memory_budget
+            if epilogue.budget_grows_to_weight_grad and p.logits is None:
+                memory_budget = max(memory_budget, p.weight.numel() * p.weight.element_size())
         self.p, self.ep = p, epilogue
         self.G = p.num_segments
         self.linear = p.logits is None
@@ -129,7 +135,9 @@ class Sweep:
         if self.p.teacher_weight is None and not self.teacher_from_targets:
             return 0
         per = 4 if self.device.type == "cpu" else self.buf_itemsize
-        return self.p.batch * per + (8 * self.p.teacher_weight.shape[1] if self.p.teacher_weight is not None else 0)
+        tw = self.p.teacher_weight
+        converted = tw is not None and tw.dtype != (torch.float32 if self.device.type == "cpu" else self.work_dtype)
+        return self.p.batch * per + (tw.shape[1] * 4 if converted else 0)  # (a converted weight chunk is kept)
 
     def _init_teacher(self) -> None:
         p = self.p

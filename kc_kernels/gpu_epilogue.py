@@ -74,6 +74,7 @@ class DeviceEpilogue:
 
     state_dtype = torch.float32
     default_memory_budget = 512 << 20  # bytes of the [B, chunk] scores buffer and the partial sums on a GPU
+    budget_grows_to_weight_grad = False
     chunk_bytes: Optional[int] = None
     fuses_teacher = False
 

@@ -59,7 +59,10 @@ class CpuEpilogue:
     ``begin`` gives the object that holds one walk's inputs and runs the kernel (``CpuWalk``)."""
 
     state_dtype = torch.float64
-    default_memory_budget = 64 << 20  # bytes for the chunk of logits (and of teacher logits)
+    default_memory_budget = 64 << 20  # bytes for the chunk of logits (and of teacher logits), at least
+    # and up to the weight gradient's bytes: a flat softmax over 100K classes runs at 1.25x its floor at 64 MiB and
+    # 1.16x at 256 MiB (docs/performance.md, "The flat softmax: memory against speed")
+    budget_grows_to_weight_grad = True
     # column chunks of at most 16 MiB: the chunk the logits GEMM writes is still in cache when the epilogue and the
     # gradient GEMMs read it (measurements: docs/performance.md)
     chunk_bytes: Optional[int] = 16 << 20
