@@ -5,7 +5,8 @@ per-architecture threads, into a temporary folder; a failure reports nvcc's outp
 ptxas reports each kernel's resources (--resource-usage), from which the soft-target epilogue's are checked: no
 kernel uses local memory (a stack frame or spilled registers), every instance the launchers dispatch to exists, and
 the instances of the sigmoid / softmax modes keep the registers they had before the divergence modes and options
-were added (those are compiled as instances of their own, so that the existing ones keep their code).
+were added (those are compiled as instances of their own, so that the existing ones keep their code). Where
+kc_kernels._cuda is built, its launchers' refusals of bad fields are checked too (before any launch: no GPU).
 """
 from __future__ import annotations
 
@@ -153,3 +154,51 @@ def test_base_instances_keep_their_registers(soft_target_kernels):
             for (name, arch), k in soft_target_kernels.items()
             if k["variant"] == 0 and k["registers"] > BASE_REGISTER_CEILINGS[(arch, k["kernel"])]]
     assert not over, "\n".join(over)
+
+
+# ------------------------------------------------------------------------------- the launchers' checks (no GPU)
+
+def _cuda_module():
+    try:
+        from kc_kernels import _cuda
+    except ImportError:
+        pytest.skip("kc_kernels._cuda is not built")
+    return _cuda
+
+
+@pytest.mark.parametrize("kernel", ["soft_target_row_stats", "soft_target_final"])
+@pytest.mark.parametrize("fields,match", [
+    (dict(mode="JSD", beta=1.0), "beta"),
+    (dict(mode="JSD", beta=0.0), "beta"),
+    (dict(mode="JSD", softcap=2.0), "options of SOFTMAX and KL, not of JSD"),
+    (dict(mode="REVERSE_KL", uniform_target=1e-3), "options of SOFTMAX and KL, not of REVERSE_KL"),
+    (dict(mode="SIGMOID", softcap=2.0), "not of SIGMOID"),
+    (dict(mode="SOFTMAX", softcap=float("nan")), "softcap"),
+    (dict(mode="SOFTMAX", softcap=float("inf")), "softcap"),
+    (dict(mode="KL", uniform_target=float("nan")), "uniform_target"),
+    (dict(mode="KL", uniform_target=1e-3, scale=8), "take no self-paced scale"),
+    (dict(mode="JSD", scale=8), "JSD take no self-paced scale"),
+    (dict(mode="SOFTMAX", teacher_col0=-1), "teacher_col0"),
+    (dict(mode=99), "LOSS_MODES"),
+])
+def test_launchers_refuse_bad_fields_before_launching(kernel, fields, match):
+    """The bindings check the new fields (no device is touched: the ValueError comes before any launch)."""
+    _cuda = _cuda_module()
+    p = _cuda.RowStatsParams() if kernel == "soft_target_row_stats" else _cuda.FinalParams()
+    for k, v in fields.items():
+        setattr(p, k, _cuda.LOSS_MODES[v] if k == "mode" and isinstance(v, str) else v)
+    with pytest.raises(ValueError, match=match):
+        getattr(_cuda, kernel)(p)
+
+
+@pytest.mark.parametrize("mode,phases,match", [
+    ("SOFTMAX", "MIX", "MIX is a phase of JSD only"),
+    ("JSD", "MIX", "teacher"),
+    ("REVERSE_KL", "STATS", "teacher"),
+])
+def test_row_stats_refuses_a_mix_or_divergence_without_its_inputs(mode, phases, match):
+    _cuda = _cuda_module()
+    p = _cuda.RowStatsParams()
+    p.mode, p.phases, p.scores = _cuda.LOSS_MODES[mode], _cuda.PHASES[phases], 8
+    with pytest.raises(ValueError, match=match):
+        _cuda.soft_target_row_stats(p)

@@ -95,9 +95,9 @@ void check_soft_target_inputs(const kc_cuda::SoftTargetInputs& p, const char* ke
                           " must be finite and >= 0 (0: none)");
   }
   if (!std::isfinite(p.uniform_target)) throw py::value_error(std::string(kernel) + ": uniform_target is not finite");
-  if ((p.softcap > 0.f || p.uniform_target != 0.f) && p.mode == kc::kModeSigmoid) {
-    throw py::value_error(std::string(kernel) + ": softcap and uniform_target are implemented for the softmax-family "
-                                                "modes, not SIGMOID");
+  if ((p.softcap > 0.f || p.uniform_target != 0.f) && p.mode != kc::kModeSoftmax && p.mode != kc::kModeKL) {
+    throw py::value_error(std::string(kernel) + ": softcap and uniform_target are options of SOFTMAX and KL, not of " +
+                          kc::kLossModeNames[p.mode]);
   }
   if ((p.softcap > 0.f || p.uniform_target != 0.f) && p.scale != nullptr) {
     throw py::value_error(std::string(kernel) + ": softcap and uniform_target take no self-paced scale");

@@ -41,8 +41,8 @@ struct SoftTargetInputs {
   int mode = 0;                        // a kc::LossMode (csrc/common/soft_target_math.h)
   float inv_t = 1.f;                   // 1 / T
   float beta = 0.5f;                   // JSD: M = beta z + (1 - beta) p, in (0, 1)
-  float softcap = 0.f;                 // c > 0: y = c tanh((u + bias) / c) / T (softmax-family modes); 0: off
-  float uniform_target = 0.f;          // added to every class's target (SOFTMAX and KL)
+  float softcap = 0.f;                 // SOFTMAX, KL without a scale: c > 0: y = c tanh((u + bias) / c) / T; 0: off
+  float uniform_target = 0.f;          // SOFTMAX, KL without a scale: added to every class's target
 };
 
 // row_stats: one block per (row, piece) folds the piece's columns into states[:, row, piece_seg[piece]]. With MIX

@@ -131,16 +131,20 @@ struct MixWeights {
       : beta(p.beta), log_beta(logf(p.beta)), log_rest(log1pf(-p.beta)) {}
 };
 
-// What a variant's elements need beyond the params, computed once per thread (nothing for kBase).
+// What a variant's elements need beyond the params, computed once per thread.
 template <Variant V>
-struct ModeArgs {
-  SoftCap cap;
-  MixWeights mix;
-  __device__ explicit ModeArgs(const SoftTargetInputs& p) : cap(p), mix(p) {}
+struct ModeArgs {  // kBase, kReverseKL: nothing
+  __device__ explicit ModeArgs(const SoftTargetInputs&) {}
 };
 template <>
-struct ModeArgs<Variant::kBase> {
-  __device__ explicit ModeArgs(const SoftTargetInputs&) {}
+struct ModeArgs<Variant::kOptions> {
+  SoftCap cap;
+  __device__ explicit ModeArgs(const SoftTargetInputs& p) : cap(p) {}
+};
+template <>
+struct ModeArgs<Variant::kJSD> {
+  MixWeights mix;
+  __device__ explicit ModeArgs(const SoftTargetInputs& p) : mix(p) {}
 };
 
 // The row's sparse targets with class in [cls_lo, cls_hi): one run of positions of the sorted row.
@@ -321,15 +325,13 @@ __device__ void stats_phase(const RowStatsParams& p, int64_t row, const TS* u, c
   }
 }
 
-// The logit of a divergence mode (no self-paced scale: the front refuses one), soft-capped when asked.
-__device__ __forceinline__ SoftCap::Capped divergence_logit(const SoftTargetInputs& p, const SoftCap& cap, float u,
-                                                            float bias) {
-  return cap(u, bias, kc::logit(u, 1.f, p.inv_t, bias, p.inv_t), p.inv_t);
+// The logit of a divergence mode: (u + bias) / T (no scale, no options: the bindings refuse them).
+__device__ __forceinline__ float divergence_logit(const SoftTargetInputs& p, float u, float bias) {
+  return kc::logit(u, 1.f, p.inv_t, bias, p.inv_t);
 }
 template <class TS>
-__device__ __forceinline__ SoftCap::Capped divergence_logit(const SoftTargetInputs& p, const SoftCap& cap,
-                                                            const TS* u, int64_t j) {
-  return divergence_logit(p, cap, to_float(u[j]), bias_of(p, p.col0 + j));
+__device__ __forceinline__ float divergence_logit(const SoftTargetInputs& p, const TS* u, int64_t j) {
+  return divergence_logit(p, to_float(u[j]), bias_of(p, p.col0 + j));
 }
 
 // STATS of the divergences: MAX and SUMEXP as softmax's, and for REVERSE_KL DIV = sum exp(y - MAX) (y - t/T),
@@ -338,13 +340,12 @@ template <Variant V, class TS, class TT>
 __device__ void divergence_stats_phase(const RowStatsParams& p, const TS* u, const TT* t, int64_t lo, int64_t hi,
                                        float* state, float* scratch) {
   constexpr bool kReverse = V == Variant::kReverseKL;
-  const SoftCap cap(p);
   float m = -INFINITY;
-  for (int64_t j = lo + threadIdx.x; j < hi; j += blockDim.x) m = fmaxf(m, divergence_logit(p, cap, u, j).y);
+  for (int64_t j = lo + threadIdx.x; j < hi; j += blockDim.x) m = fmaxf(m, divergence_logit(p, u, j));
   m = block_max(m, scratch);
   float acc[kReverse ? 2 : 1] = {};
   for (int64_t j = lo + threadIdx.x; j < hi; j += blockDim.x) {
-    const float y = divergence_logit(p, cap, u, j).y;
+    const float y = divergence_logit(p, u, j);
     const float w = CudaMath::exp(y - m);
     acc[0] += w;
     if constexpr (kReverse) acc[1] += w * (y - to_float(t[j]) * p.inv_t);
@@ -408,12 +409,10 @@ __global__ void __launch_bounds__(kRowStatsMaxThreads) mix_kernel(const RowStats
     lse = kc::log_sum_exp(state[kc::kMax * p.state_stride], state[kc::kSumExp * p.state_stride]);
     tlse = kc::log_sum_exp(state[kc::kTeacherMax * p.state_stride], state[kc::kTeacherSumExp * p.state_stride]);
   }
-  const ModeArgs<Variant::kJSD> args(p);
-  const SoftCap& cap = args.cap;
-  const MixWeights& mw = args.mix;
+  const MixWeights mw(p);
   float acc[2] = {0.f, 0.f};  // DLOSS, DIV
   for (int64_t j = piece.lo + threadIdx.x; j < piece.hi; j += blockDim.x) {
-    const float lp = divergence_logit(p, cap, u, j).y - lse;
+    const float lp = divergence_logit(p, u, j) - lse;
     const float lz = to_float(t[j]) * p.inv_t - tlse;
     const kc::JsdElement el = kc::jsd_element<CudaMath>(lz, lp, mw.beta, mw.log_beta, mw.log_rest);
     acc[0] += el.loss;
@@ -449,7 +448,7 @@ struct FinalSums {
 };
 
 // One element of a divergence (REVERSE_KL, JSD): q = dL/dy from the consts (LSE, TLSE, DBAR) and the teacher;
-// with coef the gradient (times the soft cap's factor) over the score and the bias column sum. The loss comes from
+// with coef the gradient over the score and the bias column sum. The loss comes from
 // the states (DIV, DLOSS), so nothing is added to the row sums.
 template <Variant V, class TS, class TT>
 __device__ __forceinline__ void divergence_element(const FinalParams& p, const ModeArgs<V>& args, int64_t row,
@@ -459,14 +458,14 @@ __device__ __forceinline__ void divergence_element(const FinalParams& p, const M
   const SegmentConsts consts{static_cast<const float*>(p.consts) + row * p.num_segments + seg,
                              p.rows * p.num_segments};
   TS* score = static_cast<TS*>(p.scores) + row * p.scores_row_stride + j;
-  const SoftCap::Capped y = divergence_logit(p, args.cap, to_float(*score), b);
+  const float y = divergence_logit(p, to_float(*score), b);
   const float tt = to_float(static_cast<const TT*>(p.teacher)[row * p.teacher_row_stride + p.teacher_col0 + j]) *
                    p.inv_t;
-  const float lp = y.y - consts[kc::kConstLse];
+  const float lp = y - consts[kc::kConstLse];
   float q;
   if constexpr (V == Variant::kReverseKL) {
     // T^2 p ((y - t/T) - DIV / SUMEXP)
-    q = kc::q_reverse_kl(CudaMath::exp(lp), y.y - tt, consts[kc::kConstDbar], p.t2);
+    q = kc::q_reverse_kl(CudaMath::exp(lp), y - tt, consts[kc::kConstDbar], p.t2);
   } else {
     // T^2 (1 - beta) p ((lp - lm) - DIV)
     const MixWeights& mw = args.mix;
@@ -474,9 +473,8 @@ __device__ __forceinline__ void divergence_element(const FinalParams& p, const M
         kc::jsd_element<CudaMath>(tt - consts[kc::kConstTeacherLse], lp, mw.beta, mw.log_beta, mw.log_rest);
     q = kc::q_jsd(el.p, el.dlp, consts[kc::kConstDbar], p.t2 * (1.f - mw.beta));
   }
-  const float qg = q * y.dy;
-  *score = from_float<TS>(kc::logit_grad_unscaled(c, qg, p.inv_t));
-  sums.dbias[k] += kc::bias_grad(c, qg, p.inv_t);
+  *score = from_float<TS>(kc::logit_grad_unscaled(c, q, p.inv_t));
+  sums.dbias[k] += kc::bias_grad(c, q, p.inv_t);
 }
 
 // One element: loss terms into `sums`, and with coef the gradient written over the score.
