@@ -27,8 +27,10 @@ from kc_kernels.triton import epilogue as E  # noqa: E402
 
 WORK_DTYPE_PTRS = ("S_ptr", "teacher_ptr")  # the scores and the dense teacher: the input dtype
 INT32_PTRS = ("idx_ptr", "piece_lo_ptr", "piece_seg_ptr", "seg_of_class_ptr")
-FLOAT_SCALARS = ("inv_t", "t2")
+FLOAT_SCALARS = ("inv_t", "t2", "beta", "softcap", "inv_softcap", "uniform")
 WIDE_INTS = ("plane", "st_plane")  # rows * G: past 2^31 at a large batch of many segments
+# the kernels' MODE: sigmoid, softmax (KL runs as softmax), reverse KL, JSD (kc_kernels.triton.loss_modes)
+MODES = (0, 1, 3, 4)
 
 
 def row_configs(every: bool):
@@ -47,6 +49,7 @@ def kernels(every_block: bool):
     """(name, kernel, block constexprs, num_warps) of every launch configuration."""
     out = [("row_stats", E._row_stats_kernel, {"BLOCK": b, "BLOCK_T": E._TARGET_BLOCK}, w)
            for b, w in row_configs(every_block)]
+    out += [("mix", E._mix_kernel, {"BLOCK": b}, w) for b, w in row_configs(every_block)]
     out.append(("final", E._final_kernel, {"BLOCK_R": E.TILE[0], "BLOCK_C": E.TILE[1]}, E._FINAL_WARPS))
     return out
 
@@ -70,12 +73,22 @@ def signature(fn, dtype: str, ints: str, constexprs):
 
 
 def valid(kernel: str, f) -> bool:
-    """The flag combinations the launchers can produce (see row_stats and final in epilogue.py)."""
+    """The flag combinations the launchers can produce (see row_stats, mix and final in epilogue.py)."""
+    if kernel == "mix":
+        return True
     if f.get("DENSE") and f.get("SPARSE"):
         return False
+    mode = f.get("MODE")
+    options = f.get("SOFTCAP") or f.get("UNIFORM")
+    if options and (mode != 1 or f.get("HAS_SCALE")):  # options of softmax (and KL) without a scale
+        return False
+    if mode in (3, 4) and (not f.get("DENSE") or f.get("HAS_SCALE")):  # the divergences: a dense teacher, no scale
+        return False
     if kernel == "row_stats":
-        if f.get("TEACHER"):  # the driver asks for the teacher pass alone, in softmax mode with dense targets
-            return f.get("SOFTMAX") and f.get("DENSE") and not (f.get("NORM") or f.get("STATS"))
+        if f.get("TEACHER"):  # the driver asks for the teacher pass alone (launched as softmax), with a dense teacher
+            return mode == 1 and bool(f.get("DENSE")) and not (f.get("NORM") or f.get("STATS") or options)
+        if options and not f.get("STATS"):
+            return False
         if f.get("NORM") and not f.get("HAS_SCALE"):
             return False
         return bool(f.get("NORM") or f.get("STATS"))
@@ -85,9 +98,10 @@ def valid(kernel: str, f) -> bool:
 
 
 def variants(kernel: str, fn, blocks):
-    """Every valid assignment of the kernel's boolean flags (its constexpr parameters other than block sizes)."""
+    """Every valid assignment of the kernel's flags (its constexpr parameters other than block sizes: MODE takes
+    the kernels' modes, the others False and True)."""
     names = [n for n, p in zip(fn.arg_names, fn.params) if p.is_constexpr and n not in blocks]
-    for values in itertools.product((False, True), repeat=len(names)):
+    for values in itertools.product(*[MODES if n == "MODE" else (False, True) for n in names]):
         flags = dict(zip(names, values))
         if valid(kernel, flags):
             yield flags
@@ -124,7 +138,7 @@ def main(argv=None):
                 consts = dict(flags, **blocks)
                 src = ASTSource(fn=fn, signature=signature(fn, dtype, ints, consts), constexprs=consts)
                 label = (f"{dtype} {ints} {name} {'x'.join(map(str, blocks.values()))} w{warps} "
-                         + " ".join(k for k, v in flags.items() if v))
+                         + " ".join(k if v is True else f"{k}={v}" for k, v in flags.items() if v or k == "MODE"))
                 count += 1
                 try:
                     k = triton.compile(src, target=target, options=dict(num_warps=warps))

@@ -16,9 +16,9 @@ Kernels per chunk of raw scores u = S (the driver's GEMM output, no bias):
 KL runs as SOFTMAX (the same statistics and gradient). The options of SOFTMAX/KL without a scale (the soft-cap
 c > 0: y = c tanh((u + bias) / c) / T; a uniform target e added to every class's target) are constexpr branches,
 so the option-free kernels are unchanged. Everything is computed in fp32 whatever the dtypes of S and of the
-teacher. Row offsets are int64: rows * stride
-passes 2^31 at 100K classes. Neither kernel is autotuned: both update their outputs in place (S, the states), so a
-benchmarking run would corrupt them; the tile is fixed anyway since it sizes the driver's partial buffers.
+teacher. Row offsets are int64: rows * stride passes 2^31 at 100K classes. No kernel is autotuned: each updates
+its outputs in place (S, the states), so a benchmarking run would corrupt them; the tile is fixed anyway since it
+sizes the driver's partial buffers.
 """
 from __future__ import annotations
 
