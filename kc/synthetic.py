@@ -180,8 +180,18 @@ class SyntheticGenerator:
                 up = np.asarray(self.tax.labels_of(int(c))) - c0
                 up = where[up[where[up] >= 0]]
                 member[i, up] = 1.0
-            self._classes[v] = (leaves - c0, inner, member)
+            self._classes[v] = (leaves - c0, inner, member, _ranges(member))
         return self._classes[v]
+
+    def _inner_sums(self, v: int, rel: np.ndarray) -> np.ndarray:
+        """[n, internal classes]: each class's sum of rel over its leaves. Where the classes' leaves are disjoint
+        runs of the leaf order (a two-level taxonomy: every parent's children are consecutive) the runs are summed
+        in place (np.add.reduceat); otherwise a GEMM against the 0/1 membership."""
+        _, _, member, runs = self._class_map(v)
+        if runs is None:
+            return rel @ member
+        at, pick = runs
+        return np.add.reduceat(rel, at, axis=1)[:, pick]
 
     def class_log_posterior(self, x: np.ndarray, v: int, log_z: Optional[np.ndarray] = None,
                             dtype=np.float64) -> np.ndarray:
@@ -192,18 +202,19 @@ class SyntheticGenerator:
         rel = np.exp(lj - m)  # [n, L]
         if log_z is None:
             log_z = m[:, 0] + np.log(rel.sum(1))
-        return self._posterior(v, lj, m, rel @ self._class_map(v)[2], log_z, dtype)
+        return self._posterior(v, lj, m, self._inner_sums(v, rel), log_z, dtype)
 
     def _posterior(self, v, lj, m, inner_sum, log_z, dtype, out=None) -> np.ndarray:
         """A leaf's log posterior is its log joint less log_z; another class's, the log of its leaves' summed
         exp(lj - m) (inner_sum), plus m, less log_z. Written into out [n, N_v] when given."""
-        leaf_col, inner, _ = self._class_map(v)
+        leaf_col, inner = self._class_map(v)[:2]
         if out is None:
             out = np.empty((len(lj), len(leaf_col) + len(inner)), dtype=dtype)
         lo = int(leaf_col[0]) if len(leaf_col) else 0
-        contiguous = len(leaf_col) and int(leaf_col[-1]) - lo + 1 == len(leaf_col)
-        cols = slice(lo, lo + len(leaf_col)) if contiguous else leaf_col  # a slice writes far faster
-        out[:, cols] = lj - log_z[:, None]
+        if len(leaf_col) and int(leaf_col[-1]) - lo + 1 == len(leaf_col):  # a slice: written in place, no copy
+            np.subtract(lj, log_z[:, None], out=out[:, lo:lo + len(leaf_col)], casting="same_kind")
+        else:
+            out[:, leaf_col] = lj - log_z[:, None]
         if len(inner):
             with np.errstate(divide="ignore"):
                 out[:, inner] = np.log(inner_sum) + (m - log_z[:, None])
@@ -230,7 +241,7 @@ class SyntheticGenerator:
             m = lj.max(1, keepdims=True)
             rel = np.exp(lj - m)
             log_z = np.logaddexp(log_z, m[:, 0] + np.log(rel.sum(1)))
-            parts.append((lj, m, rel @ self._class_map(v)[2]))
+            parts.append((lj, m, self._inner_sums(v, rel)))
         return [self._posterior(v, lj, m, inner_sum, log_z, dtype, None if out is None else out[v])
                 for v, (lj, m, inner_sum) in enumerate(parts)]
 
@@ -240,6 +251,28 @@ class SyntheticGenerator:
             sib = np.flatnonzero((self.tax.parent == p) & self.tax.is_leaf) if p >= 0 else np.zeros(0, int)
             self.siblings[c] = sib[sib != c]
         return self.siblings[c]
+
+
+def _ranges(member: np.ndarray):
+    """For a 0/1 [leaves, classes] membership whose classes hold disjoint, non-empty runs of consecutive leaves
+    in increasing order: (np.add.reduceat's indices, where each class's run is among the sums); else None.
+    Leaves outside every run (a gap) are a sum of their own, which is not picked."""
+    at, pick = [], []
+    end = 0
+    for j in range(member.shape[1]):
+        rows = np.flatnonzero(member[:, j])
+        if not len(rows) or rows[0] < end or rows[-1] - rows[0] + 1 != len(rows):
+            return None
+        if rows[0] > end:
+            at.append(end)
+        pick.append(len(at))
+        at.append(int(rows[0]))
+        end = int(rows[-1]) + 1
+    if not at:
+        return None
+    if end < member.shape[0]:
+        at.append(end)
+    return np.asarray(at, dtype=np.intp), np.asarray(pick, dtype=np.intp)
 
 
 def write_synthetic(directory: str, taxonomy: Taxonomy, cfg, seed: int, progress=None) -> dict:

@@ -162,3 +162,55 @@ def test_bayes_posterior_is_the_generators_density(tax):
     p = tax.parent[leaves[0]]
     kids = [c for c in leaves if tax.parent[c] == p]
     assert np.allclose(post[:, p - c0], post[:, np.asarray(kids) - c0].sum(1))
+
+
+def test_bayes_posterior_in_one_pass_is_the_per_vertical_one(tax):
+    cfg = small_cfg(modes=2, mode_spread=0.5)
+    gen = synthetic.SyntheticGenerator(tax, cfg, seed=3)
+    x, _, _ = gen.make(np.repeat(tax.leaves(), 2), np.random.default_rng(4))
+    log_z = gen.log_evidence(x)
+    # log p(x) by brute force: every leaf of every vertical
+    joint = np.concatenate([gen.leaf_log_joint(x, v) for v in range(tax.num_verticals)], axis=1)
+    assert np.allclose(log_z, np.logaddexp.reduce(joint, axis=1), atol=1e-9)
+    one_pass = gen.all_log_posteriors(x, dtype=np.float64)
+    for v in range(tax.num_verticals):
+        assert np.allclose(one_pass[v], gen.class_log_posterior(x, v, log_z), atol=1e-12)
+    # every row's posteriors over all leaves sum to one
+    total = sum(np.exp(one_pass[v][:, np.asarray([c for c in tax.leaves() if tax.vertical_of[c] == v])
+                                    - tax.segments[v]]).sum(1) for v in range(tax.num_verticals))
+    assert np.allclose(total, 1.0)
+
+
+def test_parent_sums_by_runs_equal_the_membership_product():
+    rng = np.random.default_rng(0)
+    runs = 0
+    for _ in range(3000):
+        L, C = int(rng.integers(1, 12)), int(rng.integers(0, 5))
+        member = np.zeros((L, C))
+        for j in range(C):
+            a = int(rng.integers(0, L))
+            member[a:int(rng.integers(a, L)) + 1, j] = 1.0
+        if C and rng.random() < 0.3:  # scattered leaves, overlaps, empty classes
+            member[:, int(rng.integers(0, C))] = rng.random(L) < 0.4
+        r = synthetic._ranges(member)
+        if r is not None:
+            runs += 1
+            rel = rng.random((3, L))
+            assert np.allclose(np.add.reduceat(rel, r[0], axis=1)[:, r[1]], rel @ member)
+    assert runs > 300
+    nested = np.array([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0]])  # a grandparent over a parent: no runs
+    assert synthetic._ranges(nested) is None
+
+
+def test_feature_rows_held_in_memory_are_the_shards(tmp_path, tax, monkeypatch):
+    cfg = small_cfg()
+    synthetic.write_synthetic(str(tmp_path), tax, cfg, seed=2)
+    held, read = (FeatureShards(str(tmp_path / "train"), tax.num_classes) for _ in range(2))
+    idx = np.random.default_rng(0).permutation(len(read))[:40]
+    monkeypatch.setattr(FeatureShards, "IN_MEMORY_BYTES", 0)
+    from_shards = read.inputs(idx).numpy()
+    monkeypatch.undo()
+    assert np.array_equal(held.inputs(idx).numpy(), from_shards)
+    assert held._rows is not None and read._rows is None
+    with pytest.raises(IndexError):
+        held.inputs(np.array([len(held)]))

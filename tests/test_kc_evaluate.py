@@ -153,3 +153,35 @@ def test_student_scorer_matches_dense_scores():
                 m64, sc64 = copy.deepcopy(m).double(), evaluate.StudentScorer(copy.deepcopy(m).double(), Rows64(), 7)
                 want64 = reference_logits(sc64.h, m64.head.weight, m64.head.bias, m64.segments)
                 assert torch.equal(sc64.rows(0, x.shape[0]), want64)
+
+
+def test_bayes_scorer_held_or_made_per_vertical_gives_the_same_scores(monkeypatch):
+    """All test rows' posteriors computed in one pass (held) and a vertical's block made when the sweep reaches
+    it (beyond BayesScorer.HOLD_BYTES) are the same float32 scores, and the same AP."""
+    from kc import config, synthetic
+
+    tax = taxonomy.generate(3, 30, seed=0)
+    cfg = config.load("tiny").data
+    gen = synthetic.SyntheticGenerator(tax, cfg, seed=1)
+    x, ptr, ind = gen.make(np.repeat(tax.leaves(), 4), np.random.default_rng(2))
+
+    class Rows:
+        labels = Labels(ptr, ind)
+
+        def __len__(self):
+            return x.shape[0]
+
+        def inputs(self, idx):
+            return torch.from_numpy(x[np.asarray(idx)])
+
+    held = evaluate.BayesScorer(gen, Rows(), row_chunk=13)
+    monkeypatch.setattr(evaluate.BayesScorer, "HOLD_BYTES", 0)
+    made = evaluate.BayesScorer(synthetic.SyntheticGenerator(tax, cfg, seed=1), Rows(), row_chunk=13)
+    assert held.blocks is not None and made.blocks is None
+    for v in range(tax.num_verticals):
+        c0, c1 = int(tax.segments[v]), int(tax.segments[v + 1])
+        torch.testing.assert_close(held.block(v, c0, c1), made.block(v, c0, c1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(held.rows(3, 40), made.rows(3, 40), rtol=0, atol=1e-6)
+    a = evaluate.ap_per_class(held, tax, Rows(), class_chunk=7)
+    b = evaluate.ap_per_class(made, tax, Rows(), class_chunk=7)
+    assert np.allclose(a, b, equal_nan=True)
