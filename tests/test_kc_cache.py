@@ -99,3 +99,18 @@ def test_cache_resumes_after_interruption(setup, tmp_path):
     cache.build(str(tmp_path), [Counting(t) if i < 2 else t for i, t in enumerate(ts)], tax, train, _expected(setup))
     assert not calls  # finished verticals were kept
     TeacherCache(str(tmp_path), _expected(setup))
+
+
+def test_cache_held_in_memory_gives_the_memmapped_rows(setup, tmp_path, monkeypatch):
+    d, cfg, tax, train, _ = setup
+    ts = teachers.load_specialists(cfg, tax, train.input_shape, str(d / "teachers"))
+    cache.build(str(tmp_path), ts, tax, train, _expected(setup))
+    idx = np.random.default_rng(1).permutation(len(train))[:17]
+    held = TeacherCache(str(tmp_path))
+    a = held.batch(idx)
+    monkeypatch.setattr(TeacherCache, "IN_MEMORY_BYTES", 0)
+    read = TeacherCache(str(tmp_path))
+    b = read.batch(idx)
+    assert held._held is not None and read._held is None
+    for x, y in zip(a, b):
+        assert x.dtype == y.dtype and torch.equal(x, y)

@@ -192,3 +192,17 @@ def test_specialist_schedule_runs_any_number_of_steps(total):
         opt.step()
         sched.step()
     assert all(0 < lr <= 0.1 + 1e-12 for lr in lrs) and max(lrs) > 0.05
+
+
+def test_sc_blocks_of_a_shared_input_are_one_gemm_of_the_einsum():
+    torch.manual_seed(0)
+    layer = models.BlockLinear(5, 12, 7)
+    x = torch.randn(9, 12, requires_grad=True)
+    y = layer(x)
+    want = torch.einsum("bi,moi->bmo", x, layer.weight) + layer.bias
+    torch.testing.assert_close(y, want)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, layer.weight, layer.bias), g)
+    wants = torch.autograd.grad(want, (x, layer.weight, layer.bias), g)
+    for a, b in zip(grads, wants):
+        torch.testing.assert_close(a, b)

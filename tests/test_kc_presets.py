@@ -31,3 +31,16 @@ def test_threads_follow_the_idle_cores_unless_given(monkeypatch):
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_small_training_steps_run_on_one_thread_unless_threads_are_given():
+    cfg = config.load("default")
+    assert pipeline.step_threads(cfg, pipeline.SMALL_STEP_MACS - 1) == 1
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert pipeline.step_threads(cfg, pipeline.SMALL_STEP_MACS) == 2  # large steps: the run's count
+        given = config.load("default", overrides={"threads": 2})
+        assert pipeline.step_threads(given, 1) == 2
+    finally:
+        torch.set_num_threads(before)
