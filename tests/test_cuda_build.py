@@ -7,6 +7,9 @@ kernel uses local memory (a stack frame or spilled registers), every instance th
 the instances of the sigmoid / softmax modes keep the registers they had before the divergence modes and options
 were added (those are compiled as instances of their own, so that the existing ones keep their code). Where
 kc_kernels._cuda is built, its launchers' refusals of bad fields are checked too (before any launch: no GPU).
+
+Last, the kernels' logic runs on the CPU: the sources compiled by the host compiler against csrc/cuda/emulation
+and the GPU tests' cases run on them with backend="cuda" (slow: about a minute).
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -202,3 +206,179 @@ def test_row_stats_refuses_a_mix_or_divergence_without_its_inputs(mode, phases, 
     p.mode, p.phases, p.scores = _cuda.LOSS_MODES[mode], _cuda.PHASES[phases], 8
     with pytest.raises(ValueError, match=match):
         _cuda.soft_target_row_stats(p)
+
+
+# ------------------------------------------------------------- the kernels' logic on the CPU (csrc/cuda/emulation)
+#
+# Every CUDA source compiled by the host compiler against csrc/cuda/emulation (a CUDA runtime whose launches run a
+# block's threads as fibers) and linked with the bindings into a host-only kc_kernels._cuda; a subprocess loads it in
+# place of the real one, lets the cuda backend take CPU tensors and runs the GPU tests' cases
+# (tests/test_gpu_backends_soft_target.py) with backend="cuda": the kernels' indexing, reductions, state merges and
+# the Python launchers are checked without a GPU. (Blocks run one after another: races between blocks, the
+# intrinsics' rounding and the performance are left to a GPU.)
+
+EMULATION = ROOT / "csrc" / "cuda" / "emulation"
+_LAUNCH = re.compile(r"(\w+(?:<[^<>;]*>)?)<<<([^,]+),\s*([^,]+),[^>]*>>>\(([^;]*)\);")
+CXX = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+
+
+def _run(cmd):
+    run = subprocess.run([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return run.returncode, f"$ {' '.join(str(c) for c in cmd)}\n{run.stdout}"
+
+
+def build_emulated(out_dir: Path) -> Path:
+    """The host-only kc_kernels._cuda in ``out_dir``; pytest.fail with the compiler's output if a step fails."""
+    import sysconfig
+
+    import pybind11
+
+    flags = ["-std=c++17", "-O1", "-fPIC", "-Wno-attributes"]
+    steps, objects = [], []
+    for src in SOURCES:
+        host = out_dir / f"{src.stem}_host.cpp"
+        text = _LAUNCH.sub(r"kc_emulation::launch([&] { \1(\4); }, \2, \3);", src.read_text())
+        assert "<<<" not in text, f"{src.name}: a launch the emulation does not rewrite"
+        host.write_text(text)
+        objects.append(out_dir / f"{src.stem}.o")
+        steps.append([CXX, "-c", host, "-o", objects[-1], *flags, "-D__CUDACC__", f"-I{EMULATION}",
+                      f"-I{ROOT / 'csrc'}"])
+    objects.append(out_dir / "emulator.o")
+    steps.append([CXX, "-c", EMULATION / "emulator.cpp", "-o", objects[-1], *flags, f"-I{EMULATION}"])
+    objects.append(out_dir / "bindings.o")
+    steps.append([CXX, "-c", ROOT / "csrc" / "cuda" / "bindings.cpp", "-o", objects[-1], *flags, f"-I{ROOT / 'csrc'}",
+                  f"-I{sysconfig.get_paths()['include']}", f"-I{pybind11.get_include()}"])
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        results = list(pool.map(_run, steps))
+    failed = [out for rc, out in results if rc != 0]
+    if failed:
+        pytest.fail("the emulated build failed:\n" + "\n".join(failed), pytrace=False)
+    library = out_dir / f"_cuda{sysconfig.get_config_var('EXT_SUFFIX')}"
+    rc, out = _run([CXX, "-shared", *objects, "-o", library])
+    if rc != 0:
+        pytest.fail(f"the emulated build failed:\n{out}", pytrace=False)
+    return library
+
+
+def _pybind11_missing():
+    try:
+        import pybind11  # noqa: F401
+    except ImportError:
+        return True
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CXX is None or _pybind11_missing(), reason="no host C++ compiler or pybind11")
+def test_soft_target_kernels_emulated_on_the_cpu(tmp_path):
+    library = build_emulated(tmp_path)
+    run = subprocess.run([sys.executable, __file__, str(library)], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, timeout=1800)
+    if run.returncode == _SKIPPED:
+        pytest.skip(run.stdout.strip().splitlines()[-1])
+    assert run.returncode == 0 and " 0 failed" in run.stdout, run.stdout[-20000:]
+
+
+_SKIPPED = 77
+
+
+def _emulated_cases(T):
+    """(name, call, args) of the GPU tests' cases run on the emulated kernels: those of the divergence modes and
+    the options (the slowest, in two row blocks, for one teacher or option) and a sample of the sigmoid / softmax
+    ones."""
+    import itertools
+
+    import torch
+
+    b = "cuda"
+    cases = []
+    for mode, case, teacher in itertools.product(T.DIV_MODES, T.DIV_CASES, T.DIV_TEACHERS):
+        if case == "row_blocks" and teacher != "head":
+            continue
+        cases.append((f"linear {mode} {case} {teacher}", lambda *a: T.test_divergence_linear_gpu(*a, b),
+                      (mode, case, teacher)))
+    for mode, case, teacher in itertools.product(T.DIV_MODES, ["segments", "long_segment", "single_row"],
+                                                 ["dense", "topk"]):
+        cases.append((f"logits {mode} {case} {teacher}", lambda *a: T.test_divergence_logits_gpu(*a, b),
+                      (mode, case, teacher)))
+    for mode in T.DIV_MODES:
+        cases.append((f"weights, beta limits, masks {mode}",
+                      lambda *a: T.test_divergence_sample_weight_beta_limits_and_masked_teacher_gpu(*a, b), (mode,)))
+    cases.append(("bitwise jsd", lambda *a: T.test_divergence_bitwise_identical_across_calls_gpu(*a, b), ("jsd",)))
+    for (mode, teacher), dtype in itertools.product([("kl", "dense"), ("reverse_kl", "topk"), ("jsd", "head")],
+                                                    [torch.float16, torch.bfloat16]):
+        cases.append((f"half {mode} {teacher} {dtype}", lambda *a: T.test_divergence_half_gpu(*a, b),
+                      (mode, teacher, dtype)))
+    for case, mode, target, option in itertools.product(["segments", "row_blocks"], ["softmax", "kl"],
+                                                        ["sparse", "dense"], T.DIV_OPTIONS):
+        if case == "row_blocks" and option != "all":
+            continue
+        cases.append((f"options {case} {mode} {target} {option}", lambda *a: T.test_options_linear_gpu(*a, b),
+                      (case, mode, target, option)))
+    for target, option in itertools.product(["sparse", "dense"], T.DIV_OPTIONS):
+        cases.append((f"options per phase {target} {option}",
+                      lambda *a: T.test_options_logits_walked_per_phase_gpu(*a, b), (target, option)))
+    cases.append(("linear_cross_entropy", lambda: T.test_options_of_linear_cross_entropy_gpu(b), ()))
+    for args in T.FULL[::4]:
+        cases.append((f"base {args}", lambda *a: T.test_linear_every_mode_fp32(*a, b), args))
+    for i, case in enumerate(T.ODD):
+        for mode in ("sigmoid", "softmax"):
+            cases.append((f"base odd {i} {mode}", lambda *a: T.test_linear_odd_cases_fp32(*a, b), (case, mode)))
+    for args in T.LOGITS:
+        cases.append((f"base logits {args}", lambda *a: T.test_soft_target_loss_fp32(*a, b), args))
+    for mode in ("sigmoid", "softmax"):
+        cases.append((f"base -inf teacher {mode}", lambda *a: T.test_teacher_logits_with_minus_inf(*a, b), (mode,)))
+        cases.append((f"base duplicates {mode}", lambda *a: T.test_duplicate_indices_and_padding_add_up(*a, b),
+                      (mode,)))
+    for (mode, case), dtype in itertools.product(T.HALF, [torch.float16, torch.bfloat16]):
+        cases.append((f"base half {mode} {case} {dtype}", lambda *a: T.test_linear_half(*a, b), (mode, case, dtype)))
+    return cases
+
+
+def _emulated_main(library: str) -> int:
+    """In a subprocess: the host-only kc_kernels._cuda at ``library`` in place of the real one, the cuda backend
+    on CPU tensors, and the cases of _emulated_cases."""
+    import contextlib
+    import dataclasses
+    import importlib.util
+    import types
+
+    sys.path.insert(0, str(ROOT))
+    import tests.conftest  # noqa: F401  (TRITON_INTERPRET, as the test session sets it)
+
+    spec = importlib.util.spec_from_file_location("kc_kernels._cuda", library)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules["kc_kernels._cuda"] = module
+    import torch
+
+    import kc_kernels
+    from kc_kernels import dispatch
+
+    kc_kernels._cuda = module
+    torch.cuda.device = lambda device: contextlib.nullcontext()
+    torch.cuda.current_stream = lambda device=None: types.SimpleNamespace(cuda_stream=0)
+    for key, r in list(dispatch._ROWS.items()):
+        if r.backend == "cuda":
+            dispatch._ROWS[key] = dataclasses.replace(r, devices=("cuda", "cpu"))
+    dispatch._probe.cache_clear()
+    dispatch._resolve_cached.cache_clear()
+    try:
+        import tests.test_gpu_backends_soft_target as T
+    except BaseException as e:  # the module skips itself where no GPU backend can run (pytest's Skipped)
+        print(f"tests/test_gpu_backends_soft_target.py does not load here: {e}")
+        return _SKIPPED
+    cases = _emulated_cases(T)
+    failures = 0
+    for name, call, args in cases:
+        try:
+            call(*args)
+        except Exception as e:
+            failures += 1
+            print(f"FAILED {name}: {type(e).__name__}: {str(e).strip()[:2000]}")
+    print(f"{len(cases)} cases on the emulated kernels, {failures} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(_emulated_main(sys.argv[1]))
