@@ -118,7 +118,7 @@ class SpecialistScorer(Scorer):
             self._v, self._h = v, None
             self._h = _batched(t.backbone, self.data, self.row_chunk, self.device)
         lo, hi = c0 - self.seg[v], c1 - self.seg[v]
-        return self._h @ t.out.weight[lo:hi].t() + t.out.bias[lo:hi]
+        return torch.addmm(t.out.bias[lo:hi], self._h, t.out.weight[lo:hi].t())  # the bias in the GEMM's pass
 
     @torch.no_grad()
     def rows(self, r0, r1) -> torch.Tensor:
