@@ -104,6 +104,9 @@ class Sweep:
             if self.xw.dim() == 3 or not self.xw.is_contiguous():
                 self.xw = self.xw.contiguous()
         self.mode = LossMode.of(p.mode)
+        if self.mode == LossMode.KL and p.uniform_target:
+            raise ValueError("uniform_target: mode 'kl' takes none (its loss's sum z log z over the smoothed targets "
+                             "needs every class's target); use mode 'softmax', whose gradient is the same")
         # sparse top-K probabilities under a mode that reads the teacher at every class become a dense teacher
         self.teacher_from_targets = p.target_index is not None and self.mode.terms.dense_teacher
         self.has_teacher = (p.teacher_logits is not None or p.teacher_weight is not None

@@ -196,9 +196,11 @@ def _options_case(mode, target, option, case, linear, check_loss=True):
 @pytest.mark.parametrize("mode", ["softmax", "kl"])
 @pytest.mark.parametrize("case", ["segments", "long_segment"])
 def test_options_linear(case, mode, target, option):
-    # kl's loss adds the teacher's entropy of the targets without the uniform target (the driver's part, where the
-    # reference takes sum (z + e) log(z + e)): there the gradients are compared, which are softmax's
-    _options_case(mode, target, option, case, linear=True, check_loss=not (mode == "kl" and OPTIONS[option][2]))
+    if mode == "kl" and OPTIONS[option][2]:  # refused: kl's sum z log z over smoothed targets needs every class
+        with pytest.raises(ValueError, match="^uniform_target: "):
+            _options_case(mode, target, option, case, linear=True)
+        return
+    _options_case(mode, target, option, case, linear=True)
 
 
 @pytest.mark.parametrize("option", list(OPTIONS))
