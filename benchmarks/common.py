@@ -173,6 +173,10 @@ def make_problem(loss: str, B: int, H: int, V: int, device, dtype=torch.float32,
         kw = dict(mode="softmax", teacher_logits=draw(torch.randn, B, V, dt=dtype), temperature=2.0)
     elif loss == "softmax-ce-hard":
         kw = dict(mode="softmax", target_index=labels[:, None], target_value=torch.ones(B, 1, device=device))
+    elif loss in ("kl-teacher-head", "jsd-teacher-head"):  # a teacher head as wide as the student's
+        tx = (draw(torch.randn, B, H) / math.sqrt(H)).to(dtype)
+        tw = (draw(torch.randn, V, H) * 0.08).to(dtype)
+        kw = dict(mode=loss.split("-")[0], beta=0.5, teacher_x=tx, teacher_weight=tw, temperature=2.0)
     else:
         raise ValueError(f"unknown loss {loss!r}")
     return Problem(x, w, b, kw, labels)

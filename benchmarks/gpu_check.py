@@ -139,7 +139,9 @@ GPU = Settings(
     cases=(BIG_CASE, *SMALL_CASES, *DISTILL_CASES),
     bench_cases=(("softmax-ce-hard", *LLM, 5),
                  ("sigmoid-k100", *PAPER, 7), ("softmax-kl-dense", *PAPER, 7), ("sampled-softmax", *PAPER, 7),
-                 ("softmax-ce-hard", *PAPER, 7), ("sigmoid-k100", *LLM, 3), ("softmax-kl-dense", *LLM, 3)),
+                 ("softmax-ce-hard", *PAPER, 7), ("kl-teacher-head", 4096, 2048, 128_256, 3),
+                 ("jsd-teacher-head", 4096, 2048, 128_256, 3), ("sigmoid-k100", *LLM, 3),
+                 ("softmax-kl-dense", *LLM, 3)),
     bench_dtype=torch.bfloat16, peers=("cce", "cce-exact", "liger-flce"),
     probe_shape=(512, 256, 20_011), probe_segments=16, shards=(("bf16",), ("fp32",), ("fp16",)))
 
@@ -161,6 +163,7 @@ DRY = Settings(
            *(_tiny(SMALL_CASES[i], dt) for i, dt in ((0, "fp32"), (1, "fp16"), (2, "fp32"), (4, "bf16"), (7, "fp16"))),
            _tiny(DISTILL_CASES[2], "fp32")),
     bench_cases=(("softmax-ce-hard", 12, 16, 700, 2), ("sampled-softmax", 8, 16, 400, 1),
+                 ("jsd-teacher-head", 8, 16, 400, 1),
                  ("sigmoid-k100", 8, 16, 400, 2), ("softmax-kl-dense", 8, 16, 400, 1)),
     bench_dtype=torch.bfloat16, peers=("cce", "cce-exact", "liger-flce", "raising-peer"),
     probe_shape=(4, 16, 500), probe_segments=3, shards=(("bf16", "fp16"), ("fp32",)), num_sampled=64, dry=True)
@@ -444,6 +447,21 @@ def _impls(p: common.Problem, loss: str, s: Settings, live: List[str]) -> List[T
     Liger-Kernel may import and then fail on a torch or triton they were not written for, and that must cost their
     row only, never the case's kc and floor rows."""
     impls: List[Tuple[str, Optional[Callable], str]] = [(f"kc-{b}", common.kc_fn(p, b), "") for b in live]
+    if loss.endswith("teacher-head"):  # the four GEMMs (the teacher's logits too); Liger-Kernel's chunked JSD
+        from types import SimpleNamespace
+
+        from benchmarks import distill
+
+        h = SimpleNamespace(x=p.x, w=p.weight, tx=p.kwargs["teacher_x"], tw=p.kwargs["teacher_weight"],
+                            labels=p.labels, clear=lambda: common.zero_grads(p.x, p.weight, p.bias))
+        beta = 0.0 if loss.startswith("kl") else 0.5
+        impls.append(("gemm-floor", distill.floor4_fn(h), "four GEMMs"))
+        try:
+            fn = distill.liger_fn(h, beta, p.kwargs["temperature"])
+            impls.append(("liger-chunked-jsd", fn, "" if fn is not None else "not installed"))
+        except Exception as e:
+            impls.append(("liger-chunked-jsd", None, _error(e)))
+        return impls
     impls.append(("gemm-floor", common.floor_fn(p), ""))
     if loss != "softmax-ce-hard":
         return impls
