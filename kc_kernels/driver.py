@@ -86,8 +86,7 @@ class Sweep:
     gradients. ``epilogue`` is the backend's (see kc_kernels/cpu/epilogue.py for the interface)."""
 
     def __init__(self, p: Any, epilogue: Epilogue, memory_budget: int):  # p: ops.soft_target.SoftTargetProblem
-        default_budget = not memory_budget  # 0: the epilogue's default
-        if default_budget:
+        if not memory_budget:  # 0: the epilogue's default
             memory_budget = epilogue.default_memory_budget
             if epilogue.budget_grows_to_weight_grad and p.logits is None:
                 memory_budget = max(memory_budget, p.weight.numel() * p.weight.element_size())
@@ -112,14 +111,9 @@ class Sweep:
         self.teacher_from_targets = p.target_index is not None and self.mode.terms.dense_teacher
         self.has_teacher = (p.teacher_logits is not None or p.teacher_weight is not None
                             or self.teacher_from_targets)
-        own = epilogue.bytes_per_class(self)
-        per_col = own + self._teacher_bytes_per_class()
-        if default_budget and per_col > own:
-            # a teacher chunk the driver makes (a head's, a filled top-K's) gets its share beside the default rather
-            # than out of it: the student's row blocks keep their height (half-height blocks ran a teacher head at
-            # 1.25x its floor, full-height ones at 1.06x: docs/performance.md), and the teacher's share stays below
-            # the [B, V] logits a caller without the head would hold
-            memory_budget = memory_budget * per_col // own
+        # a teacher chunk the driver makes (a head's, a filled top-K's) comes out of the same budget: giving it a
+        # share beside the budget (taller student row blocks) measured no faster (docs/performance.md)
+        per_col = epilogue.bytes_per_class(self) + self._teacher_bytes_per_class()
         # column chunks of at most the epilogue's chunk_bytes (the CPU's: small enough that the chunk the logits GEMM
         # writes is still in cache when the epilogue and the gradient GEMMs read it); a segment longer than a chunk
         # is walked in row blocks that may use the whole budget (fewer passes over its weight rows)
