@@ -9,8 +9,8 @@ DIAGNOSTIC_STUDENTS = {"heads": ["fc_fc", "fc_fc_matched", "fc_sc"],
                        "methods": ["generalist", "distilled", "self_paced", "bayes_distilled"]}
 
 PRESETS = {
-    # 8 verticals, 2,000 classes, MLP on synthetic features: the paper's table on 2 CPU cores (745 s with the
-    # validation split, on 2 cores shared with other jobs at a load of 5-11, so on one thread).
+    # 8 verticals, 2,000 classes, MLP on synthetic features: the paper's table on 2 CPU cores (129 s on a quiet
+    # 2-core machine, validation split and early stopping included; docs/method.md, "Run time of the default job").
     "default": {
         # the paper's regime: many samples per class seen in few epochs, so the generalist underfits and a network
         # per vertical does clearly better; 30 test rows per class keep the per-class AP noise small. 2,000 classes
