@@ -422,11 +422,12 @@ def run_stage(ws: Workspace, stage: str, resume: bool = False) -> Dict:
     t0, c0 = time.time(), time.process_time()
     log(f"stage {stage} ...")
     checkpoint.enter_stage(stage)
+    # training stages: one thread for small steps where kc chooses the threads (step_threads)
+    threads = step_threads(ws.cfg, step_macs(ws, stage)) if stage in PARALLEL_STAGES else torch.get_num_threads()
     # the stage's parts (teachers, students, evaluated models) draw one bar with the time left for all of them
     bar = _stage_bar(ws, stage, resume)
     factory = ws.progress
     ws.progress = bar.part if bar is not None else factory
-    threads = step_threads(ws.cfg, step_macs(ws, stage)) if stage in PARALLEL_STAGES else torch.get_num_threads()
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
