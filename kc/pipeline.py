@@ -542,10 +542,11 @@ def auto_threads() -> int:
 
 # A training step whose output layer takes fewer multiply-adds than this (batch x classes x the width feeding
 # them) runs on one thread where kc chooses the threads (config `threads: 0`). Such a step is a few milliseconds
-# of small GEMMs and kernel calls: on a quiet 2-core machine a second thread made a default student's step
-# (128 x 2,000 x 32) 9% faster (5.5 -> 5.0 ms), while on cores that other jobs share (load 3-5) every parallel
-# region waits for a preempted thread: the student's step took 188 ms instead of 6.5 ms, a teacher's (128 x 481
-# x 128) 38 ms instead of 5.4 ms.
+# of small GEMMs and kernel calls: on a quiet 2-core machine a second thread made the default job's training 17%
+# faster (teachers and students 109 -> 90 s), while on cores that other jobs share (load 3-5) every parallel
+# region waits for a preempted thread: a student's step (128 x 2,000 x 32) took 188 ms instead of 6.5 ms, a
+# teacher's (128 x 481 x 128) 38 ms instead of 5.4 ms. One count also keeps a run's models the same whatever the
+# load at its start (a thread count changes the order of a GEMM's sums).
 SMALL_STEP_MACS = 1 << 25
 
 

@@ -9,7 +9,7 @@ DIAGNOSTIC_STUDENTS = {"heads": ["fc_fc", "fc_fc_matched", "fc_sc"],
                        "methods": ["generalist", "distilled", "self_paced", "bayes_distilled"]}
 
 PRESETS = {
-    # 8 verticals, 2,000 classes, MLP on synthetic features: the paper's table on 2 CPU cores (129 s on a quiet
+    # 8 verticals, 2,000 classes, MLP on synthetic features: the paper's table on 2 CPU cores (125 s on a quiet
     # 2-core machine, validation split and early stopping included; docs/method.md, "Run time of the default job").
     "default": {
         # the paper's regime: many samples per class seen in few epochs, so the generalist underfits and a network
