@@ -56,6 +56,28 @@ def index_range(name: str, t: torch.Tensor, num_classes: int, allow_padding: boo
         fail(name, f"values must be < the number of classes {num_classes}, found {hi}")
 
 
+def linear_weights(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], *,
+                   need_classes: bool = True) -> int:
+    """The output layer of a fused linear op: weight [V, H] and bias [V] beside x [..., H] (same device and dtype);
+    returns V. ``need_classes``: V = 0 is refused."""
+    tensor("weight", weight, dims=(2,), floating=True)
+    same_device("weight", weight, x, "x")
+    if weight.dtype != x.dtype:
+        fail("weight", f"dtype {weight.dtype} differs from x's {x.dtype}")
+    if weight.shape[1] != x.shape[-1]:
+        fail("weight", f"has {weight.shape[1]} input features but x has {x.shape[-1]}")
+    V = weight.shape[0]
+    if need_classes and V == 0:
+        fail("weight", "has no classes (0 rows)")
+    if bias is not None:
+        tensor("bias", bias, dims=(1,), floating=True)
+        same_device("bias", bias, x, "x")
+        shape("bias", bias, (V,), "one per class")
+        if bias.dtype != x.dtype:
+            fail("bias", f"dtype {bias.dtype} differs from x's {x.dtype}")
+    return V
+
+
 def positive_number(name: str, v) -> float:
     try:
         f = float(v)

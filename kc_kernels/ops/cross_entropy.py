@@ -54,21 +54,7 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     x2 = x.reshape(-1, x.shape[-1])
     lab = labels.reshape(-1)
     x2, weight, bias = amp.cast_inputs(x.device.type, x2, weight, bias)
-    checks.tensor("weight", weight, dims=(2,), floating=True)
-    checks.same_device("weight", weight, x, "x")
-    if weight.dtype != x2.dtype:
-        checks.fail("weight", f"dtype {weight.dtype} differs from x's {x2.dtype}")
-    if weight.shape[1] != x2.shape[1]:
-        checks.fail("weight", f"has {weight.shape[1]} input features but x has {x2.shape[1]}")
-    V = weight.shape[0]
-    if V == 0:
-        checks.fail("weight", "has no classes (0 rows)")
-    if bias is not None:
-        checks.tensor("bias", bias, dims=(1,), floating=True)
-        checks.same_device("bias", bias, x, "x")
-        checks.shape("bias", bias, (V,), "one per class")
-        if bias.dtype != x2.dtype:
-            checks.fail("bias", f"dtype {bias.dtype} differs from x's {x2.dtype}")
+    V = checks.linear_weights(x2, weight, bias)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         checks.fail("ignore_index", f"must be an int, got {ignore_index!r}")
     if 0 <= ignore_index < V:

@@ -124,19 +124,7 @@ def sampled_softmax_loss(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     """
     checks.tensor("x", x, dims=(2,), floating=True)
     x, weight, bias = amp.cast_inputs(x.device.type, x, weight, bias)
-    checks.tensor("weight", weight, dims=(2,), floating=True)
-    checks.same_device("weight", weight, x, "x")
-    if weight.dtype != x.dtype:
-        checks.fail("weight", f"dtype {weight.dtype} differs from x's {x.dtype}")
-    if weight.shape[1] != x.shape[1]:
-        checks.fail("weight", f"has {weight.shape[1]} input features but x has {x.shape[1]}")
-    V = weight.shape[0]
-    if bias is not None:
-        checks.tensor("bias", bias, dims=(1,), floating=True)
-        checks.same_device("bias", bias, x, "x")
-        checks.shape("bias", bias, (V,), "one per class")
-        if bias.dtype != x.dtype:
-            checks.fail("bias", f"dtype {bias.dtype} differs from x's {x.dtype}")
+    V = checks.linear_weights(x, weight, bias, need_classes=False)
     checks.tensor("labels", labels, dims=(1, 2), integer=True)
     checks.same_device("labels", labels, x, "x")
     if labels.shape[0] != x.shape[0]:

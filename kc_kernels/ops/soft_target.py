@@ -326,22 +326,7 @@ def linear_problem(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     """The checked problem of a linear_soft_target_loss call (the fronts that build on it add fields)."""
     checks.tensor("x", x, dims=(2, 3), floating=True)
     x, weight, bias = amp.cast_inputs(x.device.type, x, weight, bias)
-    checks.tensor("weight", weight, dims=(2,), floating=True)
-    checks.same_device("weight", weight, x, "x")
-    if weight.dtype != x.dtype:
-        checks.fail("weight", f"dtype {weight.dtype} differs from x's {x.dtype}")
-    H = x.shape[-1]
-    if weight.shape[1] != H:
-        checks.fail("weight", f"has {weight.shape[1]} input features but x has {H}")
-    V = weight.shape[0]
-    if V == 0:
-        checks.fail("weight", "has no classes (0 rows)")
-    if bias is not None:
-        checks.tensor("bias", bias, dims=(1,), floating=True)
-        checks.same_device("bias", bias, x, "x")
-        checks.shape("bias", bias, (V,), "one per class")
-        if bias.dtype != x.dtype:
-            checks.fail("bias", f"dtype {bias.dtype} differs from x's {x.dtype}")
+    V = checks.linear_weights(x, weight, bias)
     p = SoftTargetProblem(batch=x.shape[0], num_classes=V, mode="sigmoid",
                           reduction=checks.choice("reduction", reduction, REDUCTIONS),
                           temperature=checks.positive_number("temperature", temperature), x=x, weight=weight, bias=bias)
