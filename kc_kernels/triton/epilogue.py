@@ -366,10 +366,9 @@ def _mix_kernel(
         cols = c + tl.arange(0, BLOCK)
         mask = cols < hi
         u = tl.load(u_row + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_BIAS:  # as STATS computes y (no scale, no soft-cap in the divergences)
-            y = u * inv_t + tl.load(bias_ptr + col0 + cols, mask=mask, other=0.0) * inv_t
-        else:
-            y = u * inv_t
+        # y as STATS computes it (no scale, no soft-cap in the divergences: 1/(nT) is 1/T)
+        _, _, y = _scaled_logits(u, inv_t, inv_t, bias_ptr, bias_ptr, col0 + cols, mask, 0.0, 0.0, False, HAS_BIAS,
+                                 False)
         t = tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32) * inv_t
         loss, div, _, _ = jsd_element(t - tlse, y - lse, beta, log_beta, log_1mbeta)
         acc_loss += tl.where(mask, loss, 0.0)
